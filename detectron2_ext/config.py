@@ -6,14 +6,93 @@ default, and a typo in a YAML file fails loudly as in any detectron2 project.
 from detectron2.config import CfgNode as CN
 
 
+def _set_default(node: CN, key: str, value) -> None:
+    """Add ``key`` with ``value`` unless it exists, so that a second call keeps what was merged."""
+    if key not in node:
+        node[key] = value
+
+
 def _add_neck_config(cfg: CN) -> None:
-    """Keys of the FPN variants (FINE / ASFF), owned by the necks."""
-    pass
+    """Keys of the FPN variants (FINE / ASFF), owned by the necks.
+
+    * ``MODEL.FPN.FUSION``: ``'sum'`` (detectron2's FPN), ``'fine'`` (FINE before each top-down
+      fusion) or ``'asff'`` (ASFF on the top-down outputs). Read by builders that take the fusion
+      from the config; ``build_*_fine_fpn_backbone`` / ``build_*_asff_fpn_backbone`` force theirs.
+    * ``MODEL.FINE.*``: FINE (``maformer_zoo.layers.fine.FINE``). ``POOL_KERNELS[i]`` is the AATS
+      kernel ``k`` of the fusion that produces ``p{i+2}`` (``F_low`` at stride ``2**(i+2)``): the
+      paper's ``k = 1`` at stride 16 and ``k = 2`` at stride 8, and our ``k = 8`` at detectron2's
+      extra stride-4 fusion, which keeps FINE within +1% FLOPs even with its attention matmuls
+      counted (``k = 4``, the paper's stride-32 token grid, costs +1.3%; README, "FINE-FPN and ASFF-FPN necks").
+      ``EXTRA_LEVELS``: also put FINE on each adjacent pair among the last FPN level and the top
+      block's levels (``P5 <- FINE(P5, P6)``; RetinaNet also ``P6 <- FINE(P6, P7)``), with
+      ``k = 1`` unless ``POOL_KERNELS`` has entries that far. Default off (exactly Eq. 3); our
+      R50 paper configs turn it on, which gives four FINEs (+1.053M) on both the R-CNN and the
+      RetinaNet FPN, the count the paper's +1.0M / +1.1M figures imply.
+    * ``MODEL.ASFF.*``: ASFF (``maformer_zoo.layers.asff.ASFF``).
+    """
+    _set_default(cfg.MODEL.FPN, 'FUSION', 'sum')
+    _set_default(cfg.MODEL, 'FINE', CN())
+    fine = cfg.MODEL.FINE
+    _set_default(fine, 'HEAD_DIM', 16)          # per-head dimension d (Table 4)
+    _set_default(fine, 'RATIO', 2)              # alignment-aware sampling ratio r (Fig. 5)
+    _set_default(fine, 'POOL_KERNELS', [8, 2, 1])  # k for the fusions producing p2, p3, p4, ...
+    _set_default(fine, 'POOL_TYPE', 'avg')      # 'avg' (paper) or 'max' (Table 6)
+    _set_default(fine, 'QKV_BIAS', True)
+    _set_default(fine, 'ZERO_INIT_OUT', False)  # True: W_O = 0, FINE starts as the identity
+    _set_default(fine, 'EXTRA_LEVELS', False)   # True: FINE also on (P5, P6) [and (P6, P7)]
+    _set_default(cfg.MODEL, 'ASFF', CN())
+    asff = cfg.MODEL.ASFF
+    _set_default(asff, 'NORM', '')              # norm after the resize convs, as MODEL.FPN.NORM
+    _set_default(asff, 'UPSAMPLE_MODE', 'nearest')  # 'nearest' or 'bilinear'
 
 
 def _add_timm_backbone_config(cfg: CN) -> None:
-    """Keys of the timm backbone adapter (``MODEL.TIMM.*``) and of training extras."""
-    pass
+    """Keys of the timm backbone adapter (``MODEL.TIMM.*``) and of training extras.
+
+    * ``MODEL.TIMM.NAME``: any timm model name (ours or timm's) that supports
+      ``features_only=True``.
+    * ``MODEL.TIMM.PRETRAINED``: load initial weights (timm's default source for the name, i.e.
+      ``hf_hub_id`` of its pretrained cfg, unless ``CHECKPOINT`` names another source).
+    * ``MODEL.TIMM.CHECKPOINT``: a weight source: ``''`` (the default source), a local
+      ``.safetensors`` / ``.pth`` file, ``'hf-hub:<repo id>'`` or ``'local-dir:<folder>'``. Setting
+      it implies ``PRETRAINED``. Resolved by ``maformer_zoo.hub.pretrained_overlay`` and loaded by
+      timm (safetensors or ``weights_only=True``).
+    * ``MODEL.TIMM.PRETRAINED_BASE``: MSCSA models: start the base network from timm's ImageNet
+      weights (their ``pretrained_base`` argument) while MSCSA is randomly initialised.
+    * ``MODEL.TIMM.OUT_INDICES``: timm ``out_indices`` of the stages returned; empty (default):
+      the model's stages at strides 4..32. Outputs are named by stride, ``res2..res5``.
+    * ``MODEL.TIMM.FREEZE_AT``: detectron2's meaning: 0 trains all, 1 freezes the stem, ``k``
+      freezes the stem and the first ``k - 1`` stages.
+    * ``MODEL.TIMM.NORM``: ``'FrozenBN'``, ``'SyncBN'``, ``'BN'`` or ``''`` (keep what the model
+      has) for the backbone's BatchNorm layers (LayerNorm is never touched).
+    * ``MODEL.TIMM.DROP_PATH_RATE``, ``MODEL.TIMM.GRAD_CKPT``: passed to timm.
+    * ``MODEL.TIMM.SIZE_DIVISIBILITY``: 0 takes the model's need (largest stride, times a window
+      size where the model declares one); a positive value overrides it.
+    * ``SOLVER.OPTIMIZER``: ``'SGD'`` (detectron2's) or ``'AdamW'``; ``SOLVER.BETAS`` for AdamW.
+      ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE`` also takes ``'full_model'`` (one norm over all
+      parameters), see :mod:`detectron2_ext.engine.trainer`.
+    * ``SOLVER.NO_WEIGHT_DECAY_KEYWORDS``: a parameter with one of these as a component of its
+      dotted name is trained without weight decay (position terms); norms and biases follow
+      detectron2's ``SOLVER.WEIGHT_DECAY_NORM`` / ``SOLVER.WEIGHT_DECAY_BIAS``, and names a timm
+      model lists in its ``no_weight_decay()`` get none either.
+    """
+    _set_default(cfg.MODEL, 'TIMM', CN())
+    timm_cfg = cfg.MODEL.TIMM
+    _set_default(timm_cfg, 'NAME', '')
+    _set_default(timm_cfg, 'PRETRAINED', False)
+    _set_default(timm_cfg, 'CHECKPOINT', '')
+    _set_default(timm_cfg, 'PRETRAINED_BASE', False)
+    _set_default(timm_cfg, 'OUT_INDICES', [])
+    _set_default(timm_cfg, 'FREEZE_AT', 0)
+    _set_default(timm_cfg, 'NORM', 'FrozenBN')
+    _set_default(timm_cfg, 'DROP_PATH_RATE', 0.0)
+    _set_default(timm_cfg, 'GRAD_CKPT', False)
+    _set_default(timm_cfg, 'SIZE_DIVISIBILITY', 0)
+    _set_default(cfg.SOLVER, 'OPTIMIZER', 'SGD')
+    _set_default(cfg.SOLVER, 'BETAS', [0.9, 0.999])
+    _set_default(cfg.SOLVER, 'NO_WEIGHT_DECAY_KEYWORDS', [
+        'pos_embed', 'absolute_pos_embed', 'relative_position_bias_table', 'cls_token',
+        'rel_pos_h', 'rel_pos_w'])
 
 
 def add_maformer_zoo_config(cfg: CN) -> CN:

@@ -3,4 +3,7 @@
 Each module registers its entrypoints with timm on import. ``ZOO_MODULES`` names them so
 ``maformer_zoo.list_models()`` can tell our models from timm's own.
 """
-ZOO_MODULES = []
+from .mscsa import *
+from .maformer import *
+
+ZOO_MODULES = ['mscsa', 'maformer']

@@ -1,0 +1,177 @@
+"""detectron2's ``DefaultTrainer`` with the optimizer and evaluators our configs need.
+
+* :func:`build_optimizer`: ``SOLVER.OPTIMIZER`` 'AdamW' (the papers' detectors) or 'SGD'.
+  Weight decay is 0 for normalisation layers (``SOLVER.WEIGHT_DECAY_NORM``), biases
+  (``SOLVER.WEIGHT_DECAY_BIAS``), parameters named in ``SOLVER.NO_WEIGHT_DECAY_KEYWORDS``
+  (position embeddings and relative-position tables) and parameters a timm model lists in its
+  ``no_weight_decay()``. Gradient clipping is detectron2's ``SOLVER.CLIP_GRADIENTS`` (its
+  per-parameter 'value' / 'norm', plus ``CLIP_TYPE: full_model``: one norm over all parameters,
+  as MMDetection's ``grad_clip`` in the papers' code bases); AMP is
+  detectron2's ``SOLVER.AMP.ENABLED`` (``AMPTrainer``, CUDA only).
+* :func:`build_evaluator`: chosen from the dataset's ``evaluator_type`` metadata: 'coco' ->
+  ``COCOEvaluator`` (boxes, and masks when the model predicts them); 'coco_panoptic_seg' ->
+  ``SemSegEvaluator`` + ``COCOEvaluator`` + ``COCOPanopticEvaluator`` (PQ via panopticapi), as
+  detectron2's own ``train_net.py`` does for Panoptic FPN; 'sem_seg' -> ``SemSegEvaluator``.
+"""
+import logging
+import os
+from collections import OrderedDict
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from detectron2.data import MetadataCatalog
+from detectron2.engine import DefaultTrainer
+from detectron2.evaluation import (
+    COCOEvaluator, COCOPanopticEvaluator, DatasetEvaluators, SemSegEvaluator,
+)
+from detectron2.layers import FrozenBatchNorm2d
+from detectron2.layers.batch_norm import LayerNorm as Detectron2LayerNorm
+from detectron2.solver.build import maybe_add_gradient_clipping
+
+__all__ = ['Trainer', 'build_optimizer', 'optimizer_param_groups', 'build_evaluator']
+logger = logging.getLogger(__name__)
+
+_NORM_TYPES = (
+    nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm,
+    nn.LayerNorm, nn.LocalResponseNorm, FrozenBatchNorm2d, Detectron2LayerNorm,
+)
+
+
+def _declared_no_weight_decay(model: nn.Module) -> set:
+    """Full names of parameters that submodules exempt via timm's ``no_weight_decay()``."""
+    names = set()
+    for prefix, module in model.named_modules():
+        method = getattr(module, 'no_weight_decay', None)
+        if module is model or not callable(method):
+            continue
+        for name in method():
+            names.add(f'{prefix}.{name}' if prefix else name)
+    return names
+
+
+def optimizer_param_groups(
+        model: nn.Module,
+        weight_decay: float,
+        weight_decay_norm: float = 0.0,
+        weight_decay_bias: Optional[float] = 0.0,
+        no_weight_decay_keywords: List[str] = (),
+) -> List[Dict]:
+    """Parameter groups by weight decay (see the module docstring for the rules).
+
+    Args:
+        model: the model; frozen parameters (``requires_grad=False``) are left out.
+        weight_decay: decay of every other parameter.
+        weight_decay_norm: decay of the parameters of normalisation layers.
+        weight_decay_bias: decay of biases; ``None`` means ``weight_decay`` (detectron2's default).
+        no_weight_decay_keywords: a parameter with one of these as a component of its dotted name
+            gets no decay.
+
+    Returns:
+        A list of ``{'params': [...], 'weight_decay': wd, 'names': [...]}``, one per distinct decay.
+    """
+    keywords = set(no_weight_decay_keywords)
+    declared = _declared_no_weight_decay(model)
+    groups: Dict[float, Dict] = OrderedDict()
+    seen = set()
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            full_name = f'{module_name}.{param_name}' if module_name else param_name
+            decay = weight_decay
+            if isinstance(module, _NORM_TYPES):
+                decay = weight_decay_norm
+            elif param_name == 'bias' and weight_decay_bias is not None:
+                decay = weight_decay_bias
+            if keywords & set(full_name.split('.')) or any(
+                    full_name == d or full_name.endswith('.' + d) for d in declared):
+                decay = 0.0
+            group = groups.setdefault(decay, dict(params=[], weight_decay=decay, names=[]))
+            group['params'].append(param)
+            group['names'].append(full_name)
+    return list(groups.values())
+
+
+def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer of ``SOLVER.*`` (AdamW or SGD), with detectron2's gradient clipping."""
+    groups = optimizer_param_groups(
+        model, cfg.SOLVER.WEIGHT_DECAY, cfg.SOLVER.WEIGHT_DECAY_NORM, cfg.SOLVER.WEIGHT_DECAY_BIAS,
+        cfg.SOLVER.NO_WEIGHT_DECAY_KEYWORDS)
+    for group in groups:
+        logger.debug(f"weight decay {group['weight_decay']}: {len(group['names'])} parameters")
+        del group['names']
+    name = cfg.SOLVER.OPTIMIZER
+    if name.lower() == 'adamw':
+        optimizer = torch.optim.AdamW(groups, lr=cfg.SOLVER.BASE_LR, betas=tuple(cfg.SOLVER.BETAS))
+    elif name.lower() == 'sgd':
+        optimizer = torch.optim.SGD(groups, lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM,
+                                    nesterov=cfg.SOLVER.NESTEROV)
+    else:
+        raise ValueError(f"SOLVER.OPTIMIZER={name!r} is not supported: use 'AdamW' or 'SGD'.")
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    if clip.ENABLED and clip.CLIP_TYPE == 'full_model':
+        return _add_full_model_gradient_clipping(optimizer, clip.CLIP_VALUE, clip.NORM_TYPE)
+    return maybe_add_gradient_clipping(cfg, optimizer)
+
+
+def _add_full_model_gradient_clipping(optimizer: torch.optim.Optimizer, max_norm: float,
+                                      norm_type: float) -> torch.optim.Optimizer:
+    """Clip the norm of all gradients together before each step (MMDetection's ``grad_clip``).
+
+    detectron2's own ``CLIP_TYPE`` 'value' / 'norm' clip each parameter separately; this adds
+    ``'full_model'``. Like detectron2's clipping it swaps the optimizer's class, so the state dict
+    and learning-rate schedulers are unaffected; under AMP the scaler unscales before ``step``.
+    """
+    base = type(optimizer)
+
+    class FullModelGradientClipping(base):
+        def step(self, closure=None):
+            params = [p for group in self.param_groups for p in group['params']]
+            torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+            return super().step(closure)
+
+    FullModelGradientClipping.__name__ = base.__name__ + 'WithFullModelGradientClip'
+    optimizer.__class__ = FullModelGradientClipping
+    return optimizer
+
+
+def build_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None) -> DatasetEvaluators:
+    """Evaluators for ``dataset_name``, chosen from its ``evaluator_type`` metadata."""
+    output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, 'inference', dataset_name)
+    evaluator_type = MetadataCatalog.get(dataset_name).get('evaluator_type', None)
+    evaluators = []
+    if evaluator_type in ('sem_seg', 'coco_panoptic_seg'):
+        evaluators.append(SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder))
+    if evaluator_type in ('coco', 'coco_panoptic_seg'):
+        evaluators.append(COCOEvaluator(dataset_name, output_dir=output_folder))
+    if evaluator_type == 'coco_panoptic_seg':
+        evaluators.append(COCOPanopticEvaluator(dataset_name, output_folder))
+    if not evaluators:
+        raise NotImplementedError(
+            f"No evaluator for dataset '{dataset_name}' (evaluator_type={evaluator_type!r}). "
+            f"Register it with train_net.py's --coco-dataset / --coco-panoptic-dataset, or set "
+            f"its metadata evaluator_type to 'coco', 'coco_panoptic_seg' or 'sem_seg'.")
+    return DatasetEvaluators(evaluators)
+
+
+class Trainer(DefaultTrainer):
+    """``DefaultTrainer`` with :func:`build_optimizer` and :func:`build_evaluator`."""
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        return build_evaluator(cfg, dataset_name, output_folder)
+
+    def train(self):
+        """Train; returns the results of the last evaluation (detectron2 returns them only when
+        ``TEST.EXPECTED_RESULTS`` is set)."""
+        results = super().train()
+        if results is None:
+            results = getattr(self, '_last_eval_results', None)
+        return results

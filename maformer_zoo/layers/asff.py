@@ -1,0 +1,191 @@
+"""ASFF: Adaptively Spatial Feature Fusion of a feature pyramid.
+
+Paper: Liu, Huang and Wang, "Learning Spatial Fusion for Single-Shot Object Detection" (ASFF).
+For every output level ``l`` each source level ``n`` is resized to level ``l`` (``x^{n->l}``), a
+1x1 convolution turns each resized map into a one-channel weight logit ``lambda^l_n``, a softmax
+across the source levels gives per-pixel weights ``alpha^l_n`` that sum to 1, and the output is
+``y^l = sum_n alpha^l_n * x^{n->l}``.
+
+Resizing, as the paper describes it: a coarser source is upsampled by a 1x1 convolution (to the
+target's channels) followed by interpolation; a finer source by a 3x3 stride-2 convolution, with a
+stride-2 max pooling in front for a 1/4 ratio. The paper has three levels; for any number of
+levels (detectron2's P2-P5 has four) we generalise the 1/4 rule: a ratio of ``1 / 2^s`` is a
+``2^(s-1)`` max pooling followed by the 3x3 stride-2 convolution, so every down path has exactly
+one learned convolution. The same level enters as is.
+
+Choices left open, and why:
+
+* Upsampling interpolation is nearest by default (the mode of FPN's top-down path); bilinear is
+  an option.
+* The resize convolutions have a bias and no normalisation/activation unless ``norm_layer`` /
+  ``act_layer`` are given, so that the module stays linear in its inputs like detectron2's FPN
+  convolutions (``norm=""``); the detectron2 neck passes ``MODEL.ASFF.NORM`` here.
+* The weight convolutions are zero-initialised: every level then starts with weight ``1/n`` at
+  every pixel (a plain average), and learns where to deviate.
+* Odd sizes: an upsampled source is interpolated to the target's exact size; a strided conv gives
+  ``ceil`` sizes, cropped/padded to the target where pyramids are not exact halvings.
+"""
+from typing import Callable, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ['ASFF']
+
+NormFactory = Optional[Callable[[int], nn.Module]]
+
+
+def _conv_block(
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int,
+        norm_layer: NormFactory,
+        act_layer: Optional[Callable[[], nn.Module]],
+) -> nn.Sequential:
+    layers: List[nn.Module] = [nn.Conv2d(
+        in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2,
+        bias=norm_layer is None)]
+    if norm_layer is not None:
+        layers.append(norm_layer(out_channels))
+    if act_layer is not None:
+        layers.append(act_layer())
+    return nn.Sequential(*layers)
+
+
+class _Downsample(nn.Module):
+    """``2^(s-1)`` max pooling then a 3x3 stride-2 convolution: a ``1 / 2^s`` resize."""
+
+    def __init__(self, in_channels: int, out_channels: int, steps: int, norm_layer: NormFactory,
+                 act_layer: Optional[Callable[[], nn.Module]]):
+        super().__init__()
+        self.pool_kernel = 2 ** (steps - 1)
+        self.conv = _conv_block(in_channels, out_channels, 3, 2, norm_layer, act_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pool_kernel > 1:
+            x = F.max_pool2d(x, self.pool_kernel, stride=self.pool_kernel, ceil_mode=True)
+        return self.conv(x)
+
+
+class _Upsample(nn.Module):
+    """1x1 convolution to the target's channels, then interpolation to the target's size."""
+
+    def __init__(self, in_channels: int, out_channels: int, mode: str, norm_layer: NormFactory,
+                 act_layer: Optional[Callable[[], nn.Module]]):
+        super().__init__()
+        self.mode = mode
+        self.conv = _conv_block(in_channels, out_channels, 1, 1, norm_layer, act_layer)
+
+    def forward(self, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        x = self.conv(x)
+        if self.mode == 'nearest':
+            return F.interpolate(x, size=tuple(size), mode='nearest')
+        return F.interpolate(x, size=tuple(size), mode=self.mode, align_corners=False)
+
+
+def _match_size(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Crop or zero-pad the bottom/right so that ``x`` has spatial ``size`` (odd pyramids only)."""
+    H, W = size
+    x = x[..., :H, :W]
+    pad_h, pad_w = H - x.shape[-2], W - x.shape[-1]
+    if pad_h or pad_w:
+        x = F.pad(x, (0, pad_w, 0, pad_h), mode='replicate')
+    return x
+
+
+class ASFFLevel(nn.Module):
+    """ASFF for one target level: resize every source, weigh per pixel, sum."""
+
+    def __init__(
+            self,
+            level: int,
+            in_channels: Sequence[int],
+            upsample_mode: str = 'nearest',
+            norm_layer: NormFactory = None,
+            act_layer: Optional[Callable[[], nn.Module]] = None,
+    ):
+        super().__init__()
+        self.level = level
+        channels = in_channels[level]
+        resizers = []
+        for source, source_channels in enumerate(in_channels):
+            if source < level:
+                resizers.append(_Downsample(
+                    source_channels, channels, level - source, norm_layer, act_layer))
+            elif source > level:
+                resizers.append(_Upsample(
+                    source_channels, channels, upsample_mode, norm_layer, act_layer))
+            else:
+                resizers.append(nn.Identity())
+        self.resizers = nn.ModuleList(resizers)
+        self.weight_convs = nn.ModuleList(
+            [nn.Conv2d(channels, 1, kernel_size=1) for _ in in_channels])
+        for conv in self.weight_convs:
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
+
+    def resize(self, features: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        size = features[self.level].shape[-2:]
+        resized = []
+        for source, (x, resizer) in enumerate(zip(features, self.resizers)):
+            if source > self.level:
+                x = resizer(x, size)
+            else:
+                x = _match_size(resizer(x), size)
+            resized.append(x)
+        return resized
+
+    def fusion_weights(self, resized: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per-pixel weights ``alpha`` of shape ``(B, num_levels, H, W)``; they sum to 1 on dim 1."""
+        logits = torch.cat([conv(x) for conv, x in zip(self.weight_convs, resized)], dim=1)
+        return logits.softmax(dim=1)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        resized = self.resize(features)
+        weights = self.fusion_weights(resized)
+        fused = resized[0] * weights[:, 0:1]
+        for source in range(1, len(resized)):
+            fused = fused + resized[source] * weights[:, source:source + 1]
+        return fused
+
+
+class ASFF(nn.Module):
+    """ASFF on a whole pyramid: ``forward([x_0, ..., x_{n-1}])`` (finest first, each level half the
+    size of the previous) returns the ``n`` fused levels, each the size and channels of its input.
+    """
+
+    def __init__(
+            self,
+            in_channels: Sequence[int],
+            upsample_mode: str = 'nearest',
+            norm_layer: NormFactory = None,
+            act_layer: Optional[Callable[[], nn.Module]] = None,
+    ):
+        """
+        Args:
+            in_channels: channels of each level, finest first; at least two levels.
+            upsample_mode: interpolation of coarser sources, ``'nearest'`` or ``'bilinear'``.
+            norm_layer: factory ``channels -> nn.Module`` for a norm after each resize conv.
+            act_layer: factory ``() -> nn.Module`` for an activation after each resize conv.
+        """
+        super().__init__()
+        if len(in_channels) < 2:
+            raise ValueError(f'ASFF needs at least two pyramid levels, got {len(in_channels)}')
+        if upsample_mode not in ('nearest', 'bilinear'):
+            raise ValueError(f"ASFF: upsample_mode must be 'nearest' or 'bilinear', got {upsample_mode!r}")
+        self.in_channels = tuple(in_channels)
+        self.levels = nn.ModuleList([
+            ASFFLevel(level, in_channels, upsample_mode, norm_layer, act_layer)
+            for level in range(len(in_channels))])
+
+    def forward(self, features: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        if len(features) != len(self.levels):
+            raise ValueError(f'ASFF was built for {len(self.levels)} levels, got {len(features)}')
+        for x, channels in zip(features, self.in_channels):
+            if x.ndim != 4 or x.shape[1] != channels:
+                raise ValueError(
+                    f'ASFF expects levels with channels {self.in_channels}, got '
+                    f'{[tuple(f.shape) for f in features]}')
+        return [level(features) for level in self.levels]

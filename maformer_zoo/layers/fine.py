@@ -1,0 +1,181 @@
+"""FINE: Feature Interaction Network, a semantic alignment module applied before FPN fusion.
+
+Paper: Lee, Lee and Kang, "Context-Guided Semantic Alignment for Feature Fusion Networks"
+(FINE). ``FINE(F_low, F_high)`` returns ``F_low^aligned`` which replaces ``F_low`` in the
+top-down fusion ``f(F_low^aligned, Up(F_high))`` (Eq. 3). Its three steps:
+
+1. Alignment-Aware Token Sampling (AATS, Sec. 4.2, Eq. 4): average-pool ``F_high`` with kernel
+   ``k`` and ``F_low`` with kernel ``r * k`` (non-overlapping, stride = kernel), so that one token of
+   each level covers the same image region (``r = 2`` is the stride ratio of adjacent levels).
+2. Bottleneck multi-head cross-level attention (Sec. 4.3, Eq. 5-7): queries from the pooled
+   ``F_low``, keys/values from the pooled ``F_high``, projections ``W_Q, W_K, W_V, W_O`` of size
+   ``C x C``, heads of dimension ``d = 16`` (Table 4) so ``h = C / 16``. The result is the coarse
+   modulation map ``M_hat``.
+3. Residual spatial-channel modulation (Sec. 4.4, Eq. 8-9): ``M = Up(M_hat, r * k)`` (nearest, so
+   each token's context is broadcast over its ``rk x rk`` region) and
+   ``F_low^aligned = F_low * M + F_low``.
+
+Choices the paper leaves open, and why:
+
+* Sizes that are not multiples of ``r * k`` (any input size must work): pooling uses
+  ``ceil_mode=True``, so the last, partial window is averaged over its in-bounds pixels only
+  (no zero padding biasing border tokens), and ``M`` is cropped back to ``F_low``'s exact size
+  after upsampling. With ``H_high = ceil(H_low / r)`` (any stride-2 backbone) both levels then
+  give the same token grid ``ceil(H_low / (r * k))``, as with divisible sizes. When ``H`` and
+  ``W`` are multiples of ``r * k`` (in detectron2, whose inputs are padded to multiples of 32,
+  always at the stride-8 and stride-16 fusions) Eq. 8-9 are computed as ``F_low * (1 + M_hat)``
+  broadcast over ``rk x rk`` blocks, without materialising the full-resolution ``M``: same
+  values, one pass over the map.
+* Projections are ``nn.Linear`` layers with bias on the flattened tokens (Eq. 5 writes bias-free
+  matrices; biases add 4C parameters and let ``M`` have a learned offset). ``qkv_bias=False``
+  removes them. K and V share one ``C -> 2C`` linear (same parameters as two ``C x C``).
+* Initialisation: truncated normal (std 0.02) weights and zero biases, as timm's attention layers.
+  ``zero_init_out=True`` zeroes ``W_O`` so ``M = 0`` and FINE starts as the exact identity
+  (Eq. 9), useful when inserting FINE into an already trained FPN.
+* Different channel counts (Appendix C, Eq. 10): when ``high_channels != low_channels`` a 1x1
+  convolution projects ``F_high`` to ``low_channels`` first; ``F_low`` is used as is.
+* ``ratio=1, kernel_size=1`` disables token sampling: that is the dense "Vanilla" attention of
+  Table 3, kept for benchmarks of the AATS saving.
+"""
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ['FINE']
+
+
+def _pool_tokens(x: torch.Tensor, kernel: int, pool_type: str) -> torch.Tensor:
+    """Non-overlapping pooling with the partial border window kept (AATS, Eq. 4)."""
+    if kernel == 1:
+        return x
+    if pool_type == 'avg':
+        # count_include_pad only concerns explicit padding (none here): partial ceil-mode windows
+        # are averaged over their in-bounds pixels.
+        return F.avg_pool2d(x, kernel, stride=kernel, ceil_mode=True)
+    return F.max_pool2d(x, kernel, stride=kernel, ceil_mode=True)
+
+
+class FINE(nn.Module):
+    """Aligns a low-level feature map to its higher-level neighbour before fusion (Eq. 3-9).
+
+    ``forward(low, high)`` takes ``low`` of shape ``(B, C_low, H, W)`` and ``high`` of shape
+    ``(B, C_high, H', W')`` (typically ``H' = ceil(H / 2)``; any size works) and returns a tensor of
+    ``low``'s shape.
+    """
+
+    def __init__(
+            self,
+            low_channels: int,
+            high_channels: Optional[int] = None,
+            kernel_size: int = 1,
+            ratio: int = 2,
+            head_dim: int = 16,
+            qkv_bias: bool = True,
+            pool_type: str = 'avg',
+            zero_init_out: bool = False,
+    ):
+        """
+        Args:
+            low_channels: channels ``C`` of ``F_low`` (and of the attention, Eq. 5).
+            high_channels: channels of ``F_high``; if different from ``low_channels`` a 1x1 conv
+                projects ``F_high`` to ``low_channels`` (Appendix C, Eq. 10). ``None``: same.
+            kernel_size: AATS base kernel ``k`` for ``F_high`` (Eq. 4). The paper uses ``k = 1`` at
+                the stride-16 fusion and ``k = 2`` at the stride-8 fusion (Sec. 5.3).
+            ratio: alignment-aware sampling ratio ``r``; ``F_low`` is pooled with ``r * k``
+                (paper: 2, the stride ratio of adjacent levels, Fig. 5 and Appendix F).
+            head_dim: per-head dimension ``d``; heads ``h = low_channels / head_dim`` (Table 4: 16).
+            qkv_bias: add biases to ``W_Q, W_K, W_V, W_O``.
+            pool_type: ``'avg'`` (paper default) or ``'max'`` (Table 6: same AP).
+            zero_init_out: zero-initialise ``W_O`` so FINE starts as the identity.
+        """
+        super().__init__()
+        if kernel_size < 1 or ratio < 1:
+            raise ValueError(f'FINE needs kernel_size >= 1 and ratio >= 1, got {kernel_size}, {ratio}')
+        if low_channels % head_dim != 0:
+            raise ValueError(
+                f'FINE: low_channels={low_channels} is not a multiple of head_dim={head_dim}; '
+                f'choose a head_dim that divides the channel count (paper: 16).')
+        if pool_type not in ('avg', 'max'):
+            raise ValueError(f"FINE: pool_type must be 'avg' or 'max', got {pool_type!r}")
+        high_channels = high_channels or low_channels
+        self.kernel_size = kernel_size
+        self.ratio = ratio
+        self.pool_type = pool_type
+        self.num_heads = low_channels // head_dim
+        self.head_dim = head_dim
+
+        self.high_proj = (
+            nn.Conv2d(high_channels, low_channels, kernel_size=1)
+            if high_channels != low_channels else nn.Identity()
+        )
+        self.q = nn.Linear(low_channels, low_channels, bias=qkv_bias)
+        self.kv = nn.Linear(low_channels, 2 * low_channels, bias=qkv_bias)
+        self.proj = nn.Linear(low_channels, low_channels, bias=qkv_bias)
+        self.init_weights(zero_init_out)
+
+    def init_weights(self, zero_init_out: bool = False) -> None:
+        for linear in (self.q, self.kv, self.proj):
+            nn.init.trunc_normal_(linear.weight, std=.02)
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
+        if zero_init_out:
+            nn.init.zeros_(self.proj.weight)
+            if self.proj.bias is not None:
+                nn.init.zeros_(self.proj.bias)
+
+    @property
+    def low_kernel(self) -> int:
+        return self.ratio * self.kernel_size
+
+    def coarse_modulation(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+        """The modulation map ``M_hat`` of Eq. 7 on the token grid, ``(B, C, h, w)``."""
+        B, C = low.shape[:2]
+        high = self.high_proj(high)
+        low_tokens = _pool_tokens(low, self.low_kernel, self.pool_type)
+        high_tokens = _pool_tokens(high, self.kernel_size, self.pool_type)
+        h, w = low_tokens.shape[-2:]
+
+        q = self.q(low_tokens.flatten(2).transpose(1, 2))
+        q = q.reshape(B, h * w, self.num_heads, self.head_dim).transpose(1, 2)
+        kv = self.kv(high_tokens.flatten(2).transpose(1, 2))
+        kv = kv.reshape(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        k, v = kv.unbind(0)
+        heads = F.scaled_dot_product_attention(q, k, v)  # softmax(QK^T / sqrt(d)) V, Eq. 6
+
+        m = self.proj(heads.transpose(1, 2).reshape(B, h * w, C))  # Eq. 7
+        # contiguous NCHW (a cheap copy of the small map): left as a channels-last view, it makes
+        # the full-resolution upsampling and product that follow run with strided memory access
+        return m.transpose(1, 2).reshape(B, C, h, w).contiguous()
+
+    def modulation(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+        """The upsampled modulation map ``M`` of Eq. 8, cropped to ``low``'s size."""
+        H, W = low.shape[-2:]
+        m = self.coarse_modulation(low, high)
+        if self.low_kernel > 1:
+            m = F.interpolate(m, scale_factor=float(self.low_kernel), mode='nearest')
+        return m[..., :H, :W]
+
+    def forward(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+        if low.ndim != 4 or high.ndim != 4 or low.shape[0] != high.shape[0]:
+            raise ValueError(
+                f'FINE expects low and high as (B, C, H, W) with the same batch size, got '
+                f'{tuple(low.shape)} and {tuple(high.shape)}')
+        if low.shape[1] != self.q.in_features:
+            raise ValueError(
+                f'FINE was built for {self.q.in_features} low-level channels, got {low.shape[1]}')
+        B, C, H, W = low.shape
+        rk = self.low_kernel
+        if H % rk == 0 and W % rk == 0:
+            # F_low * M + F_low = F_low * (1 + M): broadcasting each token's (1 + M_hat) over its
+            # rk x rk block is the nearest upsampling of Eq. 8 without materialising M, so the
+            # full-resolution map is read and written once (most of FINE's time at stride 4).
+            scale = 1 + self.coarse_modulation(low, high)
+            out = low.reshape(B, C, H // rk, rk, W // rk, rk) * scale[:, :, :, None, :, None]
+            return out.reshape(B, C, H, W)
+        return torch.addcmul(low, low, self.modulation(low, high))  # Eq. 8-9, then crop
+
+    def extra_repr(self) -> str:
+        return (f'kernel_size={self.kernel_size}, ratio={self.ratio}, num_heads={self.num_heads}, '
+                f'head_dim={self.head_dim}, pool_type={self.pool_type!r}')

@@ -1,0 +1,361 @@
+"""Attention pieces of the MAFormer Multi-scale Attention Fusion (MAF) block, in plain PyTorch.
+
+Paper: "MAFormer: A Transformer Network with Multi-scale Attention Fusion for Visual Recognition"
+(ICLR 2023 submission, Sec. 3.2, Fig. 1-2, Eq. 1-4). The model that stacks these pieces is
+:mod:`maformer_zoo.models.maformer`; every design choice is listed in its module docstring and in
+README, "MAFormer-S/B/L". Everything here works on channels-last maps ``(B, H, W, C)``.
+
+* :func:`window_self_attention`: multi-head self-attention inside rectangular windows of a packed
+  ``qkv`` map, with the zero padding, cyclic shift and key masking that arbitrary (detection)
+  input sizes need. Windows longer than the map are clipped to it, and an axis longer than the
+  window is cut into the fewest *equal* windows no longer than it (``balanced_split``), so padding
+  stays below one token per window and cost grows linearly with the number of pixels.
+* :class:`CrossShapedWindowAttention`: the local aggregation branch (Eq. 1; Table 2's default,
+  CSWin, Dong et al. 2021): half of the heads attend within horizontal stripes of ``sw`` rows, the
+  other half within vertical stripes of ``sw`` columns, each with a locally-enhanced positional
+  encoding (LePE: 3x3 depthwise convolution of the values inside the stripe).
+* :class:`WindowSelfAttention`: the plain multi-head self-attention of the stage 3-4 transformer
+  blocks, global or (when ``window_size`` is set) inside optionally shifted square windows.
+* :class:`GlobalLearningDownsample` (GLD, Eq. 2, Fig. 1c): one fully-connected layer along the
+  *token* axis mapping all ``H*W`` tokens to a fixed grid of global tokens, plus the *Pos* term,
+  a bilinear down-sampling of the same input to that grid. Both are linear maps along the token
+  axis, so *Pos* is added to the FC weight as a fixed interpolation matrix and GLD is one matrix
+  product.
+* :class:`MultiScaleAttentionFusion` (Eq. 3-4): local tokens query the global tokens.
+
+GLD and resolution independence: read literally, the FC maps the ``L = H*W`` tokens to ``N*L``
+tokens (``N = 0.5``). That ties the weights to one input size, costs ``0.5 * 3136^2 = 4.9M``
+parameters per stage-1 block at 224x224 (Table 1 leaves 1-2M for *all* of MAF), and makes the
+fusion attention quadratic in the number of pixels. We keep what the paper describes -- a single
+dense layer over every token of the full-size input that outputs a down-sampled, learned
+contextual abstraction -- but (1) its output is a fixed ``g x g`` grid of global tokens, and (2) its
+weights are defined on a *reference* grid (the stage's map at a 224x224 input) and, at any other
+size, bilinearly resampled to the actual map and rescaled by ``ref_area / area`` so each global
+token keeps the same total weight. At the reference size the layer is exactly the dense FC; at
+any size every global token is a learned weighting of the same relative image region, and the
+layer and the fusion cost ``O(H*W*g^2*C)``: linear in pixels.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    'balanced_split', 'window_self_attention', 'LocallyEnhancedPositionalEncoding',
+    'CrossShapedWindowAttention', 'WindowSelfAttention', 'GlobalLearningDownsample',
+    'MultiScaleAttentionFusion',
+]
+
+
+def balanced_split(size: int, max_len: Optional[int]) -> Tuple[int, int]:
+    """``(count, length)`` of the fewest equal windows of length ``<= max_len`` that cover ``size``.
+
+    ``max_len=None`` means one window over the whole axis. ``count * length - size`` (the padding)
+    is smaller than ``count``.
+    """
+    if max_len is None or max_len >= size:
+        return 1, size
+    count = -(-size // max_len)
+    return count, -(-size // count)
+
+
+def _window_labels(
+        size: Tuple[int, int],
+        padded: Tuple[int, int],
+        window: Tuple[int, int],
+        shift: Tuple[int, int],
+        device: torch.device,
+) -> torch.Tensor:
+    """Per-token region label of the padded, shifted map (Swin's masking, plus padding as -1).
+
+    Two tokens of one window may attend to each other only if their labels are equal: after a
+    cyclic shift, tokens that were not neighbours before it get different labels, and padding
+    tokens get -1 so no real token ever attends to them (padding tokens attend among themselves,
+    which keeps every softmax row finite; their outputs are cropped away).
+    """
+    labels = []
+    for axis in range(2):
+        lab = torch.zeros(padded[axis], dtype=torch.int64, device=device)
+        if shift[axis]:
+            # regions in shifted coordinates: [0, P - w), [P - w, P - s), [P - s, P)
+            lab[padded[axis] - window[axis]:] = 1
+            lab[padded[axis] - shift[axis]:] = 2
+        is_pad = torch.arange(padded[axis], device=device) >= size[axis]
+        labels.append((lab, torch.roll(is_pad, -shift[axis])))
+    (lab_h, pad_h), (lab_w, pad_w) = labels
+    label = lab_h[:, None] * 3 + lab_w[None, :]
+    return label.masked_fill(pad_h[:, None] | pad_w[None, :], -1)
+
+
+def window_self_attention(
+        qkv: torch.Tensor,
+        window: Tuple[Optional[int], Optional[int]],
+        shift: bool = False,
+        value_pe: Optional[nn.Module] = None,
+        attn_drop: float = 0.,
+) -> torch.Tensor:
+    """Multi-head self-attention within rectangular windows.
+
+    Args:
+        qkv: packed projections, ``(B, H, W, 3, heads, head_dim)``.
+        window: largest window ``(height, width)``; ``None`` = the whole axis. Each axis is cut into
+            :func:`balanced_split` windows; the map is zero-padded at the bottom/right to fit them
+            and padding keys are masked.
+        shift: cyclically shift the map by half a window (Swin) on every axis that has more than
+            one window, so consecutive blocks exchange information across window borders.
+        value_pe: optional module ``(B * windows, heads * head_dim, h, w) -> same`` applied to the
+            values of each window and added to the attention output (CSWin's LePE).
+        attn_drop: attention dropout probability (used only in training).
+
+    Returns:
+        ``(B, H, W, heads * head_dim)``.
+    """
+    B, H, W, _, num_heads, head_dim = qkv.shape
+    n_h, win_h = balanced_split(H, window[0])
+    n_w, win_w = balanced_split(W, window[1])
+    pad_h, pad_w = n_h * win_h - H, n_w * win_w - W
+    shift_hw = (win_h // 2 if shift and n_h > 1 else 0, win_w // 2 if shift and n_w > 1 else 0)
+    if pad_h or pad_w:
+        qkv = F.pad(qkv, (0, 0, 0, 0, 0, 0, 0, pad_w, 0, pad_h))
+    if shift_hw[0] or shift_hw[1]:
+        qkv = torch.roll(qkv, (-shift_hw[0], -shift_hw[1]), dims=(1, 2))
+
+    num_win, win_len = B * n_h * n_w, win_h * win_w
+    q, k, v = qkv.reshape(B, n_h, win_h, n_w, win_w, 3, num_heads, head_dim).permute(
+        5, 0, 1, 3, 6, 2, 4, 7).reshape(3, num_win, num_heads, win_len, head_dim).unbind(0)
+
+    mask = None
+    if pad_h or pad_w or shift_hw[0] or shift_hw[1]:
+        labels = _window_labels((H, W), (n_h * win_h, n_w * win_w), (win_h, win_w), shift_hw, qkv.device)
+        labels = labels.reshape(n_h, win_h, n_w, win_w).permute(0, 2, 1, 3).reshape(n_h * n_w, win_len)
+        mask = labels[:, :, None] == labels[:, None, :]
+        mask = mask[None, :, None].expand(B, -1, -1, -1, -1).reshape(num_win, 1, win_len, win_len)
+
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=attn_drop)
+    if value_pe is not None:
+        # channels-last windows: CPU depthwise convolutions are several times faster in that layout
+        v_img = v.permute(0, 2, 1, 3).reshape(num_win, win_h, win_w, num_heads * head_dim).permute(0, 3, 1, 2)
+        pe = value_pe(v_img).permute(0, 2, 3, 1).reshape(num_win, win_len, num_heads, head_dim)
+        out = out + pe.transpose(1, 2)
+
+    out = out.reshape(B, n_h, n_w, num_heads, win_h, win_w, head_dim).permute(
+        0, 1, 4, 2, 5, 3, 6).reshape(B, n_h * win_h, n_w * win_w, num_heads * head_dim)
+    if shift_hw[0] or shift_hw[1]:
+        out = torch.roll(out, shift_hw, dims=(1, 2))
+    if pad_h or pad_w:
+        out = out[:, :H, :W].contiguous()
+    return out
+
+
+class LocallyEnhancedPositionalEncoding(nn.Conv2d):
+    """CSWin's LePE: a 3x3 depthwise convolution of the values, computed inside each window."""
+
+    def __init__(self, dim: int):
+        super().__init__(dim, dim, kernel_size=3, padding=1, groups=dim)
+
+
+class CrossShapedWindowAttention(nn.Module):
+    """Local aggregation by cross-shaped window self-attention (Eq. 1, Table 2 default).
+
+    Half of the heads attend within horizontal stripes (``stripe_width`` rows, at most
+    ``stripe_len`` columns), the other half within vertical stripes (``stripe_width`` columns, at
+    most ``stripe_len`` rows); the halves are concatenated and projected. With ``stripe_len`` equal
+    to the stage's map size at the 224x224 reference input, classification-size inputs see CSWin's
+    full-length stripes, while at detection sizes stripes are cut into equal segments, so the cost
+    stays linear in the number of pixels (long-range context is the GLD branch's job).
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            stripe_width: int = 1,
+            stripe_len: Optional[int] = None,
+            qkv_bias: bool = True,
+            attn_drop: float = 0.,
+            proj_drop: float = 0.,
+    ):
+        """
+        Args:
+            dim: channels of the input and output.
+            num_heads: attention heads; must be even (one half per stripe direction).
+            stripe_width: stripe width ``sw`` in tokens.
+            stripe_len: longest stripe in tokens; ``None`` = whole rows/columns (CSWin exactly).
+            qkv_bias: add a bias to the query/key/value projection.
+            attn_drop: attention dropout.
+            proj_drop: dropout after the output projection.
+        """
+        super().__init__()
+        if num_heads % 2 or dim % num_heads:
+            raise ValueError(
+                f'CrossShapedWindowAttention needs an even number of heads that divides dim; got '
+                f'dim={dim}, num_heads={num_heads}.')
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.stripe_width = stripe_width
+        self.stripe_len = stripe_len
+        self.attn_drop = attn_drop
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.lepe_h = LocallyEnhancedPositionalEncoding(dim // 2)
+        self.lepe_v = LocallyEnhancedPositionalEncoding(dim // 2)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        qkv = self.qkv(x).reshape(B, H, W, 3, self.num_heads, self.head_dim)
+        half = self.num_heads // 2
+        attn_drop = self.attn_drop if self.training else 0.
+        x_h = window_self_attention(
+            qkv[..., :half, :], (self.stripe_width, self.stripe_len), value_pe=self.lepe_h, attn_drop=attn_drop)
+        x_v = window_self_attention(
+            qkv[..., half:, :], (self.stripe_len, self.stripe_width), value_pe=self.lepe_v, attn_drop=attn_drop)
+        return self.proj_drop(self.proj(torch.cat([x_h, x_v], dim=-1)))
+
+
+class WindowSelfAttention(nn.Module):
+    """Plain multi-head self-attention over the whole map or inside (shifted) square windows."""
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            window_size: Optional[int] = None,
+            shift: bool = False,
+            qkv_bias: bool = True,
+            attn_drop: float = 0.,
+            proj_drop: float = 0.,
+    ):
+        """
+        Args:
+            dim: channels of the input and output.
+            num_heads: attention heads (must divide ``dim``).
+            window_size: largest window side in tokens; ``None`` = global attention.
+            shift: shift windows by half a window (only on axes with more than one window).
+            qkv_bias: add a bias to the query/key/value projection.
+            attn_drop: attention dropout.
+            proj_drop: dropout after the output projection.
+        """
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f'num_heads={num_heads} must divide dim={dim}.')
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.window_size = window_size
+        self.shift = shift
+        self.attn_drop = attn_drop
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        qkv = self.qkv(x).reshape(B, H, W, 3, self.num_heads, self.head_dim)
+        x = window_self_attention(
+            qkv, (self.window_size, self.window_size), shift=self.shift,
+            attn_drop=self.attn_drop if self.training else 0.)
+        return self.proj_drop(self.proj(x))
+
+
+def _bilinear_resize(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """Anti-aliased bilinear resize of ``(B, C, H, W)``; computed in float32 when the input is half
+    precision, which PyTorch's anti-aliased kernels do not implement on every device."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return F.interpolate(
+            x.float(), size=size, mode='bilinear', align_corners=False, antialias=True).to(x.dtype)
+    return F.interpolate(x, size=size, mode='bilinear', align_corners=False, antialias=True)
+
+
+class GlobalLearningDownsample(nn.Module):
+    """GLD (Eq. 2): ``X_G = Pos(X) + FC(X)`` with a fixed grid of global tokens.
+
+    ``FC`` is one dense layer along the token axis (weight ``(g*g, h_ref*w_ref)``, bias ``(g*g,)``)
+    shared by all channels; ``Pos`` is a bilinear (anti-aliased) down-sampling of the input to the
+    ``g x g`` grid, which anchors every global token to its location in the image. See the module
+    docstring for how the weights follow the input resolution.
+    """
+
+    def __init__(self, ref_size: Tuple[int, int], grid_size: Tuple[int, int]):
+        """
+        Args:
+            ref_size: ``(h_ref, w_ref)``, the map size the FC weights are defined on (the stage's map
+                at a 224x224 input).
+            grid_size: ``(g_h, g_w)``, the grid of global tokens produced at every input size.
+        """
+        super().__init__()
+        self.ref_size = tuple(ref_size)
+        self.grid_size = tuple(grid_size)
+        self.token_mix = nn.Linear(ref_size[0] * ref_size[1], grid_size[0] * grid_size[1])
+
+    def mixing_weight(self, size: Tuple[int, int]) -> torch.Tensor:
+        """The FC weight for a ``size = (H, W)`` map: ``(g*g, H*W)``."""
+        weight = self.token_mix.weight
+        if tuple(size) == self.ref_size:
+            return weight
+        num_global = weight.shape[0]
+        resized = _bilinear_resize(weight.reshape(1, num_global, *self.ref_size), tuple(size))
+        area_ratio = (self.ref_size[0] * self.ref_size[1]) / (size[0] * size[1])
+        return resized.reshape(num_global, size[0] * size[1]) * area_ratio
+
+    def pos_matrix(self, size: Tuple[int, int]) -> torch.Tensor:
+        """*Pos* as a ``(g*g, H*W)`` matrix: anti-aliased bilinear down-sampling to the grid.
+
+        Bilinear resizing is linear and separable, so it is the Kronecker product of one
+        ``(g, n)`` resize matrix per axis (obtained by resizing an identity). Folded into the FC
+        weight it costs no extra pass over the map.
+        """
+        device = self.token_mix.weight.device
+        per_axis = [
+            _bilinear_resize(torch.eye(n, device=device)[None, None], (g, n))[0, 0]
+            for n, g in zip(size, self.grid_size)]
+        rows, cols = per_axis  # Kronecker product (torch.kron is needlessly slow on CPU)
+        return (rows[:, None, :, None] * cols[None, :, None, :]).reshape(rows.shape[0] * cols.shape[0], -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, H, W, C)`` -> ``(B, g*g, C)``."""
+        B, H, W, C = x.shape
+        weight = (self.mixing_weight((H, W)) + self.pos_matrix((H, W))).to(x.dtype)
+        return torch.matmul(weight, x.reshape(B, H * W, C)) + self.token_mix.bias.to(x.dtype)[:, None]
+
+    def extra_repr(self) -> str:
+        return f'ref_size={self.ref_size}, grid_size={self.grid_size}'
+
+
+class MultiScaleAttentionFusion(nn.Module):
+    """Eq. 3-4: ``softmax(Q_L K_G^T / sqrt(d)) V_G`` with multi-head projections and an output projection."""
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            qkv_bias: bool = True,
+            attn_drop: float = 0.,
+            proj_drop: float = 0.,
+    ):
+        """
+        Args:
+            dim: channels of local and global tokens.
+            num_heads: attention heads (must divide ``dim``).
+            qkv_bias: add biases to the query and key/value projections.
+            attn_drop: attention dropout.
+            proj_drop: dropout after the output projection.
+        """
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f'num_heads={num_heads} must divide dim={dim}.')
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.attn_drop = attn_drop
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x_local: torch.Tensor, x_global: torch.Tensor) -> torch.Tensor:
+        """``x_local (B, N, C)`` queries ``x_global (B, M, C)``; returns ``(B, N, C)``."""
+        B, N, C = x_local.shape
+        q = self.q(x_local).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(x_global).reshape(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))

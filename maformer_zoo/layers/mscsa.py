@@ -1,0 +1,483 @@
+"""Multi-Stage Cross-Scale Attention (MSCSA), the backbone add-on module, in plain PyTorch.
+
+Paper: L. Shang, Y. Liu, Z. Lou, S. Quan, N. Adluru, B. Guan, W. A. Sethares, "Vision Backbone
+Enhancement via Multi-Stage Cross-Scale Attention", arXiv:2308.05872 (2023).
+
+Everything works on BCHW tensors (paper, App. D.1): BatchNorm instead of LayerNorm, 1x1 convolutions
+as the linear layers, no class token. The pieces:
+
+* :class:`MultiStageGather` - every backbone stage average-pooled to one target size (Table 7
+  "Pooling Size", 1/32 of the input by default), optionally squeezed by a 1x1 convolution (Table 7
+  "Squeeze Ratio"), and concatenated along channels (Sec. 3.4, Fig. 4).
+* :class:`CrossScaleAttention` (CSA, Sec. 3.2, Eq. 1-7, App. D.2) - queries from the full-scale map;
+  keys and values from three scales (identity, depthwise conv 2x and 3x down-sampling, Eq. 2-3),
+  each scale with its own projections (Eq. 4), concatenated along the token axis (Eq. 5); value
+  heads twice as wide as query/key heads (LeViT); the parallel convolution path (PCP, Eq. 8-9)
+  added to the attention output, then Hardswish and the output projection.
+* :class:`ConvFFN` and :class:`IntraFFN` (Sec. 3.3, Fig. 3): 1x1 -> 3x3 depthwise -> 1x1, the latter
+  applied separately to every stage's channel slice.
+* :class:`MscsaBlock`: pre-norm residual sub-layers CSA -> Intra-FFN -> CSA -> FFN (Sec. 3.4).
+* :class:`MultiStageCrossScaleAttention`: gather + ``depth`` blocks: the classification variant's
+  trunk (Fig. 4).
+* :class:`InjectionFusion` / :class:`DenseFusion`: the dense-prediction variant (Fig. 5): the
+  MSCSA output split back per stage, upsampled to the stage's resolution, turned into injection
+  weights and biases and fused into the backbone's own feature as ``feat * weight + bias``.
+
+Choices the paper leaves open (also in README, "MSCSA"):
+
+* Down-sampling convolutions of CSA: 3x3 depthwise, padding 1, stride 2 and 3. Eq. 3 fixes the output
+  size ``floor((h - 1) / s + 1)``, which any odd kernel ``2p + 1`` with padding ``p`` satisfies; 3x3
+  is the smallest kernel that covers every input pixel at both strides (at stride 3 it tiles the
+  map like the 3x3 average pooling of the Fig. 6b ablation, but learned per channel).
+* Q, K, V projections are plain 1x1 convolutions with bias on the pre-normalised input (the sub-layer
+  norm is the BatchNorm of App. D.1); the output projection is Hardswish -> 1x1 convolution.
+  Q, K0 and V0 come from one 1x1 convolution, K_i and V_i of each down-sampled scale from one each
+  (the same arithmetic as separate projections, fewer kernel launches).
+* Squeeze: 1x1 convolution + BatchNorm per stage, after pooling (pooling first is cheaper and is
+  the order of Fig. 4). Squeezed widths are ``round(c * ratio)``.
+* FFN activation: GELU after the depthwise convolution (the PVTv2 / Segformer Mix-FFN order the
+  paper's FFN follows [65]).
+* Stochastic depth: the four residual sub-layers of block ``i`` (of ``depth``) share the rate
+  ``drop_path_rate * (i + 1) / depth``, so the last block (the only one at Table 7's depth 1) gets
+  ``drop_path_rate``.
+* Fusion layer: one 1x1 convolution + BatchNorm maps the stage's MSCSA slice to ``2 * c`` channels
+  (weights and biases); weights go through a sigmoid. The convolution runs at the pooled
+  resolution and the result is bilinearly upsampled: 1x1 convolution and (eval-mode) BatchNorm are
+  affine per pixel and bilinear interpolation is a convex combination, so this equals
+  "upsample, then convolve" (Fig. 5b) at a fraction of the cost; the sigmoid is applied after
+  upsampling, as in the figure.
+* Attention memory: queries are processed in chunks when ``heads * N * M`` would exceed
+  ``attn_chunk_elems`` per image, so the attention matrix stays bounded at any input size (exact,
+  softmax is per query row).
+"""
+import math
+from typing import List, Optional, Sequence, Tuple, Type
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+
+from timm.layers import DropPath
+
+__all__ = [
+    'MultiStageGather', 'CrossScaleAttention', 'ConvFFN', 'IntraFFN', 'MscsaBlock',
+    'MultiStageCrossScaleAttention', 'InjectionFusion', 'DenseFusion', 'squeezed_channels',
+]
+
+
+def squeezed_channels(in_chs: Sequence[int], squeeze_ratio: Optional[float]) -> List[int]:
+    """Per-stage widths after the optional squeeze (Table 7 "Squeeze Ratio"; ``None`` = no squeeze)."""
+    if squeeze_ratio is None:
+        return list(in_chs)
+    if not 0. < squeeze_ratio <= 1.:
+        raise ValueError(f'squeeze_ratio must be in (0, 1] or None, got {squeeze_ratio}.')
+    out = [int(round(c * squeeze_ratio)) for c in in_chs]
+    if min(out) < 1:
+        raise ValueError(f'squeeze_ratio {squeeze_ratio} leaves a stage of {in_chs} with no channels.')
+    return out
+
+
+class MultiStageGather(nn.Module):
+    """Pool every stage to one size, squeeze (optional), concatenate (Sec. 3.4, Fig. 4)."""
+
+    def __init__(
+            self,
+            in_chs: Sequence[int],
+            in_strides: Sequence[int],
+            pool_stride: int = 32,
+            squeeze_ratio: Optional[float] = None,
+            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+    ):
+        """
+        Args:
+            in_chs: channels of the backbone stages, shallowest first.
+            in_strides: their strides w.r.t. the input (e.g. 4, 8, 16, 32).
+            pool_stride: stride of the target size, 32 for Table 7's "1/32".
+            squeeze_ratio: channel reduction of the 1x1 squeeze convolutions, None for none.
+            norm_layer: normalisation after each squeeze convolution.
+        """
+        super().__init__()
+        if len(in_chs) != len(in_strides):
+            raise ValueError(f'{len(in_chs)} stage widths but {len(in_strides)} strides.')
+        self.in_strides = tuple(in_strides)
+        self.pool_stride = pool_stride
+        self.out_chs = squeezed_channels(in_chs, squeeze_ratio)
+        if squeeze_ratio is None:
+            self.squeeze = None
+        else:
+            self.squeeze = nn.ModuleList([
+                nn.Sequential(nn.Conv2d(c, o, 1, bias=False), norm_layer(o))
+                for c, o in zip(in_chs, self.out_chs)
+            ])
+
+    def target_size(self, features: Sequence[torch.Tensor]) -> Tuple[int, int]:
+        """Pooled size: the deepest stage's size scaled to ``pool_stride`` (rounded up)."""
+        h, w = features[-1].shape[-2:]
+        scale = self.in_strides[-1] / self.pool_stride
+        return max(1, math.ceil(h * scale)), max(1, math.ceil(w * scale))
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        size = self.target_size(features)
+        pooled = []
+        for i, x in enumerate(features):
+            if tuple(x.shape[-2:]) != size:
+                x = F.adaptive_avg_pool2d(x, size)
+            if self.squeeze is not None:
+                x = self.squeeze[i](x)
+            pooled.append(x)
+        return torch.cat(pooled, dim=1)
+
+
+class CrossScaleAttention(nn.Module):
+    """Cross-Scale Attention with multi-scale K/V projections and a parallel conv path (Sec. 3.2)."""
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int = 8,
+            key_dim: int = 32,
+            attn_ratio: float = 2.,
+            kv_strides: Sequence[int] = (2, 3),
+            attn_drop: float = 0.,
+            act_layer: Type[nn.Module] = nn.Hardswish,
+            attn_chunk_elems: int = 1 << 24,
+    ):
+        """
+        Args:
+            dim: channels of the multi-stage map.
+            num_heads: attention heads (Table 7 "#Heads").
+            key_dim: query/key width per head, ``d`` of Eq. 1 (Table 7 "Head Dimension").
+            attn_ratio: value width / key width per head, 2 after LeViT (Sec. 3.2).
+            kv_strides: strides of the depthwise down-sampling convs of Eq. 2 (2x and 3x).
+            attn_drop: dropout on the attention weights (training only).
+            act_layer: activation of the PCP and of the attention output (Hardswish, App. D.2).
+            attn_chunk_elems: most attention-matrix elements per image computed at once.
+        """
+        super().__init__()
+        self.num_heads = num_heads
+        self.key_dim = key_dim
+        self.val_dim = int(attn_ratio * key_dim)
+        self.scale = key_dim ** -0.5
+        self.attn_drop = attn_drop
+        self.attn_chunk_elems = attn_chunk_elems
+        qk_chs = num_heads * key_dim
+        v_chs = num_heads * self.val_dim
+        self.split_qkv = (qk_chs, qk_chs, v_chs)
+        self.split_kv = (qk_chs, v_chs)
+
+        # Q, K0, V0 (Eq. 1 and Eq. 4, scale 0)
+        self.qkv = nn.Conv2d(dim, 2 * qk_chs + v_chs, 1)
+        # X1, X2 (Eq. 2) and their own K_i, V_i projections (Eq. 4)
+        self.down = nn.ModuleList([
+            nn.Conv2d(dim, dim, 3, stride=s, padding=1, groups=dim) for s in kv_strides])
+        self.kv = nn.ModuleList([nn.Conv2d(dim, qk_chs + v_chs, 1) for _ in kv_strides])
+        # parallel convolution path on V0 (Eq. 8)
+        self.pcp_act = act_layer()
+        self.pcp = nn.Conv2d(v_chs, v_chs, 3, padding=1, groups=v_chs)
+        # Hardswish on the attention output (App. D.2), then the output projection
+        self.proj = nn.Sequential(act_layer(), nn.Conv2d(v_chs, dim, 1))
+
+    def _heads(self, x: torch.Tensor, head_dim: int) -> torch.Tensor:
+        b = x.shape[0]
+        return x.reshape(b, self.num_heads, head_dim, -1)
+
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        dropout_p = self.attn_drop if self.training else 0.
+        n, m = q.shape[-2], k.shape[-2]
+        chunk = max(1, self.attn_chunk_elems // (self.num_heads * m))
+        if n <= chunk:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        return torch.cat([
+            F.scaled_dot_product_attention(q_chunk, k, v, dropout_p=dropout_p)
+            for q_chunk in q.split(chunk, dim=-2)], dim=-2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        q, k0, v0 = self.qkv(x).split(self.split_qkv, dim=1)
+        keys = [self._heads(k0, self.key_dim)]
+        values = [self._heads(v0, self.val_dim)]
+        for down, kv in zip(self.down, self.kv):
+            k_i, v_i = kv(down(x)).split(self.split_kv, dim=1)
+            keys.append(self._heads(k_i, self.key_dim))
+            values.append(self._heads(v_i, self.val_dim))
+        # (B, heads, tokens, head_dim); K, V concatenated over the three scales (Eq. 5)
+        q = self._heads(q, self.key_dim).transpose(-1, -2)
+        k = torch.cat(keys, dim=-1).transpose(-1, -2)
+        v = torch.cat(values, dim=-1).transpose(-1, -2)
+        out = self._attention(q, k, v)  # Eq. 6
+        out = out.transpose(-1, -2).reshape(b, -1, h, w)
+        out = out + self.pcp(self.pcp_act(v0))  # Eq. 7 / 9
+        return self.proj(out)
+
+
+class ConvFFN(nn.Module):
+    """1x1 conv -> 3x3 depthwise conv -> activation -> 1x1 conv (Fig. 3c)."""
+
+    def __init__(
+            self,
+            dim: int,
+            hidden_dim: int,
+            act_layer: Type[nn.Module] = nn.GELU,
+            drop: float = 0.,
+    ):
+        """
+        Args:
+            dim: input and output channels.
+            hidden_dim: expanded width (``mlp_ratio * dim``).
+            act_layer: activation after the depthwise convolution.
+            drop: dropout after the activation and after the last projection.
+        """
+        super().__init__()
+        self.fc1 = nn.Conv2d(dim, hidden_dim, 1)
+        self.dwconv = nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1, groups=hidden_dim)
+        self.act = act_layer()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Conv2d(hidden_dim, dim, 1)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.dwconv(self.fc1(x)))
+        return self.drop2(self.fc2(self.drop1(x)))
+
+
+class IntraFFN(nn.Module):
+    """One :class:`ConvFFN` per stage's channel slice of the multi-stage map (Sec. 3.3, Fig. 3b)."""
+
+    def __init__(
+            self,
+            stage_chs: Sequence[int],
+            mlp_ratio: float = 2.,
+            act_layer: Type[nn.Module] = nn.GELU,
+            drop: float = 0.,
+    ):
+        """
+        Args:
+            stage_chs: width of every stage's slice; they sum to the multi-stage width.
+            mlp_ratio: expansion of each per-stage FFN.
+            act_layer: FFN activation.
+            drop: FFN dropout.
+        """
+        super().__init__()
+        self.stage_chs = list(stage_chs)
+        self.ffns = nn.ModuleList([
+            ConvFFN(c, int(c * mlp_ratio), act_layer=act_layer, drop=drop) for c in stage_chs])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = x.split(self.stage_chs, dim=1)
+        return torch.cat([ffn(p) for ffn, p in zip(self.ffns, parts)], dim=1)
+
+
+class MscsaBlock(nn.Module):
+    """CSA -> Intra-FFN -> CSA -> FFN, each a pre-norm residual sub-layer (Sec. 3.4, App. D.1)."""
+
+    def __init__(
+            self,
+            stage_chs: Sequence[int],
+            num_heads: int = 8,
+            key_dim: int = 32,
+            mlp_ratio: float = 2.,
+            attn_ratio: float = 2.,
+            proj_drop: float = 0.,
+            attn_drop: float = 0.,
+            drop_path: float = 0.,
+            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            attn_act_layer: Type[nn.Module] = nn.Hardswish,
+            mlp_act_layer: Type[nn.Module] = nn.GELU,
+    ):
+        """
+        Args:
+            stage_chs: per-stage widths of the multi-stage map (its width is their sum).
+            num_heads: CSA heads.
+            key_dim: CSA query/key width per head.
+            mlp_ratio: FFN and Intra-FFN expansion (Table 7 "MLP Ratio").
+            attn_ratio: CSA value/key width ratio.
+            proj_drop: FFN dropout.
+            attn_drop: attention-weight dropout.
+            drop_path: stochastic depth rate of all four sub-layers.
+            norm_layer: pre-norm layer (BatchNorm, App. D.1).
+            attn_act_layer: CSA activation (Hardswish).
+            mlp_act_layer: FFN activation.
+        """
+        super().__init__()
+        dim = sum(stage_chs)
+
+        def csa():
+            return CrossScaleAttention(
+                dim, num_heads=num_heads, key_dim=key_dim, attn_ratio=attn_ratio,
+                attn_drop=attn_drop, act_layer=attn_act_layer)
+
+        self.norm1 = norm_layer(dim)
+        self.attn1 = csa()
+        self.norm2 = norm_layer(dim)
+        self.intra_ffn = IntraFFN(stage_chs, mlp_ratio, act_layer=mlp_act_layer, drop=proj_drop)
+        self.norm3 = norm_layer(dim)
+        self.attn2 = csa()
+        self.norm4 = norm_layer(dim)
+        self.ffn = ConvFFN(dim, int(dim * mlp_ratio), act_layer=mlp_act_layer, drop=proj_drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn1(self.norm1(x)))
+        x = x + self.drop_path(self.intra_ffn(self.norm2(x)))
+        x = x + self.drop_path(self.attn2(self.norm3(x)))
+        x = x + self.drop_path(self.ffn(self.norm4(x)))
+        return x
+
+
+class MultiStageCrossScaleAttention(nn.Module):
+    """The MSCSA trunk: multi-stage gathering followed by ``depth`` MSCSA blocks (Fig. 4).
+
+    Takes the backbone's stage features (shallowest first) and returns the multi-stage map of
+    width ``sum(stage_chs)`` at the pooled resolution.
+    """
+
+    def __init__(
+            self,
+            in_chs: Sequence[int],
+            in_strides: Sequence[int] = (4, 8, 16, 32),
+            pool_stride: int = 32,
+            squeeze_ratio: Optional[float] = None,
+            depth: int = 1,
+            num_heads: int = 8,
+            key_dim: int = 32,
+            mlp_ratio: float = 2.,
+            attn_ratio: float = 2.,
+            proj_drop: float = 0.,
+            attn_drop: float = 0.,
+            drop_path_rate: float = 0.,
+            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            attn_act_layer: Type[nn.Module] = nn.Hardswish,
+            mlp_act_layer: Type[nn.Module] = nn.GELU,
+    ):
+        """
+        Args:
+            in_chs: backbone stage widths.
+            in_strides: backbone stage strides.
+            pool_stride: Table 7 "Pooling Size" as a stride (32 for 1/32).
+            squeeze_ratio: Table 7 "Squeeze Ratio", None for "-".
+            depth: number of MSCSA blocks (Table 7 "Depth").
+            num_heads: Table 7 "#Heads".
+            key_dim: Table 7 "Head Dimension" (of queries and keys; values are ``attn_ratio`` times wider).
+            mlp_ratio: Table 7 "MLP Ratio".
+            attn_ratio: value/key width ratio (2, LeViT).
+            proj_drop: FFN dropout.
+            attn_drop: attention-weight dropout.
+            drop_path_rate: stochastic depth of the last block; earlier blocks scale linearly.
+            norm_layer: normalisation layer (BatchNorm).
+            attn_act_layer: CSA activation.
+            mlp_act_layer: FFN activation.
+        """
+        super().__init__()
+        self.gather = MultiStageGather(
+            in_chs, in_strides, pool_stride=pool_stride, squeeze_ratio=squeeze_ratio, norm_layer=norm_layer)
+        self.stage_chs = self.gather.out_chs
+        self.num_features = sum(self.stage_chs)
+        self.grad_checkpointing = False
+        dpr = [drop_path_rate * (i + 1) / depth for i in range(depth)]
+        self.blocks = nn.Sequential(*[
+            MscsaBlock(
+                self.stage_chs, num_heads=num_heads, key_dim=key_dim, mlp_ratio=mlp_ratio,
+                attn_ratio=attn_ratio, proj_drop=proj_drop, attn_drop=attn_drop, drop_path=dpr[i],
+                norm_layer=norm_layer, attn_act_layer=attn_act_layer, mlp_act_layer=mlp_act_layer)
+            for i in range(depth)])
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        x = self.gather(features)
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            for block in self.blocks:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            return x
+        return self.blocks(x)
+
+
+class InjectionFusion(nn.Module):
+    """Fuse one stage's MSCSA slice into the backbone feature: ``feat * sigmoid(w) + b`` (Fig. 5b)."""
+
+    def __init__(
+            self,
+            in_chs: int,
+            out_chs: int,
+            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+    ):
+        """
+        Args:
+            in_chs: width of the stage's slice of the MSCSA output.
+            out_chs: width of the backbone feature it is fused into.
+            norm_layer: normalisation after the 1x1 convolution.
+        """
+        super().__init__()
+        self.out_chs = out_chs
+        self.embed = nn.Sequential(nn.Conv2d(in_chs, 2 * out_chs, 1, bias=False), norm_layer(2 * out_chs))
+
+    def forward(self, feat: torch.Tensor, mscsa_part: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """Fused feature.
+
+        Args:
+            feat: the backbone feature (B, out_chs, H, W).
+            mscsa_part: this stage's slice of the MSCSA output, at its pooled resolution.
+            inplace: without autograd, write the result into ``feat`` (the caller no longer needs
+                it); saves a full-resolution tensor at stride 4 of detection-size inputs.
+        """
+        weight, bias = self.embed(mscsa_part).split(self.out_chs, dim=1)
+        size = feat.shape[-2:]
+
+        def upsample(t: torch.Tensor) -> torch.Tensor:
+            if t.shape[-2:] == size:
+                return t
+            return F.interpolate(t, size=size, mode='bilinear', align_corners=False)
+
+        if torch.is_grad_enabled() and (feat.requires_grad or weight.requires_grad):
+            return torch.addcmul(upsample(bias), feat, upsample(weight).sigmoid())
+        # no autograd: one full-resolution temporary at a time, reused in place
+        if inplace:
+            return feat.mul_(upsample(weight).sigmoid_()).add_(upsample(bias))
+        return upsample(weight).sigmoid_().mul_(feat).add_(upsample(bias))
+
+
+class DenseFusion(nn.Module):
+    """The dense-prediction variant's output stage (Fig. 5a): split, upsample, fuse per stage."""
+
+    def __init__(
+            self,
+            mscsa_chs: Sequence[int],
+            backbone_chs: Sequence[int],
+            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+    ):
+        """
+        Args:
+            mscsa_chs: per-stage widths of the MSCSA output (``stage_chs`` of the trunk).
+            backbone_chs: widths of the backbone features being fused.
+            norm_layer: normalisation of the fusion layers.
+        """
+        super().__init__()
+        self.mscsa_chs = list(mscsa_chs)
+        self.layers = nn.ModuleList([
+            InjectionFusion(i, o, norm_layer=norm_layer) for i, o in zip(mscsa_chs, backbone_chs)])
+
+    def prune(self, keep: Sequence[int]) -> None:
+        """Drop the fusion layers of stages not in ``keep`` (their output is not needed)."""
+        for i in range(len(self.layers)):
+            if i not in keep:
+                self.layers[i] = nn.Identity()
+
+    def forward(
+            self,
+            features: Sequence[torch.Tensor],
+            mscsa_out: torch.Tensor,
+            indices: Optional[Sequence[int]] = None,
+            inplace: bool = False,
+    ) -> List[torch.Tensor]:
+        """Fused features of the stages in ``indices`` (all when None), in that order.
+
+        ``inplace``: see :meth:`InjectionFusion.forward`.
+        """
+        parts = mscsa_out.split(self.mscsa_chs, dim=1)
+        indices = range(len(self.layers)) if indices is None else indices
+        out = []
+        for i in indices:
+            layer = self.layers[i]
+            if not isinstance(layer, InjectionFusion):
+                raise RuntimeError(f'The fusion layer of stage {i} was pruned; it cannot be computed.')
+            out.append(layer(features[i], parts[i], inplace=inplace))
+        return out

@@ -1,0 +1,525 @@
+"""MAFormer: a transformer network with Multi-scale Attention Fusion for visual recognition.
+
+Paper: "MAFormer: A Transformer Network with Multi-scale Attention Fusion for Visual Recognition",
+anonymous ICLR 2023 submission (later Y. Wang, H. Sun, X. Wang, B. Zhang, C. Li, Y. Xin, B. Zhang,
+E. Ding, S. Han, arXiv:2209.01620). No official code exists; this is the reference implementation.
+
+Architecture (Sec. 3.1, Fig. 1, Table 1): a convolutional stem to ``H/4 x W/4``, four stages joined by
+stride-2 patch merging; MAF blocks (Sec. 3.2) in stages 1-2, plain transformer blocks in stages 3-4;
+MLP ratio 4; stochastic depth. Dims / depths (Table 1): S ``[64,128,320,512] / [3,5,8,3]``,
+B ``[64,128,320,512] / [3,8,20,7]``, L ``[128,192,448,640] / [3,8,24,7]``. The attention pieces live in
+:mod:`maformer_zoo.layers.maf`.
+
+MAF block (Fig. 1b, Fig. 2c, Eq. 1-4), on the block input ``X``::
+
+    Xn  = LN(X)
+    X_G = GLD(Xn)                                   # Eq. 2: FC over all tokens + Pos, g x g tokens
+    X_L = X + CSWinAttention(Xn)                    # Eq. 1 (local aggregation)
+    X_L = X_L + MLP(LN(X_L))                        # Eq. 1
+    out = X_L + Proj(Attention(Q=LN(X_L), KV=LN(X_G)))  # Eq. 3-4 (local tokens query global ones)
+
+Choices the paper leaves open (also in README, "MAFormer-S/B/L"), and why:
+
+* **Global branch input**: both branches read the block input (Fig. 2c, "extracting the local and
+  global scales of input directly and separately"), through one shared pre-norm. ``X_G^{l-1}`` in
+  Eq. 2 is read as the block input, not a separate stream carried across blocks.
+* **GLD** (Eq. 2): a dense FC along the token axis from the whole map to a fixed ``g x g`` grid of
+  global tokens, weights defined on the stage's 224x224 map and bilinearly resampled (with the
+  ``ref_area / area`` rescaling) at any other size; plus *Pos* = anti-aliased bilinear down-sampling
+  of the input to the same grid. The literal ``L -> 0.5 L`` FC costs 4.9M parameters per stage-1
+  block, binds the weights to one resolution and makes the fusion quadratic in pixels; see
+  :mod:`maformer_zoo.layers.maf`. ``N = 0.5`` survives as the B/L global grid, 14x14 = half the
+  stage-2 side at 224x224; S uses 7x7 (the stage-4 grid at 224x224). Table 1 forces the split:
+  without GLD and fusion the models cost S 22.92M / 4.25 GFLOPs, B 50.93M / 8.57, L 100.88M / 19.54,
+  so within 5% MAF may add at most 0.48 GFLOPs to S but at least 0.74 to B, which has only 3 more
+  MAF blocks (S with 14x14: 5.15 GFLOPs, +14%; B with 7x7: 9.09 GFLOPs, -7%).
+* **Fusion** (Eq. 3-4): multi-head (head dim 32) cross-attention with ``W_Q`` on the local tokens and
+  ``W_K``, ``W_V`` on the global tokens (Eq. 3's second ``W_K`` is read as the ``W_V`` it defines),
+  an output projection, pre-norm LayerNorms on both sides, added residually to ``X_L``. No extra MLP
+  after the fusion: Table 1's parameter counts leave no room for one.
+* **Local branch**: CSWin attention (Table 2 default) with LePE, stripe widths 1 and 2 in stages 1
+  and 2 (CSWin-T/S/B's values), half of the heads per stripe direction. Stripes are at most as
+  long as the stage's map at 224x224 (56 / 28 tokens): identical to CSWin at classification size,
+  cut into equal segments at detection size so the cost stays linear in pixels.
+* **Stages 3-4** ("original vision transformer blocks"): pre-norm ViT blocks (LN, MHSA with
+  ``F.scaled_dot_product_attention``, LN, MLP-4). Stage 4 attention is always global. Stage 3
+  attention is global over windows of at most 14x14 tokens (the whole stage-3 map at 224x224, so
+  classification is exact global attention), with Swin-style half-window shifts in odd blocks: at
+  800x1216 the stage-3 map is 50x76 = 3800 tokens, where global attention would cost 9.2 GFLOPs per
+  S block (74G for S's 8 blocks, 185G for B, 311G for L) and grow quadratically, while windows keep
+  it linear (the paper's Table 5 detection FLOPs imply a backbone cost about linear in pixels).
+  No positional embedding: position reaches these blocks through the zero-padded convolutions of
+  stem and merging and through LePE and the GLD Pos term of stages 1-2.
+* **Stem**: two 3x3 stride-2 convolutions (``3 -> C/2 -> C``) with LayerNorm and GELU between and
+  LayerNorm after (overlapping, like the convolutional stems of hybrid ViTs); at 224x224 it costs
+  0.07 / 0.25 GFLOPs for S/B and L.
+* **Patch merging**: 3x3 stride-2 convolution + LayerNorm (CSWin's merge block); padding 1 makes any
+  input size work (``ceil(H / 2)``), which detection sizes such as 608x1000 need.
+* **Head**: final LayerNorm, global average pooling, dropout, linear classifier.
+* **Heads**: head dim 32 everywhere (S/B: 2, 4, 10, 16 heads; L: 4, 6, 14, 20).
+* **Stochastic depth**: linear in the block index over the whole network (timm's
+  ``calculate_drop_path_rates``, grouped per stage); the paper's ImageNet values are 0.1 / 0.3 / 0.4 for S / B / L.
+
+Budget (fvcore, one multiply-add = one flop, 224x224; ``maformer_zoo.utils.count_flops``): params
+/ GFLOPs S 23.96M / 4.64, B 54.59M / 9.75, L 105.35M / 21.87 against Table 1's 23 / 4.5, 53 / 9.8,
+104 / 22.6 (all within 5%, checked by ``tests/test_maformer.py``). Backbone at 800x1280: S 97.2,
+B 204.5, L 452.1 GFLOPs, within 3% of the linear extrapolation from 224x224.
+"""
+from typing import List, Optional, Sequence, Tuple, Type, Union
+
+import torch
+from torch import nn
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, LayerNorm, LayerNorm2d, Mlp, calculate_drop_path_rates, trunc_normal_
+from timm.models import generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint
+
+from ..layers.maf import (
+    CrossShapedWindowAttention, GlobalLearningDownsample, MultiScaleAttentionFusion, WindowSelfAttention,
+)
+from ._builder import build_zoo_model, check_input
+
+__all__ = ['MAFormer', 'MafBlock', 'TransformerBlock']
+
+# Smallest input side: one token at stride 32.
+_MIN_INPUT_SIZE = 32
+# Stage map sizes at the 224x224 input that fix GLD's reference grid, the stripe length and the stage-3 window.
+_REF_IMG_SIZE = 224
+
+
+class MafBlock(nn.Module):
+    """Multi-scale Attention Fusion block (Sec. 3.2, Fig. 1b / 2c, Eq. 1-4) on ``(B, H, W, C)`` maps."""
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            stripe_width: int,
+            stripe_len: Optional[int],
+            gld_ref_size: Tuple[int, int],
+            global_grid: Tuple[int, int],
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            proj_drop: float = 0.,
+            attn_drop: float = 0.,
+            drop_path: float = 0.,
+            act_layer: Type[nn.Module] = nn.GELU,
+            norm_layer: Type[nn.Module] = LayerNorm,
+    ):
+        """
+        Args:
+            dim: channels.
+            num_heads: heads of the local attention and of the fusion attention.
+            stripe_width: cross-shaped window stripe width (tokens).
+            stripe_len: longest stripe (tokens), ``None`` for whole rows/columns.
+            gld_ref_size: map size on which the GLD FC weights are defined.
+            global_grid: grid of global tokens produced by GLD.
+            mlp_ratio: hidden/in channels of the MLP.
+            qkv_bias: biases on the attention projections.
+            proj_drop: dropout after projections and in the MLP.
+            attn_drop: attention dropout.
+            drop_path: stochastic depth rate of the three residual branches.
+            act_layer: MLP activation.
+            norm_layer: normalization of the pre-norms.
+        """
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.local_attn = CrossShapedWindowAttention(
+            dim, num_heads, stripe_width=stripe_width, stripe_len=stripe_len, qkv_bias=qkv_bias,
+            attn_drop=attn_drop, proj_drop=proj_drop)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.global_branch = GlobalLearningDownsample(gld_ref_size, global_grid)
+        self.norm_local = norm_layer(dim)
+        self.norm_global = norm_layer(dim)
+        self.fusion = MultiScaleAttentionFusion(
+            dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
+        self.drop_path3 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        x_norm = self.norm1(x)
+        x_global = self.global_branch(x_norm)
+        x = x + self.drop_path1(self.local_attn(x_norm))
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        fused = self.fusion(self.norm_local(x).reshape(B, H * W, C), self.norm_global(x_global))
+        return x + self.drop_path3(fused.reshape(B, H, W, C))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm ViT block (stages 3-4) on ``(B, H, W, C)`` maps; attention global or windowed."""
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            window_size: Optional[int] = None,
+            shift: bool = False,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            proj_drop: float = 0.,
+            attn_drop: float = 0.,
+            drop_path: float = 0.,
+            act_layer: Type[nn.Module] = nn.GELU,
+            norm_layer: Type[nn.Module] = LayerNorm,
+    ):
+        """
+        Args:
+            dim: channels.
+            num_heads: attention heads.
+            window_size: largest attention window side (tokens), ``None`` for global attention.
+            shift: shift the windows by half a window (odd blocks).
+            mlp_ratio: hidden/in channels of the MLP.
+            qkv_bias: bias on the qkv projection.
+            proj_drop: dropout after projections and in the MLP.
+            attn_drop: attention dropout.
+            drop_path: stochastic depth rate.
+            act_layer: MLP activation.
+            norm_layer: normalization of the pre-norms.
+        """
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = WindowSelfAttention(
+            dim, num_heads, window_size=window_size, shift=shift, qkv_bias=qkv_bias,
+            attn_drop=attn_drop, proj_drop=proj_drop)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+class ConvStem(nn.Module):
+    """Two 3x3 stride-2 convolutions to ``H/4 x W/4``; NCHW image in, ``(B, H/4, W/4, C)`` out."""
+
+    def __init__(self, in_chans: int, out_chans: int, act_layer: Type[nn.Module] = nn.GELU):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_chans, out_chans // 2, kernel_size=3, stride=2, padding=1)
+        self.norm1 = LayerNorm2d(out_chans // 2)
+        self.act = act_layer()
+        self.conv2 = nn.Conv2d(out_chans // 2, out_chans, kernel_size=3, stride=2, padding=1)
+        self.norm2 = LayerNorm(out_chans)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # channels-last convolutions: faster on CPU, and the NHWC output below needs no copy
+        x = x.contiguous(memory_format=torch.channels_last)
+        x = self.conv2(self.act(self.norm1(self.conv1(x))))
+        return self.norm2(x.permute(0, 2, 3, 1).contiguous())
+
+
+class PatchMerging(nn.Module):
+    """3x3 stride-2 convolution + LayerNorm between stages; ``(B, H, W, C)`` -> ``(B, ceil(H/2), ceil(W/2), C')``."""
+
+    def __init__(self, in_chans: int, out_chans: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_chans, out_chans, kernel_size=3, stride=2, padding=1)
+        self.norm = LayerNorm(out_chans)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).contiguous())
+
+
+class MAFormerStage(nn.Module):
+    """Optional patch merging followed by ``depth`` blocks, on ``(B, H, W, C)`` maps."""
+
+    def __init__(self, downsample: Optional[nn.Module], blocks: Sequence[nn.Module]):
+        super().__init__()
+        self.grad_checkpointing = False
+        self.downsample = downsample if downsample is not None else nn.Identity()
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        for block in self.blocks:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(block, x)
+            else:
+                x = block(x)
+        return x
+
+
+class MAFormer(nn.Module):
+    """MAFormer backbone and classifier (Sec. 3.1, Table 1)."""
+
+    def __init__(
+            self,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            embed_dims: Tuple[int, int, int, int] = (64, 128, 320, 512),
+            depths: Tuple[int, int, int, int] = (3, 5, 8, 3),
+            head_dim: int = 32,
+            mlp_ratio: float = 4.,
+            stripe_widths: Tuple[int, int] = (1, 2),
+            global_grids: Tuple[int, int] = (7, 7),
+            window_sizes: Tuple[Optional[int], Optional[int]] = (14, None),
+            ref_img_size: int = _REF_IMG_SIZE,
+            qkv_bias: bool = True,
+            drop_rate: float = 0.,
+            proj_drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            act_layer: Type[nn.Module] = nn.GELU,
+            norm_layer: Type[nn.Module] = LayerNorm,
+    ):
+        """
+        Args:
+            in_chans: image channels.
+            num_classes: classifier outputs (0 for no classifier).
+            global_pool: ``'avg'`` or ``''`` (no pooling in ``forward_head``).
+            embed_dims: channels of the four stages (Table 1 "Dim").
+            depths: blocks of the four stages (Table 1 "Blocks").
+            head_dim: channels per attention head.
+            mlp_ratio: MLP expansion (4 in all Table 1 models).
+            stripe_widths: cross-shaped stripe widths of the MAF stages 1-2.
+            global_grids: side of the GLD global token grid in stages 1-2.
+            window_sizes: stage 3-4 attention window side (``None`` = global attention).
+            ref_img_size: input size at which stripes are full-length, GLD weights are used as
+                stored and the stage-3 window covers the whole map (the ImageNet training size).
+            qkv_bias: biases on the attention projections.
+            drop_rate: dropout before the classifier.
+            proj_drop_rate: dropout after projections and in the MLPs.
+            attn_drop_rate: attention dropout.
+            drop_path_rate: stochastic depth rate of the last block (linear from 0).
+            act_layer: MLP activation.
+            norm_layer: normalization layer of the blocks, merging and final norm.
+        """
+        super().__init__()
+        if len(embed_dims) != 4 or len(depths) != 4:
+            raise ValueError(f'MAFormer has four stages; got embed_dims={embed_dims}, depths={depths}.')
+        if global_pool not in ('avg', ''):
+            raise ValueError(f"global_pool must be 'avg' or ''; got {global_pool!r}.")
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.global_pool = global_pool
+        self.min_input_size = _MIN_INPUT_SIZE
+        self.grad_checkpointing = False
+        num_heads = [d // head_dim for d in embed_dims]
+        ref_sizes = [ref_img_size // (4 * 2 ** i) for i in range(4)]
+        window_sizes = [None, None] + [
+            min(w, ref_sizes[2 + i]) if w is not None else None for i, w in enumerate(window_sizes)]
+
+        self.stem = ConvStem(in_chans, embed_dims[0], act_layer=act_layer)
+        dpr = _per_block_rates(drop_path_rate, depths)
+        common = dict(
+            mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
+            act_layer=act_layer, norm_layer=norm_layer)
+        self.feature_info = []
+        stages = []
+        for i in range(4):
+            if i < 2:
+                ref = ref_sizes[i]
+                blocks = [MafBlock(
+                    embed_dims[i], num_heads[i], stripe_width=stripe_widths[i], stripe_len=ref,
+                    gld_ref_size=(ref, ref), global_grid=(global_grids[i], global_grids[i]),
+                    drop_path=dpr[i][j], **common) for j in range(depths[i])]
+            else:
+                blocks = [TransformerBlock(
+                    embed_dims[i], num_heads[i], window_size=window_sizes[i],
+                    shift=window_sizes[i] is not None and j % 2 == 1, drop_path=dpr[i][j], **common)
+                    for j in range(depths[i])]
+            downsample = PatchMerging(embed_dims[i - 1], embed_dims[i]) if i > 0 else None
+            stages.append(MAFormerStage(downsample, blocks))
+            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f'stages.{i}'))
+        self.stages = nn.Sequential(*stages)
+
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.norm = norm_layer(self.num_features)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        # GLD's token-mixing weights are learned spatial pooling maps, i.e. positional parameters,
+        # which ViTs keep out of weight decay like position embeddings.
+        return {n for n, _ in self.named_parameters() if n.endswith('global_branch.token_mix.weight')}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(
+            stem=r'^stem',
+            blocks=r'^stages\.(\d+)' if coarse else [
+                (r'^stages\.(\d+)\.downsample', (0,)),
+                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+                (r'^norm', (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if global_pool is not None:
+            if global_pool not in ('avg', ''):
+                raise ValueError(f"global_pool must be 'avg' or ''; got {global_pool!r}.")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        device = self.norm.weight.device if hasattr(self.norm, 'weight') else None
+        self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        check_input(x, self.in_chans, self.min_input_size, type(self).__name__)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Stage outputs (strides 4, 8, 16, 32) and optionally the final features.
+
+        Args:
+            x: images ``(B, in_chans, H, W)``, any ``H, W >= 32``.
+            indices: take the last ``n`` stages if an int, all if ``None``, else these stage indices.
+            norm: apply the final norm to the last stage's output when it is taken.
+            stop_early: stop after the last stage taken.
+            output_fmt: ``'NCHW'`` or ``'NHWC'``.
+            intermediates_only: return only the list of intermediates.
+        """
+        if output_fmt not in ('NCHW', 'NHWC'):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC'; got {output_fmt!r}.")
+        self._check_input(x)
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
+        last_index = len(self.stages) - 1
+        intermediates = []
+        x = self.stem(x)
+        for idx, stage in enumerate(stages):
+            x = stage(x)
+            if idx in take_indices:
+                feat = self.norm(x) if norm and idx == last_index else x
+                intermediates.append(feat.permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW' else feat)
+        if intermediates_only:
+            return intermediates
+        if len(stages) == len(self.stages):
+            x = self.norm(x)
+        return x.permute(0, 3, 1, 2).contiguous(), intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the stages (and norm / head) not needed to produce the given intermediates."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        if max_index < len(self.feature_info) - 1:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+            prune_norm = prune_head = True
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, in_chans, H, W)`` -> normalized stride-32 features ``(B, C, H/32, W/32)``."""
+        self._check_input(x)
+        x = self.stages(self.stem(x))
+        return self.norm(x).permute(0, 3, 1, 2)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == 'avg':
+            x = x.mean(dim=(2, 3))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _per_block_rates(drop_path_rate: float, depths: Sequence[int]) -> List[List[float]]:
+    """Stochastic depth rates growing linearly over all blocks, grouped per stage."""
+    rates = calculate_drop_path_rates(drop_path_rate, sum(depths))
+    out, start = [], 0
+    for d in depths:
+        out.append(rates[start:start + d])
+        start += d
+    return out
+
+
+def checkpoint_filter_fn(state_dict: dict, model: MAFormer) -> dict:
+    """Unwrap training checkpoints (``model`` / ``state_dict`` / EMA entries, DDP ``module.`` prefixes)."""
+    for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):
+        if key in state_dict and isinstance(state_dict[key], dict):
+            state_dict = state_dict[key]
+            break
+    return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+
+
+def _create_maformer(variant: str, pretrained: bool = False, **kwargs) -> MAFormer:
+    return build_zoo_model(
+        MAFormer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+
+
+def _cfg(**kwargs) -> dict:
+    return {
+        'url': '',
+        'num_classes': 1000,
+        'input_size': (3, 224, 224),
+        'pool_size': (7, 7),
+        'crop_pct': 0.9,
+        'interpolation': 'bicubic',
+        'fixed_input_size': False,
+        'mean': IMAGENET_DEFAULT_MEAN,
+        'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'stem.conv1',
+        'classifier': 'head',
+        'license': 'apache-2.0',
+        'paper_ids': 'arXiv:2209.01620',
+        'paper_name': 'MAFormer: A Transformer Network with Multi-scale Attention Fusion for Visual Recognition',
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'maformer_s.in1k': _cfg(hf_hub_id='maformer-zoo/maformer_s.in1k'),
+    'maformer_b.in1k': _cfg(hf_hub_id='maformer-zoo/maformer_b.in1k'),
+    'maformer_l.in1k': _cfg(hf_hub_id='maformer-zoo/maformer_l.in1k'),
+})
+
+
+@register_model
+def maformer_s(pretrained: bool = False, **kwargs) -> MAFormer:
+    """MAFormer-S (Table 1): 23M params, 4.5 GFLOPs, 83.7% top-1 (with Token Labeling)."""
+    model_args = dict(embed_dims=(64, 128, 320, 512), depths=(3, 5, 8, 3), global_grids=(7, 7))
+    return _create_maformer('maformer_s', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def maformer_b(pretrained: bool = False, **kwargs) -> MAFormer:
+    """MAFormer-B (Table 1): 53M params, 9.8 GFLOPs, 85.0% top-1 (with Token Labeling)."""
+    model_args = dict(embed_dims=(64, 128, 320, 512), depths=(3, 8, 20, 7), global_grids=(14, 14))
+    return _create_maformer('maformer_b', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def maformer_l(pretrained: bool = False, **kwargs) -> MAFormer:
+    """MAFormer-L (Table 1): 104M params, 22.6 GFLOPs, 85.9% top-1 (with Token Labeling)."""
+    model_args = dict(embed_dims=(128, 192, 448, 640), depths=(3, 8, 24, 7), global_grids=(14, 14))
+    return _create_maformer('maformer_l', pretrained=pretrained, **dict(model_args, **kwargs))

@@ -1,0 +1,459 @@
+""" MSCSA-augmented backbones: ResNet, PVTv2, Swin and ConvNeXt with Multi-Stage Cross-Scale Attention
+
+Paper: `Vision Backbone Enhancement via Multi-Stage Cross-Scale Attention`
+    - https://arxiv.org/abs/2308.05872
+
+@misc{shang2023mscsa,
+      title={Vision Backbone Enhancement via Multi-Stage Cross-Scale Attention},
+      author={Liang Shang and Yanli Liu and Zhengyang Lou and Shuxue Quan and Nagesh Adluru and
+        Bochen Guan and William A. Sethares},
+      year={2023},
+      eprint={2308.05872},
+      archivePrefix={arXiv},
+      primaryClass={cs.CV}
+}
+
+MSCSA is an add-on branch: it takes the four stage outputs of a backbone, lets them interact
+(:mod:`maformer_zoo.layers.mscsa`), and feeds either a classifier (Fig. 4) or, for dense
+prediction, fuses its result back into every stage's feature (Fig. 5). Here the backbone ("base")
+is timm's own model, created with ``timm.create_model`` and read through its public
+``forward_intermediates``, so any timm weights of the base can be used.
+
+* ``timm.create_model('resnet50_mscsa')``: the classification variant; ``forward_features`` returns
+  the normalised MSCSA map at 1/32, ``forward_head`` pools and classifies it.
+* ``features_only=True`` (or ``dense_fusion=True``): the dense variant; the features at strides
+  4/8/16/32 are the base's stage features fused with the MSCSA output (base channel widths).
+* ``pretrained_base=True``: timm's pretrained weights for the base part only (pick the tag with
+  ``base_model='resnet50.tv_in1k'``, a local file with ``base_pretrained_cfg_overlay=dict(file=...)``).
+  ``pretrained=True``: our full checkpoint (``hf_hub_id='maformer-zoo/<name>.in1k'``).
+
+Choices the paper leaves open (see also README, "MSCSA"):
+
+* The classifier of Fig. 4 reads the MSCSA output only: BatchNorm -> global average pool -> linear.
+  Fig. 1c / Sec. 3.4 feed "the output of MSCSA" to the task head; the base's deepest stage reaches
+  it through the gather (squeezed, like the other stages). The base's own head and final norm are
+  pruned away (timm ``prune_intermediate_layers``), so every parameter is used.
+* Without fusion layers (the classification model), ``forward_intermediates`` returns the base's
+  stage outputs, which are that network's intermediate features; with them (``features_only`` /
+  ``dense_fusion=True``) it returns the fused features of Fig. 5. The fusion layers are new for dense
+  prediction (the paper fine-tunes classification-pretrained models on COCO/ADE20k), so loading a
+  classification checkpoint into a dense model keeps their initialisation.
+* Swin is built with ``strict_img_size=False`` (attention masks computed for any size), and inputs
+  whose sides are not a multiple of its patch size (4) are zero-padded at the bottom/right.
+* ``drop_path_rate`` applies to the MSCSA blocks and, unless ``base_drop_path_rate`` is given, to
+  the base as well (App. C.1 trains both with stochastic depth).
+"""
+import re
+from typing import Any, Dict, List, Optional, Set, Tuple, Type, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import timm
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import ClassifierHead, trunc_normal_
+from timm.models import generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+
+from ..layers.mscsa import DenseFusion, MultiStageCrossScaleAttention
+from ._builder import PretrainedWeightsNotFoundError, build_zoo_model, check_input
+
+__all__ = ['MscsaNet']
+
+_STAGE_STRIDES = (4, 8, 16, 32)
+_GROUP_LAST = 100000  # after every base group (timm bases use at most 99999 for their final norm)
+
+
+def _stage_indices(base: nn.Module, base_name: str) -> Tuple[List[int], List[Dict[str, Any]]]:
+    """Indices (for ``forward_intermediates``) and feature info of the base's stride 4..32 stages."""
+    infos = list(getattr(base, 'feature_info', None) or [])
+    indices = []
+    for stride in _STAGE_STRIDES:
+        matches = [i for i, info in enumerate(infos) if info.get('reduction') == stride]
+        if not matches:
+            raise ValueError(
+                f"Base model '{base_name}' has no feature at stride {stride} (its feature_info has "
+                f"strides {[info.get('reduction') for info in infos]}); MSCSA needs four stages at "
+                f"strides {_STAGE_STRIDES}.")
+        indices.append(matches[-1])
+    return indices, [infos[i] for i in indices]
+
+
+def _prefix_matcher(matcher: Any, prefix: str) -> Any:
+    """A base model's ``group_matcher`` value with its regexes moved under ``prefix``."""
+    def prefix_regex(pattern: str) -> str:
+        body = re.sub(r'(^|\|)\^', r'\1', pattern)  # drop the anchors of every alternative
+        return rf'^{re.escape(prefix)}(?:{body})'
+
+    if isinstance(matcher, str):
+        return prefix_regex(matcher)
+    if isinstance(matcher, (list, tuple)):
+        return [(prefix_regex(pattern), ordinal) for pattern, ordinal in matcher]
+    if isinstance(matcher, dict):
+        return {k: _prefix_matcher(v, prefix) for k, v in matcher.items()}
+    raise TypeError(f'Unsupported group_matcher entry {matcher!r}.')
+
+
+class MscsaNet(nn.Module):
+    """A timm base model with the MSCSA add-on (classification variant, or dense with fusion)."""
+
+    def __init__(
+            self,
+            base_model: str,
+            squeeze_ratio: Optional[float] = None,
+            depth: int = 1,
+            num_heads: int = 8,
+            key_dim: int = 32,
+            mlp_ratio: float = 2.,
+            attn_ratio: float = 2.,
+            pool_stride: int = 32,
+            num_classes: int = 1000,
+            in_chans: int = 3,
+            global_pool: str = 'avg',
+            drop_rate: float = 0.,
+            proj_drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            base_drop_path_rate: Optional[float] = None,
+            dense_fusion: bool = False,
+            pretrained_base: bool = False,
+            base_pretrained_cfg_overlay: Optional[Dict[str, Any]] = None,
+            base_kwargs: Optional[Dict[str, Any]] = None,
+            input_multiple: int = 1,
+            min_input_size: int = 32,
+            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            attn_act_layer: Type[nn.Module] = nn.Hardswish,
+            mlp_act_layer: Type[nn.Module] = nn.GELU,
+            model_name: Optional[str] = None,
+            device: Optional[Union[str, torch.device]] = None,
+            dtype: Optional[torch.dtype] = None,
+    ):
+        """
+        Args:
+            base_model: timm name of the base (``'resnet50'``, or with a weight tag ``'resnet50.tv_in1k'``).
+            squeeze_ratio: Table 7 "Squeeze Ratio" (None for "-").
+            depth: Table 7 "Depth" (MSCSA blocks).
+            num_heads: Table 7 "#Heads".
+            key_dim: Table 7 "Head Dimension" (queries/keys; values are ``attn_ratio`` times wider).
+            mlp_ratio: Table 7 "MLP Ratio".
+            attn_ratio: value/key head-width ratio (2, after LeViT).
+            pool_stride: Table 7 "Pooling Size" as a stride (32 for 1/32).
+            num_classes: classifier outputs (0 for none).
+            in_chans: input channels.
+            global_pool: timm pooling type of the classifier.
+            drop_rate: dropout before the classifier.
+            proj_drop_rate: dropout in the MSCSA FFNs.
+            attn_drop_rate: dropout of the CSA attention weights.
+            drop_path_rate: stochastic depth of the MSCSA blocks (and of the base, see next).
+            base_drop_path_rate: stochastic depth of the base; ``drop_path_rate`` when None.
+            dense_fusion: build the fusion layers of the dense-prediction variant (Fig. 5); set
+                automatically by ``features_only=True``.
+            pretrained_base: load timm's pretrained weights into the base (only).
+            base_pretrained_cfg_overlay: ``pretrained_cfg_overlay`` for the base, e.g.
+                ``dict(file='resnet50.safetensors')`` or ``dict(state_dict=sd)`` to load local weights.
+            base_kwargs: further keyword arguments of the base's ``timm.create_model``.
+            input_multiple: inputs are zero-padded (bottom/right) to a multiple of this.
+            min_input_size: smallest input side accepted.
+            norm_layer: MSCSA normalisation layer.
+            attn_act_layer: CSA activation.
+            mlp_act_layer: FFN activation.
+            model_name: name used in error messages.
+            device: device to create the parameters on.
+            dtype: parameter dtype.
+        """
+        super().__init__()
+        self.model_name = model_name or f'{base_model}+MSCSA'
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.input_multiple = input_multiple
+        self.min_input_size = min_input_size
+        self.grad_checkpointing = False
+
+        self.base = self._create_base(
+            base_model, in_chans, pretrained_base, base_pretrained_cfg_overlay,
+            drop_path_rate if base_drop_path_rate is None else base_drop_path_rate, base_kwargs or {})
+        self._base_indices, base_info = _stage_indices(self.base, base_model)
+        # the MSCSA branch replaces the base's classifier and final norm
+        self.base.prune_intermediate_layers(self._base_indices, prune_norm=True, prune_head=True)
+        base_chs = [info['num_chs'] for info in base_info]
+
+        self.mscsa = MultiStageCrossScaleAttention(
+            base_chs,
+            in_strides=_STAGE_STRIDES,
+            pool_stride=pool_stride,
+            squeeze_ratio=squeeze_ratio,
+            depth=depth,
+            num_heads=num_heads,
+            key_dim=key_dim,
+            mlp_ratio=mlp_ratio,
+            attn_ratio=attn_ratio,
+            proj_drop=proj_drop_rate,
+            attn_drop=attn_drop_rate,
+            drop_path_rate=drop_path_rate,
+            norm_layer=norm_layer,
+            attn_act_layer=attn_act_layer,
+            mlp_act_layer=mlp_act_layer,
+        )
+        self.num_features = self.head_hidden_size = self.mscsa.num_features
+        self.fusion = DenseFusion(self.mscsa.stage_chs, base_chs, norm_layer=norm_layer) if dense_fusion else None
+        self.norm = norm_layer(self.num_features)
+        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+
+        if dense_fusion:
+            self.feature_info = [
+                dict(num_chs=c, reduction=s, module=f'fusion.layers.{i}')
+                for i, (c, s) in enumerate(zip(base_chs, _STAGE_STRIDES))]
+        else:
+            self.feature_info = [
+                dict(num_chs=c, reduction=s, module=f"base.{info['module']}")
+                for c, s, info in zip(base_chs, _STAGE_STRIDES, base_info)]
+
+        self._init_mscsa_weights()
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
+
+    @staticmethod
+    def _create_base(
+            base_model: str,
+            in_chans: int,
+            pretrained: bool,
+            pretrained_cfg_overlay: Optional[Dict[str, Any]],
+            drop_path_rate: float,
+            base_kwargs: Dict[str, Any],
+    ) -> nn.Module:
+        kwargs = dict(in_chans=in_chans, drop_path_rate=drop_path_rate, **base_kwargs)
+        if pretrained_cfg_overlay:
+            kwargs['pretrained_cfg_overlay'] = pretrained_cfg_overlay
+        try:
+            return timm.create_model(base_model, pretrained=pretrained, **kwargs)
+        except Exception as err:  # noqa: BLE001 - re-raised with instructions when weights are missing
+            msg = str(err)
+            if (not pretrained or isinstance(err, TypeError) or 'Unknown model' in msg
+                    or 'Error(s) in loading state_dict' in msg):
+                raise
+            raise PretrainedWeightsNotFoundError(
+                f"pretrained_base=True could not load timm's weights for the base '{base_model}' "
+                f"({type(err).__name__}: {msg.splitlines()[0] if msg else ''}).\n"
+                f"Give it a local file: base_pretrained_cfg_overlay=dict(file='/path/{base_model}.safetensors'),\n"
+                f"or a state dict: base_pretrained_cfg_overlay=dict(state_dict=sd), or download the base "
+                f"weights on a machine with internet (timm.create_model('{base_model}', pretrained=True) "
+                f"fills the Hugging Face cache), or use pretrained_base=False.") from err
+
+    def _init_mscsa_weights(self) -> None:
+        if isinstance(self.head.fc, nn.Linear):
+            trunc_normal_(self.head.fc.weight, std=.02)
+            nn.init.zeros_(self.head.fc.bias)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        base = _prefix_matcher(self.base.group_matcher(coarse=coarse), 'base.')
+        blocks = base.get('blocks', [])
+        blocks = [(blocks, None)] if isinstance(blocks, str) else list(blocks)
+        blocks.append((r'^mscsa\.|^fusion\.|^norm\.', (_GROUP_LAST,)))
+        return dict(stem=base['stem'], blocks=blocks)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        base_nwd = self.base.no_weight_decay() if hasattr(self.base, 'no_weight_decay') else set()
+        return {f'base.{name}' for name in base_nwd}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        self.base.set_grad_checkpointing(enable)
+        self.mscsa.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        self.head.reset(num_classes, pool_type=global_pool)
+
+    def _base_features(self, x: torch.Tensor) -> List[torch.Tensor]:
+        check_input(x, self.in_chans, self.min_input_size, self.model_name)
+        if self.input_multiple > 1:
+            pad_h = -x.shape[-2] % self.input_multiple
+            pad_w = -x.shape[-1] % self.input_multiple
+            if pad_h or pad_w:
+                x = F.pad(x, (0, pad_w, 0, pad_h))
+        return self.base.forward_intermediates(x, indices=self._base_indices, intermediates_only=True)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Forward features that returns intermediates.
+
+        Args:
+            x: input images.
+            indices: take the last n stages if int, all if None, these stages if a sequence.
+            norm: unused (the intermediates have no final norm); kept for the timm API.
+            stop_early: unused: MSCSA needs every stage of the base.
+            output_fmt: only 'NCHW'.
+            intermediates_only: return only the intermediates.
+
+        Returns:
+            The intermediates (fused features with ``dense_fusion``, else the base's stage
+            features), or a tuple of the final features (``forward_features``) and them.
+        """
+        assert output_fmt == 'NCHW', 'Output shape must be NCHW.'
+        take_indices, _ = feature_take_indices(len(_STAGE_STRIDES), indices)
+        features = self._base_features(x)
+        x = self.mscsa(features)
+        if self.fusion is not None:
+            # the base features are ours and not needed after fusion
+            intermediates = self.fusion(features, x, take_indices, inplace=True)
+        else:
+            intermediates = [features[i] for i in take_indices]
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Remove what the requested intermediates do not need (head, final norm, unused fusion layers).
+
+        The base's stages all stay: MSCSA reads every one of them.
+        """
+        take_indices, _ = feature_take_indices(len(_STAGE_STRIDES), indices)
+        if prune_head:
+            self.reset_classifier(0, '')
+        if prune_norm:
+            self.norm = nn.Identity()
+        if self.fusion is not None:
+            self.fusion.prune(take_indices)
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.mscsa(self._base_features(x)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: MscsaNet) -> Dict[str, torch.Tensor]:
+    """Prepare a checkpoint for ``model``.
+
+    * unwraps ``{'state_dict': ...}`` / ``{'model': ...}`` training checkpoints;
+    * refuses a checkpoint of the bare base model with a pointer to ``pretrained_base``;
+    * keeps the model's own initialisation of fusion layers the checkpoint lacks (a classification
+      checkpoint loaded into the dense variant, Fig. 5: those layers are trained on the dense task),
+      and drops the fusion layers of a dense checkpoint loaded into the classification variant.
+    """
+    for key in ('state_dict', 'model', 'state_dict_ema', 'model_ema'):
+        if key in state_dict and isinstance(state_dict[key], dict):
+            state_dict = state_dict[key]
+            break
+    state_dict = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+    if state_dict and not any(k.startswith(('base.', 'mscsa.')) for k in state_dict):
+        raise ValueError(
+            f"This checkpoint has no 'base.' or 'mscsa.' keys (first keys: {list(state_dict)[:3]}): it looks "
+            f"like weights of a plain timm model. To start {model.model_name} from base weights, create it "
+            f"with pretrained_base=True, base_pretrained_cfg_overlay=dict(file=...) instead of pretrained=True.")
+    if model.fusion is not None:
+        for k, v in model.state_dict().items():
+            if k.startswith('fusion.') and k not in state_dict:
+                state_dict[k] = v
+    else:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith('fusion.')}
+    return state_dict
+
+
+def _create_mscsa(variant: str, pretrained: bool = False, **kwargs: Any) -> MscsaNet:
+    if kwargs.get('features_only', False):
+        kwargs.setdefault('dense_fusion', True)
+    kwargs.setdefault('model_name', variant)
+    return build_zoo_model(MscsaNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+
+
+def _cfg(variant: str, **kwargs: Any) -> Dict[str, Any]:
+    return {
+        'hf_hub_id': f'maformer-zoo/{variant}.in1k',
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': 0.9, 'interpolation': 'bicubic', 'fixed_input_size': False,
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'classifier': 'head.fc', 'license': 'apache-2.0',
+        'paper_ids': 'arXiv:2308.05872',
+        'paper_name': 'Vision Backbone Enhancement via Multi-Stage Cross-Scale Attention',
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'resnet18_mscsa.in1k': _cfg('resnet18_mscsa', first_conv='base.conv1', crop_pct=0.875),
+    'resnet50_mscsa.in1k': _cfg('resnet50_mscsa', first_conv='base.conv1', crop_pct=0.875),
+    'pvt_v2_b0_mscsa.in1k': _cfg('pvt_v2_b0_mscsa', first_conv='base.patch_embed.proj'),
+    'pvt_v2_b1_mscsa.in1k': _cfg('pvt_v2_b1_mscsa', first_conv='base.patch_embed.proj'),
+    'pvt_v2_b2_mscsa.in1k': _cfg('pvt_v2_b2_mscsa', first_conv='base.patch_embed.proj'),
+    'swin_tiny_patch4_window7_224_mscsa.in1k': _cfg(
+        'swin_tiny_patch4_window7_224_mscsa', first_conv='base.patch_embed.proj'),
+    'convnext_tiny_mscsa.in1k': _cfg('convnext_tiny_mscsa', first_conv='base.stem.0', crop_pct=0.875),
+})
+
+
+# Table 7 (App. B) configurations
+@register_model
+def resnet18_mscsa(pretrained: bool = False, **kwargs: Any) -> MscsaNet:
+    """ResNet-18 + MSCSA (Table 7: pool 1/32, squeeze 5/8, depth 1, 8 heads of 24, MLP ratio 2)."""
+    model_args = dict(base_model='resnet18', squeeze_ratio=5 / 8, depth=1, num_heads=8, key_dim=24, mlp_ratio=2.)
+    return _create_mscsa('resnet18_mscsa', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def resnet50_mscsa(pretrained: bool = False, **kwargs: Any) -> MscsaNet:
+    """ResNet-50 + MSCSA (Table 7: pool 1/32, squeeze 1/4, depth 1, 8 heads of 32, MLP ratio 2)."""
+    model_args = dict(base_model='resnet50', squeeze_ratio=1 / 4, depth=1, num_heads=8, key_dim=32, mlp_ratio=2.)
+    return _create_mscsa('resnet50_mscsa', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def pvt_v2_b0_mscsa(pretrained: bool = False, **kwargs: Any) -> MscsaNet:
+    """PVTv2-B0 + MSCSA (Table 7: pool 1/32, squeeze 3/4, depth 1, 8 heads of 15, MLP ratio 2)."""
+    model_args = dict(base_model='pvt_v2_b0', squeeze_ratio=3 / 4, depth=1, num_heads=8, key_dim=15, mlp_ratio=2.)
+    return _create_mscsa('pvt_v2_b0_mscsa', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def pvt_v2_b1_mscsa(pretrained: bool = False, **kwargs: Any) -> MscsaNet:
+    """PVTv2-B1 + MSCSA (Table 7: pool 1/32, squeeze 5/8, depth 1, 8 heads of 24, MLP ratio 2)."""
+    model_args = dict(base_model='pvt_v2_b1', squeeze_ratio=5 / 8, depth=1, num_heads=8, key_dim=24, mlp_ratio=2.)
+    return _create_mscsa('pvt_v2_b1_mscsa', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def pvt_v2_b2_mscsa(pretrained: bool = False, **kwargs: Any) -> MscsaNet:
+    """PVTv2-B2 + MSCSA (Table 7: pool 1/32, no squeeze, depth 1, 8 heads of 35, MLP ratio 2)."""
+    model_args = dict(base_model='pvt_v2_b2', squeeze_ratio=None, depth=1, num_heads=8, key_dim=35, mlp_ratio=2.)
+    return _create_mscsa('pvt_v2_b2_mscsa', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def swin_tiny_patch4_window7_224_mscsa(pretrained: bool = False, **kwargs: Any) -> MscsaNet:
+    """Swin-T + MSCSA (Table 7: pool 1/32, squeeze 3/4, depth 1, 12 heads of 28, MLP ratio 2); any input size."""
+    model_args = dict(
+        base_model='swin_tiny_patch4_window7_224', squeeze_ratio=3 / 4, depth=1, num_heads=12, key_dim=28,
+        mlp_ratio=2., input_multiple=4, base_kwargs=dict(strict_img_size=False, **kwargs.pop('base_kwargs', {})))
+    return _create_mscsa('swin_tiny_patch4_window7_224_mscsa', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def convnext_tiny_mscsa(pretrained: bool = False, **kwargs: Any) -> MscsaNet:
+    """ConvNeXt-T + MSCSA (Table 7: pool 1/32, squeeze 3/4, depth 1, 12 heads of 28, MLP ratio 2)."""
+    model_args = dict(base_model='convnext_tiny', squeeze_ratio=3 / 4, depth=1, num_heads=12, key_dim=28, mlp_ratio=2.)
+    return _create_mscsa('convnext_tiny_mscsa', pretrained=pretrained, **dict(model_args, **kwargs))

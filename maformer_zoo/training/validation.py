@@ -1,0 +1,110 @@
+"""Top-1 / top-5 / loss of a model on a dataset split (``scripts/validate.py``).
+
+The weights come from the model's pretrained source (``pretrained=True``), a file (``checkpoint``:
+``.safetensors`` or a checkpoint of ours / timm's, read with ``weights_only=True``), or neither
+(random init, for smoke tests). The data pipeline is timm's: ``resolve_data_config`` takes the
+input size, crop_pct, interpolation and mean/std from the model's ``pretrained_cfg``, then from the
+data config a training run of ours stored in its checkpoint, then from explicit options (highest).
+A checkpoint of ours also supplies ``num_classes`` and the class-folder -> index map it was trained
+with, so a validation folder is labelled exactly as the training folder was.
+"""
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any, Dict, Optional
+
+import torch
+from timm.models import get_pretrained_cfg_value, load_state_dict
+
+from ..models._builder import CheckpointMismatchError
+from .data import build_dataset, build_eval_loader, is_folder_dataset
+from .engine import amp_context, evaluate, resolve_run_data_config, setup_distributed
+from .modeling import check_model_name, create_model_for_run
+from .options import EvalConfig
+
+__all__ = ['validate']
+
+_logger = logging.getLogger(__name__)
+
+
+def _checkpoint_meta(path: str) -> Dict[str, Any]:
+    """``num_classes``, ``class_to_idx`` and ``data_config`` a checkpoint of ours carries, if any."""
+    if path.endswith('.safetensors'):
+        return {}
+    checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    if not isinstance(checkpoint, dict):
+        return {}
+    return {k: checkpoint[k] for k in ('num_classes', 'class_to_idx', 'data_config', 'arch') if k in checkpoint}
+
+
+def _head_classes(model_name: str, state_dict: Dict[str, torch.Tensor]) -> Optional[int]:
+    classifier = get_pretrained_cfg_value(model_name, 'classifier') or 'head'
+    classifier = classifier if isinstance(classifier, str) else classifier[0]
+    for key in (f'{classifier}.weight', f'{classifier}.fc.weight'):
+        if key in state_dict:
+            return int(state_dict[key].shape[0])
+    return None
+
+
+def validate(cfg: EvalConfig) -> Dict[str, Any]:
+    """Evaluate as configured; returns the metrics (also written to ``cfg.results_file``)."""
+    check_model_name(cfg.model)
+    ctx = setup_distributed(cfg.device)
+    meta, state_dict = {}, None
+    if cfg.checkpoint:
+        if not os.path.isfile(cfg.checkpoint):
+            raise FileNotFoundError(f"Checkpoint '{cfg.checkpoint}' does not exist.")
+        meta = _checkpoint_meta(cfg.checkpoint)
+        if meta.get('arch') and meta['arch'] != cfg.model:
+            raise CheckpointMismatchError(
+                f"'{cfg.checkpoint}' holds a '{meta['arch']}', not a '{cfg.model}': pass --model {meta['arch']}.")
+        state_dict = load_state_dict(cfg.checkpoint, use_ema=cfg.use_ema, weights_only=True)
+    num_classes = cfg.num_classes or meta.get('num_classes') or (
+        _head_classes(cfg.model, state_dict) if state_dict is not None else None)
+    in_chans = cfg.in_chans or (1 if cfg.input_img_mode == 'L' else None)
+    model = create_model_for_run(cfg.model, num_classes=num_classes, pretrained=cfg.pretrained,
+                                 in_chans=in_chans, **cfg.model_kwargs)
+    if state_dict is not None:
+        try:
+            model.load_state_dict(state_dict)
+        except RuntimeError as err:
+            raise CheckpointMismatchError(
+                f"'{cfg.checkpoint}' does not fit '{cfg.model}' with {num_classes} classes: {err}") from err
+    model.to(ctx.device).eval()
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    stored = meta.get('data_config') or {}
+    overrides = cfg
+    if stored:  # the training run's preprocessing, unless the command line says otherwise
+        fill = {'input_size': stored.get('input_size') if cfg.input_size is None and cfg.img_size is None else None,
+                'interpolation': stored.get('interpolation') if not cfg.interpolation else None,
+                'mean': stored.get('mean') if cfg.mean is None else None,
+                'std': stored.get('std') if cfg.std is None else None,
+                'crop_pct': stored.get('crop_pct') if cfg.crop_pct is None else None,
+                'crop_mode': stored.get('crop_mode') if not cfg.crop_mode else None}
+        overrides = dataclasses.replace(cfg, in_chans=in_chans, **{k: v for k, v in fill.items() if v is not None})
+    data_config = resolve_run_data_config(overrides, model)
+
+    class_map = cfg.class_map or (meta.get('class_to_idx') if is_folder_dataset(cfg.dataset) else None)
+    dataset = build_dataset(cfg.dataset, cfg.data_dir, cfg.split, is_training=False, class_map=class_map,
+                            input_img_mode=cfg.input_img_mode, batch_size=cfg.batch_size)
+    loader = build_eval_loader(dataset, data_config, cfg.batch_size, cfg.num_workers, ctx.world_size,
+                               ctx.rank, cfg.pin_memory)
+    start = time.perf_counter()
+    metrics = evaluate(model, loader, ctx, amp_context(ctx.device, cfg.amp, cfg.amp_dtype),
+                       cfg.channels_last, cfg.progress)
+    elapsed = time.perf_counter() - start
+    results = {
+        'model': cfg.model, 'checkpoint': cfg.checkpoint, 'pretrained': cfg.pretrained, 'split': cfg.split,
+        'top1': round(metrics['top1'], 3), 'top5': round(metrics['top5'], 3), 'loss': round(metrics['loss'], 5),
+        'count': metrics['count'], 'param_count_m': round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+        'input_size': list(data_config['input_size']), 'crop_pct': data_config['crop_pct'],
+        'interpolation': data_config['interpolation'], 'img_per_s': round(metrics['count'] / max(elapsed, 1e-9), 1),
+    }
+    if cfg.results_file and ctx.is_primary:
+        with open(cfg.results_file, 'w') as f:
+            json.dump(results, f, indent=2)
+    return results

@@ -1,0 +1,80 @@
+"""FLOP and parameter counting with the convention of the papers this zoo implements.
+
+The MAFormer and MSCSA papers report "FLOPs" as counted by fvcore: one fused multiply-add is one
+flop, so a ``k x k`` convolution costs ``H_out * W_out * C_out * C_in / groups * k * k``.
+
+fvcore (0.1.5) traces the model with ``torch.jit`` and only counts operators it has a handle for.
+``F.scaled_dot_product_attention`` is not one of them, so every attention written with it (ours,
+and timm's PVTv2 / Swin when fused attention is on) would silently cost zero. ``count_flops`` adds
+a handle for ``aten::scaled_dot_product_attention`` that counts the two matrix products it stands
+for, ``Q K^T`` and ``softmax(.) V``, as ``batch * heads * L * S * (E + Ev)`` multiply-adds; the
+softmax, scaling and masking are element-wise work and are not counted, like the other element-wise
+operators fvcore skips (additions, activations).
+"""
+from typing import Any, List, Tuple, Union
+
+import torch
+from torch import nn
+
+__all__ = ['count_flops', 'count_params', 'sdpa_flop_jit']
+
+
+def sdpa_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
+    """fvcore handle for ``aten::scaled_dot_product_attention`` (multiply-adds of QK^T and AV).
+
+    ``inputs[0:3]`` are query ``(..., L, E)``, key ``(..., S, E)`` and value ``(..., S, Ev)``.
+    """
+    from fvcore.nn.jit_handles import get_shape
+
+    q_shape, k_shape, v_shape = (get_shape(v) for v in inputs[:3])
+    *batch_dims, length_q, dim_qk = q_shape
+    length_kv = k_shape[-2]
+    dim_v = v_shape[-1]
+    batch = 1
+    for d in batch_dims:
+        batch *= d
+    return batch * length_q * length_kv * (dim_qk + dim_v)
+
+
+def count_flops(
+        model: nn.Module,
+        img_size: Union[int, Tuple[int, int]] = (224, 224),
+        in_chans: int = 3,
+        batch_size: int = 1,
+) -> float:
+    """GFLOPs (multiply-adds, fvcore convention) of one forward pass of ``model``.
+
+    Args:
+        model: the module to count; it is put in eval mode for the count and restored afterwards.
+        img_size: input ``(height, width)``, or one int for a square input.
+        in_chans: input channels.
+        batch_size: images per forward; the result is for the whole batch.
+
+    Returns:
+        The count in units of 1e9.
+    """
+    from fvcore.nn import FlopCountAnalysis
+
+    if isinstance(img_size, int):
+        img_size = (img_size, img_size)
+    was_training = model.training
+    model.eval()
+    try:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device('cpu')
+        x = torch.zeros(batch_size, in_chans, *img_size, device=device)
+        analysis = FlopCountAnalysis(model, (x,))
+        analysis.set_op_handle('aten::scaled_dot_product_attention', sdpa_flop_jit)
+        analysis.unsupported_ops_warnings(False)
+        analysis.uncalled_modules_warnings(False)
+        with torch.no_grad():
+            total = analysis.total()
+    finally:
+        model.train(was_training)
+    return total / 1e9
+
+
+def count_params(model: nn.Module, trainable_only: bool = False) -> float:
+    """Parameters of ``model`` in millions (all of them, or only those with ``requires_grad``)."""
+    return sum(
+        p.numel() for p in model.parameters() if p.requires_grad or not trainable_only) / 1e6

@@ -1,0 +1,43 @@
+#!/usr/bin/env python3
+"""Train or fine-tune any timm model (ours included) on an image folder or a timm dataset.
+
+Reproduce a paper's ImageNet-1k run (8 GPUs, 128 images each = the papers' batch 1024)::
+
+    torchrun --nproc_per_node 8 scripts/train_imagenet.py -c configs/imagenet/maformer_s.yaml \\
+        --data-dir /data/imagenet --batch-size 128
+
+Fine-tune our ImageNet weights on a folder (<root>/train/<class>/*, <root>/val/<class>/*)::
+
+    python scripts/train_imagenet.py -c configs/imagenet/finetune.yaml --model resnet18_mscsa \\
+        --pretrained --data-dir /data/my_images --epochs 30
+
+Every field of ``maformer_zoo.training.TrainConfig`` is an option (``--help`` lists them); the
+recipe given with ``-c`` sets the starting values. Multi-node: ``torchrun --nnodes N --node-rank R
+--master-addr HOST --nproc-per-node G scripts/train_imagenet.py ...`` on every node.
+"""
+import sys
+
+from timm.utils import setup_default_logging
+
+import maformer_zoo  # noqa: F401  (registers our models with timm)
+from maformer_zoo.models._builder import CheckpointMismatchError, PretrainedWeightsNotFoundError
+from maformer_zoo.training import TrainConfig, parse_config, train
+from maformer_zoo.training.config import ConfigError
+from maformer_zoo.training.data import DatasetError
+from maformer_zoo.training.modeling import UnknownModelError
+
+
+def main(argv=None) -> int:
+    setup_default_logging()
+    cfg = parse_config(TrainConfig, argv, description=__doc__.split('\n\n')[0])
+    try:
+        train(cfg)
+    except (ConfigError, DatasetError, UnknownModelError, CheckpointMismatchError, PretrainedWeightsNotFoundError,
+            FileNotFoundError) as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

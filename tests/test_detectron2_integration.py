@@ -1,0 +1,497 @@
+"""detectron2 integration: timm backbone adapter, config grid, train_net, evaluation, errors."""
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.detectron2
+detectron2 = pytest.importorskip('detectron2')
+
+import timm  # noqa: E402
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.layers import FrozenBatchNorm2d  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+
+import detectron2_ext  # noqa: E402
+from detectron2_ext import add_maformer_zoo_config  # noqa: E402
+from detectron2_ext.data import register_synthetic_dataset, write_synthetic_coco  # noqa: E402
+from detectron2_ext.engine import (  # noqa: E402
+    build_argument_parser, main, optimizer_param_groups, small_run_opts,
+)
+from detectron2_ext.modeling.timm_backbone import TimmBackbone  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, 'configs')
+sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+import make_configs  # noqa: E402
+
+SMALL_BACKBONE = 'resnet18_mscsa'
+CONFIG_OF = {
+    'mask_rcnn': 'COCO-InstanceSegmentation/mask_rcnn_{backbone}_{neck}_1x.yaml',
+    'cascade_mask_rcnn': 'COCO-InstanceSegmentation/cascade_mask_rcnn_{backbone}_{neck}_3x.yaml',
+    'panoptic_fpn': 'COCO-PanopticSegmentation/panoptic_fpn_{backbone}_{neck}_1x.yaml',
+}
+
+
+@pytest.fixture(scope='module')
+def synthetic(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp('synthetic_d2'))
+    train = write_synthetic_coco(root, num_images=4, image_size=(96, 128), seed=0, split='train')
+    write_synthetic_coco(root, num_images=2, image_size=(96, 128), seed=0, split='val')
+    register_synthetic_dataset('d2test_train', root, 'train')
+    register_synthetic_dataset('d2test_val', root, 'val')
+    return dict(root=root, train=train)
+
+
+def _run(config: str, output_dir: str, panoptic: bool, *extra: str, max_iter: int = 2):
+    suffix = '_panoptic' if panoptic else ''
+    opts = small_run_opts('d2test_train' + suffix, 'd2test_val' + suffix, 3, output_dir,
+                          num_semantic_classes=4 if panoptic else None, max_iter=max_iter,
+                          image_size=64)
+    flags = [e for e in extra if e.startswith('--')]
+    more = [e for e in extra if not e.startswith('--')]
+    args = build_argument_parser().parse_args(
+        ['--config-file', os.path.join(CONFIGS, config)] + flags + opts + more)
+    return main(args)
+
+
+def _same_results(a, b):
+    assert a.keys() == b.keys()
+    for task in a:
+        assert a[task].keys() == b[task].keys()
+        for key, value in a[task].items():
+            other = b[task][key]
+            assert (math.isnan(value) and math.isnan(other)) or value == pytest.approx(other), \
+                (task, key, value, other)
+
+
+def _training_iterations(output_dir):
+    with open(os.path.join(output_dir, 'metrics.json')) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r['iteration'] for r in rows if 'total_loss' in r]
+
+
+# One combination per detector and per neck in CI; the rest of the 3 x 3 grid is `slow`.
+_FAST = {('mask_rcnn', 'fine_fpn'), ('cascade_mask_rcnn', 'asff_fpn'), ('panoptic_fpn', 'fpn')}
+COMBINATIONS = [
+    pytest.param(arch, neck, id=f'{arch}-{neck}',
+                 marks=() if (arch, neck) in _FAST else pytest.mark.slow)
+    for arch in CONFIG_OF for neck in ('fpn', 'fine_fpn', 'asff_fpn')
+]
+
+
+@pytest.mark.parametrize('arch,neck', COMBINATIONS)
+def test_train_evaluate_resume_eval_only(synthetic, tmp_path, arch, neck):
+    """2 iterations + evaluation; --eval-only reproduces the numbers; --resume continues."""
+    config = CONFIG_OF[arch].format(backbone=SMALL_BACKBONE, neck=neck)
+    panoptic = arch == 'panoptic_fpn'
+    out = str(tmp_path / 'run')
+    results = _run(config, out, panoptic)
+    expected_tasks = {'bbox', 'segm'} | ({'sem_seg', 'panoptic_seg'} if panoptic else set())
+    assert set(results) == expected_tasks
+    assert 0 <= results['bbox']['AP'] <= 100 and 0 <= results['segm']['AP'] <= 100
+    if panoptic:
+        assert 0 <= results['panoptic_seg']['PQ'] <= 100
+        assert 0 <= results['sem_seg']['mIoU'] <= 100
+    final = os.path.join(out, 'model_final.pth')
+    assert os.path.isfile(final)
+    assert _training_iterations(out) == [1]
+
+    again = _run(config, str(tmp_path / 'eval'), panoptic, '--eval-only', 'MODEL.WEIGHTS', final)
+    _same_results(results, again)
+
+    _run(config, out, panoptic, '--resume', max_iter=3)
+    assert _training_iterations(out) == [1, 2]  # only the new iteration ran
+    with open(os.path.join(out, 'log.txt')) as f:
+        assert 'Starting training from iteration 2' in f.read()
+
+
+def test_train_net_command_line(synthetic, tmp_path):
+    """The real script, through detectron2's launch, with --coco-dataset registration."""
+    train, val = synthetic['train'], os.path.join(synthetic['root'], 'val')
+    opts = small_run_opts('cli_train', 'cli_val', 3, str(tmp_path / 'out'), max_iter=1,
+                          image_size=64)
+    cmd = [sys.executable, os.path.join(ROOT, 'scripts', 'train_net.py'),
+           '--config-file', os.path.join(CONFIGS, CONFIG_OF['mask_rcnn'].format(
+               backbone=SMALL_BACKBONE, neck='asff_fpn')),
+           '--coco-dataset', 'cli_train', train['instances_json'], train['image_dir'],
+           '--coco-dataset', 'cli_val', os.path.join(val, 'instances.json'),
+           os.path.join(val, 'images')] + opts
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    assert 'copypaste: Task: bbox' in log and 'copypaste: Task: segm' in log
+    assert os.path.isfile(tmp_path / 'out' / 'model_final.pth')
+
+
+# ------------------------------------------------------------------------------- backbone
+
+
+def _bn_stats(module):
+    return {n: b.clone() for n, b in module.named_buffers() if 'running' in n}
+
+
+@pytest.mark.parametrize('name', [SMALL_BACKBONE, 'resnet18'])
+def test_freeze_at_freezes_through_training(name):
+    torch.manual_seed(0)
+    backbone = TimmBackbone(name, freeze_at=2, norm='BN')
+    backbone.train()
+    frozen = {n for n, p in backbone.named_parameters() if not p.requires_grad}
+    trainable = {n for n, p in backbone.named_parameters() if p.requires_grad}
+    assert frozen and trainable
+    # freeze_at=2 is the stem and the first stage: conv1 and layer1, nothing of layer2.
+    assert any('conv1' in n for n in frozen) and any('layer1' in n for n in frozen)
+    assert not any('layer2' in n for n in frozen)
+    # Frozen BatchNorms became FrozenBatchNorm2d; the trainable ones are still BatchNorm2d.
+    frozen_bns = [m for m in backbone.modules() if isinstance(m, FrozenBatchNorm2d)]
+    assert frozen_bns and any(isinstance(m, torch.nn.BatchNorm2d) for m in backbone.modules())
+
+    before = {n: p.detach().clone() for n, p in backbone.named_parameters()}
+    stats = _bn_stats(backbone)
+    optimizer = torch.optim.SGD([p for p in backbone.parameters() if p.requires_grad], lr=0.1)
+    backbone.train()  # must not unfreeze
+    out = backbone(torch.randn(2, 3, 64, 64))
+    sum(v.float().pow(2).mean() for v in out.values()).backward()
+    optimizer.step()
+    after = dict(backbone.named_parameters())
+    for n in frozen:
+        assert after[n].grad is None and torch.equal(after[n], before[n]), n
+    assert any(not torch.equal(after[n], before[n]) for n in trainable)
+    new_stats = _bn_stats(backbone)
+    frozen_prefixes = ('model.conv1', 'model.bn1', 'model.layer1', 'model.model.base.conv1',
+                       'model.model.base.bn1', 'model.model.base.layer1')
+    checked = 0
+    for n, value in stats.items():
+        if n.startswith(frozen_prefixes):
+            assert torch.equal(new_stats[n], value), n
+            checked += 1
+    assert checked > 0
+    assert any(not torch.equal(new_stats[n], v) for n, v in stats.items()
+               if not n.startswith(frozen_prefixes))  # the trainable BNs did update
+
+
+def test_output_contract_and_norms():
+    backbone = TimmBackbone('resnet18', norm='FrozenBN')  # timm's resnet also has a stride-2 stem
+    shapes = backbone.output_shape()
+    assert list(shapes) == ['res2', 'res3', 'res4', 'res5']
+    assert [s.stride for s in shapes.values()] == [4, 8, 16, 32]
+    assert [s.channels for s in shapes.values()] == [64, 128, 256, 512]
+    assert backbone.size_divisibility == 32
+    assert backbone.padding_constraints == {'size_divisibility': 32}
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in backbone.modules())
+    out = backbone(torch.randn(1, 3, 64, 96))
+    assert {k: tuple(v.shape[-2:]) for k, v in out.items()} == {
+        'res2': (16, 24), 'res3': (8, 12), 'res4': (4, 6), 'res5': (2, 3)}
+
+    sync = TimmBackbone('resnet18', norm='SyncBN')
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in sync.modules())
+    keep = TimmBackbone('resnet18', norm='')
+    assert type(keep.model.bn1) is torch.nn.BatchNorm2d
+    with pytest.raises(ValueError, match='NORM'):
+        TimmBackbone('resnet18', norm='GN')
+
+    # Explicit out_indices and a model-declared divisibility (e.g. windows that do not pad).
+    two = TimmBackbone('resnet18', out_indices=(3, 4))
+    assert list(two.output_shape()) == ['res4', 'res5']
+    two.model.size_divisibility = 7 * 32
+    assert two._model_size_divisibility(32) == 224
+    assert TimmBackbone('resnet18', size_divisibility=64).size_divisibility == 64
+
+
+def test_channels_last_models_are_permuted():
+    backbone = TimmBackbone('swin_tiny_patch4_window7_224', norm='', strict_img_size=False)
+    out = backbone(torch.randn(1, 3, 64, 64))
+    assert tuple(out['res2'].shape) == (1, 96, 16, 16)
+    assert tuple(out['res5'].shape) == (1, 768, 2, 2)
+
+
+def test_drop_path_and_grad_checkpointing():
+    backbone = TimmBackbone('pvt_v2_b0_mscsa', drop_path_rate=0.1, grad_ckpt=True, norm='BN')
+    rates = [m.drop_prob for m in backbone.modules() if type(m).__name__ == 'DropPath']
+    assert rates and max(rates) == pytest.approx(0.1)
+    assert backbone.model.model.grad_checkpointing
+    out = backbone(torch.randn(1, 3, 64, 64, requires_grad=True))
+    out['res5'].sum().backward()  # checkpointed backward works
+
+
+def test_weight_sources(tmp_path):
+    from safetensors.torch import save_file
+    torch.manual_seed(1)
+    reference = timm.create_model(SMALL_BACKBONE, pretrained=False)
+    file = tmp_path / 'weights.safetensors'
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(file))
+    def check(backbone):
+        # Every weight of the file is in the backbone (the classifier head and final norm are
+        # pruned by features_only; the features' fusion layers are not in a classifier file).
+        state = backbone.model.state_dict()
+        loaded = 0
+        for key, value in reference.state_dict().items():
+            if key.startswith(('head.', 'norm.')):
+                continue
+            torch.testing.assert_close(state['model.' + key], value, msg=key)
+            loaded += 1
+        assert loaded > 100
+
+    check(TimmBackbone(SMALL_BACKBONE, checkpoint=str(file), norm=''))
+
+    from timm.models import save_for_hf
+    save_for_hf(reference, str(tmp_path / 'hub_folder'), safe_serialization=True)
+    check(TimmBackbone(SMALL_BACKBONE, checkpoint=f'local-dir:{tmp_path / "hub_folder"}', norm=''))
+
+    from maformer_zoo.hub import CheckpointMismatchError, PretrainedWeightsNotFoundError
+    with pytest.raises(PretrainedWeightsNotFoundError, match='nope.safetensors'):
+        TimmBackbone(SMALL_BACKBONE, checkpoint=str(tmp_path / 'nope.safetensors'))
+    with pytest.raises(PretrainedWeightsNotFoundError, match='not a folder'):
+        TimmBackbone(SMALL_BACKBONE, checkpoint=f'local-dir:{tmp_path / "nope"}')
+    with pytest.raises(CheckpointMismatchError):  # the folder's config.json names resnet18_mscsa
+        TimmBackbone('pvt_v2_b0_mscsa', checkpoint=f'local-dir:{tmp_path / "hub_folder"}')
+    with pytest.raises(ValueError, match='pretrained_base'):
+        TimmBackbone('resnet18', pretrained_base=True)
+
+
+def test_unknown_timm_model_name():
+    with pytest.raises(ValueError, match=r"Unknown timm model 'resnet18_mscas'.*resnet18_mscsa"):
+        TimmBackbone('resnet18_mscas')
+    with pytest.raises(ValueError, match='MODEL.TIMM.NAME is empty'):
+        TimmBackbone('')
+    with pytest.raises(ValueError, match='CHECKPOINT'):
+        TimmBackbone('hf-hub:maformer-zoo/resnet18_mscsa.in1k')
+
+
+# ------------------------------------------------------------------------- optimizer, setup
+
+
+def test_weight_decay_groups_and_clipping():
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos_embed = torch.nn.Parameter(torch.zeros(1, 4, 8))
+            self.proj = torch.nn.Linear(8, 8)
+            self.norm = torch.nn.LayerNorm(8)
+            self.bn = torch.nn.BatchNorm2d(8)
+            self.gamma = torch.nn.Parameter(torch.ones(8))
+
+        def no_weight_decay(self):
+            return {'gamma'}
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = Toy()
+            self.head = torch.nn.Conv2d(8, 2, 1)
+
+    groups = optimizer_param_groups(Wrapper(), 0.05, 0.0, 0.0, ['pos_embed'])
+    decay = {n for g in groups if g['weight_decay'] == 0.05 for n in g['names']}
+    no_decay = {n for g in groups if g['weight_decay'] == 0.0 for n in g['names']}
+    assert decay == {'backbone.proj.weight', 'head.weight'}
+    assert no_decay == {'backbone.pos_embed', 'backbone.proj.bias', 'backbone.norm.weight',
+                        'backbone.norm.bias', 'backbone.bn.weight', 'backbone.bn.bias',
+                        'backbone.gamma', 'head.bias'}
+
+    from detectron2_ext.engine import build_optimizer
+    cfg = add_maformer_zoo_config(get_cfg())
+    cfg.SOLVER.OPTIMIZER = 'AdamW'
+    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = True
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = 'full_model'
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 1.0
+    model = Wrapper()
+    optimizer = build_optimizer(cfg, model)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    (model.head(torch.randn(1, 8, 3, 3)) * 1e4).sum().backward()
+    optimizer.step()
+    total = torch.norm(torch.stack([p.grad.norm() for p in model.parameters()
+                                    if p.grad is not None]))
+    assert total <= 1.0 + 1e-4  # clipped in place before the step
+    cfg.SOLVER.OPTIMIZER = 'Lion'
+    with pytest.raises(ValueError, match='AdamW'):
+        build_optimizer(cfg, model)
+
+
+def _parse(argv):
+    return build_argument_parser().parse_args(argv)
+
+
+def test_clear_setup_errors(synthetic, tmp_path):
+    from detectron2_ext.engine import setup
+    config = os.path.join(CONFIGS, CONFIG_OF['mask_rcnn'].format(backbone=SMALL_BACKBONE,
+                                                                   neck='fpn'))
+    opts = small_run_opts('d2test_train', 'd2test_val', 3, str(tmp_path))
+    with pytest.raises(KeyError, match=r"MODEL\.TIMM\.NAM'.*Did you mean MODEL\.TIMM\.NAME"):
+        setup(_parse(['--config-file', config] + opts + ['MODEL.TIMM.NAM', 'resnet18']))
+    typo = tmp_path / 'typo.yaml'
+    typo.write_text(f'_BASE_: "{config}"\nMODEL:\n  TIMM:\n    FREEZE_ATT: 1\n')
+    with pytest.raises(KeyError, match='FREEZE_ATT.*FREEZE_AT'):
+        setup(_parse(['--config-file', str(typo)] + opts))
+    with pytest.raises(FileNotFoundError, match='missing.json'):
+        setup(_parse(['--config-file', config, '--coco-dataset', 'x', str(tmp_path / 'missing.json'),
+                      str(tmp_path)] + opts))
+    with pytest.raises(KeyError, match="'d2test_trian' is not registered.*d2test_train"):
+        setup(_parse(['--config-file', config] + opts + ['DATASETS.TRAIN', '("d2test_trian",)']))
+    with pytest.raises(ValueError, match='MODEL.ROI_HEADS.NUM_CLASSES 3'):
+        setup(_parse(['--config-file', config] + opts + ['MODEL.ROI_HEADS.NUM_CLASSES', '80']))
+    with pytest.raises(ValueError, match='AMP'):
+        setup(_parse(['--config-file', config] + opts + ['SOLVER.AMP.ENABLED', 'True']))
+    with pytest.raises(FileNotFoundError, match='config-file'):
+        setup(_parse(['--config-file', str(tmp_path / 'none.yaml')]))
+
+
+# ------------------------------------------------------------------------------ config grid
+
+
+def test_config_grid_matches_generator():
+    """The committed files are exactly what scripts/make_configs.py writes (no drift)."""
+    assert make_configs.stale_files() == {}
+    generated = make_configs.generate()
+    assert len(generated) == 3 + 10 * 3 * 3
+    timm_configs = [p for p in glob.glob(os.path.join(CONFIGS, 'COCO-*', '*.yaml'))
+                    if any(f'_{b}_' in os.path.basename(p) for b in make_configs.BACKBONES)]
+    assert sorted(os.path.relpath(p, CONFIGS) for p in timm_configs) == sorted(
+        k for k in generated if k.startswith('COCO-'))
+
+
+def _load(rel_path, **overrides):
+    cfg = add_maformer_zoo_config(get_cfg())
+    cfg.merge_from_file(os.path.join(CONFIGS, rel_path))
+    for key, value in overrides.items():
+        node = cfg
+        *parents, leaf = key.split('.')
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return cfg
+
+
+GRID = sorted(k for k in make_configs.generate() if k.startswith('COCO-'))
+
+
+def test_every_config_parses_with_the_paper_settings():
+    for rel in GRID:
+        cfg = _load(rel)
+        backbone = cfg.MODEL.TIMM.NAME
+        recipe = make_configs.BACKBONES[backbone]
+        three_x = '_3x' in rel
+        assert cfg.SOLVER.OPTIMIZER == 'AdamW' and cfg.SOLVER.IMS_PER_BATCH == 16
+        assert cfg.SOLVER.BASE_LR == recipe.lr and cfg.SOLVER.WEIGHT_DECAY == recipe.weight_decay
+        assert cfg.MODEL.TIMM.DROP_PATH_RATE == (recipe.drop_path_3x if three_x
+                                                 else recipe.drop_path_1x)
+        epochs = [s / make_configs.ITERS_PER_EPOCH for s in cfg.SOLVER.STEPS]
+        total = cfg.SOLVER.MAX_ITER / make_configs.ITERS_PER_EPOCH
+        assert (epochs, total) == (([27, 33], 36) if three_x else ([8, 11], 12))
+        if three_x:
+            assert cfg.MODEL.ROI_HEADS.NAME == 'CascadeROIHeads'
+            assert min(cfg.INPUT.MIN_SIZE_TRAIN) == 480 and max(cfg.INPUT.MIN_SIZE_TRAIN) == 800
+        else:
+            assert tuple(cfg.INPUT.MIN_SIZE_TRAIN) == (800,)
+        neck = os.path.basename(rel)[:-len('_1x.yaml')].split(f'_{backbone}_')[1]
+        assert (cfg.MODEL.BACKBONE.NAME, cfg.MODEL.FPN.FUSION) == {
+            'fpn': ('build_timm_fpn_backbone', 'sum'),
+            'fine_fpn': ('build_timm_fine_fpn_backbone', 'fine'),
+            'asff_fpn': ('build_timm_asff_fpn_backbone', 'asff')}[neck]
+    # The papers' drop path for MAFormer S / B / L (Mask R-CNN 1x; Cascade 3x).
+    assert [_load(f'COCO-InstanceSegmentation/mask_rcnn_maformer_{v}_fpn_1x.yaml')
+            .MODEL.TIMM.DROP_PATH_RATE for v in 'sbl'] == [0.2, 0.3, 0.3]
+    assert [_load(f'COCO-InstanceSegmentation/cascade_mask_rcnn_maformer_{v}_fpn_3x.yaml')
+            .MODEL.TIMM.DROP_PATH_RATE for v in 'sbl'] == [0.2, 0.3, 0.4]
+
+
+_SMALL_BUILDS = {
+    'COCO-InstanceSegmentation/mask_rcnn_pvt_v2_b0_mscsa_asff_fpn_1x.yaml',
+    'COCO-InstanceSegmentation/cascade_mask_rcnn_pvt_v2_b0_mscsa_fpn_3x.yaml',
+    'COCO-PanopticSegmentation/panoptic_fpn_pvt_v2_b0_mscsa_fine_fpn_1x.yaml',
+}
+
+
+@pytest.mark.parametrize('rel', [pytest.param(r, marks=() if r in _SMALL_BUILDS else
+                                              pytest.mark.slow) for r in GRID])
+def test_every_config_builds(rel):
+    cfg = _load(rel, **{'MODEL.TIMM.PRETRAINED': False, 'MODEL.DEVICE': 'cpu'})
+    if not timm.is_model(cfg.MODEL.TIMM.NAME):
+        pytest.skip(f'{cfg.MODEL.TIMM.NAME} is not registered with timm yet')
+    model = build_model(cfg)
+    bottom_up = model.backbone.bottom_up
+    assert isinstance(bottom_up, TimmBackbone)
+    assert list(model.backbone.output_shape()) == ['p2', 'p3', 'p4', 'p5', 'p6']
+    fusion = cfg.MODEL.FPN.FUSION
+    names = [n for n, _ in model.backbone.named_modules()]
+    assert any('fine' in n for n in names) == (fusion == 'fine')
+    assert any('asff' in n for n in names) == (fusion == 'asff')
+    # A forward pass in eval mode on one small image.
+    model.eval()
+    with torch.no_grad():
+        out = model([{'image': torch.randint(0, 255, (3, 64, 96), dtype=torch.uint8)}])
+    assert 'instances' in out[0]
+
+
+def test_dataset_options_register_instances_and_panoptic(synthetic):
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2_ext.engine import register_datasets_from_args
+    train = synthetic['train']
+    args = _parse(['--config-file', 'x.yaml',
+                   '--coco-dataset', 'opt_inst', train['instances_json'], train['image_dir'],
+                   '--coco-panoptic-dataset', 'opt_pan', train['image_dir'], train['panoptic_dir'],
+                   train['panoptic_json'], train['instances_json']])
+    register_datasets_from_args(args)
+    assert MetadataCatalog.get('opt_inst').evaluator_type == 'coco'
+    assert MetadataCatalog.get('opt_pan').evaluator_type == 'coco_panoptic_seg'
+    assert len(DatasetCatalog.get('opt_pan')) == 4
+    assert all('sem_seg_file_name' in d and d['annotations'] for d in DatasetCatalog.get('opt_pan'))
+
+
+@pytest.mark.parametrize('neck', ['fine_fpn', pytest.param('fpn', marks=pytest.mark.slow),
+                                  pytest.param('asff_fpn', marks=pytest.mark.slow)])
+def test_retinanet_builders(neck):
+    cfg = add_maformer_zoo_config(get_cfg())
+    cfg.merge_from_file(os.path.join(CONFIGS, 'Base-RetinaNet.yaml'))
+    cfg.MODEL.BACKBONE.NAME = f'build_retinanet_timm_{neck}_backbone'
+    cfg.MODEL.TIMM.NAME = 'pvt_v2_b0_mscsa'
+    cfg.MODEL.WEIGHTS = ''
+    cfg.MODEL.DEVICE = 'cpu'
+    model = build_model(cfg)
+    shapes = model.backbone.output_shape()
+    assert list(shapes) == ['p3', 'p4', 'p5', 'p6', 'p7']
+    assert [s.stride for s in shapes.values()] == [8, 16, 32, 64, 128]
+    model.eval()
+    with torch.no_grad():
+        out = model([{'image': torch.randint(0, 255, (3, 64, 96), dtype=torch.uint8)}])
+    assert 'instances' in out[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('max_iter,minutes,trained', [(3, 60, 3), (100, 0.0001, 1)])
+def test_demo_script(tmp_path, max_iter, minutes, trained):
+    """`make demo` end to end, shrunk: data, training (to MAX_ITER, or stopped by the time
+    budget after the first iteration), AP, the picture, the summary."""
+    cmd = [sys.executable, os.path.join(ROOT, 'scripts', 'demo.py'), '--output-dir',
+           str(tmp_path), '--max-iter', str(max_iter), '--minutes', str(minutes),
+           '--num-train', '4', '--num-val', '2', '--image-size', '64', '--batch-size', '2']
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'box  AP' in proc.stdout and 'mask AP' in proc.stdout
+    assert f'trained {trained} iterations' in proc.stdout
+    assert 'TimeIsUp' not in proc.stdout + proc.stderr  # the planned stop logs no traceback
+    for path in ('predictions.png', 'model/model_final.pth', 'model/metrics.json'):
+        assert os.path.isfile(tmp_path / path), path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('boxes_only', [False, True])
+def test_finetune_script(synthetic, tmp_path, boxes_only):
+    """The real-data benchmark script on a COCO json (RLE masks -> bitmask; --boxes-only)."""
+    train, val = synthetic['train'], os.path.join(synthetic['root'], 'val')
+    cmd = [sys.executable, os.path.join(ROOT, 'scripts', 'finetune_coco.py'),
+           '--train-json', train['instances_json'], '--train-images', train['image_dir'],
+           '--val-json', os.path.join(val, 'instances.json'),
+           '--val-images', os.path.join(val, 'images'), '--output-dir', str(tmp_path),
+           '--max-iter', '2', '--image-size', '64', '--fpn-channels', '32']
+    cmd += ['--boxes-only'] if boxes_only else []
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / 'results.json').read_text())
+    assert report['iterations'] == 2
+    assert set(report['results']) == ({'bbox'} if boxes_only else {'bbox', 'segm'})

@@ -1,0 +1,519 @@
+"""Hub ids, export (scripts/push_to_hub.py), model cards and every offline loading path.
+
+No network: a temporary Hugging Face cache is laid out exactly as huggingface_hub writes it
+(``models--<org>--<name>/snapshots/<commit>/...`` + ``refs/main``) and ``HF_HUB_OFFLINE`` is on.
+huggingface_hub reads ``HF_HUB_OFFLINE`` / ``HF_HUB_CACHE`` into ``huggingface_hub.constants`` at
+import time, so in-process tests patch those constants; one subprocess test uses the real
+environment variables, as a user would.
+"""
+import argparse
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import timm
+
+import maformer_zoo
+from maformer_zoo import hub
+from maformer_zoo.hub import (
+    CheckpointMismatchError, CorruptCheckpointError, PretrainedWeightsNotFoundError, UnsafeCheckpointError)
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / 'scripts'
+sys.path.insert(0, str(SCRIPTS))
+import push_to_hub  # noqa: E402
+
+MODELS = maformer_zoo.list_models()
+SMALL = 'resnet18_mscsa'  # the smallest real architecture for the path tests
+COMMIT = '0123456789abcdef0123456789abcdef01234567'
+# Round trips of models above this size write 160+ MB each; they run in `make test-all`.
+SLOW_PARAMS = 40e6
+
+
+def _param_count(name: str) -> int:
+    with torch.device('meta'):
+        return sum(p.numel() for p in timm.create_model(name).parameters())
+
+
+def _round_trip_params():
+    return [pytest.param(n, marks=[pytest.mark.slow] if _param_count(n) > SLOW_PARAMS else [])
+            for n in MODELS]
+
+
+def place_in_cache(cache: Path, repo_id: str, folder: Path) -> Path:
+    """Lay out ``folder`` as huggingface_hub's cache holds a downloaded repo snapshot.
+
+    ``models--<org>--<name>/blobs/<hash>`` holds the data, ``snapshots/<commit>/<file>`` are
+    relative symlinks to the blobs, ``refs/main`` names the commit.
+    """
+    import hashlib
+    repo_dir = cache / ('models--' + repo_id.replace('/', '--'))
+    snapshot = repo_dir / 'snapshots' / COMMIT
+    for sub in (snapshot, repo_dir / 'blobs', repo_dir / 'refs'):
+        sub.mkdir(parents=True, exist_ok=True)
+    (repo_dir / 'refs' / 'main').write_text(COMMIT)
+    for f in folder.iterdir():
+        digest = hashlib.sha256()
+        with open(f, 'rb') as handle:
+            for chunk in iter(lambda: handle.read(1 << 24), b''):
+                digest.update(chunk)
+        blob = repo_dir / 'blobs' / digest.hexdigest()
+        try:
+            os.link(f, blob)  # same data without a copy (hundreds of MB for the big models)
+        except OSError:
+            shutil.copy(f, blob)
+        (snapshot / f.name).symlink_to(os.path.relpath(blob, snapshot))
+    return snapshot
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache, offline (constants patched, env set for subprocesses)."""
+    import huggingface_hub.constants as constants
+    cache = tmp_path / 'hf_cache'
+    cache.mkdir()
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(cache))
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setenv('HF_HUB_CACHE', str(cache))
+    return cache
+
+
+def _train_checkpoint(model: torch.nn.Module) -> dict:
+    """A timm train.py-style checkpoint: EMA = ``model``'s weights, raw weights perturbed."""
+    ema = {f'module.{k}': v.clone() for k, v in model.state_dict().items()}
+    raw = {k: (v + 1.0 if v.is_floating_point() else v.clone()) for k, v in model.state_dict().items()}
+    return dict(
+        epoch=7, arch=model.pretrained_cfg['architecture'], state_dict=raw, state_dict_ema=ema,
+        optimizer={'state': {0: {'momentum_buffer': torch.ones(3)}}, 'param_groups': [{'lr': 0.1}]},
+        args=argparse.Namespace(model='x', lr=0.1), metric=0.5, version=2)
+
+
+@pytest.fixture(scope='module')
+def exported(tmp_path_factory):
+    """``SMALL`` with random weights (1000 classes), exported once by push_to_hub --dry-run."""
+    torch.manual_seed(0)
+    tmp = tmp_path_factory.mktemp('export')
+    model = timm.create_model(SMALL).eval()
+    torch.save(_train_checkpoint(model), tmp / 'checkpoint.pth.tar')
+    folder = push_to_hub.main([
+        '--model', SMALL, '--checkpoint', str(tmp / 'checkpoint.pth.tar'),
+        '--out', str(tmp / 'out'), '--dry-run', '--no-measure'])
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        reference = model(x)
+    return dict(model=model, folder=folder, x=x, reference=reference, tmp=tmp)
+
+
+def _same_outputs(model: torch.nn.Module, exported: dict) -> bool:
+    with torch.no_grad():
+        return torch.equal(model.eval()(exported['x']), exported['reference'])
+
+
+# ---------------------------------------------------------------------------------------------
+# ids
+
+@pytest.mark.parametrize('name', MODELS)
+def test_hub_id_in_pretrained_cfg(name):
+    cfg = timm.models.get_pretrained_cfg(f'{name}.in1k')
+    assert cfg is not None, f"'{name}' has no '.in1k' pretrained cfg"
+    assert cfg.hf_hub_id == f'maformer-zoo/{name}.in1k' == hub.hub_id(name)
+    assert timm.models.get_pretrained_cfg(name).hf_hub_id == cfg.hf_hub_id  # the default tag
+
+
+def test_all_paper_models_registered():
+    expected = {'maformer_s', 'maformer_b', 'maformer_l', 'resnet18_mscsa', 'resnet50_mscsa', 'pvt_v2_b0_mscsa',
+                'pvt_v2_b1_mscsa', 'pvt_v2_b2_mscsa', 'swin_tiny_patch4_window7_224_mscsa', 'convnext_tiny_mscsa'}
+    assert expected <= set(MODELS)
+
+
+def test_hub_config_hook_installed_and_narrow():
+    from timm.models import _factory
+    wrapped = _factory.load_model_config_from_hf
+    assert getattr(wrapped, '_maformer_zoo_wrapped', False)
+    from maformer_zoo.models._builder import _install_hub_config_errors
+    _install_hub_config_errors()  # idempotent: no double wrap
+    assert _factory.load_model_config_from_hf is wrapped
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoint cleaning
+
+def test_extract_state_dict_picks_weights_and_strips_training_state():
+    w = torch.ones(2)
+    ckpt = dict(state_dict={'module.a': w}, state_dict_ema={'_orig_mod.module.a': w * 2},
+                optimizer={'state': {}}, epoch=3, args=argparse.Namespace(x=1))
+    sd, key = hub.extract_state_dict(ckpt)
+    assert key == 'state_dict_ema' and list(sd) == ['a'] and torch.equal(sd['a'], w * 2)
+    sd, key = hub.extract_state_dict(ckpt, weights='model')
+    assert key == 'state_dict' and torch.equal(sd['a'], w)
+    sd, key = hub.extract_state_dict({'model': {'module.b': w}, 'model_ema': {'b': w * 3}})
+    assert key == 'model_ema' and torch.equal(sd['b'], w * 3)
+    sd, key = hub.extract_state_dict({'module.c': w, 'note': 'text'})  # plain state dict
+    assert key == '' and list(sd) == ['c']
+    with pytest.raises(ValueError, match="no EMA weights"):
+        hub.extract_state_dict({'state_dict': {'a': w}}, weights='ema')
+    with pytest.raises(CorruptCheckpointError, match='No tensors'):
+        hub.extract_state_dict({'epoch': 1})
+
+
+# ---------------------------------------------------------------------------------------------
+# round trip: random weights -> push_to_hub --dry-run -> HF cache -> create_model offline
+
+@pytest.mark.parametrize('name', _round_trip_params())
+def test_round_trip_through_offline_hf_cache(name, tmp_path, offline_cache):
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10).eval()
+    torch.save(_train_checkpoint(model), tmp_path / 'checkpoint.pth.tar')
+    folder = push_to_hub.main([
+        '--model', name, '--checkpoint', str(tmp_path / 'checkpoint.pth.tar'),
+        '--out', str(tmp_path / 'out'), '--dry-run', '--no-measure'])
+    assert sorted(p.name for p in folder.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    config = json.loads((folder / 'config.json').read_text())
+    assert config['architecture'] == name and config['num_classes'] == 10
+    assert config['num_features'] == model.num_features
+    assert {'global_pool', 'model_args', 'pretrained_cfg'} <= set(config)
+    assert 'optimizer' not in (folder / 'config.json').read_text()
+
+    place_in_cache(offline_cache, hub.hub_id(name), folder)
+    loaded = timm.create_model(f'hf-hub:{hub.hub_id(name)}', pretrained=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), model(x))  # the EMA weights, bit for bit
+
+
+# ---------------------------------------------------------------------------------------------
+# the other loading paths
+
+def test_pretrained_true_by_name_with_env_offline_cache(exported, tmp_path):
+    """What a user does: HF_HUB_OFFLINE=1 + a cache, then the plain timm calls (fresh process)."""
+    cache = tmp_path / 'hf_cache'
+    place_in_cache(cache, hub.hub_id(SMALL), exported['folder'])
+    torch.save(exported['x'], tmp_path / 'x.pt')
+    torch.save(exported['reference'], tmp_path / 'ref.pt')
+    code = (
+        "import sys, torch, timm, maformer_zoo\n"
+        "x, ref = torch.load(sys.argv[1]), torch.load(sys.argv[2])\n"
+        f"for name in ('{SMALL}', '{SMALL}.in1k', 'hf-hub:{hub.hub_id(SMALL)}'):\n"
+        "    m = timm.create_model(name, pretrained=True).eval()\n"
+        "    with torch.no_grad():\n"
+        "        assert torch.equal(m(x), ref), name\n"
+        "print('ok')\n")
+    # Same intra-op thread count as this process, so the reference is reproduced bit for bit.
+    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(cache),
+               OMP_NUM_THREADS=str(torch.get_num_threads()))
+    env.pop('HF_HOME', None)
+    out = subprocess.run([sys.executable, '-c', code, str(tmp_path / 'x.pt'), str(tmp_path / 'ref.pt')],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith('ok'), out.stderr[-3000:]
+
+
+def test_local_dir_file_overlay_and_helpers(exported, offline_cache):
+    folder = exported['folder']
+    assert _same_outputs(timm.create_model(f'local-dir:{folder}', pretrained=True), exported)
+    file_overlay = dict(file=str(folder / 'model.safetensors'))
+    assert _same_outputs(timm.create_model(SMALL, pretrained=True, pretrained_cfg_overlay=file_overlay), exported)
+    gray = timm.create_model(SMALL, pretrained=True, in_chans=1, pretrained_cfg_overlay=file_overlay)
+    stem = exported['model'].state_dict()['base.conv1.weight']  # timm folds RGB into one channel
+    assert torch.allclose(gray.state_dict()['base.conv1.weight'], stem.sum(dim=1, keepdim=True))
+    # a timm training checkpoint works as a file too (EMA weights, like timm's loader)
+    ckpt = dict(pretrained_cfg_overlay=dict(file=str(exported['tmp'] / 'checkpoint.pth.tar')))
+    assert _same_outputs(timm.create_model(SMALL, pretrained=True, **ckpt), exported)
+
+    # the helpers the detectron2 backbone uses (MODEL.TIMM.CHECKPOINT): every source kind
+    place_in_cache(offline_cache, hub.hub_id(SMALL), folder)
+    expected = {k: v for k, v in exported['model'].state_dict().items()}
+    for source in (f'hf-hub:{hub.hub_id(SMALL)}', f'local-dir:{folder}', folder, folder / 'model.safetensors'):
+        state_dict = hub.load_weights(source, model_name=SMALL)
+        assert state_dict.keys() == expected.keys()
+        assert all(torch.equal(state_dict[k], expected[k]) for k in expected)
+    features = timm.create_model(
+        SMALL, pretrained=True, features_only=True,
+        pretrained_cfg_overlay=hub.pretrained_overlay(f'hf-hub:{hub.hub_id(SMALL)}', SMALL))
+    # FeatureGetterNet keeps the model as `.model`; everything but the new dense-fusion layers loaded
+    loaded = {k[len('model.'):]: v for k, v in features.state_dict().items()}
+    shared = [k for k in loaded if k in expected]
+    assert sum(k.startswith('base.') for k in shared) > 50 and any(k.startswith('mscsa.') for k in shared)
+    assert all(torch.equal(loaded[k], expected[k]) for k in shared)
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+
+def _assert_names_ways(message: str, repo: str):
+    for needle in (repo, 'hf download', 'local-dir:', 'pretrained_cfg_overlay=dict(file=', 'HF_HUB_OFFLINE'):
+        assert needle in message, f'{needle!r} missing from: {message}'
+
+
+def test_offline_without_cached_file_names_repo_and_ways(offline_cache):
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    repo = hub.hub_id(SMALL)
+    for name in (SMALL, f'hf-hub:{repo}'):
+        with pytest.raises(PretrainedWeightsNotFoundError) as info:
+            timm.create_model(name, pretrained=True)
+        _assert_names_ways(str(info.value), repo)
+        assert 'no trained weights are published' in str(info.value)
+        assert isinstance(info.value, LocalEntryNotFoundError)  # existing except clauses still work
+    with pytest.raises(PretrainedWeightsNotFoundError) as info:
+        hub.resolve_weight_file(f'hf-hub:{repo}', SMALL)
+    _assert_names_ways(str(info.value), repo)
+    # the config hook is narrow: other organisations' repos keep timm's own error
+    with pytest.raises(LocalEntryNotFoundError) as info:
+        timm.create_model('hf-hub:timm/resnet18.a1_in1k', pretrained=True)
+    assert not isinstance(info.value, PretrainedWeightsNotFoundError)
+
+
+def test_missing_file_and_folder(tmp_path):
+    with pytest.raises(PretrainedWeightsNotFoundError, match='not found') as info:
+        timm.create_model(SMALL, pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / 'no.safetensors')))
+    assert 'local-dir:' in str(info.value)
+    with pytest.raises(PretrainedWeightsNotFoundError, match='not a folder'):
+        hub.resolve_weight_file(f'local-dir:{tmp_path / "nothing"}', SMALL)
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    with pytest.raises(PretrainedWeightsNotFoundError, match='No weight file'):
+        hub.resolve_weight_file(empty)
+
+
+class _RunsCode:
+    """Unpickling this creates a file: stands for any code a malicious checkpoint would run."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (pathlib.Path(self.marker),)
+
+
+def test_pickle_carrying_code_is_refused(exported, tmp_path):
+    marker = tmp_path / 'code_ran'
+    evil = tmp_path / 'evil.pth'
+    torch.save({'state_dict': exported['model'].state_dict(), 'payload': _RunsCode(marker)}, evil)
+    with pytest.raises(UnsafeCheckpointError, match='pickle that needs code'):
+        timm.create_model(SMALL, pretrained=True, pretrained_cfg_overlay=dict(file=str(evil)))
+    with pytest.raises(UnsafeCheckpointError, match='pickle that needs code'):
+        push_to_hub.main(['--model', SMALL, '--checkpoint', str(evil), '--out', str(tmp_path / 'out'),
+                          '--dry-run', '--no-measure'])
+    with pytest.raises(UnsafeCheckpointError):
+        hub.load_weights(evil)
+    assert not marker.exists() and not (tmp_path / 'out').exists()
+    # the command line: a one-line error and exit status 2, still nothing run
+    out = subprocess.run(
+        [sys.executable, str(SCRIPTS / 'push_to_hub.py'), '--model', SMALL, '--checkpoint', str(evil),
+         '--out', str(tmp_path / 'out'), '--dry-run', '--no-measure'],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert out.returncode == 2 and 'error: Refused' in out.stderr, out.stderr[-2000:]
+    assert not marker.exists() and not (tmp_path / 'out').exists()
+
+
+def test_corrupted_safetensors(exported, tmp_path, offline_cache):
+    folder = tmp_path / 'corrupt'
+    shutil.copytree(exported['folder'], folder)
+    data = (folder / 'model.safetensors').read_bytes()
+    (folder / 'model.safetensors').write_bytes(data[: len(data) // 2])  # truncated download
+    with pytest.raises(CorruptCheckpointError, match='not a readable safetensors'):
+        timm.create_model(f'local-dir:{folder}', pretrained=True)
+    place_in_cache(offline_cache, hub.hub_id(SMALL), folder)
+    with pytest.raises(CorruptCheckpointError, match=re.escape(hub.hub_id(SMALL))):
+        timm.create_model(SMALL, pretrained=True)
+    with pytest.raises(CorruptCheckpointError, match='not a readable safetensors'):
+        push_to_hub.main(['--model', SMALL, '--checkpoint', str(folder / 'model.safetensors'),
+                          '--out', str(tmp_path / 'out'), '--dry-run', '--no-measure'])
+    (folder / 'model.safetensors').write_bytes(b'not a checkpoint at all')
+    with pytest.raises(CorruptCheckpointError):
+        hub.load_weights(folder)
+
+
+def test_wrong_architecture_in_config(exported, tmp_path):
+    folder = tmp_path / 'wrong_arch'
+    shutil.copytree(exported['folder'], folder)
+    config = json.loads((folder / 'config.json').read_text())
+    config['architecture'] = 'pvt_v2_b0_mscsa'
+    (folder / 'config.json').write_text(json.dumps(config))
+    with pytest.raises(CheckpointMismatchError, match="do not fit 'pvt_v2_b0_mscsa'") as info:
+        timm.create_model(f'local-dir:{folder}', pretrained=True)
+    assert 'missing' in str(info.value) and 'base.conv1.weight' in str(info.value)
+    # an exported file loaded into another architecture: the error says what its config.json names
+    with pytest.raises(CheckpointMismatchError, match=f"config.json says they are weights of '{SMALL}'"):
+        timm.create_model('pvt_v2_b0_mscsa', pretrained=True, features_only=True,
+                          pretrained_cfg_overlay=dict(file=str(exported['folder'] / 'model.safetensors')))
+    with pytest.raises(CheckpointMismatchError, match="holds weights of 'pvt_v2_b0_mscsa'"):
+        hub.resolve_weight_file(f'local-dir:{folder}', SMALL)
+    config['architecture'] = 'no_such_model'
+    (folder / 'config.json').write_text(json.dumps(config))
+    with pytest.raises(RuntimeError, match='no_such_model'):
+        timm.create_model(f'local-dir:{folder}', pretrained=True)
+
+
+def test_missing_keys_refused(exported, tmp_path):
+    state_dict = dict(exported['model'].state_dict())
+    dropped = 'mscsa.norm.weight' if 'mscsa.norm.weight' in state_dict else sorted(
+        k for k in state_dict if k.startswith('mscsa.'))[0]
+    del state_dict[dropped]
+    path = tmp_path / 'partial.pth'
+    torch.save(state_dict, path)
+    with pytest.raises(CheckpointMismatchError, match=re.escape(dropped)):
+        push_to_hub.main(['--model', SMALL, '--checkpoint', str(path), '--out', str(tmp_path / 'out'),
+                          '--dry-run', '--no-measure'])
+    assert not (tmp_path / 'out').exists()
+    for kwargs in (dict(), dict(features_only=True), dict(num_classes=3)):  # timm loads non-strictly here
+        with pytest.raises(CheckpointMismatchError, match=re.escape(dropped)):
+            timm.create_model(SMALL, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+    # a new head is a legitimate partial load, not a mismatch
+    model = timm.create_model(SMALL, pretrained=True, num_classes=3,
+                              pretrained_cfg_overlay=dict(file=str(exported['folder'] / 'model.safetensors')))
+    assert model.num_classes == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# model cards
+
+def _card(name: str) -> str:
+    path = ROOT / 'hub_cards' / f'{name}.md'
+    assert path.is_file(), f'no card for {name}: run scripts/make_hub_cards.py'
+    return path.read_text(encoding='utf-8')
+
+
+def _stat(card: str, label: str) -> float:
+    match = re.search(rf'- {re.escape(label)}: ([0-9.]+)', card)
+    assert match, f'{label} missing from card'
+    return float(match.group(1))
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_card_for_every_model(name):
+    card = _card(name)
+    front = card.split('---')[1]
+    for field in ('library_name: timm', 'license:', 'tags:', 'datasets:', 'pipeline_tag: image-classification'):
+        assert field in front
+    for section in ('## Model Details', '## Model Usage', '### Image Classification', '### Feature Map Extraction',
+                    '### Image Embeddings', '## Citation'):
+        assert section in card
+    code_blocks = re.findall(r'```python\n(.*?)```', card, flags=re.S)
+    assert len(code_blocks) == 4 and all('import maformer_zoo' in block for block in code_blocks)
+    assert 'no trained weights are published' in card and not hub.weights_published(name)
+    assert f'`{hub.hub_id(name)}`' in card
+    assert _stat(card, 'Params (M)') == round(_param_count(name) / 1e6, 2)  # card matches the model
+    stats = json.loads((ROOT / 'hub_cards' / 'stats.json').read_text())[name]
+    assert _stat(card, 'GMACs') == stats['gmacs'] > 0 and _stat(card, 'Activations (M)') == stats['macts'] > 0
+    assert name in (ROOT / 'hub_cards' / 'README.md').read_text()
+
+
+def test_card_numbers_are_measured():
+    card = _card(SMALL)
+    stats = hub.measure_model_stats(timm.create_model(SMALL))
+    assert (_stat(card, 'GMACs'), _stat(card, 'Activations (M)')) == (stats['gmacs'], stats['macts'])
+
+
+@pytest.mark.slow
+def test_all_cards_up_to_date():
+    import make_hub_cards
+    assert make_hub_cards.main(['--check']) == 0
+
+
+def test_fvcore_counts_like_timm():
+    """timm's resnet18 card says 1.8 GMACs / 2.5 M activations; fused attention counts as unfused."""
+    stats = hub.measure_model_stats(timm.create_model('resnet18'))
+    assert (stats['params_m'], stats['gmacs'], stats['macts']) == (11.69, 1.82, 2.48)
+    from timm.layers import Attention
+    torch.manual_seed(0)
+    fused, unfused = Attention(64, num_heads=4), Attention(64, num_heads=4)
+    fused.fused_attn, unfused.fused_attn = True, False
+    tokens, dim = 50, 64
+    counts = [hub.measure_model_stats(m, input_size=(tokens, dim)) for m in (fused, unfused)]
+    assert counts[0]['gmacs'] == counts[1]['gmacs']
+    assert counts[0]['macts'] == counts[1]['macts']
+    linear = tokens * dim * 3 * dim + tokens * dim * dim
+    attention = 2 * tokens * tokens * dim  # q @ k^T and attn @ v over all heads
+    from fvcore.nn import FlopCountAnalysis
+    from maformer_zoo.hub import _sdpa_flop_jit
+    exact = FlopCountAnalysis(fused, torch.ones(1, tokens, dim)).set_op_handle(
+        'aten::scaled_dot_product_attention', _sdpa_flop_jit).unsupported_ops_warnings(False).total()
+    assert exact == linear + attention
+
+
+def test_card_usage_code_runs(exported, offline_cache, tmp_path, monkeypatch):
+    from PIL import Image
+    place_in_cache(offline_cache, hub.hub_id(SMALL), exported['folder'])
+    monkeypatch.chdir(tmp_path)
+    Image.new('RGB', (80, 60), (120, 30, 200)).save('image.jpg')
+    card = (exported['folder'] / 'README.md').read_text()
+    blocks = re.findall(r'```python\n(.*?)```', card, flags=re.S)
+    for block in blocks[:3]:  # classification, feature maps, embeddings (the 4th shows placeholder paths)
+        namespace = {}
+        exec(compile(block, 'card', 'exec'), namespace)  # noqa: S102 - our own generated card
+    assert namespace['embedding'].shape == (1, exported['model'].num_features)
+
+
+def test_card_states_weight_status(monkeypatch):
+    stats = dict(params_m=1.0, gmacs=0.5, macts=1.5, img_size=(224, 224))
+    unpublished = hub.render_model_card(SMALL, stats)
+    assert 'no trained weights are published' in unpublished and 'intended; no weights yet' in unpublished
+    monkeypatch.setattr(hub, 'PUBLISHED_HUB_IDS', frozenset({hub.hub_id(SMALL)}))
+    published = hub.render_model_card(SMALL, stats, hub.WeightsInfo(published=hub.weights_published(SMALL)))
+    assert 'no trained weights' not in published and 'published in' in published
+    from maformer_zoo.models._builder import weight_sources_help
+    assert 'no trained weights' not in weight_sources_help(SMALL)
+
+
+def test_export_card_describes_checkpoint(exported):
+    card = (exported['folder'] / 'README.md').read_text()
+    assert 'entry `state_dict_ema` (EMA weights)' in card and 'epoch 7' in card
+    assert 'no trained weights are published' in card  # a dry run publishes nothing
+
+
+def test_export_from_our_training_checkpoint(tmp_path):
+    """maformer_zoo.training's checkpoint: no EMA (None), metrics, rng, config, class map."""
+    from maformer_zoo.training.checkpoint import capture_rng_state, save_checkpoint
+    torch.manual_seed(0)
+    model = timm.create_model(SMALL, num_classes=10).eval()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    state = {
+        'arch': SMALL, 'epoch': 2, 'num_updates': 20, 'state_dict': model.state_dict(), 'state_dict_ema': None,
+        'optimizer': optimizer.state_dict(), 'rng': capture_rng_state(), 'config': {'model': SMALL, 'lr': 0.1},
+        'num_classes': 10, 'class_to_idx': {f'c{i}': i for i in range(10)},
+        'metrics': {'train': {'loss': 2.0}, 'eval': {'top1': 12.5, 'top5': 50.0, 'loss': 2.2}, 'ema': None},
+    }
+    save_checkpoint(str(tmp_path / 'last.pth'), state)
+    folder = push_to_hub.main(['--model', SMALL, '--checkpoint', str(tmp_path / 'last.pth'),
+                               '--out', str(tmp_path / 'out'), '--dry-run', '--no-measure'])
+    card = (folder / 'README.md').read_text()
+    assert 'entry `state_dict`' in card and 'EMA' not in card.split('## Model Details')[0]
+    assert "validation of these weights: top1 12.50, top5 50.00" in card and 'epoch 2' in card
+    loaded = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    with pytest.raises(CheckpointMismatchError, match="trained as 'resnet18_mscsa'"):
+        push_to_hub.main(['--model', 'pvt_v2_b0_mscsa', '--checkpoint', str(tmp_path / 'last.pth'),
+                          '--out', str(tmp_path / 'out2'), '--dry-run', '--no-measure'])
+
+
+def test_upload_uses_create_repo_and_upload_folder(exported, tmp_path, monkeypatch):
+    """Without --dry-run: huggingface_hub creates the repo and uploads the folder (recorded, no network)."""
+    import huggingface_hub
+    calls = []
+
+    class RecordingApi:
+        def create_repo(self, repo_id, private=False, exist_ok=False):
+            calls.append(('create_repo', repo_id, private, exist_ok))
+            return huggingface_hub.RepoUrl(f'https://huggingface.co/{repo_id}')
+
+        def upload_folder(self, repo_id, folder_path, commit_message=None):
+            calls.append(('upload_folder', repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+            card = (Path(folder_path) / 'README.md').read_text()
+            assert 'published in `maformer-zoo/' in card and 'ImageNet-1k top-1 (%):** 80.5' in card
+
+    monkeypatch.setattr(huggingface_hub, 'HfApi', RecordingApi)
+    push_to_hub.main(['--model', SMALL, '--checkpoint', str(exported['tmp'] / 'checkpoint.pth.tar'),
+                      '--out', str(tmp_path / 'out'), '--no-measure', '--top1', '80.5'])
+    assert calls == [
+        ('create_repo', hub.hub_id(SMALL), False, True),
+        ('upload_folder', hub.hub_id(SMALL), ['README.md', 'config.json', 'model.safetensors'])]

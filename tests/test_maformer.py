@@ -1,0 +1,378 @@
+"""MAFormer (issue 4): paper budgets, the timm model API, the MAF pieces, detection sizes, errors."""
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import maformer_zoo  # noqa: F401  (registers the models)
+from maformer_zoo.layers.maf import (
+    GlobalLearningDownsample, balanced_split, window_self_attention,
+)
+from maformer_zoo.models._builder import CheckpointMismatchError, PretrainedWeightsNotFoundError
+from maformer_zoo.models.maformer import MafBlock, TransformerBlock
+from maformer_zoo.utils import count_flops, count_params
+
+# Table 1: dims, blocks, params (M), GFLOPs at 224x224.
+TABLE1 = {
+    'maformer_s': ((64, 128, 320, 512), (3, 5, 8, 3), 23, 4.5),
+    'maformer_b': ((64, 128, 320, 512), (3, 8, 20, 7), 53, 9.8),
+    'maformer_l': ((128, 192, 448, 640), (3, 8, 24, 7), 104, 22.6),
+}
+
+# A small MAFormer that still exercises every code path at 64-128 px inputs: two heads per MAF
+# stage (one per stripe direction), stripes and GLD reference grid of a 64 px "reference" input
+# (16 / 8 tokens), global grids 4 and 2, and stage-3 windows of 3 tokens (so windows, padding and
+# shifted windows all occur) with a global stage 4.
+TINY = dict(
+    embed_dims=(32, 32, 64, 64), depths=(1, 2, 2, 1), head_dim=16, global_grids=(4, 2),
+    window_sizes=(3, None), ref_img_size=64, num_classes=10)
+
+
+def _tiny(**kwargs):
+    torch.manual_seed(0)
+    return timm.create_model('maformer_s', **dict(TINY, **kwargs))
+
+
+# ---------------------------------------------------------------- paper budgets (Table 1, Table 5)
+
+@pytest.mark.parametrize('name', ['maformer_s', 'maformer_b', 'maformer_l'])
+def test_layout_params_and_flops_match_table1(name):
+    """Table 1's dims and depths, MAF blocks in stages 1-2, ViT blocks in 3-4, params/FLOPs +-5%."""
+    dims, depths, params, gflops = TABLE1[name]
+    model = timm.create_model(name)
+    assert [len(s.blocks) for s in model.stages] == list(depths)
+    assert [f['num_chs'] for f in model.feature_info] == list(dims)
+    assert all(isinstance(b, MafBlock) for s in model.stages[:2] for b in s.blocks)
+    assert all(isinstance(b, TransformerBlock) for s in model.stages[2:] for b in s.blocks)
+    assert all(b.mlp.fc1.out_features == 4 * d for s, d in zip(model.stages, dims) for b in s.blocks)
+    measured_params, measured_flops = count_params(model), count_flops(model, (224, 224))
+    assert abs(measured_params / params - 1) <= 0.05, (name, measured_params, params)
+    assert abs(measured_flops / gflops - 1) <= 0.05, (name, measured_flops, gflops)
+
+
+def test_backbone_cost_grows_linearly_with_pixels():
+    """Table 5 implies a backbone cost about linear in pixels: 800x1280 must cost ~20x 224x224."""
+    model = timm.create_model('maformer_s', features_only=True)
+    base = count_flops(model, (224, 224))
+    det = count_flops(model, (800, 1280))
+    ratio = det / base / (800 * 1280 / 224 ** 2)
+    assert 0.9 < ratio < 1.1, ratio
+
+
+# ------------------------------------------------------------------------------ timm model API
+
+def test_default_cfgs_and_registration():
+    assert set(TABLE1) <= set(maformer_zoo.list_models('maformer_*'))
+    for name in TABLE1:
+        cfg = timm.models.get_pretrained_cfg(name)
+        assert cfg.hf_hub_id == f'maformer-zoo/{name}.in1k'
+        assert cfg.input_size == (3, 224, 224) and cfg.num_classes == 1000
+        assert cfg.mean == timm.data.IMAGENET_DEFAULT_MEAN and cfg.std == timm.data.IMAGENET_DEFAULT_STD
+        assert 0.8 <= cfg.crop_pct <= 1.0
+
+
+def test_forward_shapes_and_api():
+    model = _tiny().eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        logits = model(x)
+        feats = model.forward_features(x)
+        pre = model.forward_head(feats, pre_logits=True)
+        final, inter = model.forward_intermediates(x)
+        only = model.forward_intermediates(x, indices=[1, 3], intermediates_only=True)
+        nhwc = model.forward_intermediates(x, indices=1, output_fmt='NHWC', intermediates_only=True)
+    assert logits.shape == (2, 10)
+    assert feats.shape == (2, 64, 2, 3) and pre.shape == (2, 64)
+    torch.testing.assert_close(model.forward_head(feats), logits)
+    torch.testing.assert_close(final, feats)
+    assert [tuple(t.shape) for t in inter] == [(2, 32, 16, 24), (2, 32, 8, 12), (2, 64, 4, 6), (2, 64, 2, 3)]
+    assert [tuple(t.shape) for t in only] == [(2, 32, 8, 12), (2, 64, 2, 3)]
+    assert tuple(nhwc[0].shape) == (2, 2, 3, 64)
+    assert model.get_classifier().out_features == 10
+    model.reset_classifier(5)
+    assert model(x).shape == (2, 5)
+    model.reset_classifier(0, '')
+    assert model(x).shape == (2, 64, 2, 3)
+
+
+def test_features_only_strides_and_subsets():
+    model = _tiny(features_only=True).eval()
+    assert model.feature_info.reduction() == [4, 8, 16, 32]
+    assert model.feature_info.channels() == [32, 32, 64, 64]
+    with torch.no_grad():
+        outs = model(torch.randn(1, 3, 96, 160))
+    assert [tuple(o.shape[-2:]) for o in outs] == [(24, 40), (12, 20), (6, 10), (3, 5)]
+    sub = _tiny(features_only=True, out_indices=(1, 2)).eval()
+    assert sub.feature_info.reduction() == [8, 16]
+    with torch.no_grad():
+        assert [o.shape[1] for o in sub(torch.randn(1, 3, 64, 64))] == [32, 64]
+    assert len(sub.model.stages) == 3, 'stage 4 is not needed for out_indices (1, 2) and must be pruned'
+
+
+def test_prune_intermediate_layers():
+    model = _tiny().eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        full = model.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+    kept = model.prune_intermediate_layers([0, 1])
+    assert kept == [0, 1] and len(model.stages) == 2
+    assert isinstance(model.head, torch.nn.Identity) and isinstance(model.norm, torch.nn.Identity)
+    with torch.no_grad():
+        pruned = model.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+    for a, b in zip(full, pruned):
+        torch.testing.assert_close(a, b)
+
+
+def test_group_matcher_and_no_weight_decay():
+    model = _tiny()
+    names = {n for n, _ in model.named_parameters()}
+    nwd = model.no_weight_decay()
+    assert nwd and nwd <= names
+    groups = timm.models.group_parameters(model, model.group_matcher())
+    assert sum(len(g) for g in groups.values()) == len(names)
+    # stem, four stages, final norm + head
+    assert len(timm.models.group_parameters(model, model.group_matcher(coarse=True))) == 6
+    from timm.optim import create_optimizer_v2
+
+    optim = create_optimizer_v2(model, 'adamw', lr=1e-3, weight_decay=0.05)
+    no_decay = {id(p) for g in optim.param_groups if g['weight_decay'] == 0 for p in g['params']}
+    gld_weights = [p for n, p in model.named_parameters() if n in nwd]
+    assert all(id(p) in no_decay for p in gld_weights)
+    assert id(model.stages[2].blocks[0].attn.qkv.weight) not in no_decay
+
+
+def test_stochastic_depth_grows_linearly():
+    model = _tiny(drop_path_rate=0.4)
+    rates = [getattr(b.drop_path1, 'drop_prob', 0.) for s in model.stages for b in s.blocks]
+    assert rates[0] == 0
+    assert rates == sorted(rates) and math.isclose(rates[-1], 0.4, rel_tol=1e-6)
+    assert all(math.isclose(b - a, 0.4 / 5, rel_tol=1e-5) for a, b in zip(rates, rates[1:]))
+
+
+# ---------------------------------------------------------------------------- training behaviour
+
+def test_gradients_reach_every_parameter():
+    model = _tiny().train()
+    model(torch.randn(2, 3, 80, 112)).logsumexp(-1).sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, missing
+
+
+def test_eval_is_deterministic():
+    model = _tiny(drop_path_rate=0.2, drop_rate=0.3).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)
+
+
+def test_gradient_checkpointing_gives_identical_results():
+    x = torch.randn(2, 3, 64, 80)
+    results = []
+    for enable in (False, True):
+        model = _tiny().train()
+        model.set_grad_checkpointing(enable)
+        out = model(x)
+        out.square().sum().backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(grad, results[1][1][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_bf16_autocast_forward_is_finite():
+    model = _tiny().eval()
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        out = model(torch.randn(2, 3, 64, 96))
+        feats = model.forward_intermediates(torch.randn(1, 3, 72, 100), intermediates_only=True)
+    assert torch.isfinite(out.float()).all()
+    assert all(torch.isfinite(f.float()).all() for f in feats)
+
+
+def test_checkpoint_round_trip_and_errors(tmp_path):
+    from safetensors.torch import save_file
+
+    model = _tiny().eval()
+    path = tmp_path / 'maformer_tiny.safetensors'
+    save_file(model.state_dict(), str(path))
+    # num_classes in the overlay: timm drops a classifier whose size differs from the cfg's
+    loaded = timm.create_model(
+        'maformer_s', pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=10),
+        **TINY).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+    # A training checkpoint wrapped under 'model' with DDP prefixes loads through checkpoint_filter_fn.
+    wrapped = tmp_path / 'wrapped.pth'
+    torch.save({'model': {f'module.{k}': v for k, v in model.state_dict().items()}, 'epoch': 3}, wrapped)
+    loaded = timm.create_model(
+        'maformer_s', pretrained=True, pretrained_cfg_overlay=dict(file=str(wrapped), num_classes=10),
+        **TINY).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+    with pytest.raises(CheckpointMismatchError, match="do not fit 'maformer_s'"):
+        timm.create_model('maformer_s', pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(path), num_classes=10),
+                          **dict(TINY, embed_dims=(32, 32, 64, 128)))
+    with pytest.raises(PretrainedWeightsNotFoundError, match='pretrained=False'):
+        timm.create_model('maformer_s', pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / 'missing.safetensors')), **TINY)
+
+
+def test_bad_inputs_fail_clearly():
+    model = _tiny().eval()
+    with pytest.raises(ValueError, match='in_chans=1'):
+        model(torch.randn(1, 1, 64, 64))
+    with pytest.raises(ValueError, match='at least 32x32'):
+        model(torch.randn(1, 3, 16, 64))
+    with pytest.raises(ValueError, match='4-D batch'):
+        model(torch.randn(3, 64, 64))
+    with pytest.raises(RuntimeError, match='maformer_xl'):
+        timm.create_model('maformer_xl')
+    with pytest.raises(ValueError, match='even number of heads'):
+        timm.create_model('maformer_s', embed_dims=(48, 96, 320, 512))
+    # the smallest accepted input works
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 33)).shape == (1, 10)
+
+
+# ------------------------------------------------------------------------------ detection sizes
+
+@pytest.mark.parametrize('size', [(800, 1216), (608, 1000)])
+def test_tiny_features_at_detection_sizes(size):
+    """Stripe segments, GLD weight resampling and padded / shifted stage-3 windows at odd sizes."""
+    model = _tiny(features_only=True, ref_img_size=224, window_sizes=(14, None)).eval()
+    with torch.no_grad():
+        outs = model(torch.randn(1, 3, *size))
+    expect = [(math.ceil(size[0] / s), math.ceil(size[1] / s)) for s in (4, 8, 16, 32)]
+    assert [tuple(o.shape[-2:]) for o in outs] == expect
+    assert all(torch.isfinite(o).all() for o in outs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ['maformer_s', 'maformer_b', 'maformer_l'])
+def test_full_models_at_detection_size(name):
+    """The same weights run at 224x224 and 800x1216 (resolution-independent GLD)."""
+    model = timm.create_model(name, features_only=True).eval()
+    with torch.no_grad():
+        small = model(torch.randn(1, 3, 224, 224))
+        big = model(torch.randn(1, 3, 800, 1216))
+    assert [tuple(o.shape[-2:]) for o in small] == [(56, 56), (28, 28), (14, 14), (7, 7)]
+    assert [tuple(o.shape[-2:]) for o in big] == [(200, 304), (100, 152), (50, 76), (25, 38)]
+    assert all(torch.isfinite(o).all() for o in big)
+
+
+# ------------------------------------------------------------------------------ MAF pieces
+
+def _reference_attention(q, k, v):
+    return ((q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])).softmax(-1) @ v
+
+
+def test_balanced_split():
+    assert balanced_split(56, 56) == (1, 56)
+    assert balanced_split(200, 56) == (4, 50)
+    assert balanced_split(304, 56) == (6, 51)
+    assert balanced_split(50, 14) == (4, 13)
+    assert balanced_split(7, None) == (1, 7)
+    for size in range(1, 80):
+        for max_len in range(1, 20):
+            n, length = balanced_split(size, max_len)
+            assert length <= max_len and n * length >= size and n * length - size < n
+
+
+def test_window_attention_equals_explicit_windows_with_padding():
+    """Windows are cut evenly, padding keys never take part: compare window by window."""
+    torch.manual_seed(0)
+    B, H, W, heads, d = 2, 7, 10, 2, 8
+    qkv = torch.randn(B, H, W, 3, heads, d)
+    out = window_self_attention(qkv, (4, 3))  # rows -> 2 windows of 4 (1 padded row); cols -> 4 of 3 (2 padded)
+    n_h, wh = balanced_split(H, 4)
+    n_w, ww = balanced_split(W, 3)
+    for i in range(n_h):
+        for j in range(n_w):
+            win = qkv[:, i * wh:(i + 1) * wh, j * ww:(j + 1) * ww]
+            h, w = win.shape[1:3]
+            q, k, v = win.reshape(B, h * w, 3, heads, d).permute(2, 0, 3, 1, 4)
+            ref = _reference_attention(q, k, v).transpose(1, 2).reshape(B, h, w, heads * d)
+            torch.testing.assert_close(out[:, i * wh:(i + 1) * wh, j * ww:(j + 1) * ww], ref)
+
+
+def test_window_attention_global_when_window_covers_map():
+    torch.manual_seed(0)
+    qkv = torch.randn(1, 5, 6, 3, 2, 4)
+    q, k, v = qkv.reshape(1, 30, 3, 2, 4).permute(2, 0, 3, 1, 4)
+    ref = _reference_attention(q, k, v).transpose(1, 2).reshape(1, 5, 6, 8)
+    torch.testing.assert_close(window_self_attention(qkv, (14, 14), shift=True), ref)
+    torch.testing.assert_close(window_self_attention(qkv, (None, None)), ref)
+
+
+def test_shifted_windows_receptive_field():
+    """With 4x4 windows shifted by 2 on an 8x8 map, a token influences exactly its shifted window,
+    and tokens wrapped around by the cyclic shift never see each other."""
+    torch.manual_seed(0)
+    qkv = torch.randn(1, 8, 8, 3, 1, 4)
+
+    def influenced(row, col):
+        bumped = qkv.clone()
+        bumped[0, row, col, 1:] += 5.0  # change key and value of one token
+        diff = (window_self_attention(bumped, (4, 4), shift=True)
+                - window_self_attention(qkv, (4, 4), shift=True)).abs().sum(-1)[0]
+        return {(int(r), int(c)) for r, c in (diff > 1e-6).nonzero()}
+
+    assert influenced(3, 3) == {(r, c) for r in range(2, 6) for c in range(2, 6)}
+    assert influenced(0, 0) == {(r, c) for r in range(0, 2) for c in range(0, 2)}
+    assert influenced(7, 4) == {(r, c) for r in range(6, 8) for c in range(2, 6)}
+
+
+def test_cross_shaped_stripes_receptive_field():
+    """Horizontal heads see their row stripe, vertical heads their column stripe (stripe width 1)."""
+    torch.manual_seed(0)
+    block = MafBlock(16, 2, stripe_width=1, stripe_len=None, gld_ref_size=(6, 6), global_grid=(2, 2)).eval()
+    attn = block.local_attn
+    torch.nn.init.zeros_(attn.lepe_h.weight)
+    torch.nn.init.zeros_(attn.lepe_v.weight)
+    x = torch.randn(1, 6, 6, 16)
+    bumped = x.clone()
+    bumped[0, 2, 3] += 3.0
+    with torch.no_grad():
+        diff = (attn(bumped) - attn(x)).abs().sum(-1)[0]
+    changed = {(int(r), int(c)) for r, c in (diff > 1e-6).nonzero()}
+    assert changed == {(2, c) for c in range(6)} | {(r, 3) for r in range(6)}
+
+
+def test_gld_is_dense_fc_plus_bilinear_at_reference_size():
+    torch.manual_seed(0)
+    gld = GlobalLearningDownsample((8, 8), (2, 2))
+    x = torch.randn(2, 8, 8, 5)
+    expected = torch.einsum('ml,blc->bmc', gld.token_mix.weight, x.reshape(2, 64, 5)) \
+        + gld.token_mix.bias[:, None]
+    expected = expected + F.interpolate(
+        x.permute(0, 3, 1, 2), size=(2, 2), mode='bilinear', antialias=True).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(gld(x), expected)
+
+
+def test_gld_weights_follow_the_resolution():
+    """The same weights run at any size; each global token keeps its total weight and region."""
+    torch.manual_seed(0)
+    gld = GlobalLearningDownsample((8, 8), (2, 2))
+    with torch.no_grad():
+        # token m looks at quadrant m of the image
+        weight = torch.zeros(4, 8, 8)
+        for m in range(4):
+            weight[m, 4 * (m // 2):4 * (m // 2) + 4, 4 * (m % 2):4 * (m % 2) + 4] = 1 / 16
+        gld.token_mix.weight.copy_(weight.reshape(4, 64))
+        gld.token_mix.bias.zero_()
+        for size in [(8, 8), (32, 48), (5, 7)]:
+            w = gld.mixing_weight(size)
+            assert w.shape == (4, size[0] * size[1])
+            torch.testing.assert_close(w.sum(-1), torch.ones(4), atol=0.03, rtol=0)
+            # a constant map gives (constant FC average) + (constant Pos) at every size
+            out = gld(torch.full((1, *size, 3), 2.0))
+            torch.testing.assert_close(out, torch.full((1, 4, 3), 4.0), atol=0.1, rtol=0)
+        # an image bright only in its top-left quadrant lights up global token 0 most
+        img = torch.zeros(1, 32, 48, 1)
+        img[:, :16, :24] = 1.0
+        assert gld(img)[0, :, 0].argmax() == 0
