@@ -411,8 +411,7 @@ _SMALL_BUILDS = {
                                               pytest.mark.slow) for r in GRID])
 def test_every_config_builds(rel):
     cfg = _load(rel, **{'MODEL.TIMM.PRETRAINED': False, 'MODEL.DEVICE': 'cpu'})
-    if not timm.is_model(cfg.MODEL.TIMM.NAME):
-        pytest.skip(f'{cfg.MODEL.TIMM.NAME} is not registered with timm yet')
+    assert timm.is_model(cfg.MODEL.TIMM.NAME), f'{cfg.MODEL.TIMM.NAME} is not registered with timm'
     model = build_model(cfg)
     bottom_up = model.backbone.bottom_up
     assert isinstance(bottom_up, TimmBackbone)
