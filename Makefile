@@ -40,7 +40,7 @@ test-all: setup
 	$(PY) -m pytest -q
 
 bench: setup
-	$(PY) scripts/benchmark.py
+	$(PY) benchmarks/run_all.py
 
 clean:
 	rm -rf $(VENV) output .pytest_cache

@@ -16,7 +16,7 @@ This module holds what sits around timm's own machinery:
 * the export a Hub repo needs (``export_hub_folder``: strict-load check, ``model.safetensors``,
   timm's ``config.json``, ``README.md``), used by ``scripts/push_to_hub.py``;
 * model cards generated from data (``measure_model_stats`` with fvcore as timm's benchmark
-  counts, ``model_card_info``, ``render_model_card``), used by ``scripts/make_hub_cards.py``;
+  counts, ``model_card_info``, ``render_model_card``), used by ``dev/make_hub_cards.py``;
 * one loader for every weight source (``resolve_weight_file``, ``load_weights``,
   ``pretrained_overlay``): a file, a ``local-dir:`` folder, or an ``hf-hub:`` id, used by the
   detectron2 backbone (``MODEL.TIMM.CHECKPOINT``).

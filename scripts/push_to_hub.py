@@ -104,7 +104,7 @@ def main(argv: Optional[List[str]] = None) -> Path:
     print(f"uploaded to https://huggingface.co/{repo.repo_id}")
     if repo.repo_id not in PUBLISHED_HUB_IDS:
         print(f"now add '{repo.repo_id}' to PUBLISHED_HUB_IDS in maformer_zoo/hub.py and rerun "
-              f"scripts/make_hub_cards.py so cards and errors say the weights exist")
+              f"dev/make_hub_cards.py so cards and errors say the weights exist")
     return out
 
 

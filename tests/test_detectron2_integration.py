@@ -27,7 +27,7 @@ from detectron2_ext.modeling.timm_backbone import TimmBackbone  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, 'configs')
-sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+sys.path.insert(0, os.path.join(ROOT, 'dev'))
 import make_configs  # noqa: E402
 
 SMALL_BACKBONE = 'resnet18_mscsa'
@@ -345,7 +345,7 @@ def test_clear_setup_errors(synthetic, tmp_path):
 
 
 def test_config_grid_matches_generator():
-    """The committed files are exactly what scripts/make_configs.py writes (no drift)."""
+    """The committed files are exactly what dev/make_configs.py writes (no drift)."""
     assert make_configs.stale_files() == {}
     generated = make_configs.generate()
     assert len(generated) == 3 + 10 * 3 * 3

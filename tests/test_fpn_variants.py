@@ -96,7 +96,7 @@ def test_parameter_overhead_against_the_paper():
         fine = _params(fine_model)
         # detectron2's baselines are the paper's (torchvision / mmdet) models up to rounding and
         # their class-count conventions (torchvision's box predictor has 91 COCO ids, not 80);
-        # RetinaNet's is not (P6 from C5, not P5: README, "FINE-FPN and ASFF-FPN necks")
+        # RetinaNet's is not (P6 from C5, not P5: docs/necks.md)
         if paper_base is not None:
             assert abs(base / MILLION - paper_base) < 0.15, (model, base)
         assert fine - base == 4 * per_fine
@@ -108,7 +108,7 @@ def test_parameter_overhead_against_the_paper():
         if model != 'retinanet':
             counts[model] = (base, fine, _params(build_model(
                 _cfg(_config(task, f'{model}_R_50_asff_fpn_1x.yaml')))))
-    # the neck is the same in all three R-CNNs, so the overhead is too (see README, "FINE-FPN and ASFF-FPN necks"
+    # the neck is the same in all three R-CNNs, so the overhead is too (see docs/necks.md
     # for the paper's +1.6M on Panoptic FPN)
     assert len({fine - base for base, fine, _ in counts.values()}) == 1
     # ASFF on four levels: 6 down convs 3x3 + 6 up convs 1x1 + 16 weight convs, all 256 channels

@@ -27,7 +27,7 @@ from maformer_zoo.hub import (
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / 'scripts'
-sys.path.insert(0, str(SCRIPTS))
+sys.path.insert(0, str(SCRIPTS)); sys.path.insert(0, str(ROOT / 'dev'))
 import push_to_hub  # noqa: E402
 
 MODELS = maformer_zoo.list_models()
@@ -377,7 +377,7 @@ def test_missing_keys_refused(exported, tmp_path):
 
 def _card(name: str) -> str:
     path = ROOT / 'hub_cards' / f'{name}.md'
-    assert path.is_file(), f'no card for {name}: run scripts/make_hub_cards.py'
+    assert path.is_file(), f'no card for {name}: run dev/make_hub_cards.py'
     return path.read_text(encoding='utf-8')
 
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Run the benchmark scripts (``make bench``): each prints its own tables, measured in one run.
 
-    python scripts/benchmark.py                 # mscsa, maformer and necks, default settings
-    python scripts/benchmark.py maformer -- --iters 2 --warmup 1
+    python benchmarks/run_all.py                 # mscsa, maformer and necks, default settings
+    python benchmarks/run_all.py maformer -- --iters 2 --warmup 1
 
 Benchmarks are scripts, not tests: they time on whatever machine runs them and report ratios
 against a baseline measured in the same process (timm's base model, Swin-T, plain FPN).
@@ -14,9 +14,9 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BENCHMARKS = {
-    'mscsa': 'benchmark_mscsa.py',        # MSCSA models vs their timm bases (issue: MSCSA)
-    'maformer': 'benchmark_maformer.py',  # MAFormer-S/B/L vs Swin-T
-    'necks': 'benchmark_necks.py',        # FPN vs FINE-FPN vs ASFF-FPN at 800x1333
+    'mscsa': 'mscsa.py',        # MSCSA models vs their timm bases (issue: MSCSA)
+    'maformer': 'maformer.py',  # MAFormer-S/B/L vs Swin-T
+    'necks': 'necks.py',        # FPN vs FINE-FPN vs ASFF-FPN at 800x1333
 }
 
 

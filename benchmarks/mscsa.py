@@ -28,8 +28,8 @@ or more goes back to the OS when freed, so RSS follows the live tensors. Linux o
 
 Usage::
 
-    python scripts/benchmark_mscsa.py                      # all seven pairs
-    python scripts/benchmark_mscsa.py --models resnet50 pvt_v2_b0 --iters 3 --warmup 1
+    python benchmarks/mscsa.py                      # all seven pairs
+    python benchmarks/mscsa.py --models resnet50 pvt_v2_b0 --iters 3 --warmup 1
 """
 import argparse
 import json

@@ -10,7 +10,7 @@ the tile; boxes cut by tile borders are the price of tiling), and splits the til
 (seeded) into train and val COCO jsons::
 
     pip install --no-deps --target /tmp/deepforest_pkg deepforest==2.1.0  # its data only
-    python scripts/deepforest_to_coco.py --data-dir /tmp/deepforest_pkg/deepforest/data \\
+    python datasets/deepforest_to_coco.py --data-dir /tmp/deepforest_pkg/deepforest/data \\
         --output output/deepforest
 
 Prints the numbers of tiles and boxes per split. Writes ``<output>/{train,val}.json`` and

@@ -14,7 +14,7 @@ files in ``/usr/share/datasets/fashion-mnist/``). This script
 
 Example (the run in the README, about 10 minutes on 2 CPU cores)::
 
-    python scripts/benchmark_fashion_mnist.py --out output/fashion_mnist
+    python benchmarks/fashion_mnist.py --out output/fashion_mnist
 """
 import argparse
 import gzip
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
                                   input_img_mode='L', in_chans=1, num_workers=args.num_workers,
                                   batch_size=100, progress=False))
     report = {
-        'command': 'python scripts/benchmark_fashion_mnist.py ' + ' '.join(argv if argv is not None else sys.argv[1:]),
+        'command': 'python benchmarks/fashion_mnist.py ' + ' '.join(argv if argv is not None else sys.argv[1:]),
         'model': args.model, 'img_size': args.img_size, 'train_images': n_train, 'test_images': n_test,
         'epochs': args.epochs, 'optimizer_steps': summary['optimizer_steps'],
         'final_train_loss': round(summary['train']['loss'], 4), 'train_seconds': round(train_seconds, 1),

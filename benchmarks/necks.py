@@ -23,10 +23,10 @@ which see a fixed number of proposals (``POST_NMS_TOPK_TEST``) either way.
 
 Usage::
 
-    python scripts/benchmark_necks.py                  # everything, ~10 min on 2 cores
-    python scripts/benchmark_necks.py --skip-dense     # without the (slow) dense attention
-    python scripts/benchmark_necks.py --variants fine asff --repeats 9
-    python scripts/benchmark_necks.py --json out.json
+    python benchmarks/necks.py                  # everything, ~10 min on 2 cores
+    python benchmarks/necks.py --skip-dense     # without the (slow) dense attention
+    python benchmarks/necks.py --variants fine asff --repeats 9
+    python benchmarks/necks.py --json out.json
 """
 import argparse
 import json

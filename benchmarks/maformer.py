@@ -16,9 +16,9 @@ Four tables (markdown), each measured in this one run:
 
 Examples::
 
-    python scripts/benchmark_maformer.py                      # full run
-    python scripts/benchmark_maformer.py --iters 2 --warmup 1 # quick CPU run
-    python scripts/benchmark_maformer.py --device cuda --amp --iters 50 --warmup 10
+    python benchmarks/maformer.py                      # full run
+    python benchmarks/maformer.py --iters 2 --warmup 1 # quick CPU run
+    python benchmarks/maformer.py --device cuda --amp --iters 50 --warmup 10
 """
 import argparse
 import json
