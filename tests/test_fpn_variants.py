@@ -304,3 +304,22 @@ def test_two_training_iterations_and_inference(synthetic, model, neck):
         assert out['sem_seg'].shape == (counts['stuff'], inp['height'], inp['width'])
         panoptic, segments = out['panoptic_seg']
         assert panoptic.shape == (inp['height'], inp['width'])
+
+
+def test_neck_benchmark_writes_json_rows(tmp_path):
+    """benchmarks/necks.py --json: a list of flat dicts, one per neck, with ratios to fpn."""
+    import json
+    import subprocess
+    import sys
+    out = tmp_path / 'necks.json'
+    cmd = [sys.executable, os.path.join(REPO, 'benchmarks', 'necks.py'), '--variants', 'asff',
+           '--repeats', '1', '--height', '64', '--width', '96', '--skip-memory', '--skip-flops',
+           '--json', str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHONPATH=REPO))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [r['neck'] for r in rows] == ['fpn', 'asff']
+    assert all(not isinstance(v, (dict, list)) for r in rows for v in r.values())
+    assert rows[0]['latency_s_model_ratio'] == 1.0 and rows[1]['params_neck'] > rows[0]['params_neck']
+    assert 'necks: 100%' in proc.stderr  # the progress bar, on stderr

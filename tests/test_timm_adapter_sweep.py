@@ -133,3 +133,67 @@ def test_family(name):
     assert any(not torch.equal(after[n], v) for n, v in trainable.items())
     for n, value in _stats(backbone).items():
         assert torch.equal(value, stats[n]), n
+
+
+def _detector_cfg(name: str, builder: str, fusion: str, mask_on: bool):
+    import os
+    from detectron2.config import get_cfg
+    from detectron2_ext import add_maformer_zoo_config
+    cfg = add_maformer_zoo_config(get_cfg())
+    cfg.merge_from_file(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                     'configs', 'Base-Timm-RCNN-FPN.yaml'))
+    cfg.merge_from_list([
+        'MODEL.BACKBONE.NAME', builder, 'MODEL.TIMM.NAME', name, 'MODEL.TIMM.PRETRAINED', False,
+        'MODEL.FPN.FUSION', fusion, 'MODEL.MASK_ON', mask_on, 'MODEL.DEVICE', 'cpu',
+        'MODEL.ROI_HEADS.NUM_CLASSES', 3, 'MODEL.RPN.POST_NMS_TOPK_TRAIN', 64,
+        'MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE', 32, 'MODEL.FPN.OUT_CHANNELS', 64,
+        'INPUT.MIN_SIZE_TEST', DETECTION_SIZE[0], 'INPUT.MAX_SIZE_TEST', DETECTION_SIZE[1]])
+    return cfg
+
+
+@pytest.mark.parametrize('name,fusion,mask_on', [
+    ('vit_small_patch16_224', 'sum', False),   # Faster R-CNN on a plain ViT
+    ('deit_tiny_patch16_224', 'sum', True),    # Mask R-CNN on DeiT
+    pytest.param('deit_tiny_patch16_224', 'asff', True, marks=pytest.mark.slow),
+])
+def test_single_scale_backbones_under_rcnn(name, fusion, mask_on):
+    """build_timm_simple_fpn_backbone: ViTDet's pyramid (P2-P6) on a single-scale model; a
+    training step and inference at 512x768."""
+    from detectron2.modeling import build_model
+    from detectron2.structures import Boxes, Instances
+    from detectron2.utils.events import EventStorage
+    from detectron2_ext.modeling.fpn_variants import FusionSimpleFeaturePyramid
+
+    torch.manual_seed(0)
+    model = build_model(_detector_cfg(name, 'build_timm_simple_fpn_backbone', fusion, mask_on))
+    assert isinstance(model.backbone, FusionSimpleFeaturePyramid)
+    assert {k: v.stride for k, v in model.backbone.output_shape().items()} == {
+        'p2': 4, 'p3': 8, 'p4': 16, 'p5': 32, 'p6': 64}
+    assert (model.backbone.fpn_asff is not None) == (fusion == 'asff')
+    image = torch.randint(0, 255, (3, *DETECTION_SIZE), dtype=torch.uint8)
+    instances = Instances(DETECTION_SIZE, gt_boxes=Boxes(torch.tensor([[40., 60., 300., 400.]])),
+                          gt_classes=torch.tensor([1]))
+    if mask_on:
+        masks = torch.zeros(1, *DETECTION_SIZE, dtype=torch.bool)
+        masks[:, 60:400, 40:300] = True
+        from detectron2.structures import BitMasks
+        instances.gt_masks = BitMasks(masks)
+    model.train()
+    with EventStorage():
+        losses = model([{'image': image, 'instances': instances}])
+    assert all(torch.isfinite(v) for v in losses.values()) and ('loss_mask' in losses) == mask_on
+    sum(losses.values()).backward()
+    model.eval()
+    with torch.no_grad():
+        out = model([{'image': image}])
+    assert out[0]['instances'].image_size == DETECTION_SIZE
+
+
+def test_simple_pyramid_refuses_fine():
+    from detectron2.modeling import build_backbone
+    cfg = _detector_cfg('deit_tiny_patch16_224', 'build_timm_simple_fpn_backbone', 'fine', False)
+    with pytest.raises(ValueError, match='no top-down|does not have'):
+        build_backbone(cfg)
+    cfg = _detector_cfg('deit_tiny_patch16_224', 'build_timm_fpn_backbone', 'sum', False)
+    with pytest.raises(ValueError, match='build_timm_simple_fpn_backbone'):
+        build_backbone(cfg)

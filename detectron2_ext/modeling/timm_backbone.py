@@ -228,8 +228,10 @@ class TimmBackbone(Backbone):
             raise ValueError(f'{model_name!r} has no drop path; set MODEL.TIMM.DROP_PATH_RATE to 0.')
         if not out_indices and facts.reductions and len(set(facts.reductions)) == 1:
             out_indices = (len(facts.reductions) - 1,)  # single-scale: the last block
-        max_stride = max(facts.reductions or (32,))
-        size_kwargs, self._square_size = _input_size_kwargs(facts, img_size, max_stride)
+        # the padding multiple of the default outputs (strides 4..32), known before creation
+        default_strides = [r for r in facts.reductions if 4 <= r <= 32] or facts.reductions or [32]
+        divisor = math.lcm(max(default_strides), int(size_divisibility) or 1)
+        size_kwargs, self._square_size = _input_size_kwargs(facts, img_size, divisor)
         create_kwargs = dict(features_only=True, in_chans=in_chans, **size_kwargs,
                              **_weight_source(model_name, pretrained, checkpoint))
         create_kwargs.update(extra)  # the config has the last word
@@ -275,7 +277,10 @@ class TimmBackbone(Backbone):
         self._size_divisibility = int(size_divisibility) or self._model_size_divisibility(
             max(strides))
         if self._square_size % self._size_divisibility:
-            self._square_size = -(-self._square_size // self._size_divisibility) * self._size_divisibility
+            raise ValueError(
+                f'{model_name} is built for {self._square_size}x{self._square_size} inputs, which '
+                f'is no multiple of its size divisibility {self._size_divisibility}: set '
+                f'MODEL.TIMM.IMG_SIZE to a multiple of {self._size_divisibility}.')
         self.freeze(freeze_at)
 
     # ----------------------------------------------------------------------------- contract
@@ -355,11 +360,14 @@ class TimmBackbone(Backbone):
         returned stage is its ``feature_info`` module, and the stem is every parameter created
         before the first stage.
         """
-        inner = getattr(self.model, 'model', None)
-        if isinstance(inner, nn.Module) and hasattr(inner, 'group_matcher'):
-            by_name = dict(inner.named_parameters())
-            grouped = group_parameters(inner, inner.group_matcher(coarse=True))
-            return [{id(by_name[n]) for n in grouped[k]} for k in sorted(grouped)]
+        # the model inside timm's getter wrapper, or a model that is its own feature extractor
+        # (HRNet's features class)
+        for owner in (getattr(self.model, 'model', None), self.model):
+            if isinstance(owner, nn.Module) and hasattr(owner, 'group_matcher'):
+                by_name = dict(owner.named_parameters())
+                grouped = group_parameters(owner, owner.group_matcher(coarse=True))
+                return [{id(by_name[n]) for n in grouped[k] if n in by_name}
+                        for k in sorted(grouped)]
         stages = []
         for name in self._stage_modules:
             module = _find_module(self.model, name)
