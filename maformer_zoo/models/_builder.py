@@ -18,7 +18,7 @@ from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 
 from ..errors import CheckpointMismatchError, CorruptCheckpointError, PretrainedWeightsNotFoundError, \
     UnsafeCheckpointError  # noqa: F401 (re-exported)
-from ..hub import missing_weights_error
+from ..hub import missing_weights_error, resolve_weight_file
 from ..weights import format_mismatch, read_state_dict, state_dict_mismatch
 
 
@@ -47,12 +47,11 @@ def _checked_filter(filter_fn: Optional[Callable], variant: str, cfg: Dict[str, 
 
 def _weights_overlay(variant: str, cfg: Dict[str, Any]) -> Dict[str, Any]:
     """What to add to the pretrained cfg overlay so timm loads what the user gave (see the module docstring)."""
-    if cfg.get('source') == 'local-dir':  # timm reads the folder's config.json and weights
-        return {}
     if cfg.get('state_dict') is None and cfg.get('file') and cfg.get('source') != 'hf-hub':
-        state_dict, _ = read_state_dict(cfg['file'])  # our errors: missing, empty, unsafe, corrupt
+        file = resolve_weight_file(f"local-dir:{cfg['file']}") if cfg.get('source') == 'local-dir' else cfg['file']
+        state_dict, _ = read_state_dict(file)  # our errors: missing, empty, unsafe, corrupt
         heads = [state_dict[f'{c}.weight'] for c in _names(cfg.get('classifier')) if f'{c}.weight' in state_dict]
-        overlay = dict(state_dict=state_dict, file=None)
+        overlay = dict(state_dict=state_dict, file=None, source=None)
         if heads and heads[0].ndim >= 1:
             overlay['num_classes'] = int(heads[0].shape[0])
         return overlay
