@@ -354,7 +354,7 @@ def test_wrong_architecture_in_config(exported, tmp_path):
         timm.create_model(f'local-dir:{folder}', pretrained=True)
     assert 'missing' in str(info.value) and 'base.conv1.weight' in str(info.value)
     # an exported file loaded into another architecture: the error says what its config.json names
-    with pytest.raises(CheckpointMismatchError, match=f"config.json says they are weights of '{SMALL}'"):
+    with pytest.raises(CheckpointMismatchError, match=f"holds weights of '{SMALL}'"):
         timm.create_model('pvt_v2_b0_mscsa', pretrained=True, features_only=True,
                           pretrained_cfg_overlay=dict(file=str(exported['folder'] / 'model.safetensors')))
     with pytest.raises(CheckpointMismatchError, match="holds weights of 'pvt_v2_b0_mscsa'"):

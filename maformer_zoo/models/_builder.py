@@ -48,7 +48,8 @@ def _checked_filter(filter_fn: Optional[Callable], variant: str, cfg: Dict[str, 
 def _weights_overlay(variant: str, cfg: Dict[str, Any]) -> Dict[str, Any]:
     """What to add to the pretrained cfg overlay so timm loads what the user gave (see the module docstring)."""
     if cfg.get('state_dict') is None and cfg.get('file') and cfg.get('source') != 'hf-hub':
-        file = resolve_weight_file(f"local-dir:{cfg['file']}") if cfg.get('source') == 'local-dir' else cfg['file']
+        prefix = 'local-dir:' if cfg.get('source') == 'local-dir' else ''
+        file = resolve_weight_file(prefix + cfg['file'], variant)  # also: does a config.json beside it name variant
         state_dict, _ = read_state_dict(file)  # our errors: missing, empty, unsafe, corrupt
         heads = [state_dict[f'{c}.weight'] for c in _names(cfg.get('classifier')) if f'{c}.weight' in state_dict]
         overlay = dict(state_dict=state_dict, file=None, source=None)
