@@ -30,6 +30,8 @@ from detectron2.layers import FrozenBatchNorm2d
 from detectron2.layers.batch_norm import LayerNorm as Detectron2LayerNorm
 from detectron2.solver.build import maybe_add_gradient_clipping
 
+from ..checkpoint import SafeDetectionCheckpointer
+
 __all__ = ['Trainer', 'build_optimizer', 'optimizer_param_groups', 'build_evaluator']
 logger = logging.getLogger(__name__)
 
@@ -158,7 +160,14 @@ def build_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None)
 
 
 class Trainer(DefaultTrainer):
-    """``DefaultTrainer`` with :func:`build_optimizer` and :func:`build_evaluator`."""
+    """``DefaultTrainer`` with :func:`build_optimizer`, :func:`build_evaluator` and safe checkpoint reading."""
+
+    def build_hooks(self):
+        # DefaultTrainer.__init__ makes its DetectionCheckpointer just before this call; swap in the safe one
+        # before the checkpoint hook captures it, so resume_or_load never unpickles code.
+        old = self.checkpointer
+        self.checkpointer = SafeDetectionCheckpointer(old.model, old.save_dir, **old.checkpointables)
+        return super().build_hooks()
 
     @classmethod
     def build_optimizer(cls, cfg, model):

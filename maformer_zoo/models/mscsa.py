@@ -25,7 +25,7 @@ is timm's own model, created with ``timm.create_model`` and read through its pub
   4/8/16/32 are the base's stage features fused with the MSCSA output (base channel widths).
 * ``pretrained_base=True``: timm's pretrained weights for the base part only (pick the tag with
   ``base_model='resnet50.tv_in1k'``, a local file with ``base_pretrained_cfg_overlay=dict(file=...)``).
-  ``pretrained=True``: our full checkpoint (``hf_hub_id='maformer-zoo/<name>.in1k'``).
+  ``pretrained=True``: our full checkpoint (once published, see maformer_zoo.hub).
 
 Choices the paper leaves open (see also README, "MSCSA"):
 
@@ -57,6 +57,8 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ..layers.mscsa import DenseFusion, MultiStageCrossScaleAttention
+from ..hub import published_hub_id
+from ..weights import unwrap_state_dict
 from ._builder import PretrainedWeightsNotFoundError, build_zoo_model, check_input
 
 __all__ = ['MscsaNet']
@@ -350,17 +352,13 @@ class MscsaNet(nn.Module):
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: MscsaNet) -> Dict[str, torch.Tensor]:
     """Prepare a checkpoint for ``model``.
 
-    * unwraps ``{'state_dict': ...}`` / ``{'model': ...}`` training checkpoints;
+    * unwraps training checkpoints (``maformer_zoo.weights.unwrap_state_dict``: EMA first);
     * refuses a checkpoint of the bare base model with a pointer to ``pretrained_base``;
     * keeps the model's own initialisation of fusion layers the checkpoint lacks (a classification
       checkpoint loaded into the dense variant, Fig. 5: those layers are trained on the dense task),
       and drops the fusion layers of a dense checkpoint loaded into the classification variant.
     """
-    for key in ('state_dict', 'model', 'state_dict_ema', 'model_ema'):
-        if key in state_dict and isinstance(state_dict[key], dict):
-            state_dict = state_dict[key]
-            break
-    state_dict = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+    state_dict = unwrap_state_dict(state_dict)[0]
     if state_dict and not any(k.startswith(('base.', 'mscsa.')) for k in state_dict):
         raise ValueError(
             f"This checkpoint has no 'base.' or 'mscsa.' keys (first keys: {list(state_dict)[:3]}): it looks "
@@ -384,7 +382,7 @@ def _create_mscsa(variant: str, pretrained: bool = False, **kwargs: Any) -> Mscs
 
 def _cfg(variant: str, **kwargs: Any) -> Dict[str, Any]:
     return {
-        'hf_hub_id': f'maformer-zoo/{variant}.in1k',
+        'hf_hub_id': published_hub_id(variant),
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
         'crop_pct': 0.9, 'interpolation': 'bicubic', 'fixed_input_size': False,
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
