@@ -26,6 +26,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Type
 import torch
 from torch import nn
 from timm.models import build_model_with_cfg, resolve_pretrained_cfg
+from timm.layers import register_notrace_function
 
 HUB_ORG = 'maformer-zoo'
 
@@ -353,6 +354,7 @@ def _install_hub_config_errors() -> None:
 _install_hub_config_errors()
 
 
+@register_notrace_function  # Python control flow on sizes: an FX leaf, still run by the traced graph
 def check_input(x: torch.Tensor, in_chans: int, min_size: int, model_name: str) -> None:
     """Fail early, and clearly, on an input the model cannot take.
 
