@@ -21,9 +21,10 @@ import detectron2_ext  # noqa: E402
 from detectron2_ext import add_maformer_zoo_config  # noqa: E402
 from detectron2_ext.data import register_synthetic_dataset, write_synthetic_coco  # noqa: E402
 from detectron2_ext.engine import (  # noqa: E402
-    build_argument_parser, main, optimizer_param_groups, small_run_opts,
+    build_argument_parser, main, optimizer_param_groups,
 )
 from detectron2_ext.modeling.timm_backbone import TimmBackbone  # noqa: E402
+from small_run import small_run_opts  # noqa: E402  (tests/small_run.py)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, 'configs')
@@ -535,23 +536,6 @@ def test_retinanet_builders(fusion):
     with torch.no_grad():
         out = model([{'image': torch.randint(0, 255, (3, 64, 96), dtype=torch.uint8)}])
     assert 'instances' in out[0]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize('max_iter,minutes,trained', [(3, 60, 3), (100, 0.0001, 1)])
-def test_demo_script(tmp_path, max_iter, minutes, trained):
-    """`make demo` end to end, shrunk: data, training (to MAX_ITER, or stopped by the time
-    budget after the first iteration), AP, the picture, the summary."""
-    cmd = [sys.executable, os.path.join(ROOT, 'scripts', 'demo.py'), '--output-dir',
-           str(tmp_path), '--max-iter', str(max_iter), '--minutes', str(minutes),
-           '--num-train', '4', '--num-val', '2', '--image-size', '64', '--batch-size', '2']
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert 'box  AP' in proc.stdout and 'mask AP' in proc.stdout
-    assert f'trained {trained} iterations' in proc.stdout
-    assert 'TimeIsUp' not in proc.stdout + proc.stderr  # the planned stop logs no traceback
-    for path in ('predictions.png', 'model/model_final.pth', 'model/metrics.json'):
-        assert os.path.isfile(tmp_path / path), path
 
 
 @pytest.mark.slow
