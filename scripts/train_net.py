@@ -148,12 +148,12 @@ def cli(argv: Optional[List[str]] = None) -> int:
     args = build_argument_parser().parse_args(argv)
     print('Command Line Args:', args)
     try:
-        build_config(args)  # bad input fails here, in one line, before any process is launched
-    except USER_ERRORS as err:
+        build_config(args)  # bad input fails here, before any process is launched
+        launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+               dist_url=args.dist_url, args=(args,))
+    except USER_ERRORS as err:  # one line; in the single-process case also for weights refused while loading
         print(f'error: {err.args[0] if isinstance(err, KeyError) and err.args else err}', file=sys.stderr)
         return 2
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
     return 0
 
 
