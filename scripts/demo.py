@@ -54,6 +54,16 @@ def _draw_predictions(cfg, model, dataset_name: str, path: str, num_images: int,
     Image.fromarray(np.concatenate(rows, axis=0)).save(path)
 
 
+def _setup(config_file: str, opts: list):
+    """The config (safe YAML, keys checked) after detectron2's ``default_setup`` (logging, seed, config.yaml)."""
+    from detectron2.engine import default_setup
+    from detectron2_ext.config_file import load_config
+    cfg = load_config(config_file, opts)
+    cfg.freeze()
+    default_setup(cfg, argparse.Namespace(config_file=config_file, eval_only=False))
+    return cfg
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--output-dir', default=DEFAULT_OUTPUT)
@@ -80,7 +90,7 @@ def main(argv=None) -> int:
         return 1
     from detectron2_ext.data import register_synthetic_dataset, write_synthetic_coco
     from detectron2_ext.engine import (
-        Trainer, build_argument_parser, setup, small_run_opts, train_within_budget,
+        Trainer, small_run_opts, train_within_budget,
     )
 
     out = os.path.abspath(args.output_dir)
@@ -104,7 +114,7 @@ def main(argv=None) -> int:
     # detectron2's console log (environment, full config, per-iteration metrics) goes to
     # log.txt only: its console handler is created inside setup() on the stdout in place then.
     with contextlib.redirect_stdout(io.StringIO()):
-        cfg = setup(build_argument_parser().parse_args(['--config-file', config] + opts))
+        cfg = _setup(config, opts)
 
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
