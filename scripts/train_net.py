@@ -79,6 +79,9 @@ def check_datasets(cfg: CfgNode) -> None:
             raise KeyError(f"Dataset '{name}' is not registered{close_names_hint(name, registered)}. Register your own "
                            f"with {' or '.join(DATASET_FLAGS)}, or use one of detectron2's builtin names.")
         meta = MetadataCatalog.get(name)
+        if name in cfg.DATASETS.TRAIN and meta.get('num_annotations', None) == 0:
+            raise ValueError(f"Training dataset '{name}' has no annotations ({meta.json_file}): detectron2 would find "
+                             f"no image to train on. Check the json's 'annotations' list.")
         things, stuff = meta.get('thing_classes', None), meta.get('stuff_classes', None)
         if things is not None and num_things != len(things):
             raise ValueError(f"Dataset '{name}' has {len(things)} thing classes but {head} is {num_things}: "
