@@ -37,6 +37,16 @@ def _mask_format(json_file: str):
     return 'bitmask' if any(isinstance(s, dict) for s in segmentations) else 'polygon'
 
 
+def _setup(config_file: str, opts: list):
+    """The config (safe YAML, keys checked) after detectron2's ``default_setup`` (logging, seed, config.yaml)."""
+    from detectron2.engine import default_setup
+    from detectron2_ext.config_file import load_config
+    cfg = load_config(config_file, opts)
+    cfg.freeze()
+    default_setup(cfg, argparse.Namespace(config_file=config_file, eval_only=False))
+    return cfg
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,7 +71,7 @@ def main(argv=None) -> int:
     from detectron2.data import MetadataCatalog
     from detectron2_ext.data import register_coco_instances_dataset
     from detectron2_ext.engine import (
-        Trainer, build_argument_parser, setup, small_run_opts, train_within_budget,
+        Trainer, small_run_opts, train_within_budget,
     )
 
     register_coco_instances_dataset('finetune_train', args.train_json, args.train_images)
@@ -76,7 +86,7 @@ def main(argv=None) -> int:
                           fpn_channels=args.fpn_channels, seed=args.seed)
     opts += ['MODEL.MASK_ON', str(masks), 'INPUT.MASK_FORMAT', mask_format or 'polygon'] + args.opts
     with contextlib.redirect_stdout(io.StringIO()):  # detectron2's console log -> log.txt only
-        cfg = setup(build_argument_parser().parse_args(['--config-file', args.config_file] + opts))
+        cfg = _setup(args.config_file, opts)
 
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)

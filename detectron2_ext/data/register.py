@@ -46,7 +46,10 @@ def _check_exists(path: str, what: str, option: str, is_dir: bool) -> str:
 
 def _load_json(path: str) -> Dict:
     with open(path) as f:
-        data = json.load(f)
+        try:
+            data = json.load(f)
+        except ValueError as err:
+            raise ValueError(f"'{path}' is not valid JSON (line {getattr(err, 'lineno', '?')}): fix or re-export it.") from None
     if not isinstance(data, dict) or 'categories' not in data or 'images' not in data:
         raise ValueError(f"'{path}' is not a COCO json: it needs 'images' and 'categories' keys.")
     return data
@@ -97,6 +100,7 @@ def register_coco_instances_dataset(name: str, json_file: str, image_dir: str) -
     data = _load_json(json_file)
     metadata = dict(
         json_file=json_file, image_root=image_dir, evaluator_type='coco',
+        num_annotations=len(data.get('annotations') or []),
         registration=dict(kind='coco_instances', json_file=json_file, image_dir=image_dir),
         **_thing_metadata(data['categories']),
     )
