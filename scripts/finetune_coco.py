@@ -77,7 +77,7 @@ def main(argv=None) -> int:
         'INPUT.MIN_SIZE_TRAIN', f'({size},)', 'INPUT.MAX_SIZE_TRAIN', 4 * size,
         'INPUT.MIN_SIZE_TEST', size, 'INPUT.MAX_SIZE_TEST', 4 * size,
         'SOLVER.IMS_PER_BATCH', args.batch_size, 'SOLVER.BASE_LR', args.lr,
-        'SOLVER.MAX_ITER', args.max_iter,
+        'SOLVER.MAX_ITER', args.max_iter, 'SOLVER.STEPS', '()',  # constant after the warm-up
         'SOLVER.WARMUP_ITERS', min(cfg.SOLVER.WARMUP_ITERS, args.max_iter),
         'MODEL.FPN.OUT_CHANNELS', width, 'MODEL.ROI_BOX_HEAD.FC_DIM', 4 * width,
         'MODEL.ROI_MASK_HEAD.CONV_DIM', width,
