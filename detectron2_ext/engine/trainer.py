@@ -1,17 +1,11 @@
 """detectron2's ``DefaultTrainer`` with the optimizer and evaluators our configs need.
 
-* :func:`build_optimizer`: ``SOLVER.OPTIMIZER`` 'AdamW' (the papers' detectors) or 'SGD'.
-  Weight decay is 0 for normalisation layers (``SOLVER.WEIGHT_DECAY_NORM``), biases
-  (``SOLVER.WEIGHT_DECAY_BIAS``), parameters named in ``SOLVER.NO_WEIGHT_DECAY_KEYWORDS``
-  (position embeddings and relative-position tables) and parameters a timm model lists in its
-  ``no_weight_decay()``. Gradient clipping is detectron2's ``SOLVER.CLIP_GRADIENTS`` (its
-  per-parameter 'value' / 'norm', plus ``CLIP_TYPE: full_model``: one norm over all parameters,
-  as MMDetection's ``grad_clip`` in the papers' code bases); AMP is
-  detectron2's ``SOLVER.AMP.ENABLED`` (``AMPTrainer``, CUDA only).
-* :func:`build_evaluator`: chosen from the dataset's ``evaluator_type`` metadata: 'coco' ->
-  ``COCOEvaluator`` (boxes, and masks when the model predicts them); 'coco_panoptic_seg' ->
-  ``SemSegEvaluator`` + ``COCOEvaluator`` + ``COCOPanopticEvaluator`` (PQ via panopticapi), as
-  detectron2's own ``train_net.py`` does for Panoptic FPN; 'sem_seg' -> ``SemSegEvaluator``.
+* :func:`build_optimizer`: AdamW (the papers' detectors) or SGD, no weight decay on norms, biases
+  and position tables, and ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE 'full_model'`` (one norm over all
+  parameters, as the papers' MMDetection code bases).
+* :func:`build_evaluator`: from the dataset's ``evaluator_type``, as detectron2's ``train_net.py``.
+
+The rules and the reasons: docs/detectron2.md, "Training extras".
 """
 import logging
 import os
