@@ -14,7 +14,7 @@ detectron2 = pytest.importorskip('detectron2')
 
 import timm  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
-from timm.layers import FrozenBatchNorm2d  # noqa: E402
+from torchvision.ops.misc import FrozenBatchNorm2d  # noqa: E402  (what timm.layers.freeze_batch_norm_2d makes)
 from detectron2.modeling import build_model  # noqa: E402
 
 import detectron2_ext  # noqa: E402
@@ -290,14 +290,15 @@ def test_resnet_keys_are_refused_for_timm_backbones():
 
 def test_extra_model_kwargs_are_checked(tmp_path):
     config = tmp_path / 'kwargs.yaml'
-    config.write_text('MODEL:\n  TIMM:\n    KWARGS: {output_stride: 16}\n')
+    config.write_text('MODEL:\n  TIMM:\n    KWARGS: {stem_type: deep, stem_width: 32}\n')
     cfg = _timm_cfg()
     cfg.merge_from_file(str(config))
     cfg.MODEL.BACKBONE.NAME = 'build_timm_backbone'
     from detectron2.modeling import build_backbone
-    shapes = build_backbone(cfg).output_shape()  # timm's dilated last stage: stride 16 twice
-    assert [s.stride for s in shapes.values()][:3] == [4, 8, 16]
-    with pytest.raises(ValueError, match=r"takes no argument 'windw_size' \(did you mean \['window_size'\]"):
+    backbone = build_backbone(cfg)  # timm's ResNet-D stem: three convs
+    assert isinstance(backbone.model.conv1, torch.nn.Sequential)
+    assert backbone.model.conv1[0].out_channels == 32
+    with pytest.raises(ValueError, match=r"takes no argument 'windw_size' \(did you mean \['window_size'"):
         TimmBackbone('swin_tiny_patch4_window7_224', model_kwargs={'windw_size': 8})
     with pytest.raises(ValueError, match='use MODEL.TIMM.OUT_INDICES'):
         TimmBackbone('resnet18', model_kwargs={'out_indices': (1, 2)})
