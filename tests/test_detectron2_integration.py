@@ -190,6 +190,16 @@ def test_output_contract_and_norms():
 
     sync = TimmBackbone('resnet18', norm='SyncBN')
     assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in sync.modules())
+    # timm's norm + act layers keep their activation through the SyncBN conversion
+    from timm.layers import SyncBatchNormAct
+    plain = TimmBackbone('efficientnet_b0', norm='').eval()
+    sync_act = TimmBackbone('efficientnet_b0', norm='SyncBN').eval()
+    sync_act.load_state_dict(plain.state_dict())
+    assert any(isinstance(m, SyncBatchNormAct) for m in sync_act.modules())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for level, feature in sync_act(x).items():
+            torch.testing.assert_close(feature, plain(x)[level])
     keep = TimmBackbone('resnet18', norm='')
     assert type(keep.model.bn1) is torch.nn.BatchNorm2d
     with pytest.raises(ValueError, match='NORM'):
