@@ -184,6 +184,164 @@ SOLVER:
 """
 
 
+# ------------------------------------------------------------------ semantic segmentation (ADE20K)
+# Self-contained: everything below only reads BACKBONES and NECKS (docs/segmentation.md).
+
+SEMANTIC_DIR = 'ADE20K-SemanticSegmentation'
+ADE20K_CLASSES = 150
+
+
+def _semantic_bases() -> Dict[str, str]:
+    crop = 512
+    return {
+        'Base-Timm-Semantic-FPN.yaml': f"""{HEADER}\
+# Semantic FPN (detectron2's SemanticSegmentor + SemSegFPNHead) on a timm backbone + FPN neck,
+# ADE20K ({ADE20K_CLASSES} classes, detectron2's ade20k_sem_seg_* under $DETECTRON2_DATASETS).
+# Data as MMSegmentation's ADE20K pipeline the papers use: shorter side drawn from
+# {crop // 2}..{crop * 2} (ratio 0.5-2 of {crop}), random {crop}x{crop} crop, flip; test at shorter
+# side {crop}. Schedules: Base-Timm-Semantic-FPN-40k.yaml / -80k.yaml.
+MODEL:
+  META_ARCHITECTURE: "SemanticSegmentor"
+  WEIGHTS: ""  # the backbone's ImageNet weights come from MODEL.TIMM
+  BACKBONE:
+    NAME: "build_timm_fpn_backbone"
+  TIMM:
+    PRETRAINED: True
+  FPN:
+    IN_FEATURES: ["res2", "res3", "res4", "res5"]
+    OUT_CHANNELS: 256
+  SEM_SEG_HEAD:
+    NAME: "SemSegFPNHead"
+    IN_FEATURES: ["p2", "p3", "p4", "p5"]
+    NUM_CLASSES: {ADE20K_CLASSES}
+    IGNORE_VALUE: 255
+    CONVS_DIM: 128
+    COMMON_STRIDE: 4
+    NORM: "GN"
+    LOSS_WEIGHT: 1.0
+  PIXEL_MEAN: [123.675, 116.28, 103.53]
+  PIXEL_STD: [58.395, 57.12, 57.375]
+DATASETS:
+  TRAIN: ("ade20k_sem_seg_train",)
+  TEST: ("ade20k_sem_seg_val",)
+INPUT:
+  FORMAT: "RGB"
+  MIN_SIZE_TRAIN: ({crop // 2}, {crop * 2})
+  MIN_SIZE_TRAIN_SAMPLING: "range"
+  MAX_SIZE_TRAIN: {crop * 4}
+  MIN_SIZE_TEST: {crop}
+  MAX_SIZE_TEST: {crop * 4}
+  CROP:
+    ENABLED: True
+    TYPE: "absolute"
+    SIZE: ({crop}, {crop})
+SOLVER:
+  OPTIMIZER: "AdamW"
+  WEIGHT_DECAY_NORM: 0.0
+  WEIGHT_DECAY_BIAS: 0.0
+  CHECKPOINT_PERIOD: 8000
+TEST:
+  EVAL_PERIOD: 8000
+""",
+        'Base-Timm-Semantic-FPN-40k.yaml': f"""{HEADER}\
+# Semantic FPN, MSCSA's ADE20K setting for PVTv2 (MSCSA Sec. 4.2, App. C.3): AdamW, lr 2e-4,
+# weight decay 1e-4, 32 images per batch, 40k iterations, poly decay with power 0.9, no warm-up.
+_BASE_: "Base-Timm-Semantic-FPN.yaml"
+SOLVER:
+  IMS_PER_BATCH: 32
+  BASE_LR: 0.0002
+  WEIGHT_DECAY: 0.0001
+  LR_SCHEDULER_NAME: "WarmupPolyLR"
+  POLY_LR_POWER: 0.9
+  WARMUP_ITERS: 0
+  MAX_ITER: 40000
+""",
+        'Base-Timm-Semantic-FPN-80k.yaml': f"""{HEADER}\
+# Semantic FPN, MAFormer's ADE20K setting (MAFormer Table 7, Sec. 4.4): AdamW, lr 2e-4, weight
+# decay 1e-4, 16 images per batch, 80k iterations, cosine decay to 0 after 1,000 linear warm-up
+# iterations (warm-up start factor 1e-6 and decay to 0: our choice, docs/segmentation.md).
+_BASE_: "Base-Timm-Semantic-FPN.yaml"
+SOLVER:
+  IMS_PER_BATCH: 16
+  BASE_LR: 0.0002
+  WEIGHT_DECAY: 0.0001
+  LR_SCHEDULER_NAME: "WarmupCosineLR"
+  BASE_LR_END: 0.0
+  WARMUP_ITERS: 1000
+  WARMUP_FACTOR: 0.000001
+  MAX_ITER: 80000
+""",
+        'Base-Timm-UPerNet-160k.yaml': f"""{HEADER}\
+# UPerNet (detectron2_ext.modeling.semantic.UPerNetHead on the FPN neck's p2..p5, 512 channels),
+# MAFormer's ADE20K setting (Table 7, Sec. 4.4): AdamW, lr 6e-5, weight decay 0.01, 16 images per
+# batch, 160k iterations, linear decay (poly power 1) after 1,500 linear warm-up iterations.
+_BASE_: "Base-Timm-Semantic-FPN.yaml"
+MODEL:
+  FPN:
+    OUT_CHANNELS: 512
+  SEM_SEG_HEAD:
+    NAME: "UPerNetHead"
+    CONVS_DIM: 512
+    NORM: "SyncBN"
+  UPERNET:
+    POOL_SCALES: [1, 2, 3, 6]
+    DROPOUT: 0.1
+SOLVER:
+  IMS_PER_BATCH: 16
+  BASE_LR: 0.00006
+  WEIGHT_DECAY: 0.01
+  LR_SCHEDULER_NAME: "WarmupPolyLR"
+  POLY_LR_POWER: 1.0
+  WARMUP_ITERS: 1500
+  WARMUP_FACTOR: 0.000001
+  MAX_ITER: 160000
+  CHECKPOINT_PERIOD: 16000
+TEST:
+  EVAL_PERIOD: 16000
+""",
+    }
+
+
+SEMANTIC_MODELS = {  # file pattern -> (base file, title)
+    SEMANTIC_DIR + '/semantic_fpn_{backbone}_{neck}_40k.yaml':
+        ('Base-Timm-Semantic-FPN-40k.yaml', "Semantic FPN 40k (MSCSA's PVTv2 setting)"),
+    SEMANTIC_DIR + '/semantic_fpn_{backbone}_{neck}_80k.yaml':
+        ('Base-Timm-Semantic-FPN-80k.yaml', "Semantic FPN 80k (MAFormer's setting)"),
+    SEMANTIC_DIR + '/upernet_{backbone}_{neck}_160k.yaml':
+        ('Base-Timm-UPerNet-160k.yaml', "UPerNet 160k (MAFormer's setting)"),
+}
+
+
+def _semantic_file(backbone: str, neck: str, base: str, title: str) -> str:
+    recipe = BACKBONES[backbone]
+    builder, fusion, neck_title = NECKS[neck][:3]
+    return f"""{HEADER}\
+# {title}: {backbone} + {neck_title}. Backbone drop path / freezing / norm: {recipe.source}.
+_BASE_: "../{base}"
+MODEL:
+  BACKBONE:
+    NAME: "{builder}"
+  FPN:
+    FUSION: "{fusion}"
+  TIMM:
+    NAME: "{backbone}"
+    DROP_PATH_RATE: {recipe.drop_path_1x}
+    FREEZE_AT: {recipe.freeze_at}
+    NORM: "{recipe.norm}"
+"""
+
+
+def semantic_files() -> Dict[str, str]:
+    """The semantic segmentation bases and grid: path relative to ``configs/`` -> content."""
+    files = dict(_semantic_bases())
+    for pattern, (base, title) in SEMANTIC_MODELS.items():
+        for backbone in BACKBONES:
+            for neck in NECKS:
+                files[pattern.format(backbone=backbone, neck=neck)] = _semantic_file(
+                    backbone, neck, base, title)
+    return files
+
+
 def generate() -> Dict[str, str]:
     """Every generated file: path relative to ``configs/`` -> content."""
     files = dict(_bases())
@@ -192,6 +350,7 @@ def generate() -> Dict[str, str]:
             for neck in NECKS:
                 files[pattern.format(backbone=backbone, neck=neck)] = _grid_file(
                     backbone, neck, base, schedule, title)
+    files.update(semantic_files())
     return files
 
 

@@ -31,6 +31,7 @@ from detectron2.utils import comm
 
 from ..config import add_maformer_zoo_config
 from ..data import register_coco_instances_dataset, register_coco_panoptic_dataset
+from ..data import register_sem_seg_dataset, set_sem_seg_num_classes
 from .trainer import Trainer
 
 __all__ = ['build_argument_parser', 'register_datasets_from_args', 'setup', 'main', 'run']
@@ -60,6 +61,11 @@ def build_argument_parser() -> argparse.ArgumentParser:
         metavar=('NAME', 'IMAGE_DIR', 'PANOPTIC_DIR', 'PANOPTIC_JSON', 'INSTANCES_JSON'),
         help='register a COCO panoptic dataset for Panoptic FPN as NAME (repeatable); its '
              'semantic labels are written to PANOPTIC_DIR_semseg if missing')
+    parser.add_argument(
+        '--sem-seg-dataset', nargs=3, action='append', default=[],
+        metavar=('NAME', 'IMAGE_DIR', 'LABEL_DIR'),
+        help='register a semantic segmentation dataset as NAME: images and same-named label PNGs '
+             '(class ids, 255 = ignore; MODEL.SEM_SEG_HEAD.NUM_CLASSES classes) (repeatable)')
     return parser
 
 
@@ -70,6 +76,8 @@ def register_datasets_from_args(args: argparse.Namespace) -> None:
     for name, image_dir, pan_dir, pan_json, inst_json in getattr(args, 'coco_panoptic_dataset',
                                                                   None) or []:
         register_coco_panoptic_dataset(name, image_dir, pan_dir, pan_json, inst_json)
+    for name, image_dir, label_dir in getattr(args, 'sem_seg_dataset', None) or []:
+        register_sem_seg_dataset(name, image_dir, label_dir)
 
 
 def _all_keys(node: CfgNode, prefix: str = '') -> List[str]:
@@ -109,6 +117,7 @@ def _check_datasets(cfg: CfgNode) -> None:
                 f"Dataset '{name}' is not registered{f' (did you mean {close}?)' if close else ''}. "
                 f"Register your own with --coco-dataset NAME JSON IMAGE_DIR (or "
                 f"--coco-panoptic-dataset ...), or use one of detectron2's builtin names.")
+        set_sem_seg_num_classes(name, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
         meta = MetadataCatalog.get(name)
         things = meta.get('thing_classes', None)
         if things is not None and num_things[1] != len(things):
