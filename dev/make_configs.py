@@ -242,6 +242,7 @@ SOLVER:
   CHECKPOINT_PERIOD: 8000
 TEST:
   EVAL_PERIOD: 8000
+VERSION: 2
 """,
         'Base-Timm-Semantic-FPN-40k.yaml': f"""{HEADER}\
 # Semantic FPN, MSCSA's ADE20K setting for PVTv2 (MSCSA Sec. 4.2, App. C.3): AdamW, lr 2e-4,

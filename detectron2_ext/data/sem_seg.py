@@ -3,9 +3,9 @@
 * :func:`register_sem_seg_dataset`: a directory of images and a directory of same-named ``.png``
   label maps (pixel value = class id ``0..K-1``, 255 = ignore), what ``train_net.py
   --sem-seg-dataset NAME IMAGE_DIR LABEL_DIR`` calls. ``K`` comes from the model config
-  (``MODEL.SEM_SEG_HEAD.NUM_CLASSES``) through :func:`set_sem_seg_num_classes`; every label file
-  is checked against it when the dataset is first loaded, so a wrong class count fails in one line
-  before training rather than as an index error inside the loss.
+  (``MODEL.SEM_SEG_HEAD.NUM_CLASSES``) through :func:`set_sem_seg_num_classes`, which checks every
+  label file against it, so a wrong class count fails in one line before the model is built
+  rather than as an index error inside the loss.
 * :func:`write_synthetic_sem_seg`: the procedural scenes of :mod:`.synthetic` with full semantic
   labels (3 things + 3 stuff classes), for tests and quick runs.
 
@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import MetadataCatalog
 
 from .register import _check_exists, _register_once
 from .synthetic import CATEGORIES, _split_rng, render_scene
@@ -82,11 +82,9 @@ def register_sem_seg_dataset(name: str, image_dir: str, label_dir: str,
     pairs = _pairs(image_dir, label_dir)
 
     def load() -> List[Dict]:
-        classes = MetadataCatalog.get(name).get('stuff_classes', None)
-        if classes is None:
+        if MetadataCatalog.get(name).get('stuff_classes', None) is None:
             raise ValueError(f"Dataset '{name}' has no class count: call set_sem_seg_num_classes("
                              f"'{name}', MODEL.SEM_SEG_HEAD.NUM_CLASSES) first.")
-        _check_labels(name, pairs, len(classes))
         return [dict(file_name=image, sem_seg_file_name=label) for image, label in pairs]
 
     metadata = dict(image_root=image_dir, sem_seg_root=label_dir, evaluator_type='sem_seg',
@@ -99,13 +97,15 @@ def register_sem_seg_dataset(name: str, image_dir: str, label_dir: str,
 
 def set_sem_seg_num_classes(name: str, num_classes: int,
                             class_names: Optional[Sequence[str]] = None) -> None:
-    """Give the dataset ``name`` (from :func:`register_sem_seg_dataset`) its class count.
+    """Give the dataset ``name`` (from :func:`register_sem_seg_dataset`) its class count and check
+    every label file against it (one read of each file).
 
     A no-op for other datasets (detectron2's builtin ones carry their own classes). A count that
     contradicts names already set is an error.
     """
     meta = MetadataCatalog.get(name)
-    if meta.get('registration', {}).get('kind') != 'sem_seg':
+    registration = meta.get('registration', {})
+    if registration.get('kind') != 'sem_seg':
         return
     if class_names is not None and len(class_names) != num_classes:
         raise ValueError(f"Dataset '{name}': {len(class_names)} class names for {num_classes} "
@@ -117,10 +117,10 @@ def set_sem_seg_num_classes(name: str, num_classes: int,
                 f"Dataset '{name}' has {len(existing)} classes but {num_classes} were asked for: "
                 f"set MODEL.SEM_SEG_HEAD.NUM_CLASSES {len(existing)}.")
         return
+    _check_labels(name, _pairs(registration['image_dir'], registration['label_dir']), num_classes)
     names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
     meta.set(stuff_classes=names)
-    if name in DatasetCatalog.list():
-        logger.info(f"Dataset '{name}': {num_classes} semantic classes.")
+    logger.info(f"Dataset '{name}': {num_classes} semantic classes.")
 
 
 def write_synthetic_sem_seg(root: str, num_images: int = 8, image_size: Tuple[int, int] = (128, 160),
