@@ -116,7 +116,8 @@ def _check_datasets(cfg: CfgNode) -> None:
             raise KeyError(
                 f"Dataset '{name}' is not registered{f' (did you mean {close}?)' if close else ''}. "
                 f"Register your own with --coco-dataset NAME JSON IMAGE_DIR (or "
-                f"--coco-panoptic-dataset ...), or use one of detectron2's builtin names.")
+                f"--coco-panoptic-dataset ..., --sem-seg-dataset ...), or use one of detectron2's "
+                f"builtin names.")
         set_sem_seg_num_classes(name, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
         meta = MetadataCatalog.get(name)
         things = meta.get('thing_classes', None)
