@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def measure(model_name: str) -> Dict[str, Any]:
     import timm
-    from maformer_zoo.hub import measure_model_stats
+    from maformer_zoo.utils.flops import measure_model_stats
     model = timm.create_model(model_name, pretrained=False)
     return measure_model_stats(model)
 
@@ -54,7 +54,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     import maformer_zoo
-    from maformer_zoo.hub import render_model_card
+    from maformer_zoo.cards import render_model_card
 
     names = args.models or maformer_zoo.list_models()
     unknown = sorted(set(names) - set(maformer_zoo.list_models()))

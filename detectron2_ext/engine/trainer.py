@@ -35,6 +35,8 @@ from detectron2.solver import build_lr_scheduler as detectron2_build_lr_schedule
 from detectron2.solver.build import maybe_add_gradient_clipping
 from fvcore.common.param_scheduler import PolynomialDecayParamScheduler
 
+from ..checkpoint import SafeDetectionCheckpointer
+
 __all__ = ['Trainer', 'build_optimizer', 'optimizer_param_groups', 'build_evaluator',
            'build_lr_scheduler']
 logger = logging.getLogger(__name__)
@@ -177,7 +179,14 @@ def build_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None)
 
 
 class Trainer(DefaultTrainer):
-    """``DefaultTrainer`` with :func:`build_optimizer` and :func:`build_evaluator`."""
+    """``DefaultTrainer`` with :func:`build_optimizer`, :func:`build_evaluator` and safe checkpoint reading."""
+
+    def build_hooks(self):
+        # DefaultTrainer.__init__ makes its DetectionCheckpointer just before this call; swap in the safe one
+        # before the checkpoint hook captures it, so resume_or_load never unpickles code.
+        old = self.checkpointer
+        self.checkpointer = SafeDetectionCheckpointer(old.model, old.save_dir, **old.checkpointables)
+        return super().build_hooks()
 
     @classmethod
     def build_optimizer(cls, cfg, model):
