@@ -3,12 +3,13 @@
 
     python benchmarks/run_all.py                 # mscsa, maformer and necks, default settings
     python benchmarks/run_all.py maformer -- --iters 2 --warmup 1
-    python benchmarks/run_all.py --report-only output/bench   # redo report.md / report.png
+    python benchmarks/run_all.py --report-only output/bench/20261201-0130   # redo the report
 
 Each benchmark runs as ``benchmarks/<name>.py --json <output-dir>/<name>.json [options after --]``
 and prints its own tables as it goes; the contract is that it writes a JSON list of flat dicts,
-one per measured row. From those files this writes ``<output-dir>/report.md`` (one table per
-benchmark, every column) and ``<output-dir>/report.png`` (every ``*ratio*`` column as bars).
+one per measured row. From those files this writes ``report.md`` (one table per benchmark, every
+column) and ``report.png`` (every ``*ratio*`` column as bars) beside them, in a new
+``<output-dir>/<date-time>/``.
 Benchmarks are scripts, not tests: they time on whatever machine runs them and report ratios
 against a baseline measured in the same process (timm's base model, Swin-T, plain FPN).
 docs/benchmarks.md says what each measures and holds the numbers of our machines.
@@ -30,15 +31,6 @@ BENCHMARKS = {
     'necks': 'necks.py',        # FPN vs FINE-FPN vs ASFF-FPN at 800x1333
 }
 DEFAULT_OUTPUT = os.path.join('output', 'bench')
-
-
-def _fresh_directory(path: str) -> str:
-    """``path``, or ``path-2``, ``path-3``, ... if it holds an earlier run: never overwrite one."""
-    candidate, n = path, 1
-    while os.path.isdir(candidate) and os.listdir(candidate):
-        n += 1
-        candidate = f'{path}-{n}'
-    return candidate
 
 
 def load_rows(path: str) -> Optional[List[Dict]]:
@@ -148,8 +140,7 @@ def main(argv=None) -> int:
     parser.add_argument('which', nargs='*',
                         help=f'benchmarks to run, of {sorted(BENCHMARKS)} (default: all)')
     parser.add_argument('--output-dir', default=DEFAULT_OUTPUT,
-                        help='where the JSON files and the report go; if it holds an earlier '
-                             'run, <dir>-2, -3, ... is used')
+                        help='the JSON files and the report go to a new <dir>/<date-time>/')
     parser.add_argument('--report-only', metavar='DIR', default=None,
                         help='run nothing: rewrite the report from the JSON files in DIR')
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -168,13 +159,14 @@ def main(argv=None) -> int:
         print(f'[bench] report: {paths["markdown"]}, plot: {paths["plot"]}')
         return 0
 
-    out = _fresh_directory(args.output_dir)
-    os.makedirs(out)
+    out = os.path.join(args.output_dir, time.strftime('%Y%m%d-%H%M%S'))
+    os.makedirs(out)  # a new folder per run: an earlier report is never overwritten
     status, results, notes = 0, {}, {}
     for i, name in enumerate(names, 1):
         json_path = os.path.join(out, f'{name}.json')
         cmd = [sys.executable, os.path.join(HERE, BENCHMARKS[name]), '--json', json_path, *extra]
-        print(f'[bench {i}/{len(names)}] {name}: {" ".join(cmd[1:])}', flush=True)
+        shown = ' '.join(['python', os.path.relpath(cmd[1])] + cmd[2:])
+        print(f'[bench {i}/{len(names)}] {name}: {shown}', flush=True)
         start = time.perf_counter()
         code = subprocess.call(cmd)
         seconds = time.perf_counter() - start
@@ -182,7 +174,7 @@ def main(argv=None) -> int:
         rows = len(results[name]) if results[name] is not None else 0
         print(f'[bench {i}/{len(names)}] {name}: exit {code}, {rows} rows, {seconds:.0f} s',
               flush=True)
-        notes[name] = f'`{" ".join(["python"] + cmd[1:])}`: exit {code}, {seconds:.0f} s.'
+        notes[name] = f'`{shown}`: exit {code}, {seconds:.0f} s.'
         status |= code
     paths = write_report(results, out, notes)
     print(f'[bench] report: {paths["markdown"]}, plot: {paths["plot"]}')

@@ -26,7 +26,7 @@ from .errors import CheckpointMismatchError, CorruptCheckpointError, PretrainedW
 
 __all__ = [
     'load_numpy_pickle', 'load_checkpoint_file', 'unwrap_state_dict', 'read_state_dict', 'state_dict_mismatch',
-    'format_mismatch', 'check_state_dict', 'export_hub_folder', 'EMA_KEYS',
+    'format_mismatch', 'check_state_dict', 'export_hub_folder', 'label_names_of', 'read_label_names', 'EMA_KEYS',
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -195,7 +195,7 @@ def _describe_checkpoint(source: str, checkpoint: Any, key: str) -> str:
     return '; '.join(parts) + '.'
 
 
-def _label_names(checkpoint: Any, num_classes: int) -> Optional[List[str]]:
+def label_names_of(checkpoint: Any, num_classes: int) -> Optional[List[str]]:
     """Class names by index from a checkpoint's ``class_to_idx`` (our training runs record it)."""
     class_to_idx = checkpoint.get('class_to_idx') if isinstance(checkpoint, dict) else None
     if not isinstance(class_to_idx, dict) or not class_to_idx:
@@ -273,7 +273,7 @@ def export_hub_folder(
 
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    label_names = label_names or _label_names(loaded, model.num_classes)
+    label_names = label_names or label_names_of(loaded, model.num_classes)
     extra = {'label_names': label_names} if label_names else None
     save_for_hf(model, str(folder), model_config=extra, safe_serialization=True)
     if stats is None:
@@ -289,10 +289,17 @@ def export_hub_folder(
 
 
 def read_label_names(weights_file: PathLike) -> Optional[List[str]]:
-    """Class names by index recorded next to exported weights (``config.json`` ``label_names``), if any."""
-    config = Path(weights_file).parent / 'config.json'
+    """Class names by index recorded with weights: a safetensors file's ``label_names`` metadata (our
+    training runs' ``model_best.safetensors``) or a ``config.json`` beside it (an export); else None."""
+    path = Path(weights_file)
     try:
-        names = json.loads(config.read_text(encoding='utf-8')).get('label_names')
-    except (OSError, ValueError, AttributeError):
+        if path.suffix == '.safetensors':
+            from safetensors import safe_open
+            with safe_open(str(path), framework='pt') as f:
+                recorded = (f.metadata() or {}).get('label_names')
+            if recorded:
+                return list(json.loads(recorded))
+        names = json.loads((path.parent / 'config.json').read_text(encoding='utf-8')).get('label_names')
+    except (OSError, ValueError, AttributeError):  # no config.json, or not JSON: nothing recorded
         return None
     return list(names) if isinstance(names, list) else None

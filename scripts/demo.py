@@ -46,6 +46,17 @@ def _fresh_directory(path: str) -> str:
     return candidate
 
 
+def _log_to_file(name: str, path: str) -> None:
+    """Send logger ``name`` (and its children) to ``path`` only."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter('[%(asctime)s] %(name)s %(levelname)s: %(message)s',
+                                           datefmt='%m/%d %H:%M:%S'))
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+
+
 def _progress_hook(console):
     """A detectron2 hook that shows training progress, the loss and the ETA with tqdm; when
     training ends it says so on ``console``."""
@@ -120,20 +131,25 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
 
+    out = os.path.abspath(_fresh_directory(args.output_dir))
+    os.makedirs(out)
+    # The log of every library (detectron2's environment, config and metrics every 20
+    # iterations; warnings) goes to log.txt only: they are not the newcomer's business.
+    log_file = os.path.join(out, 'log.txt')
+    logging.captureWarnings(True)
+    for name in ('detectron2', 'detectron2_ext', 'maformer_zoo', 'fvcore', 'py.warnings'):
+        _log_to_file(name, log_file)
     try:
         import detectron2_ext
     except ImportError as err:
         print(f'[demo] needs detectron2 ({err}); `make setup` installs it.')
         return 1
-    from detectron2.config import get_cfg
+    from detectron2_ext.config_file import load_config
     from detectron2.utils.env import seed_all_rng
-    from detectron2.utils.logger import setup_logger
     from detectron2_ext.data import register_synthetic_dataset, write_synthetic_coco
     from detectron2_ext.engine import Trainer
 
-    out = os.path.abspath(_fresh_directory(args.output_dir))
-    cfg = detectron2_ext.add_maformer_zoo_config(get_cfg())
-    cfg.merge_from_file(args.config_file)
+    cfg = load_config(args.config_file)  # safe YAML, keys checked
     size = args.image_size
     overrides = ['OUTPUT_DIR', os.path.join(out, 'model'), 'INPUT.MIN_SIZE_TRAIN', f'({size},)',
                  'INPUT.MIN_SIZE_TEST', size]
@@ -153,12 +169,7 @@ def main(argv=None) -> int:
     print(f'[demo] wrote {args.num_train} + {args.num_val} scenes ({image_size[0]}x{image_size[1]}) '
           f'to {data_root}')
 
-    # detectron2's log (environment, config, metrics every 20 iterations) goes to log.txt only.
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-    log_file = os.path.join(cfg.OUTPUT_DIR, 'log.txt')
-    logging.captureWarnings(True)  # library warnings too: they are not the newcomer's business
-    for name in ('detectron2', 'detectron2_ext', 'maformer_zoo', 'fvcore', 'py.warnings'):
-        setup_logger(log_file, name=name, configure_stdout=False)
     with open(os.path.join(cfg.OUTPUT_DIR, 'config.yaml'), 'w') as f:
         f.write(cfg.dump())
     seed_all_rng(cfg.SEED)  # weights, data order and augmentation

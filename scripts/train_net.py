@@ -84,6 +84,9 @@ def check_datasets(cfg: CfgNode) -> None:
                            f"with {' or '.join(DATASET_FLAGS)}, or use one of detectron2's builtin names.")
         set_sem_seg_num_classes(name, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)  # checks the labels
         meta = MetadataCatalog.get(name)
+        if name in cfg.DATASETS.TRAIN and meta.get('num_annotations', None) == 0:
+            raise ValueError(f"Training dataset '{name}' has no annotations ({meta.json_file}): detectron2 would find "
+                             f"no image to train on. Check the json's 'annotations' list.")
         things, stuff = meta.get('thing_classes', None), meta.get('stuff_classes', None)
         if things is not None and num_things != len(things):
             raise ValueError(f"Dataset '{name}' has {len(things)} thing classes but {head} is {num_things}: "
@@ -153,12 +156,12 @@ def cli(argv: Optional[List[str]] = None) -> int:
     args = build_argument_parser().parse_args(argv)
     print('Command Line Args:', args)
     try:
-        build_config(args)  # bad input fails here, in one line, before any process is launched
-    except USER_ERRORS as err:
+        build_config(args)  # bad input fails here, before any process is launched
+        launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+               dist_url=args.dist_url, args=(args,))
+    except USER_ERRORS as err:  # one line; in the single-process case also for weights refused while loading
         print(f'error: {err.args[0] if isinstance(err, KeyError) and err.args else err}', file=sys.stderr)
         return 2
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
     return 0
 
 

@@ -47,8 +47,9 @@ def test_demo_runs_end_to_end_and_never_overwrites_a_run(tmp_path):
     assert 'box  AP' in proc.stdout and 'mask AP' in proc.stdout
     assert 'trained 2 iterations' in proc.stdout
     assert '[demo] training Mask R-CNN' in proc.stderr  # the progress bar
+    assert 'Warning' not in proc.stderr  # library warnings go to the log
     for path in ('predictions.png', 'results.json', 'model/model_final.pth', 'model/metrics.json',
-                 'model/config.yaml', 'model/log.txt', 'data/val/instances.json'):
+                 'model/config.yaml', 'log.txt', 'data/val/instances.json'):
         assert os.path.isfile(tmp_path / 'demo' / path), path
     first = json.loads((tmp_path / 'demo' / 'results.json').read_text())
     assert first['iterations'] == 2 and 0 <= first['box_AP'] <= 100

@@ -20,9 +20,9 @@ from detectron2.modeling import build_model  # noqa: E402
 import detectron2_ext  # noqa: E402
 from detectron2_ext import add_maformer_zoo_config  # noqa: E402
 from detectron2_ext.data import register_synthetic_dataset, write_synthetic_coco  # noqa: E402
-from detectron2_ext.engine import (  # noqa: E402
-    build_argument_parser, main, optimizer_param_groups,
-)
+from detectron2_ext.checkpoint import SafeDetectionCheckpointer  # noqa: E402
+from detectron2_ext.config_file import load_config  # noqa: E402
+from detectron2_ext.engine import Trainer, optimizer_param_groups  # noqa: E402
 from detectron2_ext.modeling.timm_backbone import TimmBackbone  # noqa: E402
 from small_run import small_run_opts  # noqa: E402  (tests/small_run.py)
 
@@ -49,15 +49,21 @@ def synthetic(tmp_path_factory):
 
 
 def _run(config: str, output_dir: str, panoptic: bool, *extra: str, max_iter: int = 2):
+    """Train (or with '--eval-only' / '--resume', evaluate / continue) with the library pieces
+    scripts/train_net.py is made of (its command line is tested in tests/test_train_net.py)."""
     suffix = '_panoptic' if panoptic else ''
     opts = small_run_opts('d2test_train' + suffix, 'd2test_val' + suffix, 3, output_dir,
                           num_semantic_classes=4 if panoptic else None, max_iter=max_iter,
                           image_size=64)
-    flags = [e for e in extra if e.startswith('--')]
-    more = [e for e in extra if not e.startswith('--')]
-    args = build_argument_parser().parse_args(
-        ['--config-file', os.path.join(CONFIGS, config)] + flags + opts + more)
-    return main(args)
+    cfg = load_config(os.path.join(CONFIGS, config), opts + [e for e in extra if not e.startswith('--')])
+    cfg.freeze()
+    if '--eval-only' in extra:
+        model = Trainer.build_model(cfg)
+        SafeDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
+        return Trainer.test(cfg, model)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume='--resume' in extra)
+    return trainer.train()
 
 
 def _same_results(a, b):
@@ -107,27 +113,6 @@ def test_train_evaluate_resume_eval_only(synthetic, tmp_path, arch, neck):
 
     _run(config, out, panoptic, '--resume', max_iter=3)
     assert _training_iterations(out) == [1, 2]  # only the new iteration ran
-    with open(os.path.join(out, 'log.txt')) as f:
-        assert 'Starting training from iteration 2' in f.read()
-
-
-def test_train_net_command_line(synthetic, tmp_path):
-    """The real script, through detectron2's launch, with --coco-dataset registration."""
-    train, val = synthetic['train'], os.path.join(synthetic['root'], 'val')
-    opts = small_run_opts('cli_train', 'cli_val', 3, str(tmp_path / 'out'), max_iter=1,
-                          image_size=64)
-    cmd = [sys.executable, os.path.join(ROOT, 'scripts', 'train_net.py'),
-           '--config-file', os.path.join(CONFIGS, CONFIG_OF['mask_rcnn'].format(
-               backbone=SMALL_BACKBONE, neck='asff_fpn')),
-           '--coco-dataset', 'cli_train', train['instances_json'], train['image_dir'],
-           '--coco-dataset', 'cli_val', os.path.join(val, 'instances.json'),
-           os.path.join(val, 'images')] + opts
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    log = proc.stdout + proc.stderr
-    assert 'copypaste: Task: bbox' in log and 'copypaste: Task: segm' in log
-    assert os.path.isfile(tmp_path / 'out' / 'model_final.pth')
 
 
 # ------------------------------------------------------------------------------- backbone
@@ -366,34 +351,6 @@ def test_weight_decay_groups_and_clipping():
         build_optimizer(cfg, model)
 
 
-def _parse(argv):
-    return build_argument_parser().parse_args(argv)
-
-
-def test_clear_setup_errors(synthetic, tmp_path):
-    from detectron2_ext.engine import setup
-    config = os.path.join(CONFIGS, CONFIG_OF['mask_rcnn'].format(backbone=SMALL_BACKBONE,
-                                                                   neck='fpn'))
-    opts = small_run_opts('d2test_train', 'd2test_val', 3, str(tmp_path))
-    with pytest.raises(KeyError, match=r"MODEL\.TIMM\.NAM'.*Did you mean MODEL\.TIMM\.NAME"):
-        setup(_parse(['--config-file', config] + opts + ['MODEL.TIMM.NAM', 'resnet18']))
-    typo = tmp_path / 'typo.yaml'
-    typo.write_text(f'_BASE_: "{config}"\nMODEL:\n  TIMM:\n    FREEZE_ATT: 1\n')
-    with pytest.raises(KeyError, match='FREEZE_ATT.*FREEZE_AT'):
-        setup(_parse(['--config-file', str(typo)] + opts))
-    with pytest.raises(FileNotFoundError, match='missing.json'):
-        setup(_parse(['--config-file', config, '--coco-dataset', 'x', str(tmp_path / 'missing.json'),
-                      str(tmp_path)] + opts))
-    with pytest.raises(KeyError, match="'d2test_trian' is not registered.*d2test_train"):
-        setup(_parse(['--config-file', config] + opts + ['DATASETS.TRAIN', '("d2test_trian",)']))
-    with pytest.raises(ValueError, match='MODEL.ROI_HEADS.NUM_CLASSES 3'):
-        setup(_parse(['--config-file', config] + opts + ['MODEL.ROI_HEADS.NUM_CLASSES', '80']))
-    with pytest.raises(ValueError, match='AMP'):
-        setup(_parse(['--config-file', config] + opts + ['SOLVER.AMP.ENABLED', 'True']))
-    with pytest.raises(FileNotFoundError, match='config-file'):
-        setup(_parse(['--config-file', str(tmp_path / 'none.yaml')]))
-
-
 # ------------------------------------------------------------------------------ config grid
 
 
@@ -503,15 +460,13 @@ def test_every_config_builds(rel):
     assert 'instances' in out[0]
 
 
-def test_dataset_options_register_instances_and_panoptic(synthetic):
+def test_register_instances_and_panoptic(synthetic):
     from detectron2.data import DatasetCatalog, MetadataCatalog
-    from detectron2_ext.engine import register_datasets_from_args
+    from detectron2_ext.data import register_coco_instances_dataset, register_coco_panoptic_dataset
     train = synthetic['train']
-    args = _parse(['--config-file', 'x.yaml',
-                   '--coco-dataset', 'opt_inst', train['instances_json'], train['image_dir'],
-                   '--coco-panoptic-dataset', 'opt_pan', train['image_dir'], train['panoptic_dir'],
-                   train['panoptic_json'], train['instances_json']])
-    register_datasets_from_args(args)
+    register_coco_instances_dataset('opt_inst', train['instances_json'], train['image_dir'])
+    register_coco_panoptic_dataset('opt_pan', train['image_dir'], train['panoptic_dir'], train['panoptic_json'],
+                                   train['instances_json'])
     assert MetadataCatalog.get('opt_inst').evaluator_type == 'coco'
     assert MetadataCatalog.get('opt_pan').evaluator_type == 'coco_panoptic_seg'
     assert len(DatasetCatalog.get('opt_pan')) == 4

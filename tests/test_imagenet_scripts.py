@@ -325,3 +325,17 @@ def test_kill_mid_save_leaves_best_and_summary_consistent(image_folder, tmp_path
 def test_help_prints(tmp_path):
     proc = _script('train_imagenet', '--help')
     assert '30% slower' in proc.stdout and '{' not in proc.stdout.split('--grad-checkpointing')[1].split('--')[0]
+
+
+def test_validate_refuses_labels_it_cannot_map(image_folder, tmp_path):
+    from safetensors.torch import load_file, save_file
+    train(_tiny(image_folder, tmp_path, 'run', epochs=1))
+    best = tmp_path / 'run' / 'model_best.safetensors'
+    save_file(load_file(str(best)), str(tmp_path / 'bare.safetensors'))  # the weights without the class map
+    common = ['--model', 'test_vit', '--data-dir', image_folder, '--num-workers', '0', '--no-progress', '--device', 'cpu']
+    proc = _script('validate', '--checkpoint', tmp_path / 'bare.safetensors', *common, check=False)
+    assert proc.returncode == 2 and '--class-map' in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert json.loads(_script('validate', '--checkpoint', best, *common).stdout)['count'] == 9  # recorded map
+    (tmp_path / 'empty.pth').touch()
+    proc = _script('validate', '--checkpoint', tmp_path / 'empty.pth', *common, check=False)
+    assert proc.returncode == 2 and 'empty' in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

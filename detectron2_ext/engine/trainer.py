@@ -1,22 +1,17 @@
 """detectron2's ``DefaultTrainer`` with the optimizer and evaluators our configs need.
 
-* :func:`build_optimizer`: ``SOLVER.OPTIMIZER`` 'AdamW' (the papers' detectors) or 'SGD'.
-  Weight decay is 0 for normalisation layers (``SOLVER.WEIGHT_DECAY_NORM``), biases
-  (``SOLVER.WEIGHT_DECAY_BIAS``), parameters named in ``SOLVER.NO_WEIGHT_DECAY_KEYWORDS``
-  (position embeddings and relative-position tables) and parameters a timm model lists in its
-  ``no_weight_decay()``. Gradient clipping is detectron2's ``SOLVER.CLIP_GRADIENTS`` (its
-  per-parameter 'value' / 'norm', plus ``CLIP_TYPE: full_model``: one norm over all parameters,
-  as MMDetection's ``grad_clip`` in the papers' code bases); AMP is
-  detectron2's ``SOLVER.AMP.ENABLED`` (``AMPTrainer``, CUDA only).
+* :func:`build_optimizer`: AdamW (the papers' detectors) or SGD, no weight decay on norms, biases
+  and position tables, and ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE 'full_model'`` (one norm over all
+  parameters, as the papers' MMDetection code bases).
 * :func:`build_lr_scheduler`: detectron2's, plus ``SOLVER.LR_SCHEDULER_NAME: WarmupPolyLR``
-  (``SOLVER.POLY_LR_POWER``; the semantic segmentation recipes).
-* :func:`build_evaluator`: chosen from the dataset's ``evaluator_type`` metadata: 'coco' ->
-  ``COCOEvaluator`` (boxes, and masks when the model predicts them); 'coco_panoptic_seg' ->
-  ``SemSegEvaluator`` + ``COCOEvaluator`` + ``COCOPanopticEvaluator`` (PQ via panopticapi), as
-  detectron2's own ``train_net.py`` does for Panoptic FPN; 'sem_seg' -> ``SemSegEvaluator``.
+  (``SOLVER.POLY_LR_POWER``; the semantic segmentation recipes, docs/segmentation.md).
+* :func:`build_evaluator`: from the dataset's ``evaluator_type``, as detectron2's ``train_net.py``.
+
+The rules and the reasons: docs/detectron2.md, "Training extras".
 """
 import logging
 import os
+import weakref
 from collections import OrderedDict
 from typing import Dict, List, Optional
 
@@ -24,7 +19,9 @@ import torch
 from torch import nn
 
 from detectron2.data import MetadataCatalog
-from detectron2.engine import DefaultTrainer
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 from detectron2.evaluation import (
     COCOEvaluator, COCOPanopticEvaluator, DatasetEvaluators, SemSegEvaluator,
 )
@@ -181,12 +178,26 @@ def build_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None)
 class Trainer(DefaultTrainer):
     """``DefaultTrainer`` with :func:`build_optimizer`, :func:`build_evaluator` and safe checkpoint reading."""
 
-    def build_hooks(self):
-        # DefaultTrainer.__init__ makes its DetectionCheckpointer just before this call; swap in the safe one
-        # before the checkpoint hook captures it, so resume_or_load never unpickles code.
-        old = self.checkpointer
-        self.checkpointer = SafeDetectionCheckpointer(old.model, old.save_dir, **old.checkpointables)
-        return super().build_hooks()
+    def __init__(self, cfg):
+        # DefaultTrainer.__init__'s steps, with two changes: DDP gets no device_ids on the CPU
+        # (detectron2's create_ddp_model always passes the local rank, which DDP rejects for CPU
+        # modules, so `--num-gpus 2` could not run without GPUs), and the checkpointer reads safely.
+        TrainerBase.__init__(self)
+        if not logging.getLogger('detectron2').isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        on_cpu = next(model.parameters()).device.type == 'cpu'
+        model = create_ddp_model(model, broadcast_buffers=False, **({'device_ids': None} if on_cpu else {}))
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = SafeDetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
 
     @classmethod
     def build_optimizer(cls, cfg, model):

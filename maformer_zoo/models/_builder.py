@@ -92,7 +92,8 @@ def build_zoo_model(
 
 
 @register_notrace_function  # Python control flow on sizes: an FX leaf, still run by the traced graph
-def check_input(x: torch.Tensor, in_chans: int, min_size: int, model_name: str) -> None:
+def check_input(x: torch.Tensor, in_chans: int, min_size: int, model_name: str,
+                dtype: Optional[torch.dtype] = None) -> None:
     """Fail early, and clearly, on an input the model cannot take.
 
     Args:
@@ -100,16 +101,27 @@ def check_input(x: torch.Tensor, in_chans: int, min_size: int, model_name: str) 
         in_chans: channels the model was built for.
         min_size: smallest height/width the model supports.
         model_name: shown in the message.
+        dtype: the model's parameter dtype, if the caller knows it.
     """
     if x.ndim != 4:
         raise ValueError(
             f"{model_name} expects a 4-D batch (B, C, H, W); got a tensor of shape {tuple(x.shape)}. "
             f"Add a batch dimension with x.unsqueeze(0) for a single image.")
+    if x.shape[0] == 0:
+        raise ValueError(f"{model_name} got an empty batch (shape {tuple(x.shape)}): pass at least one image.")
     if x.shape[1] != in_chans:
+        if x.shape[-1] == in_chans:
+            raise ValueError(
+                f"{model_name} expects channels first (B, {in_chans}, H, W) but got {tuple(x.shape)}, which looks "
+                f"channels-last (B, H, W, C): pass x.permute(0, 3, 1, 2).")
         raise ValueError(
             f"{model_name} was built for {in_chans} input channels but got {x.shape[1]} "
             f"(input shape {tuple(x.shape)}). Convert the images, or create the model with "
             f"in_chans={x.shape[1]}.")
+    if not x.is_floating_point() or (dtype is not None and x.dtype != dtype):
+        wanted = dtype if dtype is not None else 'a floating-point dtype'
+        raise TypeError(f"{model_name} expects input of {wanted} (its parameters' dtype) but got {x.dtype}: pass "
+                        f"x.to({dtype if dtype is not None else 'torch.float32'}) (images scaled and normalised).")
     if x.shape[-2] < min_size or x.shape[-1] < min_size:
         raise ValueError(
             f"{model_name} needs inputs of at least {min_size}x{min_size} pixels; got "

@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
+from ..weights import label_names_of
 from .checkpoint import load_checkpoint_file, save_checkpoint
 
 __all__ = ['RUN_FILES', 'default_run_name', 'find_resumable_run', 'holds_run', 'truncate_csv', 'write_json_atomic',
@@ -98,5 +99,8 @@ def save_best(run_dir: str, state: Dict[str, Any], export: Callable[[str, Dict[s
     weights = {k: state[k] for k in ('arch', 'epoch', 'state_dict', 'state_dict_ema', 'num_classes', 'class_to_idx',
                                      'data_config', 'metrics') if k in state}
     save_checkpoint(os.path.join(run_dir, 'model_best.pth'), weights)
-    export(os.path.join(run_dir, 'model_best.safetensors'), state.get('state_dict_ema') or state['state_dict'],
-           {'epoch': str(state['epoch'])})
+    metadata = {'epoch': str(state['epoch'])}
+    names = label_names_of(state, int(state.get('num_classes') or 0))
+    if names:  # so validate.py maps class folders to outputs as training did
+        metadata['label_names'] = json.dumps(names)
+    export(os.path.join(run_dir, 'model_best.safetensors'), state.get('state_dict_ema') or state['state_dict'], metadata)
