@@ -70,17 +70,17 @@ def _load_weights(model: torch.nn.Module, path: str) -> None:
 
 
 def _detectron2_model(args):
-    from detectron2.config import get_cfg
     from detectron2.modeling import build_model
-    from detectron2_ext import add_maformer_zoo_config
+    from detectron2_ext.config_file import UnsafeConfigError, load_config
 
     if not os.path.isfile(args.config_file):
         _fail(f"--config-file '{args.config_file}' does not exist.")
-    cfg = add_maformer_zoo_config(get_cfg())
-    cfg.merge_from_file(args.config_file)
-    cfg.MODEL.TIMM.PRETRAINED = False  # random unless --weights (or an override) says otherwise
-    cfg.MODEL.WEIGHTS = ''
-    cfg.merge_from_list(args.opts)
+    # random weights unless --weights (or an override) says otherwise
+    opts = ['MODEL.TIMM.PRETRAINED', 'False', 'MODEL.WEIGHTS', ''] + list(args.opts)
+    try:
+        cfg = load_config(args.config_file, opts)  # safe YAML
+    except (ValueError, KeyError, FileNotFoundError, UnsafeConfigError) as err:
+        _fail(str(err.args[0]) if err.args else str(err))
     if cfg.MODEL.DEVICE.startswith('cuda') and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = 'cpu'
     cfg.freeze()
