@@ -105,8 +105,25 @@ def _add_timm_backbone_config(cfg: CN) -> None:
         'rel_pos_h', 'rel_pos_w'])
 
 
+def _add_semantic_config(cfg: CN) -> None:
+    """Keys of semantic segmentation (docs/segmentation.md).
+
+    * ``SOLVER.LR_SCHEDULER_NAME`` also takes ``'WarmupPolyLR'``: ``lr = BASE_LR * (1 - t /
+      MAX_ITER) ** SOLVER.POLY_LR_POWER`` after detectron2's warm-up (power 0.9: MSCSA's
+      Semantic FPN; power 1.0: the linear decay of MAFormer's UPerNet). ``WARMUP_ITERS`` 0: none.
+    * ``MODEL.UPERNET.*``: :class:`detectron2_ext.modeling.semantic.UPerNetHead`: ``POOL_SCALES``
+      of the pyramid pooling module, ``DROPOUT`` before the classifier. Its width is
+      ``MODEL.SEM_SEG_HEAD.CONVS_DIM`` and its norm ``MODEL.SEM_SEG_HEAD.NORM``.
+    """
+    _set_default(cfg.SOLVER, 'POLY_LR_POWER', 0.9)
+    _set_default(cfg.MODEL, 'UPERNET', CN())
+    _set_default(cfg.MODEL.UPERNET, 'POOL_SCALES', [1, 2, 3, 6])
+    _set_default(cfg.MODEL.UPERNET, 'DROPOUT', 0.1)
+
+
 def add_maformer_zoo_config(cfg: CN) -> CN:
     """Add all maformer-zoo keys to ``cfg`` in place (idempotent) and return it."""
     _add_neck_config(cfg)
     _add_timm_backbone_config(cfg)
+    _add_semantic_config(cfg)
     return cfg

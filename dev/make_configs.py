@@ -13,6 +13,8 @@ Each fact lives in one file, as far as yacs's single ``_BASE_`` allows:
   ``MODEL.FPN.FUSION`` (the only key that names the neck);
 * the R-50 paper configs (FINE and ASFF papers' settings on detectron2's ResNet-50) the same way:
   ``<detector>_R_50_fpn_1x.yaml`` on detectron2's bases, neck files on top.
+* ``ADE20K-SemanticSegmentation/``: Semantic FPN and UPerNet with the papers' ADE20K recipes, the
+  same way (``_semantic_grid``, docs/segmentation.md).
 
 A family is a table of (file pattern -> base) below plus a function writing its recipe file; a
 new family is one more entry in ``FAMILIES``. ``tests/test_detectron2_integration.py`` runs
@@ -255,7 +257,165 @@ _BASE_: "../{base}"
     return files
 
 
-FAMILIES = (_timm_grid, _r50_paper_configs)  # each: () -> {path under configs/: text}
+# ------------------------------------------------------------------ semantic segmentation (ADE20K)
+# Reads BACKBONES and NECKS and writes neck files with _neck_leaf (docs/segmentation.md).
+
+SEMANTIC_DIR = 'ADE20K-SemanticSegmentation'
+ADE20K_CLASSES = 150
+
+
+def _semantic_bases() -> Dict[str, str]:
+    crop = 512
+    return {
+        'Base-Timm-Semantic-FPN.yaml': f"""{HEADER}\
+# Semantic FPN (detectron2's SemanticSegmentor + SemSegFPNHead) on a timm backbone + FPN neck,
+# ADE20K ({ADE20K_CLASSES} classes, detectron2's ade20k_sem_seg_* under $DETECTRON2_DATASETS).
+# Data as MMSegmentation's ADE20K pipeline the papers use: shorter side drawn from
+# {crop // 2}..{crop * 2} (ratio 0.5-2 of {crop}), random {crop}x{crop} crop, flip; test at shorter
+# side {crop}. Schedules: Base-Timm-Semantic-FPN-40k.yaml / -80k.yaml.
+MODEL:
+  META_ARCHITECTURE: "SemanticSegmentor"
+  WEIGHTS: ""  # the backbone's ImageNet weights come from MODEL.TIMM
+  BACKBONE:
+    NAME: "build_timm_fpn_backbone"
+  TIMM:
+    PRETRAINED: True
+  FPN:
+    IN_FEATURES: ["res2", "res3", "res4", "res5"]
+    OUT_CHANNELS: 256
+  SEM_SEG_HEAD:
+    NAME: "SemSegFPNHead"
+    IN_FEATURES: ["p2", "p3", "p4", "p5"]
+    NUM_CLASSES: {ADE20K_CLASSES}
+    IGNORE_VALUE: 255
+    CONVS_DIM: 128
+    COMMON_STRIDE: 4
+    NORM: "GN"
+    LOSS_WEIGHT: 1.0
+  PIXEL_MEAN: [123.675, 116.28, 103.53]
+  PIXEL_STD: [58.395, 57.12, 57.375]
+DATASETS:
+  TRAIN: ("ade20k_sem_seg_train",)
+  TEST: ("ade20k_sem_seg_val",)
+INPUT:
+  FORMAT: "RGB"
+  MIN_SIZE_TRAIN: ({crop // 2}, {crop * 2})
+  MIN_SIZE_TRAIN_SAMPLING: "range"
+  MAX_SIZE_TRAIN: {crop * 4}
+  MIN_SIZE_TEST: {crop}
+  MAX_SIZE_TEST: {crop * 4}
+  CROP:
+    ENABLED: True
+    TYPE: "absolute"
+    SIZE: ({crop}, {crop})
+SOLVER:
+  OPTIMIZER: "AdamW"
+  WEIGHT_DECAY_NORM: 0.0
+  WEIGHT_DECAY_BIAS: 0.0
+  CHECKPOINT_PERIOD: 8000
+TEST:
+  EVAL_PERIOD: 8000
+VERSION: 2
+""",
+        'Base-Timm-Semantic-FPN-40k.yaml': f"""{HEADER}\
+# Semantic FPN, MSCSA's ADE20K setting for PVTv2 (MSCSA Sec. 4.2, App. C.3): AdamW, lr 2e-4,
+# weight decay 1e-4, 32 images per batch, 40k iterations, poly decay with power 0.9, no warm-up.
+_BASE_: "Base-Timm-Semantic-FPN.yaml"
+SOLVER:
+  IMS_PER_BATCH: 32
+  BASE_LR: 0.0002
+  WEIGHT_DECAY: 0.0001
+  LR_SCHEDULER_NAME: "WarmupPolyLR"
+  POLY_LR_POWER: 0.9
+  WARMUP_ITERS: 0
+  MAX_ITER: 40000
+""",
+        'Base-Timm-Semantic-FPN-80k.yaml': f"""{HEADER}\
+# Semantic FPN, MAFormer's ADE20K setting (MAFormer Table 7, Sec. 4.4): AdamW, lr 2e-4, weight
+# decay 1e-4, 16 images per batch, 80k iterations, cosine decay to 0 after 1,000 linear warm-up
+# iterations (warm-up start factor 1e-6 and decay to 0: our choice, docs/segmentation.md).
+_BASE_: "Base-Timm-Semantic-FPN.yaml"
+SOLVER:
+  IMS_PER_BATCH: 16
+  BASE_LR: 0.0002
+  WEIGHT_DECAY: 0.0001
+  LR_SCHEDULER_NAME: "WarmupCosineLR"
+  BASE_LR_END: 0.0
+  WARMUP_ITERS: 1000
+  WARMUP_FACTOR: 0.000001
+  MAX_ITER: 80000
+""",
+        'Base-Timm-UPerNet-160k.yaml': f"""{HEADER}\
+# UPerNet (detectron2_ext.modeling.semantic.UPerNetHead on the FPN neck's p2..p5, 512 channels),
+# MAFormer's ADE20K setting (Table 7, Sec. 4.4): AdamW, lr 6e-5, weight decay 0.01, 16 images per
+# batch, 160k iterations, linear decay (poly power 1) after 1,500 linear warm-up iterations.
+_BASE_: "Base-Timm-Semantic-FPN.yaml"
+MODEL:
+  FPN:
+    OUT_CHANNELS: 512
+  SEM_SEG_HEAD:
+    NAME: "UPerNetHead"
+    CONVS_DIM: 512
+    NORM: "SyncBN"
+  UPERNET:
+    POOL_SCALES: [1, 2, 3, 6]
+    DROPOUT: 0.1
+SOLVER:
+  IMS_PER_BATCH: 16
+  BASE_LR: 0.00006
+  WEIGHT_DECAY: 0.01
+  LR_SCHEDULER_NAME: "WarmupPolyLR"
+  POLY_LR_POWER: 1.0
+  WARMUP_ITERS: 1500
+  WARMUP_FACTOR: 0.000001
+  MAX_ITER: 160000
+  CHECKPOINT_PERIOD: 16000
+TEST:
+  EVAL_PERIOD: 16000
+""",
+    }
+
+
+SEMANTIC_MODELS = {  # file pattern -> (base file, title)
+    SEMANTIC_DIR + '/semantic_fpn_{backbone}_{neck}_40k.yaml':
+        ('Base-Timm-Semantic-FPN-40k.yaml', "Semantic FPN 40k (MSCSA's PVTv2 setting)"),
+    SEMANTIC_DIR + '/semantic_fpn_{backbone}_{neck}_80k.yaml':
+        ('Base-Timm-Semantic-FPN-80k.yaml', "Semantic FPN 80k (MAFormer's setting)"),
+    SEMANTIC_DIR + '/upernet_{backbone}_{neck}_160k.yaml':
+        ('Base-Timm-UPerNet-160k.yaml', "UPerNet 160k (MAFormer's setting)"),
+}
+
+
+def _semantic_recipe(backbone: str, base: str, title: str) -> str:
+    """The segmentation recipe is the base's; the backbone keeps its detection drop path / norm."""
+    recipe = BACKBONES[backbone]
+    return f"""{HEADER}\
+# {title}: {backbone} + FPN. Backbone drop path / freezing / norm: {recipe.source}.
+# The *_fine_fpn_* / *_asff_fpn_* files _BASE_ this one and set MODEL.FPN.FUSION.
+_BASE_: "../{base}"
+MODEL:
+  TIMM:
+    NAME: "{backbone}"
+    DROP_PATH_RATE: {recipe.drop_path_1x}
+    FREEZE_AT: {recipe.freeze_at}
+    NORM: "{recipe.norm}"
+"""
+
+
+def _semantic_grid() -> Dict[str, str]:
+    """Semantic FPN and UPerNet on ADE20K for every backbone and neck."""
+    files = dict(_semantic_bases())
+    for pattern, (base, title) in SEMANTIC_MODELS.items():
+        for backbone in BACKBONES:
+            recipe_file = pattern.format(backbone=backbone, neck='fpn')
+            files[recipe_file] = _semantic_recipe(backbone, base, title)
+            for neck in set(NECKS) - {'fpn'}:
+                files[pattern.format(backbone=backbone, neck=neck)] = _neck_leaf(
+                    os.path.basename(recipe_file), neck, f'{title}: {backbone}')
+    return files
+
+
+FAMILIES = (_timm_grid, _r50_paper_configs, _semantic_grid)  # each: () -> {path under configs/: text}
 
 
 def generate() -> Dict[str, str]:

@@ -3,6 +3,8 @@
 * :func:`build_optimizer`: AdamW (the papers' detectors) or SGD, no weight decay on norms, biases
   and position tables, and ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE 'full_model'`` (one norm over all
   parameters, as the papers' MMDetection code bases).
+* :func:`build_lr_scheduler`: detectron2's, plus ``SOLVER.LR_SCHEDULER_NAME: WarmupPolyLR``
+  (``SOLVER.POLY_LR_POWER``; the semantic segmentation recipes, docs/segmentation.md).
 * :func:`build_evaluator`: from the dataset's ``evaluator_type``, as detectron2's ``train_net.py``.
 
 The rules and the reasons: docs/detectron2.md, "Training extras".
@@ -25,11 +27,15 @@ from detectron2.evaluation import (
 )
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.layers.batch_norm import LayerNorm as Detectron2LayerNorm
+from detectron2.solver import LRMultiplier, WarmupParamScheduler
+from detectron2.solver import build_lr_scheduler as detectron2_build_lr_scheduler
 from detectron2.solver.build import maybe_add_gradient_clipping
+from fvcore.common.param_scheduler import PolynomialDecayParamScheduler
 
 from ..checkpoint import SafeDetectionCheckpointer
 
-__all__ = ['Trainer', 'build_optimizer', 'optimizer_param_groups', 'build_evaluator']
+__all__ = ['Trainer', 'build_optimizer', 'optimizer_param_groups', 'build_evaluator',
+           'build_lr_scheduler']
 logger = logging.getLogger(__name__)
 
 _NORM_TYPES = (
@@ -137,6 +143,19 @@ def _add_full_model_gradient_clipping(optimizer: torch.optim.Optimizer, max_norm
     return optimizer
 
 
+def build_lr_scheduler(cfg, optimizer: torch.optim.Optimizer):
+    """detectron2's scheduler, or ``WarmupPolyLR``: ``(1 - t / MAX_ITER) ** POLY_LR_POWER`` after
+    the warm-up (none when ``SOLVER.WARMUP_ITERS`` is 0)."""
+    if cfg.SOLVER.LR_SCHEDULER_NAME != 'WarmupPolyLR':
+        return detectron2_build_lr_scheduler(cfg, optimizer)
+    schedule = PolynomialDecayParamScheduler(1.0, cfg.SOLVER.POLY_LR_POWER)
+    if cfg.SOLVER.WARMUP_ITERS > 0:
+        schedule = WarmupParamScheduler(
+            schedule, cfg.SOLVER.WARMUP_FACTOR, min(cfg.SOLVER.WARMUP_ITERS / cfg.SOLVER.MAX_ITER, 1.0),
+            cfg.SOLVER.WARMUP_METHOD, cfg.SOLVER.RESCALE_INTERVAL)
+    return LRMultiplier(optimizer, multiplier=schedule, max_iter=cfg.SOLVER.MAX_ITER)
+
+
 def build_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None) -> DatasetEvaluators:
     """Evaluators for ``dataset_name``, chosen from its ``evaluator_type`` metadata."""
     output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, 'inference', dataset_name)
@@ -183,6 +202,10 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_optimizer(cls, cfg, model):
         return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        return build_lr_scheduler(cfg, optimizer)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
