@@ -40,6 +40,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from timm.layers import register_notrace_function, register_notrace_module
 
@@ -60,8 +61,20 @@ def balanced_split(size: int, max_len: Optional[int]) -> Tuple[int, int]:
         return 1, size
     if max_len >= size:
         return 1, size
+    if _divides(max_len, size):
+        # the general formula gives the same; this form keeps export's symbolic sizes simple
+        return size // max_len, max_len
     count = (size + max_len - 1) // max_len
     return count, (size + count - 1) // count
+
+
+def _divides(divisor: int, size: int) -> bool:
+    """``size % divisor == 0`` for ints; for symbolic sizes, True only where it holds for every size
+    (no guard is added, so one exported program serves all sizes)."""
+    if torch.jit.is_scripting():
+        return size % divisor == 0
+    else:
+        return statically_known_true(size % divisor == 0)
 
 
 def _is_compiling() -> bool:
