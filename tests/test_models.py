@@ -27,11 +27,17 @@ _BASE_SMALL = {
     'convnext': dict(depths=(1, 1, 1, 1)),
 }
 INPUT = (2, 3, 64, 96)  # two images, not square, every side a multiple of 32
+# The heaviest checks (torch.compile, torch.export, ONNX) run in the fast suite for one model per
+# family (same code, other widths); the other models repeat them in the slow suite.
+_FAMILY_FIRST = ('maformer_s', 'resnet18_mscsa', 'pvt_v2_b0_mscsa', 'swin_tiny_patch4_window7_224_mscsa',
+                 'convnext_tiny_mscsa')
+HEAVY = [n if n in _FAMILY_FIRST else pytest.param(n, marks=pytest.mark.slow) for n in MODELS]
 
 
 def test_zoo_lists_all_ten_models():
     assert len(MODELS) == 10, MODELS
     assert sum(n.startswith('maformer') for n in MODELS) == 3
+    assert set(_FAMILY_FIRST) <= set(MODELS)
 
 
 def _small_kwargs(name: str) -> dict:
@@ -209,7 +215,7 @@ def test_fx_equals_eager(name):
         _assert_close(fx_features(x), getter_features(x))
 
 
-@pytest.mark.parametrize('name', MODELS)
+@pytest.mark.parametrize('name', HEAVY)
 def test_compile_fullgraph(name):
     """``torch.compile(fullgraph=True)`` captures the whole model in one graph (no graph break)."""
     torch._dynamo.reset()
@@ -230,13 +236,13 @@ def _export_features(name: str, example: tuple, second: tuple):
         _assert_close(program.module()(x), model(x), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize('name', MODELS)
+@pytest.mark.parametrize('name', HEAVY)
 def test_export_features_dynamic_detection_sizes(name):
     """One exported program for every multiple of 32 from 512 to 2048, run at a second size."""
     _export_features(name, (1, 3, 512, 576), (1, 3, 640, 512))
 
 
-@pytest.mark.parametrize('name', MODELS)
+@pytest.mark.parametrize('name', HEAVY)
 def test_onnx_runs_in_onnxruntime(name, tmp_path):
     model = _small(name).eval()
     x = _input()
