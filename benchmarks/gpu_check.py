@@ -54,6 +54,8 @@ def _create(name: str, tiny: bool, **kwargs: Any) -> torch.nn.Module:
             kwargs.setdefault('base_kwargs', dict(small))
         else:
             kwargs = dict(small, **kwargs)
+            if name.startswith('swin'):
+                kwargs.setdefault('strict_img_size', False)  # timm's Swin-T baseline at the tiny size
     return timm.create_model(name, **kwargs)
 
 
@@ -140,6 +142,7 @@ def mask_rcnn_step(neck: str, device: torch.device, size: int) -> Dict[str, Any]
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model
     from detectron2.structures import BitMasks, Boxes, Instances
+    from detectron2.utils.events import EventStorage
 
     from detectron2_ext import add_maformer_zoo_config
 
@@ -147,7 +150,7 @@ def mask_rcnn_step(neck: str, device: torch.device, size: int) -> Dict[str, Any]
     cfg.merge_from_file(os.path.join(
         REPO, 'configs', 'COCO-InstanceSegmentation', f'mask_rcnn_resnet18_mscsa_{NECKS[neck]}_1x.yaml'))
     cfg.merge_from_list([
-        'MODEL.WEIGHTS', '', 'MODEL.DEVICE', device.type, 'INPUT.MIN_SIZE_TRAIN', (size,),
+        'MODEL.WEIGHTS', '', 'MODEL.TIMM.PRETRAINED', False, 'MODEL.DEVICE', device.type, 'INPUT.MIN_SIZE_TRAIN', (size,),
         'INPUT.MAX_SIZE_TRAIN', size, 'MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE', 64,
         'MODEL.RPN.BATCH_SIZE_PER_IMAGE', 64])
     torch.manual_seed(0)
@@ -165,7 +168,8 @@ def mask_rcnn_step(neck: str, device: torch.device, size: int) -> Dict[str, Any]
         inst.gt_boxes, inst.gt_classes, inst.gt_masks = Boxes(boxes), torch.tensor([1, 3]), BitMasks(masks)
         batch.append(dict(image=image, instances=inst, height=size, width=size))
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
-    losses = model(batch)
+    with EventStorage(0):
+        losses = model(batch)
     total = sum(losses.values())
     optimizer.zero_grad()
     total.backward()

@@ -359,13 +359,13 @@ def test_full_attention_at_classification_sizes_up_to_384(img):
     """Sec. 3.1: full-length stripes in stages 1-2 and global attention in stages 3-4 up to 384x384."""
     model = timm.create_model('maformer_s', depths=(1, 1, 2, 1))
     side = [math.ceil(img / s) for s in (4, 8, 16)]
-    far = [(0, 0), (n - 1, n - 1)]
     for stage, n in zip(model.stages[:2], side[:2]):
         local = stage.blocks[0].local_attn
         assert _attention_reach(local, (n, n), (0, n - 1), (0, 0))  # a whole row
         assert _attention_reach(local, (n, n), (n - 1, 0), (0, 0))  # a whole column
+    n = side[2]
     for block in model.stages[2].blocks:  # plain and shifted block
-        assert _attention_reach(block.attn, (side[2], side[2]), *far)
+        assert _attention_reach(block.attn, (n, n), (0, 0), (n - 1, n - 1))
 
 
 def test_windows_bound_the_cost_at_detection_sizes():
