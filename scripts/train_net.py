@@ -25,6 +25,7 @@ from detectron2.utils import comm
 from detectron2_ext.checkpoint import SafeDetectionCheckpointer
 from detectron2_ext.config_file import load_config
 from detectron2_ext.data import register_coco_instances_dataset, register_coco_panoptic_dataset
+from detectron2_ext.data import register_sem_seg_dataset, set_sem_seg_num_classes
 from detectron2_ext.engine.trainer import Trainer
 from maformer_zoo.errors import CheckpointMismatchError, CorruptCheckpointError, PretrainedWeightsNotFoundError, \
     UnsafeCheckpointError
@@ -39,6 +40,9 @@ DATASET_FLAGS = {
                                 register_coco_panoptic_dataset,
                                 'register a COCO panoptic dataset for Panoptic FPN as NAME (repeatable); its semantic '
                                 'labels are written to PANOPTIC_DIR_semseg if missing'),
+    '--sem-seg-dataset': (('NAME', 'IMAGE_DIR', 'LABEL_DIR'), register_sem_seg_dataset,
+                          'register a semantic segmentation dataset as NAME: images and same-named label '
+                          'PNGs (class ids, 255 = ignore; MODEL.SEM_SEG_HEAD.NUM_CLASSES classes) (repeatable)'),
 }
 USER_ERRORS = (FileNotFoundError, KeyError, ValueError, UnsafeCheckpointError, CorruptCheckpointError,
                CheckpointMismatchError, PretrainedWeightsNotFoundError, FileExistsError)
@@ -78,6 +82,7 @@ def check_datasets(cfg: CfgNode) -> None:
         if name not in registered:
             raise KeyError(f"Dataset '{name}' is not registered{close_names_hint(name, registered)}. Register your own "
                            f"with {' or '.join(DATASET_FLAGS)}, or use one of detectron2's builtin names.")
+        set_sem_seg_num_classes(name, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)  # checks the labels
         meta = MetadataCatalog.get(name)
         if name in cfg.DATASETS.TRAIN and meta.get('num_annotations', None) == 0:
             raise ValueError(f"Training dataset '{name}' has no annotations ({meta.json_file}): detectron2 would find "

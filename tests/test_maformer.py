@@ -27,7 +27,7 @@ TABLE1 = {
 # shifted windows all occur) with a global stage 4.
 TINY = dict(
     embed_dims=(32, 32, 64, 64), depths=(1, 2, 2, 1), head_dim=16, global_grids=(4, 2),
-    window_sizes=(3, None), ref_img_size=64, num_classes=10)
+    window_sizes=(3, None), ref_img_size=64, attn_img_size=64, num_classes=10)
 
 
 def _tiny(**kwargs):

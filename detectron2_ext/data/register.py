@@ -1,18 +1,11 @@
-"""Register COCO-format datasets (the user's own, or our synthetic scenes) with detectron2.
+"""Register COCO-format datasets (the user's own, or the generated scenes) with detectron2.
 
-* :func:`register_coco_instances_dataset`: a COCO instances json + image directory (what
-  ``train_net.py --coco-dataset NAME JSON IMAGE_DIR`` calls).
-* :func:`register_coco_panoptic_dataset`: COCO panoptic PNGs + json, plus the instances json, in
-  detectron2's "separated" form that Panoptic FPN trains on (what ``--coco-panoptic-dataset``
-  calls). The stuff-only semantic PNGs it needs are made from the panoptic PNGs when missing.
-* :func:`register_synthetic_dataset`: both of the above for the output of
-  :func:`~detectron2_ext.data.synthetic.write_synthetic_coco`.
-
-Unlike ``detectron2.data.datasets.register_coco_instances``, these check paths when called, so a
-typo fails at once with the path in the message rather than at the first data-loader iteration,
-and they fill the class names from the json immediately (model builders and visualisers need them
-before any data is loaded). Registering the same name twice with the same arguments is a no-op;
-with different arguments it is an error.
+:func:`register_coco_instances_dataset` and :func:`register_coco_panoptic_dataset` are what
+``train_net.py --coco-dataset`` / ``--coco-panoptic-dataset`` call; unlike detectron2's
+``register_coco_instances`` they check paths at once and fill class names eagerly, so a typo fails
+with the path in the message. :func:`register_synthetic_dataset` registers both forms of
+:func:`~detectron2_ext.data.synthetic.write_synthetic_coco`'s output. Details: docs/detectron2.md,
+"The generated dataset".
 """
 import json
 import logging

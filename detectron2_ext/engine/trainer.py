@@ -1,17 +1,13 @@
 """detectron2's ``DefaultTrainer`` with the optimizer and evaluators our configs need.
 
-* :func:`build_optimizer`: ``SOLVER.OPTIMIZER`` 'AdamW' (the papers' detectors) or 'SGD'.
-  Weight decay is 0 for normalisation layers (``SOLVER.WEIGHT_DECAY_NORM``), biases
-  (``SOLVER.WEIGHT_DECAY_BIAS``), parameters named in ``SOLVER.NO_WEIGHT_DECAY_KEYWORDS``
-  (position embeddings and relative-position tables) and parameters a timm model lists in its
-  ``no_weight_decay()``. Gradient clipping is detectron2's ``SOLVER.CLIP_GRADIENTS`` (its
-  per-parameter 'value' / 'norm', plus ``CLIP_TYPE: full_model``: one norm over all parameters,
-  as MMDetection's ``grad_clip`` in the papers' code bases); AMP is
-  detectron2's ``SOLVER.AMP.ENABLED`` (``AMPTrainer``, CUDA only).
-* :func:`build_evaluator`: chosen from the dataset's ``evaluator_type`` metadata: 'coco' ->
-  ``COCOEvaluator`` (boxes, and masks when the model predicts them); 'coco_panoptic_seg' ->
-  ``SemSegEvaluator`` + ``COCOEvaluator`` + ``COCOPanopticEvaluator`` (PQ via panopticapi), as
-  detectron2's own ``train_net.py`` does for Panoptic FPN; 'sem_seg' -> ``SemSegEvaluator``.
+* :func:`build_optimizer`: AdamW (the papers' detectors) or SGD, no weight decay on norms, biases
+  and position tables, and ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE 'full_model'`` (one norm over all
+  parameters, as the papers' MMDetection code bases).
+* :func:`build_lr_scheduler`: detectron2's, plus ``SOLVER.LR_SCHEDULER_NAME: WarmupPolyLR``
+  (``SOLVER.POLY_LR_POWER``; the semantic segmentation recipes, docs/segmentation.md).
+* :func:`build_evaluator`: from the dataset's ``evaluator_type``, as detectron2's ``train_net.py``.
+
+The rules and the reasons: docs/detectron2.md, "Training extras".
 """
 import logging
 import os
@@ -31,11 +27,15 @@ from detectron2.evaluation import (
 )
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.layers.batch_norm import LayerNorm as Detectron2LayerNorm
+from detectron2.solver import LRMultiplier, WarmupParamScheduler
+from detectron2.solver import build_lr_scheduler as detectron2_build_lr_scheduler
 from detectron2.solver.build import maybe_add_gradient_clipping
+from fvcore.common.param_scheduler import PolynomialDecayParamScheduler
 
 from ..checkpoint import SafeDetectionCheckpointer
 
-__all__ = ['Trainer', 'build_optimizer', 'optimizer_param_groups', 'build_evaluator']
+__all__ = ['Trainer', 'build_optimizer', 'optimizer_param_groups', 'build_evaluator',
+           'build_lr_scheduler']
 logger = logging.getLogger(__name__)
 
 _NORM_TYPES = (
@@ -143,6 +143,19 @@ def _add_full_model_gradient_clipping(optimizer: torch.optim.Optimizer, max_norm
     return optimizer
 
 
+def build_lr_scheduler(cfg, optimizer: torch.optim.Optimizer):
+    """detectron2's scheduler, or ``WarmupPolyLR``: ``(1 - t / MAX_ITER) ** POLY_LR_POWER`` after
+    the warm-up (none when ``SOLVER.WARMUP_ITERS`` is 0)."""
+    if cfg.SOLVER.LR_SCHEDULER_NAME != 'WarmupPolyLR':
+        return detectron2_build_lr_scheduler(cfg, optimizer)
+    schedule = PolynomialDecayParamScheduler(1.0, cfg.SOLVER.POLY_LR_POWER)
+    if cfg.SOLVER.WARMUP_ITERS > 0:
+        schedule = WarmupParamScheduler(
+            schedule, cfg.SOLVER.WARMUP_FACTOR, min(cfg.SOLVER.WARMUP_ITERS / cfg.SOLVER.MAX_ITER, 1.0),
+            cfg.SOLVER.WARMUP_METHOD, cfg.SOLVER.RESCALE_INTERVAL)
+    return LRMultiplier(optimizer, multiplier=schedule, max_iter=cfg.SOLVER.MAX_ITER)
+
+
 def build_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None) -> DatasetEvaluators:
     """Evaluators for ``dataset_name``, chosen from its ``evaluator_type`` metadata."""
     output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, 'inference', dataset_name)
@@ -189,6 +202,10 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_optimizer(cls, cfg, model):
         return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        return build_lr_scheduler(cfg, optimizer)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

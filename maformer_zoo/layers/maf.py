@@ -35,11 +35,13 @@ token keeps the same total weight. At the reference size the layer is exactly th
 any size every global token is a learned weighting of the same relative image region, and the
 layer and the fusion cost ``O(H*W*g^2*C)``: linear in pixels.
 """
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from timm.layers import register_notrace_function, register_notrace_module
 
 __all__ = [
     'balanced_split', 'window_self_attention', 'LocallyEnhancedPositionalEncoding',
@@ -52,12 +54,22 @@ def balanced_split(size: int, max_len: Optional[int]) -> Tuple[int, int]:
     """``(count, length)`` of the fewest equal windows of length ``<= max_len`` that cover ``size``.
 
     ``max_len=None`` means one window over the whole axis. ``count * length - size`` (the padding)
-    is smaller than ``count``.
+    is smaller than ``count``. Integer arithmetic only, so torch.export keeps it symbolic.
     """
-    if max_len is None or max_len >= size:
+    if max_len is None:
         return 1, size
-    count = -(-size // max_len)
-    return count, -(-size // count)
+    if max_len >= size:
+        return 1, size
+    count = (size + max_len - 1) // max_len
+    return count, (size + count - 1) // count
+
+
+def _is_compiling() -> bool:
+    """True under torch.compile / torch.export: sizes may be symbolic, so take branch-free paths."""
+    if torch.jit.is_scripting():
+        return False
+    else:
+        return torch.compiler.is_compiling()
 
 
 def _window_labels(
@@ -72,27 +84,29 @@ def _window_labels(
     Two tokens of one window may attend to each other only if their labels are equal: after a
     cyclic shift, tokens that were not neighbours before it get different labels, and padding
     tokens get -1 so no real token ever attends to them (padding tokens attend among themselves,
-    which keeps every softmax row finite; their outputs are cropped away).
+    which keeps every softmax row finite; their outputs are cropped away). Built from comparisons
+    of ``arange`` (no size-dependent Python branches), so it traces with symbolic sizes.
     """
-    labels = []
+    labels: List[torch.Tensor] = []
+    pads: List[torch.Tensor] = []
     for axis in range(2):
-        lab = torch.zeros(padded[axis], dtype=torch.int64, device=device)
-        if shift[axis]:
-            # regions in shifted coordinates: [0, P - w), [P - w, P - s), [P - s, P)
-            lab[padded[axis] - window[axis]:] = 1
-            lab[padded[axis] - shift[axis]:] = 2
-        is_pad = torch.arange(padded[axis], device=device) >= size[axis]
-        labels.append((lab, torch.roll(is_pad, -shift[axis])))
-    (lab_h, pad_h), (lab_w, pad_w) = labels
-    label = lab_h[:, None] * 3 + lab_w[None, :]
-    return label.masked_fill(pad_h[:, None] | pad_w[None, :], -1)
+        pos = torch.arange(padded[axis], device=device)
+        # regions in shifted coordinates: [0, P - w), [P - w, P - s), [P - s, P); without a shift the
+        # last "region" is exactly the last window, so labels stay equal inside every window
+        lab = (pos >= padded[axis] - window[axis]).long() + (pos >= padded[axis] - shift[axis]).long()
+        labels.append(lab)
+        pads.append(torch.roll(pos >= size[axis], -shift[axis]))
+    label = labels[0][:, None] * 3 + labels[1][None, :]
+    return label.masked_fill(pads[0][:, None] | pads[1][None, :], -1)
 
 
+@register_notrace_function
 def window_self_attention(
         qkv: torch.Tensor,
         window: Tuple[Optional[int], Optional[int]],
         shift: bool = False,
-        value_pe: Optional[nn.Module] = None,
+        pe_weight: Optional[torch.Tensor] = None,
+        pe_bias: Optional[torch.Tensor] = None,
         attn_drop: float = 0.,
 ) -> torch.Tensor:
     """Multi-head self-attention within rectangular windows.
@@ -104,8 +118,8 @@ def window_self_attention(
             and padding keys are masked.
         shift: cyclically shift the map by half a window (Swin) on every axis that has more than
             one window, so consecutive blocks exchange information across window borders.
-        value_pe: optional module ``(B * windows, heads * head_dim, h, w) -> same`` applied to the
-            values of each window and added to the attention output (CSWin's LePE).
+        pe_weight, pe_bias: optional depthwise 3x3 convolution ``(heads * head_dim, 1, 3, 3)``
+            applied to the values of each window and added to the attention output (CSWin's LePE).
         attn_drop: attention dropout probability (used only in training).
 
     Returns:
@@ -115,35 +129,41 @@ def window_self_attention(
     n_h, win_h = balanced_split(H, window[0])
     n_w, win_w = balanced_split(W, window[1])
     pad_h, pad_w = n_h * win_h - H, n_w * win_w - W
-    shift_hw = (win_h // 2 if shift and n_h > 1 else 0, win_w // 2 if shift and n_w > 1 else 0)
-    if pad_h or pad_w:
+    shift_h = win_h // 2 if shift and n_h > 1 else 0
+    shift_w = win_w // 2 if shift and n_w > 1 else 0
+    # with symbolic sizes (export) whether padding occurs is unknown: always pad and mask
+    general = _is_compiling()
+    padded = general or pad_h > 0 or pad_w > 0
+    shifted = shift_h > 0 or shift_w > 0
+    if padded:
         qkv = F.pad(qkv, (0, 0, 0, 0, 0, 0, 0, pad_w, 0, pad_h))
-    if shift_hw[0] or shift_hw[1]:
-        qkv = torch.roll(qkv, (-shift_hw[0], -shift_hw[1]), dims=(1, 2))
+    if shifted:
+        qkv = torch.roll(qkv, (-shift_h, -shift_w), dims=(1, 2))
 
     num_win, win_len = B * n_h * n_w, win_h * win_w
     q, k, v = qkv.reshape(B, n_h, win_h, n_w, win_w, 3, num_heads, head_dim).permute(
         5, 0, 1, 3, 6, 2, 4, 7).reshape(3, num_win, num_heads, win_len, head_dim).unbind(0)
 
-    mask = None
-    if pad_h or pad_w or shift_hw[0] or shift_hw[1]:
-        labels = _window_labels((H, W), (n_h * win_h, n_w * win_w), (win_h, win_w), shift_hw, qkv.device)
+    mask: Optional[torch.Tensor] = None
+    if padded or shifted:
+        labels = _window_labels(
+            (H, W), (n_h * win_h, n_w * win_w), (win_h, win_w), (shift_h, shift_w), qkv.device)
         labels = labels.reshape(n_h, win_h, n_w, win_w).permute(0, 2, 1, 3).reshape(n_h * n_w, win_len)
         mask = labels[:, :, None] == labels[:, None, :]
         mask = mask[None, :, None].expand(B, -1, -1, -1, -1).reshape(num_win, 1, win_len, win_len)
 
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=attn_drop)
-    if value_pe is not None:
+    if pe_weight is not None:
         # channels-last windows: CPU depthwise convolutions are several times faster in that layout
         v_img = v.permute(0, 2, 1, 3).reshape(num_win, win_h, win_w, num_heads * head_dim).permute(0, 3, 1, 2)
-        pe = value_pe(v_img).permute(0, 2, 3, 1).reshape(num_win, win_len, num_heads, head_dim)
-        out = out + pe.transpose(1, 2)
+        pe = F.conv2d(v_img, pe_weight, pe_bias, padding=1, groups=num_heads * head_dim)
+        out = out + pe.permute(0, 2, 3, 1).reshape(num_win, win_len, num_heads, head_dim).transpose(1, 2)
 
     out = out.reshape(B, n_h, n_w, num_heads, win_h, win_w, head_dim).permute(
         0, 1, 4, 2, 5, 3, 6).reshape(B, n_h * win_h, n_w * win_w, num_heads * head_dim)
-    if shift_hw[0] or shift_hw[1]:
-        out = torch.roll(out, shift_hw, dims=(1, 2))
-    if pad_h or pad_w:
+    if shifted:
+        out = torch.roll(out, (shift_h, shift_w), dims=(1, 2))
+    if padded:
         out = out[:, :H, :W].contiguous()
     return out
 
@@ -208,9 +228,11 @@ class CrossShapedWindowAttention(nn.Module):
         half = self.num_heads // 2
         attn_drop = self.attn_drop if self.training else 0.
         x_h = window_self_attention(
-            qkv[..., :half, :], (self.stripe_width, self.stripe_len), value_pe=self.lepe_h, attn_drop=attn_drop)
+            qkv[..., :half, :], (self.stripe_width, self.stripe_len), False,
+            self.lepe_h.weight, self.lepe_h.bias, attn_drop)
         x_v = window_self_attention(
-            qkv[..., half:, :], (self.stripe_len, self.stripe_width), value_pe=self.lepe_v, attn_drop=attn_drop)
+            qkv[..., half:, :], (self.stripe_len, self.stripe_width), False,
+            self.lepe_v.weight, self.lepe_v.bias, attn_drop)
         return self.proj_drop(self.proj(torch.cat([x_h, x_v], dim=-1)))
 
 
@@ -253,27 +275,30 @@ class WindowSelfAttention(nn.Module):
         B, H, W, C = x.shape
         qkv = self.qkv(x).reshape(B, H, W, 3, self.num_heads, self.head_dim)
         x = window_self_attention(
-            qkv, (self.window_size, self.window_size), shift=self.shift,
-            attn_drop=self.attn_drop if self.training else 0.)
+            qkv, (self.window_size, self.window_size), self.shift, None, None,
+            self.attn_drop if self.training else 0.)
         return self.proj_drop(self.proj(x))
 
 
-def _bilinear_resize(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+def _bilinear_resize(x: torch.Tensor, size: List[int]) -> torch.Tensor:
     """Anti-aliased bilinear resize of ``(B, C, H, W)``; computed in float32 when the input is half
     precision, which PyTorch's anti-aliased kernels do not implement on every device."""
-    if x.dtype in (torch.float16, torch.bfloat16):
+    if x.dtype == torch.float16 or x.dtype == torch.bfloat16:
         return F.interpolate(
             x.float(), size=size, mode='bilinear', align_corners=False, antialias=True).to(x.dtype)
     return F.interpolate(x, size=size, mode='bilinear', align_corners=False, antialias=True)
 
 
+@register_notrace_module  # size-dependent weights: an FX leaf
 class GlobalLearningDownsample(nn.Module):
     """GLD (Eq. 2): ``X_G = Pos(X) + FC(X)`` with a fixed grid of global tokens.
 
-    ``FC`` is one dense layer along the token axis (weight ``(g*g, h_ref*w_ref)``, bias ``(g*g,)``)
-    shared by all channels; ``Pos`` is a bilinear (anti-aliased) down-sampling of the input to the
-    ``g x g`` grid, which anchors every global token to its location in the image. See the module
-    docstring for how the weights follow the input resolution.
+    ``FC`` is one dense layer along the token axis (weight ``(g*g, h_ref*w_ref)``) shared by all
+    channels; ``Pos`` is a bilinear (anti-aliased) down-sampling of the input to the ``g x g`` grid,
+    which anchors every global token to its location in the image. The FC has no bias: a bias per
+    global token adds the same value to all its channels, which the fusion's pre-norm LayerNorm
+    removes (docs/maformer.md, "GLD"). See the module docstring for how the weights follow the
+    input resolution.
     """
 
     def __init__(self, ref_size: Tuple[int, int], grid_size: Tuple[int, int]):
@@ -284,18 +309,19 @@ class GlobalLearningDownsample(nn.Module):
             grid_size: ``(g_h, g_w)``, the grid of global tokens produced at every input size.
         """
         super().__init__()
-        self.ref_size = tuple(ref_size)
-        self.grid_size = tuple(grid_size)
-        self.token_mix = nn.Linear(ref_size[0] * ref_size[1], grid_size[0] * grid_size[1])
+        self.ref_size: Tuple[int, int] = (int(ref_size[0]), int(ref_size[1]))
+        self.grid_size: Tuple[int, int] = (int(grid_size[0]), int(grid_size[1]))
+        self.token_mix = nn.Linear(ref_size[0] * ref_size[1], grid_size[0] * grid_size[1], bias=False)
 
     def mixing_weight(self, size: Tuple[int, int]) -> torch.Tensor:
         """The FC weight for a ``size = (H, W)`` map: ``(g*g, H*W)``."""
         weight = self.token_mix.weight
-        if tuple(size) == self.ref_size:
+        ref_h, ref_w = self.ref_size
+        if size[0] == ref_h and size[1] == ref_w:
             return weight
         num_global = weight.shape[0]
-        resized = _bilinear_resize(weight.reshape(1, num_global, *self.ref_size), tuple(size))
-        area_ratio = (self.ref_size[0] * self.ref_size[1]) / (size[0] * size[1])
+        resized = _bilinear_resize(weight.reshape(1, num_global, ref_h, ref_w), [size[0], size[1]])
+        area_ratio = (ref_h * ref_w) / (size[0] * size[1])
         return resized.reshape(num_global, size[0] * size[1]) * area_ratio
 
     def pos_matrix(self, size: Tuple[int, int]) -> torch.Tensor:
@@ -306,17 +332,16 @@ class GlobalLearningDownsample(nn.Module):
         weight it costs no extra pass over the map.
         """
         device = self.token_mix.weight.device
-        per_axis = [
-            _bilinear_resize(torch.eye(n, device=device)[None, None], (g, n))[0, 0]
-            for n, g in zip(size, self.grid_size)]
-        rows, cols = per_axis  # Kronecker product (torch.kron is needlessly slow on CPU)
+        rows = _bilinear_resize(torch.eye(size[0], device=device)[None, None], [self.grid_size[0], size[0]])[0, 0]
+        cols = _bilinear_resize(torch.eye(size[1], device=device)[None, None], [self.grid_size[1], size[1]])[0, 0]
+        # Kronecker product (torch.kron is needlessly slow on CPU)
         return (rows[:, None, :, None] * cols[None, :, None, :]).reshape(rows.shape[0] * cols.shape[0], -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, H, W, C)`` -> ``(B, g*g, C)``."""
         B, H, W, C = x.shape
         weight = (self.mixing_weight((H, W)) + self.pos_matrix((H, W))).to(x.dtype)
-        return torch.matmul(weight, x.reshape(B, H * W, C)) + self.token_mix.bias.to(x.dtype)[:, None]
+        return torch.matmul(weight, x.reshape(B, H * W, C))
 
     def extra_repr(self) -> str:
         return f'ref_size={self.ref_size}, grid_size={self.grid_size}'

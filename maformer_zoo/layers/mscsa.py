@@ -50,19 +50,19 @@ Choices the paper leaves open (also in README, "MSCSA"):
   ``attn_chunk_elems`` per image, so the attention matrix stays bounded at any input size (exact,
   softmax is per query row).
 """
-import math
-from typing import List, Optional, Sequence, Tuple, Type
+from typing import Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from timm.layers import DropPath
+from timm.layers import DropPath, register_notrace_function
 
 __all__ = [
     'MultiStageGather', 'CrossScaleAttention', 'ConvFFN', 'IntraFFN', 'MscsaBlock',
-    'MultiStageCrossScaleAttention', 'InjectionFusion', 'DenseFusion', 'squeezed_channels',
+    'MultiStageCrossScaleAttention', 'InjectionFusion', 'DenseFusion', 'PrunedFusion', 'squeezed_channels',
+    'pooled_size', 'pool_to', 'resize_like', 'chunked_attention', 'inject',
 ]
 
 
@@ -76,6 +76,57 @@ def squeezed_channels(in_chs: Sequence[int], squeeze_ratio: Optional[float]) -> 
     if min(out) < 1:
         raise ValueError(f'squeeze_ratio {squeeze_ratio} leaves a stage of {in_chs} with no channels.')
     return out
+
+
+@register_notrace_function  # size arithmetic: an FX leaf
+def pooled_size(deepest: torch.Tensor, deepest_stride: int, pool_stride: int) -> Tuple[int, int]:
+    """Size of the multi-stage map: the deepest stage's size scaled to ``pool_stride``, rounded up."""
+    h, w = deepest.shape[-2], deepest.shape[-1]
+    out_h = (h * deepest_stride + pool_stride - 1) // pool_stride
+    out_w = (w * deepest_stride + pool_stride - 1) // pool_stride
+    return max(1, out_h), max(1, out_w)
+
+
+@register_notrace_function  # branches on sizes: an FX leaf
+def pool_to(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """Average-pool ``x`` to ``size`` (a no-op when it already has it)."""
+    if x.shape[-2] == size[0] and x.shape[-1] == size[1]:
+        return x
+    return F.adaptive_avg_pool2d(x, [size[0], size[1]])
+
+
+@register_notrace_function  # branches on sizes: an FX leaf
+def resize_like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Bilinear resize of ``x`` to ``ref``'s height and width (a no-op when they match)."""
+    if x.shape[-2] == ref.shape[-2] and x.shape[-1] == ref.shape[-1]:
+        return x
+    return F.interpolate(x, size=[ref.shape[-2], ref.shape[-1]], mode='bilinear', align_corners=False)
+
+
+@register_notrace_function  # branches on sizes: an FX leaf
+def chunked_attention(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_elems: int, dropout_p: float = 0.,
+) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` over query chunks of at most ``chunk_elems`` matrix elements
+    per image (exact: softmax is per query row)."""
+    n, m = q.shape[-2], k.shape[-2]
+    chunk = max(1, chunk_elems // (q.shape[1] * m))
+    if n <= chunk:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    return torch.cat([
+        F.scaled_dot_product_attention(q_chunk, k, v, dropout_p=dropout_p)
+        for q_chunk in q.split(chunk, dim=-2)], dim=-2)
+
+
+@register_notrace_function  # branches on autograd state: an FX leaf
+def inject(feat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """``feat * sigmoid(weight) + bias`` (Fig. 5b). Without autograd, one full-resolution temporary:
+    ``weight`` is overwritten, and so is ``feat`` when ``inplace`` (the caller no longer needs it)."""
+    if torch.is_grad_enabled() and (feat.requires_grad or weight.requires_grad or bias.requires_grad):
+        return torch.addcmul(bias, feat, weight.sigmoid())
+    if inplace:
+        return feat.mul_(weight.sigmoid_()).add_(bias)
+    return weight.sigmoid_().mul_(feat).add_(bias)
 
 
 class MultiStageGather(nn.Module):
@@ -111,21 +162,16 @@ class MultiStageGather(nn.Module):
                 for c, o in zip(in_chs, self.out_chs)
             ])
 
-    def target_size(self, features: Sequence[torch.Tensor]) -> Tuple[int, int]:
+    def target_size(self, features: List[torch.Tensor]) -> Tuple[int, int]:
         """Pooled size: the deepest stage's size scaled to ``pool_stride`` (rounded up)."""
-        h, w = features[-1].shape[-2:]
-        scale = self.in_strides[-1] / self.pool_stride
-        return max(1, math.ceil(h * scale)), max(1, math.ceil(w * scale))
+        return pooled_size(features[-1], self.in_strides[-1], self.pool_stride)
 
-    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, features: List[torch.Tensor]) -> torch.Tensor:
         size = self.target_size(features)
-        pooled = []
-        for i, x in enumerate(features):
-            if tuple(x.shape[-2:]) != size:
-                x = F.adaptive_avg_pool2d(x, size)
-            if self.squeeze is not None:
-                x = self.squeeze[i](x)
-            pooled.append(x)
+        pooled = [pool_to(x, size) for x in features]
+        if self.squeeze is not None:
+            for i, squeeze in enumerate(self.squeeze):
+                pooled[i] = squeeze(pooled[i])
         return torch.cat(pooled, dim=1)
 
 
@@ -183,22 +229,18 @@ class CrossScaleAttention(nn.Module):
         return x.reshape(b, self.num_heads, head_dim, -1)
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        dropout_p = self.attn_drop if self.training else 0.
-        n, m = q.shape[-2], k.shape[-2]
-        chunk = max(1, self.attn_chunk_elems // (self.num_heads * m))
-        if n <= chunk:
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-        return torch.cat([
-            F.scaled_dot_product_attention(q_chunk, k, v, dropout_p=dropout_p)
-            for q_chunk in q.split(chunk, dim=-2)], dim=-2)
+        return chunked_attention(q, k, v, self.attn_chunk_elems, self.attn_drop if self.training else 0.)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
         q, k0, v0 = self.qkv(x).split(self.split_qkv, dim=1)
         keys = [self._heads(k0, self.key_dim)]
         values = [self._heads(v0, self.val_dim)]
-        for down, kv in zip(self.down, self.kv):
-            k_i, v_i = kv(down(x)).split(self.split_kv, dim=1)
+        downs: List[torch.Tensor] = []
+        for down in self.down:
+            downs.append(down(x))
+        for i, kv in enumerate(self.kv):
+            k_i, v_i = kv(downs[i]).split(self.split_kv, dim=1)
             keys.append(self._heads(k_i, self.key_dim))
             values.append(self._heads(v_i, self.val_dim))
         # (B, heads, tokens, head_dim); K, V concatenated over the three scales (Eq. 5)
@@ -265,7 +307,10 @@ class IntraFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         parts = x.split(self.stage_chs, dim=1)
-        return torch.cat([ffn(p) for ffn, p in zip(self.ffns, parts)], dim=1)
+        out: List[torch.Tensor] = []
+        for i, ffn in enumerate(self.ffns):
+            out.append(ffn(parts[i]))
+        return torch.cat(out, dim=1)
 
 
 class MscsaBlock(nn.Module):
@@ -382,7 +427,7 @@ class MultiStageCrossScaleAttention(nn.Module):
                 norm_layer=norm_layer, attn_act_layer=attn_act_layer, mlp_act_layer=mlp_act_layer)
             for i in range(depth)])
 
-    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, features: List[torch.Tensor]) -> torch.Tensor:
         x = self.gather(features)
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
             for block in self.blocks:
@@ -419,20 +464,22 @@ class InjectionFusion(nn.Module):
             inplace: without autograd, write the result into ``feat`` (the caller no longer needs
                 it); saves a full-resolution tensor at stride 4 of detection-size inputs.
         """
-        weight, bias = self.embed(mscsa_part).split(self.out_chs, dim=1)
-        size = feat.shape[-2:]
+        if self.training:
+            # Fig. 5b's order: BatchNorm statistics are those of the upsampled map
+            weight, bias = self.embed(resize_like(mscsa_part, feat)).split(self.out_chs, dim=1)
+        else:
+            # the same function: 1x1 conv and eval-mode BatchNorm are per-pixel affine maps and
+            # bilinear weights sum to 1, so they commute with the upsampling (docs/mscsa.md)
+            weight, bias = self.embed(mscsa_part).split(self.out_chs, dim=1)
+            weight, bias = resize_like(weight, feat), resize_like(bias, feat)
+        return inject(feat, weight, bias, inplace)
 
-        def upsample(t: torch.Tensor) -> torch.Tensor:
-            if t.shape[-2:] == size:
-                return t
-            return F.interpolate(t, size=size, mode='bilinear', align_corners=False)
 
-        if torch.is_grad_enabled() and (feat.requires_grad or weight.requires_grad):
-            return torch.addcmul(upsample(bias), feat, upsample(weight).sigmoid())
-        # no autograd: one full-resolution temporary at a time, reused in place
-        if inplace:
-            return feat.mul_(upsample(weight).sigmoid_()).add_(upsample(bias))
-        return upsample(weight).sigmoid_().mul_(feat).add_(upsample(bias))
+class PrunedFusion(nn.Module):
+    """Stand-in for a fusion layer removed by ``prune_intermediate_layers``."""
+
+    def forward(self, feat: torch.Tensor, mscsa_part: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        raise RuntimeError('This fusion layer was pruned (prune_intermediate_layers); its stage cannot be computed.')
 
 
 class DenseFusion(nn.Module):
@@ -459,13 +506,13 @@ class DenseFusion(nn.Module):
         """Drop the fusion layers of stages not in ``keep`` (their output is not needed)."""
         for i in range(len(self.layers)):
             if i not in keep:
-                self.layers[i] = nn.Identity()
+                self.layers[i] = PrunedFusion()
 
     def forward(
             self,
-            features: Sequence[torch.Tensor],
+            features: List[torch.Tensor],
             mscsa_out: torch.Tensor,
-            indices: Optional[Sequence[int]] = None,
+            indices: Optional[List[int]] = None,
             inplace: bool = False,
     ) -> List[torch.Tensor]:
         """Fused features of the stages in ``indices`` (all when None), in that order.
@@ -473,11 +520,9 @@ class DenseFusion(nn.Module):
         ``inplace``: see :meth:`InjectionFusion.forward`.
         """
         parts = mscsa_out.split(self.mscsa_chs, dim=1)
-        indices = range(len(self.layers)) if indices is None else indices
-        out = []
-        for i in indices:
-            layer = self.layers[i]
-            if not isinstance(layer, InjectionFusion):
-                raise RuntimeError(f'The fusion layer of stage {i} was pruned; it cannot be computed.')
-            out.append(layer(features[i], parts[i], inplace=inplace))
-        return out
+        take = list(range(len(self.layers))) if indices is None else indices
+        fused: Dict[int, torch.Tensor] = {}
+        for i, layer in enumerate(self.layers):
+            if i in take:
+                fused[i] = layer(features[i], parts[i], inplace)
+        return [fused[i] for i in take]

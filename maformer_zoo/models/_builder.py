@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Type
 import torch
 from torch import nn
 from timm.models import build_model_with_cfg, resolve_pretrained_cfg
+from timm.layers import register_notrace_function
 
 from ..errors import CheckpointMismatchError, CorruptCheckpointError, PretrainedWeightsNotFoundError, \
     UnsafeCheckpointError  # noqa: F401 (re-exported)
@@ -90,6 +91,7 @@ def build_zoo_model(
     return model
 
 
+@register_notrace_function  # Python control flow on sizes: an FX leaf, still run by the traced graph
 def check_input(x: torch.Tensor, in_chans: int, min_size: int, model_name: str,
                 dtype: Optional[torch.dtype] = None) -> None:
     """Fail early, and clearly, on an input the model cannot take.

@@ -71,7 +71,9 @@ import torch
 from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerNorm, LayerNorm2d, Mlp, calculate_drop_path_rates, trunc_normal_
+from timm.layers import (
+    DropPath, LayerNorm, LayerNorm2d, Mlp, calculate_drop_path_rates, trunc_normal_,
+)
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
@@ -87,8 +89,10 @@ __all__ = ['MAFormer', 'MafBlock', 'TransformerBlock']
 
 # Smallest input side: one token at stride 32.
 _MIN_INPUT_SIZE = 32
-# Stage map sizes at the 224x224 input that fix GLD's reference grid, the stripe length and the stage-3 window.
+# Stage map sizes at the 224x224 input fix GLD's reference grid.
 _REF_IMG_SIZE = 224
+# Largest input side with full-length stripes and global stage-3 attention (docs/maformer.md, "Window policy").
+_FULL_ATTN_IMG_SIZE = 384
 
 
 class MafBlock(nn.Module):
@@ -199,7 +203,7 @@ class TransformerBlock(nn.Module):
 
 
 class ConvStem(nn.Module):
-    """Two 3x3 stride-2 convolutions to ``H/4 x W/4``; NCHW image in, ``(B, H/4, W/4, C)`` out."""
+    """Two 3x3 stride-2 convolutions to ``H/4 x W/4``; NCHW in and out (channels-last memory)."""
 
     def __init__(self, in_chans: int, out_chans: int, act_layer: Type[nn.Module] = nn.GELU):
         super().__init__()
@@ -213,11 +217,11 @@ class ConvStem(nn.Module):
         # channels-last convolutions: faster on CPU, and the NHWC output below needs no copy
         x = x.contiguous(memory_format=torch.channels_last)
         x = self.conv2(self.act(self.norm1(self.conv1(x))))
-        return self.norm2(x.permute(0, 2, 3, 1).contiguous())
+        return self.norm2(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 class PatchMerging(nn.Module):
-    """3x3 stride-2 convolution + LayerNorm between stages; ``(B, H, W, C)`` -> ``(B, ceil(H/2), ceil(W/2), C')``."""
+    """3x3 stride-2 convolution + LayerNorm between stages; ``(B, C, H, W)`` -> ``(B, ceil(H/2), ceil(W/2), C')``."""
 
     def __init__(self, in_chans: int, out_chans: int):
         super().__init__()
@@ -225,16 +229,27 @@ class PatchMerging(nn.Module):
         self.norm = LayerNorm(out_chans)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).contiguous())
+        return self.norm(self.conv(x).permute(0, 2, 3, 1))
+
+
+class ToChannelsLastMap(nn.Module):
+    """``(B, C, H, W)`` -> ``(B, H, W, C)`` (a view of channels-last memory): stage 1's "downsample"."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 3, 1)
 
 
 class MAFormerStage(nn.Module):
-    """Optional patch merging followed by ``depth`` blocks, on ``(B, H, W, C)`` maps."""
+    """Patch merging followed by ``depth`` blocks on ``(B, H, W, C)`` maps; NCHW in and out.
+
+    Stage outputs are NCHW views of channels-last memory, so ``features_only`` (getter or FX) and
+    the next merging convolution read them without a copy.
+    """
 
     def __init__(self, downsample: Optional[nn.Module], blocks: Sequence[nn.Module]):
         super().__init__()
         self.grad_checkpointing = False
-        self.downsample = downsample if downsample is not None else nn.Identity()
+        self.downsample = downsample if downsample is not None else ToChannelsLastMap()
         self.blocks = nn.Sequential(*blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -244,7 +259,7 @@ class MAFormerStage(nn.Module):
                 x = checkpoint(block, x)
             else:
                 x = block(x)
-        return x
+        return x.permute(0, 3, 1, 2)
 
 
 class MAFormer(nn.Module):
@@ -261,8 +276,9 @@ class MAFormer(nn.Module):
             mlp_ratio: float = 4.,
             stripe_widths: Tuple[int, int] = (1, 2),
             global_grids: Tuple[int, int] = (7, 7),
-            window_sizes: Tuple[Optional[int], Optional[int]] = (14, None),
+            window_sizes: Tuple[Optional[int], Optional[int]] = (_FULL_ATTN_IMG_SIZE // 16, None),
             ref_img_size: int = _REF_IMG_SIZE,
+            attn_img_size: int = _FULL_ATTN_IMG_SIZE,
             qkv_bias: bool = True,
             drop_rate: float = 0.,
             proj_drop_rate: float = 0.,
@@ -282,9 +298,12 @@ class MAFormer(nn.Module):
             mlp_ratio: MLP expansion (4 in all Table 1 models).
             stripe_widths: cross-shaped stripe widths of the MAF stages 1-2.
             global_grids: side of the GLD global token grid in stages 1-2.
-            window_sizes: stage 3-4 attention window side (``None`` = global attention).
-            ref_img_size: input size at which stripes are full-length, GLD weights are used as
-                stored and the stage-3 window covers the whole map (the ImageNet training size).
+            window_sizes: stage 3-4 attention window side (``None`` = global attention); the
+                default 24 is the stage-3 map at ``attn_img_size``.
+            ref_img_size: input size at which the GLD weights are used as stored (the ImageNet
+                training size).
+            attn_img_size: largest input side at which stage 1-2 stripes are full-length (stripes
+                of at most ``attn_img_size / 4`` and ``/ 8`` tokens).
             qkv_bias: biases on the attention projections.
             drop_rate: dropout before the classifier.
             proj_drop_rate: dropout after projections and in the MLPs.
@@ -305,8 +324,8 @@ class MAFormer(nn.Module):
         self.grad_checkpointing = False
         num_heads = [d // head_dim for d in embed_dims]
         ref_sizes = [ref_img_size // (4 * 2 ** i) for i in range(4)]
-        window_sizes = [None, None] + [
-            min(w, ref_sizes[2 + i]) if w is not None else None for i, w in enumerate(window_sizes)]
+        stripe_lens = [attn_img_size // (4 * 2 ** i) for i in range(2)]
+        window_sizes = [None, None] + list(window_sizes)
 
         self.stem = ConvStem(in_chans, embed_dims[0], act_layer=act_layer)
         dpr = _per_block_rates(drop_path_rate, depths)
@@ -319,7 +338,7 @@ class MAFormer(nn.Module):
             if i < 2:
                 ref = ref_sizes[i]
                 blocks = [MafBlock(
-                    embed_dims[i], num_heads[i], stripe_width=stripe_widths[i], stripe_len=ref,
+                    embed_dims[i], num_heads[i], stripe_width=stripe_widths[i], stripe_len=stripe_lens[i],
                     gld_ref_size=(ref, ref), global_grid=(global_grids[i], global_grids[i]),
                     drop_path=dpr[i][j], **common) for j in range(depths[i])]
             else:
@@ -381,7 +400,8 @@ class MAFormer(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
 
     def _check_input(self, x: torch.Tensor) -> None:
-        check_input(x, self.in_chans, self.min_input_size, type(self).__name__)
+        if not torch.jit.is_scripting():
+            check_input(x, self.in_chans, self.min_input_size, 'MAFormer')
 
     def forward_intermediates(
             self,
@@ -413,13 +433,13 @@ class MAFormer(nn.Module):
         for idx, stage in enumerate(stages):
             x = stage(x)
             if idx in take_indices:
-                feat = self.norm(x) if norm and idx == last_index else x
-                intermediates.append(feat.permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW' else feat)
+                feat = self._norm_nchw(x) if norm and idx == last_index else x
+                intermediates.append(feat if output_fmt == 'NCHW' else feat.permute(0, 2, 3, 1))
         if intermediates_only:
             return intermediates
         if len(stages) == len(self.stages):
-            x = self.norm(x)
-        return x.permute(0, 3, 1, 2).contiguous(), intermediates
+            x = self._norm_nchw(x)
+        return x, intermediates
 
     def prune_intermediate_layers(
             self,
@@ -442,8 +462,10 @@ class MAFormer(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``(B, in_chans, H, W)`` -> normalized stride-32 features ``(B, C, H/32, W/32)``."""
         self._check_input(x)
-        x = self.stages(self.stem(x))
-        return self.norm(x).permute(0, 3, 1, 2)
+        return self._norm_nchw(self.stages(self.stem(x)))
+
+    def _norm_nchw(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == 'avg':

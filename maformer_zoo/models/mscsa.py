@@ -49,10 +49,11 @@ from typing import Any, Dict, List, Optional, Set, Tuple, Type, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, trunc_normal_
+from timm.layers import ClassifierHead, register_notrace_function, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
@@ -95,6 +96,16 @@ def _prefix_matcher(matcher: Any, prefix: str) -> Any:
     if isinstance(matcher, dict):
         return {k: _prefix_matcher(v, prefix) for k, v in matcher.items()}
     raise TypeError(f'Unsupported group_matcher entry {matcher!r}.')
+
+
+@register_notrace_function  # branches on sizes: an FX leaf
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad an NCHW batch at the bottom/right to sides that are multiples of ``multiple``."""
+    pad_h = -x.shape[-2] % multiple
+    pad_w = -x.shape[-1] % multiple
+    if pad_h > 0 or pad_w > 0:
+        x = F.pad(x, [0, pad_w, 0, pad_h])
+    return x
 
 
 class MscsaNet(nn.Module):
@@ -273,14 +284,45 @@ class MscsaNet(nn.Module):
         self.num_classes = num_classes
         self.head.reset(num_classes, pool_type=global_pool)
 
-    def _base_features(self, x: torch.Tensor) -> List[torch.Tensor]:
-        check_input(x, self.in_chans, self.min_input_size, self.model_name)
-        if self.input_multiple > 1:
-            pad_h = -x.shape[-2] % self.input_multiple
-            pad_w = -x.shape[-1] % self.input_multiple
-            if pad_h or pad_w:
-                x = F.pad(x, (0, pad_w, 0, pad_h))
-        return self.base.forward_intermediates(x, indices=self._base_indices, intermediates_only=True)
+    def _base_features(
+            self, x: torch.Tensor, indices: Optional[List[int]] = None, stop_early: bool = False,
+    ) -> List[torch.Tensor]:
+        """The base's stage features (all four, or the stages in ``indices``)."""
+        if not torch.jit.is_scripting():
+            check_input(x, self.in_chans, self.min_input_size, self.model_name)
+        x = pad_to_multiple(x, self.input_multiple)
+        base_indices = self._base_indices if indices is None else [self._base_indices[i] for i in indices]
+        if torch.jit.is_scripting():
+            if hasattr(self.base, 'layer4') and hasattr(self.base, 'maxpool'):
+                # timm's ResNet.forward_intermediates is not scriptable (a tuple slice); the same stages
+                return self._scripted_resnet_stages(x, base_indices)
+            else:
+                feats = self.base.forward_intermediates(
+                    x, indices=base_indices, stop_early=stop_early, intermediates_only=True)
+                assert torch.jit.isinstance(feats, List[torch.Tensor])
+                return feats
+        else:
+            return self.base.forward_intermediates(
+                x, indices=base_indices, stop_early=stop_early, intermediates_only=True)
+
+    def _scripted_resnet_stages(self, x: torch.Tensor, base_indices: List[int]) -> List[torch.Tensor]:
+        """timm ResNet's feature indices 1-4 (``layer1``-``layer4``), for TorchScript only."""
+        base = self.base
+        x = base.maxpool(base.act1(base.bn1(base.conv1(x))))
+        out: List[torch.Tensor] = []
+        x = base.layer1(x)
+        if 1 in base_indices:
+            out.append(x)
+        x = base.layer2(x)
+        if 2 in base_indices:
+            out.append(x)
+        x = base.layer3(x)
+        if 3 in base_indices:
+            out.append(x)
+        x = base.layer4(x)
+        if 4 in base_indices:
+            out.append(x)
+        return out
 
     def forward_intermediates(
             self,
@@ -291,32 +333,46 @@ class MscsaNet(nn.Module):
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Forward features that returns intermediates.
+        """Forward features that returns intermediates (docs/mscsa.md, "Intermediates").
 
         Args:
             x: input images.
             indices: take the last n stages if int, all if None, these stages if a sequence.
-            norm: unused (the intermediates have no final norm); kept for the timm API.
-            stop_early: unused: MSCSA needs every stage of the base.
-            output_fmt: only 'NCHW'.
+            norm: must be False: the stage features have no final norm (MSCSA replaces the base's).
+            stop_early: without fusion layers, run the base only up to the deepest stage taken and
+                skip MSCSA (the returned final features are then that stage's output). With them it
+                changes nothing: every fused stage needs MSCSA, which reads every base stage.
+            output_fmt: ``'NCHW'`` or ``'NHWC'``.
             intermediates_only: return only the intermediates.
 
         Returns:
             The intermediates (fused features with ``dense_fusion``, else the base's stage
             features), or a tuple of the final features (``forward_features``) and them.
         """
-        assert output_fmt == 'NCHW', 'Output shape must be NCHW.'
+        if output_fmt not in ('NCHW', 'NHWC'):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC'; got {output_fmt!r}.")
+        if norm:
+            raise ValueError(
+                f'{self.model_name} has no final norm for its stage features (MSCSA replaces the base\'s '
+                f'norm; forward_features is normalised already): call forward_intermediates with norm=False.')
         take_indices, _ = feature_take_indices(len(_STAGE_STRIDES), indices)
-        features = self._base_features(x)
-        x = self.mscsa(features)
-        if self.fusion is not None:
-            # the base features are ours and not needed after fusion
-            intermediates = self.fusion(features, x, take_indices, inplace=True)
+        if self.fusion is None and stop_early:
+            intermediates = self._base_features(x, take_indices, stop_early=True)
+            x = intermediates[-1]
         else:
-            intermediates = [features[i] for i in take_indices]
+            features = self._base_features(x)
+            x = self.mscsa(features)
+            if self.fusion is not None:
+                # the base features are ours and not needed after fusion
+                intermediates = self.fusion(features, x, take_indices, inplace=True)
+            else:
+                intermediates = [features[i] for i in take_indices]
+            x = self.norm(x)
+        if output_fmt == 'NHWC':
+            intermediates = [t.permute(0, 2, 3, 1) for t in intermediates]
         if intermediates_only:
             return intermediates
-        return self.norm(x), intermediates
+        return x, intermediates
 
     def prune_intermediate_layers(
             self,
@@ -338,7 +394,14 @@ class MscsaNet(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.mscsa(self._base_features(x)))
+        features = self._base_features(x)
+        x = self.mscsa(features)
+        if not torch.jit.is_scripting():
+            if self.fusion is not None and is_fx_symbolic_tracing():
+                # put the fusion layers (the dense variant's feature_info modules) into the FX graph
+                # that timm's feature_cls='fx' extracts from; unused outputs are pruned from the graph
+                self.fusion(features, x)
+        return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)
