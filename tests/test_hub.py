@@ -554,3 +554,17 @@ def test_head_kept_when_class_counts_match(tmp_path):
     other = timm.create_model(SMALL, pretrained=True, num_classes=3,
                               pretrained_cfg_overlay=dict(file=str(tmp_path / 'ten.safetensors')))
     assert other.num_classes == 3 and torch.equal(other.base.conv1.weight, model.base.conv1.weight)
+
+
+@pytest.mark.parametrize('name', ['maformer_s', SMALL])
+def test_clear_input_errors(name):
+    """Bad batches get one line saying what to do (names the expected type first)."""
+    model = timm.create_model(name).eval()
+    cases = [(torch.zeros(0, 3, 64, 64), ValueError, 'empty batch'),
+             (torch.zeros(1, 64, 64, 3), ValueError, r'permute\(0, 3, 1, 2\)'),
+             (torch.zeros(1, 3, 64, 64, dtype=torch.float64), TypeError, 'expects input of torch.float32 .* got torch.float64'),
+             (torch.zeros(1, 3, 64, 64, dtype=torch.uint8), TypeError, 'floating-point')]
+    for x, error, message in cases:
+        with pytest.raises(error, match=message) as info:
+            model(x)
+        assert 'in_chans=64' not in str(info.value) and '\n' not in str(info.value)

@@ -173,13 +173,24 @@ def test_clear_one_line_errors(coco, tmp_path):
 # ------------------------------------------------------------------------- train, resume, eval
 
 
-def test_train_resume_and_rerun_refused(coco, tmp_path):
+def test_rerun_into_a_run_folder_refused(coco, tmp_path):
+    out = tmp_path / 'run'
+    out.mkdir()
+    (out / 'last_checkpoint').write_text('model_final.pth')
+    (out / 'model_final.pth').write_bytes(b'an earlier run')
+    line = one_line_error(train_net(coco, '--config-file', CONFIG, *small_run(out), check=False))
+    assert 'holds an earlier run' in line and '--resume' in line
+    assert sorted(p.name for p in out.iterdir()) == ['last_checkpoint', 'model_final.pth']
+    assert (out / 'model_final.pth').read_bytes() == b'an earlier run'
+
+
+@pytest.mark.slow
+def test_train_then_resume(coco, tmp_path):
     out = tmp_path / 'run'
     proc = train_net(coco, '--config-file', CONFIG, *small_run(out, max_iter=1))
     assert 'copypaste: Task: bbox' in proc.stdout + proc.stderr
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    line = one_line_error(train_net(coco, '--config-file', CONFIG, *small_run(out, max_iter=2), check=False))
-    assert 'holds an earlier run' in line and '--resume' in line
+    one_line_error(train_net(coco, '--config-file', CONFIG, *small_run(out, max_iter=2), check=False))
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # untouched
     train_net(coco, '--config-file', CONFIG, '--resume', *small_run(out, max_iter=2))
     assert [r['iteration'] for r in _iterations(out)] == [0, 1]  # only the new iteration ran

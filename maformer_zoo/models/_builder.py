@@ -118,7 +118,8 @@ def check_input(x: torch.Tensor, in_chans: int, min_size: int, model_name: str,
             f"{model_name} was built for {in_chans} input channels but got {x.shape[1]} "
             f"(input shape {tuple(x.shape)}). Convert the images, or create the model with "
             f"in_chans={x.shape[1]}.")
-    if not x.is_floating_point() or (dtype is not None and x.dtype != dtype):
+    if not x.is_floating_point() or (dtype is not None and x.dtype != dtype
+                                     and not torch.is_autocast_enabled(x.device.type)):  # autocast casts itself
         wanted = dtype if dtype is not None else 'a floating-point dtype'
         raise TypeError(f"{model_name} expects input of {wanted} (its parameters' dtype) but got {x.dtype}: pass "
                         f"x.to({dtype if dtype is not None else 'torch.float32'}) (images scaled and normalised).")

@@ -354,7 +354,7 @@ class MAFormer(nn.Module):
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not torch.jit.is_scripting():
-            check_input(x, self.in_chans, self.min_input_size, 'MAFormer')
+            check_input(x, self.in_chans, self.min_input_size, 'MAFormer', self.stem.conv1.weight.dtype)
 
     def forward_intermediates(
             self,

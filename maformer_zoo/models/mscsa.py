@@ -289,7 +289,7 @@ class MscsaNet(nn.Module):
     ) -> List[torch.Tensor]:
         """The base's stage features (all four, or the stages in ``indices``)."""
         if not torch.jit.is_scripting():
-            check_input(x, self.in_chans, self.min_input_size, self.model_name)
+            check_input(x, self.in_chans, self.min_input_size, self.model_name, next(self.parameters()).dtype)
         x = pad_to_multiple(x, self.input_multiple)
         base_indices = self._base_indices if indices is None else [self._base_indices[i] for i in indices]
         if torch.jit.is_scripting():

@@ -15,7 +15,6 @@ Multi-GPU / multi-node: launch with ``torchrun``; the environment it sets (``RAN
 import contextlib
 import csv
 import dataclasses
-import json
 import logging
 import math
 import os
