@@ -19,7 +19,7 @@ threads, so a busy machine makes it slower but not different. docs/demo.md has t
 import os
 
 # Before torch is imported: OpenMP threads that busy-wait for work steal the cores a neighbouring
-# process needs, and then both crawl (8x slower, measured); passive threads sleep instead.
+# process needs, and then both crawl (4x slower here: docs/demo.md); passive threads sleep instead.
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 
 import argparse  # noqa: E402

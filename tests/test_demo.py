@@ -26,7 +26,7 @@ def test_demo_config_builds_the_model_it_describes():
     assert cfg.DATALOADER.NUM_WORKERS == 0 and cfg.TEST.EVAL_PERIOD == 0
     model = build_model(cfg)
     assert list(model.backbone.output_shape()) == ['p2', 'p3', 'p4', 'p5', 'p6']
-    assert cfg.MODEL.BACKBONE.NAME == 'build_timm_fine_fpn_backbone'
+    assert cfg.MODEL.BACKBONE.NAME == 'build_timm_fpn_backbone'
     assert model.roi_heads.box_predictor.num_classes == 3
 
 

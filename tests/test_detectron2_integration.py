@@ -14,7 +14,7 @@ detectron2 = pytest.importorskip('detectron2')
 
 import timm  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
-from timm.layers import FrozenBatchNorm2d  # noqa: E402
+from torchvision.ops.misc import FrozenBatchNorm2d  # noqa: E402  (what timm.layers.freeze_batch_norm_2d makes)
 from detectron2.modeling import build_model  # noqa: E402
 
 import detectron2_ext  # noqa: E402
@@ -176,6 +176,16 @@ def test_output_contract_and_norms():
 
     sync = TimmBackbone('resnet18', norm='SyncBN')
     assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in sync.modules())
+    # timm's norm + act layers keep their activation through the SyncBN conversion
+    from timm.layers import SyncBatchNormAct
+    plain = TimmBackbone('efficientnet_b0', norm='').eval()
+    sync_act = TimmBackbone('efficientnet_b0', norm='SyncBN').eval()
+    sync_act.load_state_dict(plain.state_dict())
+    assert any(isinstance(m, SyncBatchNormAct) for m in sync_act.modules())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for level, feature in sync_act(x).items():
+            torch.testing.assert_close(feature, plain(x)[level])
     keep = TimmBackbone('resnet18', norm='')
     assert type(keep.model.bn1) is torch.nn.BatchNorm2d
     with pytest.raises(ValueError, match='NORM'):
@@ -276,14 +286,15 @@ def test_resnet_keys_are_refused_for_timm_backbones():
 
 def test_extra_model_kwargs_are_checked(tmp_path):
     config = tmp_path / 'kwargs.yaml'
-    config.write_text('MODEL:\n  TIMM:\n    KWARGS: {output_stride: 16}\n')
+    config.write_text('MODEL:\n  TIMM:\n    KWARGS: {stem_type: deep, stem_width: 32}\n')
     cfg = _timm_cfg()
     cfg.merge_from_file(str(config))
     cfg.MODEL.BACKBONE.NAME = 'build_timm_backbone'
     from detectron2.modeling import build_backbone
-    shapes = build_backbone(cfg).output_shape()  # timm's dilated last stage: stride 16 twice
-    assert [s.stride for s in shapes.values()][:3] == [4, 8, 16]
-    with pytest.raises(ValueError, match=r"takes no argument 'windw_size' \(did you mean \['window_size'\]"):
+    backbone = build_backbone(cfg)  # timm's ResNet-D stem: three convs
+    assert isinstance(backbone.model.conv1, torch.nn.Sequential)
+    assert backbone.model.conv1[0].out_channels == 32
+    with pytest.raises(ValueError, match=r"takes no argument 'windw_size' \(did you mean \['window_size'"):
         TimmBackbone('swin_tiny_patch4_window7_224', model_kwargs={'windw_size': 8})
     with pytest.raises(ValueError, match='use MODEL.TIMM.OUT_INDICES'):
         TimmBackbone('resnet18', model_kwargs={'out_indices': (1, 2)})

@@ -335,7 +335,9 @@ def build_fusion_fpn(bottom_up: Backbone, cfg, top_block: Optional[nn.Module] = 
 def build_fusion_simple_fpn(net: Backbone, cfg) -> FusionSimpleFeaturePyramid:
     """A :class:`FusionSimpleFeaturePyramid` (P2-P6) on the stride-16 output of ``net`` (its last
     one at that stride), from ``MODEL.FPN.OUT_CHANNELS`` / ``NORM`` / ``FUSION`` and
-    ``MODEL.ASFF.*``. ``MODEL.FPN.NORM`` ``''`` is detectron2's default; ViTDet uses ``'LN'``."""
+    ``MODEL.ASFF.*``. ``MODEL.FPN.NORM`` ``''`` (detectron2's default) means ViTDet's ``'LN'``:
+    detectron2's pyramid puts the norm between its two stride-4 deconvolutions and has no
+    norm-free variant there."""
     _check_neck_keys(cfg)
     shapes = net.output_shape()
     at_16 = [name for name, shape in shapes.items() if shape.stride == 16]
@@ -346,7 +348,7 @@ def build_fusion_simple_fpn(net: Backbone, cfg) -> FusionSimpleFeaturePyramid:
             f'for multi-scale backbones.')
     return FusionSimpleFeaturePyramid(
         net, at_16[-1], cfg.MODEL.FPN.OUT_CHANNELS, scale_factors=(4.0, 2.0, 1.0, 0.5),
-        top_block=LastLevelMaxPool(), norm=cfg.MODEL.FPN.NORM, fusion=cfg.MODEL.FPN.FUSION,
+        top_block=LastLevelMaxPool(), norm=cfg.MODEL.FPN.NORM or 'LN', fusion=cfg.MODEL.FPN.FUSION,
         asff_norm=cfg.MODEL.ASFF.NORM, asff_upsample_mode=cfg.MODEL.ASFF.UPSAMPLE_MODE)
 
 

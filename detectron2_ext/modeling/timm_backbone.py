@@ -264,9 +264,9 @@ class TimmBackbone(Backbone):
             if 2 ** level != stride:
                 raise ValueError(
                     f'{model_name}: feature stride {stride} is not a power of two, which '
-                    f'detectron2 heads need; for a patch-{stride} transformer set '
-                    f"MODEL.TIMM.KWARGS \"{{'patch_size': 16}}\" (timm resamples the patch "
-                    f'embedding of pretrained weights).')
+                    f'detectron2 heads need. For a ViT-style model with {stride}x{stride} '
+                    f'patches, MODEL.TIMM.KWARGS {{patch_size: 16}} fixes it (timm resamples the '
+                    f'patch embedding of pretrained weights); other models cannot be used.')
             self._out_features.append(f'res{level}')
         if len(set(self._out_features)) != len(strides):
             raise ValueError(f'{model_name}: two outputs share a stride ({strides}); choose '

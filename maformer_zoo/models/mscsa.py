@@ -241,14 +241,12 @@ class MscsaNet(nn.Module):
             kwargs['pretrained_cfg_overlay'] = pretrained_cfg_overlay
         try:
             return timm.create_model(base_model, pretrained=pretrained, **kwargs)
-        except Exception as err:  # noqa: BLE001 - re-raised with instructions when weights are missing
-            msg = str(err)
-            if (not pretrained or isinstance(err, TypeError) or 'Unknown model' in msg
-                    or 'Error(s) in loading state_dict' in msg):
+        except OSError as err:  # a missing file, or the Hub unreachable / offline (huggingface_hub's errors are OSErrors)
+            if not pretrained:
                 raise
             raise PretrainedWeightsNotFoundError(
                 f"pretrained_base=True could not load timm's weights for the base '{base_model}' "
-                f"({type(err).__name__}: {msg.splitlines()[0] if msg else ''}).\n"
+                f"({type(err).__name__}).\n"
                 f"Give it a local file: base_pretrained_cfg_overlay=dict(file='/path/{base_model}.safetensors'),\n"
                 f"or a state dict: base_pretrained_cfg_overlay=dict(state_dict=sd), or download the base "
                 f"weights on a machine with internet (timm.create_model('{base_model}', pretrained=True) "
