@@ -26,7 +26,10 @@ Usage::
     python benchmarks/necks.py                  # everything, ~10 min on 2 cores
     python benchmarks/necks.py --skip-dense     # without the (slow) dense attention
     python benchmarks/necks.py --variants fine asff --repeats 9
-    python benchmarks/necks.py --json out.json
+    python benchmarks/necks.py --json out.json   # rows as a JSON list of flat dicts
+
+A progress bar (tqdm, on stderr) shows each build, FLOP count, timed run and memory replay with
+an ETA.
 """
 import argparse
 import json
@@ -37,6 +40,7 @@ import time
 from typing import Dict, List
 
 import torch
+from tqdm import tqdm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE_CONFIG = os.path.join(REPO, 'configs', 'COCO-Detection', 'faster_rcnn_R_50_fpn_1x.yaml')
@@ -127,7 +131,7 @@ def params(model) -> Dict[str, float]:
 
 
 def time_variants(models: Dict[str, torch.nn.Module], inputs, repeats: int,
-                  slow: Dict[str, int]) -> Dict[str, Dict[str, float]]:
+                  slow: Dict[str, int], progress: tqdm) -> Dict[str, Dict[str, float]]:
     """Median and minimum seconds per forward, variants interleaved round-robin. On a shared
     machine the minimum is the least disturbed run, the median the typical one."""
     feats = {name: tuple(bottom_up_features(m, inputs)) for name, m in models.items()}
@@ -149,6 +153,7 @@ def time_variants(models: Dict[str, torch.nn.Module], inputs, repeats: int,
                     start = time.perf_counter()
                     fn()
                     times[scope][name].append(time.perf_counter() - start)
+                    progress.update()
     return {stat: {scope: {n: fn(t) for n, t in per.items()} for scope, per in times.items()}
             for stat, fn in (('median', statistics.median), ('min', min))}
 
@@ -185,22 +190,36 @@ def main() -> None:
 
     names = [n for n in VARIANTS if (n == 'fpn' or n in args.variants)
              and not (args.skip_dense and n == 'fine_dense')]
-    models = {n: build(n) for n in names}
+    slow = {'fine_dense': args.dense_repeats}
+    timed_runs = 2 * sum(min(slow.get(n, args.repeats), args.repeats) for n in names)
+    steps = len(names) * (1 + (not args.skip_flops) + (not args.skip_memory)) + timed_runs
+    progress = tqdm(total=steps, desc='necks', unit='step')
+    models = {}
+    for n in names:
+        progress.set_postfix_str(f'build {n}')
+        models[n] = build(n)
+        progress.update()
     inputs = image_input(args.height, args.width)
     results = {n: {'params': params(m)} for n, m in models.items()}
     for n, m in models.items():
         if not args.skip_flops:
+            progress.set_postfix_str(f'FLOPs {n}')
             results[n]['gflops'] = count_flops(m, inputs)
-        print(f'{n}: params {results[n]["params"]}, GFLOPs {results[n].get("gflops")}', flush=True)
-    latency = time_variants(models, inputs, args.repeats, {'fine_dense': args.dense_repeats})
+            progress.update()
+        tqdm.write(f'{n}: params {results[n]["params"]}, GFLOPs {results[n].get("gflops")}')
+    progress.set_postfix_str('latency')
+    latency = time_variants(models, inputs, args.repeats, slow, progress)
     for n in names:
         for stat, key in (('median', 'latency_s'), ('min', 'latency_min_s')):
             results[n][key] = {scope: latency[stat][scope][n] for scope in latency[stat]}
         if not args.skip_memory:
             model, feats = models[n], tuple(bottom_up_features(models[n], inputs))
             neck = Neck(model.backbone).eval()
+            progress.set_postfix_str(f'memory {n}')
             results[n]['peak_mb'] = {'neck': peak_memory_mb(lambda: neck(*feats)),
                                      'model': peak_memory_mb(lambda: model(inputs))}
+            progress.update()
+    progress.close()
 
     base = results['fpn']
     print(f'\nFaster R-CNN R50, {args.height}x{args.width}, CPU, {torch.get_num_threads()} threads, '
@@ -231,8 +250,26 @@ def main() -> None:
               f'{1e3 * r["latency_min_s"]["neck"]:.0f}{ratio("latency_min_s", "neck")} | {mem} |')
     if args.json:
         with open(args.json, 'w') as f:
-            json.dump({'args': vars(args), 'threads': torch.get_num_threads(),
-                       'results': results}, f, indent=2)
+            json.dump(json_rows(results, args), f, indent=2)
+
+
+def json_rows(results: Dict[str, Dict], args) -> List[Dict]:
+    """One flat dict per neck (the project's benchmark JSON contract): ``neck``, the run's
+    settings, every measurement as ``<quantity>_<scope>`` and its ratio to ``fpn``."""
+    base = results['fpn']
+    rows = []
+    for neck, measured in results.items():
+        row = {'benchmark': 'necks', 'neck': neck, 'detector': 'faster_rcnn_R_50',
+               'height': args.height, 'width': args.width, 'repeats': args.repeats,
+               'threads': torch.get_num_threads()}
+        for quantity, per_scope in measured.items():
+            for scope, value in per_scope.items():
+                row[f'{quantity}_{scope}'] = value
+                reference = base.get(quantity, {}).get(scope)
+                if reference:
+                    row[f'{quantity}_{scope}_ratio'] = value / reference
+        rows.append(row)
+    return rows
 
 
 if __name__ == '__main__':

@@ -15,14 +15,14 @@ def _set_default(node: CN, key: str, value) -> None:
 def _add_neck_config(cfg: CN) -> None:
     """Keys of the FPN variants (FINE / ASFF), owned by the necks.
 
-    * ``MODEL.FPN.FUSION``: ``'sum'`` (detectron2's FPN), ``'fine'`` (FINE before each top-down
-      fusion) or ``'asff'`` (ASFF on the top-down outputs). Read by builders that take the fusion
-      from the config; ``build_*_fine_fpn_backbone`` / ``build_*_asff_fpn_backbone`` force theirs.
+    * ``MODEL.FPN.FUSION``: the neck, the one key every builder reads: ``'sum'`` (detectron2's
+      FPN), ``'fine'`` (FINE before each top-down fusion) or ``'asff'`` (ASFF on the top-down
+      outputs); the simple feature pyramid of single-scale backbones takes ``'sum'`` / ``'asff'``.
     * ``MODEL.FINE.*``: FINE (``maformer_zoo.layers.fine.FINE``). ``POOL_KERNELS[i]`` is the AATS
       kernel ``k`` of the fusion that produces ``p{i+2}`` (``F_low`` at stride ``2**(i+2)``): the
       paper's ``k = 1`` at stride 16 and ``k = 2`` at stride 8, and our ``k = 8`` at detectron2's
       extra stride-4 fusion, which keeps FINE within +1% FLOPs even with its attention matmuls
-      counted (``k = 4``, the paper's stride-32 token grid, costs +1.3%; README, "FINE-FPN and ASFF-FPN necks").
+      counted (``k = 4``, the paper's stride-32 token grid, costs +1.3%; docs/necks.md).
       ``EXTRA_LEVELS``: also put FINE on each adjacent pair among the last FPN level and the top
       block's levels (``P5 <- FINE(P5, P6)``; RetinaNet also ``P6 <- FINE(P6, P7)``), with
       ``k = 1`` unless ``POOL_KERNELS`` has entries that far. Default off (exactly Eq. 3); our
@@ -68,6 +68,14 @@ def _add_timm_backbone_config(cfg: CN) -> None:
     * ``MODEL.TIMM.DROP_PATH_RATE``, ``MODEL.TIMM.GRAD_CKPT``: passed to timm.
     * ``MODEL.TIMM.SIZE_DIVISIBILITY``: 0 takes the model's need (largest stride, times a window
       size where the model declares one); a positive value overrides it.
+    * ``MODEL.TIMM.IMG_SIZE``: models with a fixed input size (timm's ``fixed_input_size``, no
+      ``dynamic_img_size``: MaxViT, CoAtNet, LeViT, ...) are built for a square of this side and
+      every batch is padded to it; 0 takes the largest ``INPUT.MAX_SIZE_TRAIN/TEST``.
+    * ``MODEL.TIMM.KWARGS``: further ``timm.create_model`` arguments, checked against the model's
+      constructor. A YAML mapping (``KWARGS: {window_size: 12}``); yacs takes no new keys from the
+      command line, so put it in a small config that ``_BASE_``s the one you use.
+    * ``MODEL.BACKBONE.FREEZE_AT`` and ``MODEL.RESNETS.NORM`` are detectron2's ResNet keys: a timm
+      backbone refuses them when changed from their defaults and names the key above to use.
     * ``SOLVER.OPTIMIZER``: ``'SGD'`` (detectron2's) or ``'AdamW'``; ``SOLVER.BETAS`` for AdamW.
       ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE`` also takes ``'full_model'`` (one norm over all
       parameters), see :mod:`detectron2_ext.engine.trainer`.
@@ -88,6 +96,8 @@ def _add_timm_backbone_config(cfg: CN) -> None:
     _set_default(timm_cfg, 'DROP_PATH_RATE', 0.0)
     _set_default(timm_cfg, 'GRAD_CKPT', False)
     _set_default(timm_cfg, 'SIZE_DIVISIBILITY', 0)
+    _set_default(timm_cfg, 'IMG_SIZE', 0)
+    _set_default(timm_cfg, 'KWARGS', CN(new_allowed=True))
     _set_default(cfg.SOLVER, 'OPTIMIZER', 'SGD')
     _set_default(cfg.SOLVER, 'BETAS', [0.9, 0.999])
     _set_default(cfg.SOLVER, 'NO_WEIGHT_DECAY_KEYWORDS', [
@@ -95,8 +105,25 @@ def _add_timm_backbone_config(cfg: CN) -> None:
         'rel_pos_h', 'rel_pos_w'])
 
 
+def _add_semantic_config(cfg: CN) -> None:
+    """Keys of semantic segmentation (docs/segmentation.md).
+
+    * ``SOLVER.LR_SCHEDULER_NAME`` also takes ``'WarmupPolyLR'``: ``lr = BASE_LR * (1 - t /
+      MAX_ITER) ** SOLVER.POLY_LR_POWER`` after detectron2's warm-up (power 0.9: MSCSA's
+      Semantic FPN; power 1.0: the linear decay of MAFormer's UPerNet). ``WARMUP_ITERS`` 0: none.
+    * ``MODEL.UPERNET.*``: :class:`detectron2_ext.modeling.semantic.UPerNetHead`: ``POOL_SCALES``
+      of the pyramid pooling module, ``DROPOUT`` before the classifier. Its width is
+      ``MODEL.SEM_SEG_HEAD.CONVS_DIM`` and its norm ``MODEL.SEM_SEG_HEAD.NORM``.
+    """
+    _set_default(cfg.SOLVER, 'POLY_LR_POWER', 0.9)
+    _set_default(cfg.MODEL, 'UPERNET', CN())
+    _set_default(cfg.MODEL.UPERNET, 'POOL_SCALES', [1, 2, 3, 6])
+    _set_default(cfg.MODEL.UPERNET, 'DROPOUT', 0.1)
+
+
 def add_maformer_zoo_config(cfg: CN) -> CN:
     """Add all maformer-zoo keys to ``cfg`` in place (idempotent) and return it."""
     _add_neck_config(cfg)
     _add_timm_backbone_config(cfg)
+    _add_semantic_config(cfg)
     return cfg

@@ -4,10 +4,21 @@
     python dev/make_configs.py          # (re)write the files under configs/
     python dev/make_configs.py --check  # exit 1 if a file on disk differs from what it would write
 
-Three shared bases (``configs/Base-Timm-*.yaml``) hold everything the detectors share; each grid
-file is a few lines on top of one of them: the backbone's timm name, drop path, freezing and
-optimizer recipe, and the neck. All of it is computed here from the tables below, so the files
-cannot drift apart (``tests/test_detectron2_integration.py`` runs ``--check``'s comparison).
+Each fact lives in one file, as far as yacs's single ``_BASE_`` allows:
+
+* ``configs/Base-Timm-*.yaml``: what a detector shares across backbones (one per detector);
+* ``<detector>_<backbone>_fpn_<schedule>.yaml``: the backbone's recipe on that detector (timm name,
+  drop path, freezing, norm, optimizer) with the plain FPN (``MODEL.FPN.FUSION`` 'sum');
+* ``<detector>_<backbone>_{fine,asff}_fpn_<schedule>.yaml``: ``_BASE_`` the recipe file and set
+  ``MODEL.FPN.FUSION`` (the only key that names the neck);
+* the R-50 paper configs (FINE and ASFF papers' settings on detectron2's ResNet-50) the same way:
+  ``<detector>_R_50_fpn_1x.yaml`` on detectron2's bases, neck files on top.
+* ``ADE20K-SemanticSegmentation/``: Semantic FPN and UPerNet with the papers' ADE20K recipes, the
+  same way (``_semantic_grid``, docs/segmentation.md).
+
+A family is a table of (file pattern -> base) below plus a function writing its recipe file; a
+new family is one more entry in ``FAMILIES``. ``tests/test_detectron2_integration.py`` runs
+``python dev/make_configs.py --check``.
 
 Schedules in iterations: COCO train2017 has 118,287 images; at 16 images per batch an epoch is
 ``ceil(118287 / 16) = 7,393`` iterations. 1x = 12 epochs with the learning rate divided by 10
@@ -69,12 +80,12 @@ BACKBONES: Dict[str, Recipe] = {
     'convnext_tiny_mscsa': Recipe(1e-4, 0.05, 0.4, 0.4, 0, 'SyncBN',
                                   "ConvNeXt's Mask R-CNN setting"),
 }
-NECKS = {  # neck name -> (backbone builder, MODEL.FPN.FUSION, description)
-    'fpn': ('build_timm_fpn_backbone', 'sum', 'FPN'),
-    'fine_fpn': ('build_timm_fine_fpn_backbone', 'fine', 'FINE-FPN'),
-    'asff_fpn': ('build_timm_asff_fpn_backbone', 'asff', 'ASFF-FPN'),
+NECKS = {  # neck in file names -> (MODEL.FPN.FUSION, description)
+    'fpn': ('sum', 'FPN'),
+    'fine_fpn': ('fine', 'FINE-FPN'),
+    'asff_fpn': ('asff', 'ASFF-FPN'),
 }
-DETECTORS = {  # file pattern -> (base file, schedule, title)
+TIMM_DETECTORS = {  # file pattern -> (base file, schedule, title)
     'COCO-InstanceSegmentation/mask_rcnn_{backbone}_{neck}_1x.yaml':
         ('Base-Timm-RCNN-FPN.yaml', '1x', 'Mask R-CNN 1x'),
     'COCO-InstanceSegmentation/cascade_mask_rcnn_{backbone}_{neck}_3x.yaml':
@@ -82,6 +93,23 @@ DETECTORS = {  # file pattern -> (base file, schedule, title)
     'COCO-PanopticSegmentation/panoptic_fpn_{backbone}_{neck}_1x.yaml':
         ('Base-Timm-Panoptic-FPN.yaml', '1x', 'Panoptic FPN 1x'),
 }
+R50_DETECTORS = {  # file pattern -> (base file, title, MASK_ON or None to keep the base's)
+    'COCO-Detection/faster_rcnn_R_50_{neck}_1x.yaml': ('Base-RCNN-FPN.yaml', 'Faster R-CNN', False),
+    'COCO-Detection/retinanet_R_50_{neck}_1x.yaml': ('Base-RetinaNet.yaml', 'RetinaNet', None),
+    'COCO-InstanceSegmentation/mask_rcnn_R_50_{neck}_1x.yaml':
+        ('Base-RCNN-FPN.yaml', 'Mask R-CNN', True),
+    'COCO-PanopticSegmentation/panoptic_fpn_R_50_{neck}_1x.yaml':
+        ('Base-Panoptic-FPN.yaml', 'Panoptic FPN', None),
+}
+# The paper's FINE placement and ours, written next to the key that goes beyond the paper.
+FINE_PLACEMENT = """\
+  FINE:
+    # The paper (FINE Sec. 3, Eq. 3): one FINE before each top-down fusion of a P3-P5 FPN, AATS
+    # k = 2 at stride 8 and k = 1 at stride 16 (MODEL.FINE.POOL_KERNELS [8, 2, 1] entries 2, 3).
+    # Our reading: {stride4}EXTRA_LEVELS adds FINE on {pairs},
+    # the count the paper's +1.0M / +1.1M parameters imply (docs/necks.md).
+    EXTRA_LEVELS: True
+"""
 
 
 def _iters(epochs: int) -> int:
@@ -161,18 +189,26 @@ DATALOADER:
     }
 
 
-def _grid_file(backbone: str, neck: str, base: str, schedule: str, title: str) -> str:
-    recipe = BACKBONES[backbone]
-    builder, fusion, neck_title = NECKS[neck]
-    drop_path = recipe.drop_path_3x if schedule == '3x' else recipe.drop_path_1x
+def _neck_leaf(base: str, neck: str, title: str, extra: str = '') -> str:
+    """A file that only ``_BASE_``s a recipe file and names the neck."""
+    fusion, neck_title = NECKS[neck]
     return f"""{HEADER}\
-# {title}: {backbone} + {neck_title}. Recipe: {recipe.source}.
-_BASE_: "../{base}"
+# {title} + {neck_title}: {base} with the neck set by MODEL.FPN.FUSION.
+_BASE_: "{base}"
 MODEL:
-  BACKBONE:
-    NAME: "{builder}"
   FPN:
     FUSION: "{fusion}"
+{extra}"""
+
+
+def _timm_recipe(backbone: str, base: str, schedule: str, title: str) -> str:
+    recipe = BACKBONES[backbone]
+    drop_path = recipe.drop_path_3x if schedule == '3x' else recipe.drop_path_1x
+    return f"""{HEADER}\
+# {title}: {backbone} + FPN. Recipe: {recipe.source}.
+# The *_fine_fpn_* / *_asff_fpn_* files _BASE_ this one and set MODEL.FPN.FUSION.
+_BASE_: "../{base}"
+MODEL:
   TIMM:
     NAME: "{backbone}"
     DROP_PATH_RATE: {drop_path}
@@ -184,14 +220,209 @@ SOLVER:
 """
 
 
+def _timm_grid() -> Dict[str, str]:
+    files = dict(_bases())
+    for pattern, (base, schedule, title) in TIMM_DETECTORS.items():
+        for backbone in BACKBONES:
+            recipe_file = pattern.format(backbone=backbone, neck='fpn')
+            files[recipe_file] = _timm_recipe(backbone, base, schedule, title)
+            for neck in NECKS:
+                if neck != 'fpn':
+                    files[pattern.format(backbone=backbone, neck=neck)] = _neck_leaf(
+                        os.path.basename(recipe_file), neck, f'{title}: {backbone}')
+    return files
+
+
+def _r50_paper_configs() -> Dict[str, str]:
+    """The FINE and ASFF papers' R-50 settings on detectron2's ResNet-50 and bases."""
+    files = {}
+    for pattern, (base, title, mask_on) in R50_DETECTORS.items():
+        plain = pattern.format(neck='fpn')
+        mask = '' if mask_on is None else f'  MASK_ON: {mask_on}\n'
+        files[plain] = f"""{HEADER}\
+# {title} R50 with detectron2's FPN, 1x, ImageNet R-50 from detectron2 (MODEL.WEIGHTS "" to
+# start from scratch). The *_fine_fpn_* / *_asff_fpn_* files _BASE_ this one.
+_BASE_: "../{base}"
+""" + (f'MODEL:\n{mask}' if mask else '')
+        retina = 'retinanet' in pattern
+        pairs = '(P6, P7) and (P5, P6): four FINEs in all' if retina else \
+            '(P5, P6): four FINEs in all'
+        stride4 = '' if retina else ('detectron2\'s P2-P6 FPN also has a stride-4 fusion, which\n'
+                                     '    # gets a FINE with k = 8 (entry 1);\n    # ')
+        for neck in NECKS:
+            if neck != 'fpn':
+                extra = FINE_PLACEMENT.format(pairs=pairs, stride4=stride4) if neck == 'fine_fpn' else ''
+                files[pattern.format(neck=neck)] = _neck_leaf(
+                    os.path.basename(plain), neck, f'{title} R50', extra)
+    return files
+
+
+# ------------------------------------------------------------------ semantic segmentation (ADE20K)
+# Reads BACKBONES and NECKS and writes neck files with _neck_leaf (docs/segmentation.md).
+
+SEMANTIC_DIR = 'ADE20K-SemanticSegmentation'
+ADE20K_CLASSES = 150
+
+
+def _semantic_bases() -> Dict[str, str]:
+    crop = 512
+    return {
+        'Base-Timm-Semantic-FPN.yaml': f"""{HEADER}\
+# Semantic FPN (detectron2's SemanticSegmentor + SemSegFPNHead) on a timm backbone + FPN neck,
+# ADE20K ({ADE20K_CLASSES} classes, detectron2's ade20k_sem_seg_* under $DETECTRON2_DATASETS).
+# Data as MMSegmentation's ADE20K pipeline the papers use: shorter side drawn from
+# {crop // 2}..{crop * 2} (ratio 0.5-2 of {crop}), random {crop}x{crop} crop, flip; test at shorter
+# side {crop}. Schedules: Base-Timm-Semantic-FPN-40k.yaml / -80k.yaml.
+MODEL:
+  META_ARCHITECTURE: "SemanticSegmentor"
+  WEIGHTS: ""  # the backbone's ImageNet weights come from MODEL.TIMM
+  BACKBONE:
+    NAME: "build_timm_fpn_backbone"
+  TIMM:
+    PRETRAINED: True
+  FPN:
+    IN_FEATURES: ["res2", "res3", "res4", "res5"]
+    OUT_CHANNELS: 256
+  SEM_SEG_HEAD:
+    NAME: "SemSegFPNHead"
+    IN_FEATURES: ["p2", "p3", "p4", "p5"]
+    NUM_CLASSES: {ADE20K_CLASSES}
+    IGNORE_VALUE: 255
+    CONVS_DIM: 128
+    COMMON_STRIDE: 4
+    NORM: "GN"
+    LOSS_WEIGHT: 1.0
+  PIXEL_MEAN: [123.675, 116.28, 103.53]
+  PIXEL_STD: [58.395, 57.12, 57.375]
+DATASETS:
+  TRAIN: ("ade20k_sem_seg_train",)
+  TEST: ("ade20k_sem_seg_val",)
+INPUT:
+  FORMAT: "RGB"
+  MIN_SIZE_TRAIN: ({crop // 2}, {crop * 2})
+  MIN_SIZE_TRAIN_SAMPLING: "range"
+  MAX_SIZE_TRAIN: {crop * 4}
+  MIN_SIZE_TEST: {crop}
+  MAX_SIZE_TEST: {crop * 4}
+  CROP:
+    ENABLED: True
+    TYPE: "absolute"
+    SIZE: ({crop}, {crop})
+SOLVER:
+  OPTIMIZER: "AdamW"
+  WEIGHT_DECAY_NORM: 0.0
+  WEIGHT_DECAY_BIAS: 0.0
+  CHECKPOINT_PERIOD: 8000
+TEST:
+  EVAL_PERIOD: 8000
+VERSION: 2
+""",
+        'Base-Timm-Semantic-FPN-40k.yaml': f"""{HEADER}\
+# Semantic FPN, MSCSA's ADE20K setting for PVTv2 (MSCSA Sec. 4.2, App. C.3): AdamW, lr 2e-4,
+# weight decay 1e-4, 32 images per batch, 40k iterations, poly decay with power 0.9, no warm-up.
+_BASE_: "Base-Timm-Semantic-FPN.yaml"
+SOLVER:
+  IMS_PER_BATCH: 32
+  BASE_LR: 0.0002
+  WEIGHT_DECAY: 0.0001
+  LR_SCHEDULER_NAME: "WarmupPolyLR"
+  POLY_LR_POWER: 0.9
+  WARMUP_ITERS: 0
+  MAX_ITER: 40000
+""",
+        'Base-Timm-Semantic-FPN-80k.yaml': f"""{HEADER}\
+# Semantic FPN, MAFormer's ADE20K setting (MAFormer Table 7, Sec. 4.4): AdamW, lr 2e-4, weight
+# decay 1e-4, 16 images per batch, 80k iterations, cosine decay to 0 after 1,000 linear warm-up
+# iterations (warm-up start factor 1e-6 and decay to 0: our choice, docs/segmentation.md).
+_BASE_: "Base-Timm-Semantic-FPN.yaml"
+SOLVER:
+  IMS_PER_BATCH: 16
+  BASE_LR: 0.0002
+  WEIGHT_DECAY: 0.0001
+  LR_SCHEDULER_NAME: "WarmupCosineLR"
+  BASE_LR_END: 0.0
+  WARMUP_ITERS: 1000
+  WARMUP_FACTOR: 0.000001
+  MAX_ITER: 80000
+""",
+        'Base-Timm-UPerNet-160k.yaml': f"""{HEADER}\
+# UPerNet (detectron2_ext.modeling.semantic.UPerNetHead on the FPN neck's p2..p5, 512 channels),
+# MAFormer's ADE20K setting (Table 7, Sec. 4.4): AdamW, lr 6e-5, weight decay 0.01, 16 images per
+# batch, 160k iterations, linear decay (poly power 1) after 1,500 linear warm-up iterations.
+_BASE_: "Base-Timm-Semantic-FPN.yaml"
+MODEL:
+  FPN:
+    OUT_CHANNELS: 512
+  SEM_SEG_HEAD:
+    NAME: "UPerNetHead"
+    CONVS_DIM: 512
+    NORM: "SyncBN"
+  UPERNET:
+    POOL_SCALES: [1, 2, 3, 6]
+    DROPOUT: 0.1
+SOLVER:
+  IMS_PER_BATCH: 16
+  BASE_LR: 0.00006
+  WEIGHT_DECAY: 0.01
+  LR_SCHEDULER_NAME: "WarmupPolyLR"
+  POLY_LR_POWER: 1.0
+  WARMUP_ITERS: 1500
+  WARMUP_FACTOR: 0.000001
+  MAX_ITER: 160000
+  CHECKPOINT_PERIOD: 16000
+TEST:
+  EVAL_PERIOD: 16000
+""",
+    }
+
+
+SEMANTIC_MODELS = {  # file pattern -> (base file, title)
+    SEMANTIC_DIR + '/semantic_fpn_{backbone}_{neck}_40k.yaml':
+        ('Base-Timm-Semantic-FPN-40k.yaml', "Semantic FPN 40k (MSCSA's PVTv2 setting)"),
+    SEMANTIC_DIR + '/semantic_fpn_{backbone}_{neck}_80k.yaml':
+        ('Base-Timm-Semantic-FPN-80k.yaml', "Semantic FPN 80k (MAFormer's setting)"),
+    SEMANTIC_DIR + '/upernet_{backbone}_{neck}_160k.yaml':
+        ('Base-Timm-UPerNet-160k.yaml', "UPerNet 160k (MAFormer's setting)"),
+}
+
+
+def _semantic_recipe(backbone: str, base: str, title: str) -> str:
+    """The segmentation recipe is the base's; the backbone keeps its detection drop path / norm."""
+    recipe = BACKBONES[backbone]
+    return f"""{HEADER}\
+# {title}: {backbone} + FPN. Backbone drop path / freezing / norm: {recipe.source}.
+# The *_fine_fpn_* / *_asff_fpn_* files _BASE_ this one and set MODEL.FPN.FUSION.
+_BASE_: "../{base}"
+MODEL:
+  TIMM:
+    NAME: "{backbone}"
+    DROP_PATH_RATE: {recipe.drop_path_1x}
+    FREEZE_AT: {recipe.freeze_at}
+    NORM: "{recipe.norm}"
+"""
+
+
+def _semantic_grid() -> Dict[str, str]:
+    """Semantic FPN and UPerNet on ADE20K for every backbone and neck."""
+    files = dict(_semantic_bases())
+    for pattern, (base, title) in SEMANTIC_MODELS.items():
+        for backbone in BACKBONES:
+            recipe_file = pattern.format(backbone=backbone, neck='fpn')
+            files[recipe_file] = _semantic_recipe(backbone, base, title)
+            for neck in set(NECKS) - {'fpn'}:
+                files[pattern.format(backbone=backbone, neck=neck)] = _neck_leaf(
+                    os.path.basename(recipe_file), neck, f'{title}: {backbone}')
+    return files
+
+
+FAMILIES = (_timm_grid, _r50_paper_configs, _semantic_grid)  # each: () -> {path under configs/: text}
+
+
 def generate() -> Dict[str, str]:
     """Every generated file: path relative to ``configs/`` -> content."""
-    files = dict(_bases())
-    for pattern, (base, schedule, title) in DETECTORS.items():
-        for backbone in BACKBONES:
-            for neck in NECKS:
-                files[pattern.format(backbone=backbone, neck=neck)] = _grid_file(
-                    backbone, neck, base, schedule, title)
+    files = {}
+    for family in FAMILIES:
+        files.update(family())
     return files
 
 

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def measure(model_name: str) -> Dict[str, Any]:
     import timm
-    from maformer_zoo.hub import measure_model_stats
+    from maformer_zoo.utils.flops import measure_model_stats
     model = timm.create_model(model_name, pretrained=False)
     return measure_model_stats(model)
 
@@ -54,7 +54,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     import maformer_zoo
-    from maformer_zoo.hub import render_model_card
+    from maformer_zoo.cards import render_model_card
 
     names = args.models or maformer_zoo.list_models()
     unknown = sorted(set(names) - set(maformer_zoo.list_models()))
@@ -67,13 +67,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     # models no longer registered drop out of the table
     all_stats = {k: v for k, v in all_stats.items() if k in maformer_zoo.list_models()}
 
+    from tqdm import tqdm
     stale = []
-    for name in names:
+    for name in tqdm(names, desc='cards', unit='model'):  # the big models take a minute each: show the ETA
         start = time.perf_counter()
         stats = measure(name)
         card = render_model_card(name, stats)
         card_file = out / f'{name}.md'
-        print(f"{name}: params {stats['params_m']} M, {stats['gmacs']} GMACs, {stats['macts']} M activations "
+        tqdm.write(f"{name}: params {stats['params_m']} M, {stats['gmacs']} GMACs, {stats['macts']} M activations "
               f"at {stats['img_size']}, uncounted ops {stats['uncounted_ops']} ({time.perf_counter() - start:.1f} s)")
         if args.check:
             if not card_file.is_file() or card_file.read_text(encoding='utf-8') != card:

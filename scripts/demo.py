@@ -1,30 +1,87 @@
 #!/usr/bin/env python
 """`make demo`: train Mask R-CNN with an MSCSA backbone and FINE-FPN on generated scenes, on the CPU.
 
-What it does, with nothing downloaded:
+    python scripts/demo.py                       # the demo: about 4 minutes on 2 idle cores
+    python scripts/demo.py --max-iter 50 SOLVER.BASE_LR 0.002   # shorter, or any KEY VALUE
+
+With nothing downloaded, it
 
 1. writes a small COCO-format dataset of procedural scenes (``detectron2_ext.data``);
-2. trains ``configs/COCO-InstanceSegmentation/mask_rcnn_<backbone>_<neck>_1x.yaml`` on it from
-   random initialisation, shrunk for a CPU by ``detectron2_ext.engine.small_run_opts``, until
-   ``--max-iter`` iterations or ``--minutes`` minutes, whichever comes first;
+2. trains ``configs/demo/mask_rcnn_resnet18_mscsa_fine_fpn_demo.yaml`` on it from random
+   initialisation, for the config's fixed number of iterations, with a progress bar;
 3. evaluates box and mask AP on the validation split (detectron2's ``COCOEvaluator``);
 4. draws ground truth and predictions of a few validation images (detectron2's ``Visualizer``);
 5. prints where everything went.
 
-The same run from the command line would be ``scripts/train_net.py --config-file ... --coco-dataset
-...``; the demo calls the same library code (``detectron2_ext.engine``).
+The run is seeded (data, weights, data order), so two runs give the same AP; it uses at most 2
+threads, so a busy machine makes it slower but not different. docs/demo.md has the details.
 """
-import argparse
-import contextlib
-import io
 import os
-import sys
-import time
 
-import numpy as np
-import torch
+# Before torch is imported: OpenMP threads that busy-wait for work steal the cores a neighbouring
+# process needs, and then both crawl (4x slower here: docs/demo.md); passive threads sleep instead.
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = os.path.join(ROOT, 'configs', 'demo', 'mask_rcnn_resnet18_mscsa_fine_fpn_demo.yaml')
 DEFAULT_OUTPUT = os.path.join('output', 'demo')
+
+
+def _fresh_directory(path: str) -> str:
+    """``path``, or ``path-2``, ``path-3``, ... if it holds an earlier run: never overwrite one."""
+    candidate, n = path, 1
+    while os.path.isdir(candidate) and os.listdir(candidate):
+        n += 1
+        candidate = f'{path}-{n}'
+    return candidate
+
+
+def _log_to_file(name: str, path: str) -> None:
+    """Send logger ``name`` (and its children) to ``path`` only."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter('[%(asctime)s] %(name)s %(levelname)s: %(message)s',
+                                           datefmt='%m/%d %H:%M:%S'))
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+
+
+def _progress_hook(console):
+    """A detectron2 hook that shows training progress, the loss and the ETA with tqdm; when
+    training ends it says so on ``console``."""
+    from detectron2.engine import HookBase
+    from tqdm import tqdm
+
+    class TrainingProgress(HookBase):
+        def before_train(self):
+            self.bar = tqdm(total=self.trainer.max_iter - self.trainer.start_iter, unit='it',
+                            desc='[demo] training Mask R-CNN', dynamic_ncols=True)
+            self.started = time.perf_counter()
+
+        def after_step(self):
+            self.bar.update(1)
+            storage = self.trainer.storage
+            if 'total_loss' in storage.histories():
+                self.bar.set_postfix(loss=f"{storage.history('total_loss').median(10):.3f}",
+                                     refresh=False)
+            if self.trainer.iter + 1 >= self.trainer.max_iter:
+                self.bar.close()
+                self.seconds = time.perf_counter() - self.started
+                print('[demo] evaluating box and mask AP on the validation images', file=console,
+                      flush=True)
+
+    return TrainingProgress()
 
 
 def _draw_predictions(cfg, model, dataset_name: str, path: str, num_images: int,
@@ -55,74 +112,100 @@ def _draw_predictions(cfg, model, dataset_name: str, path: str, num_images: int,
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--output-dir', default=DEFAULT_OUTPUT)
-    parser.add_argument('--backbone', default='resnet18_mscsa', help='MODEL.TIMM.NAME of the grid')
-    parser.add_argument('--neck', default='fine_fpn', choices=['fpn', 'fine_fpn', 'asff_fpn'])
-    parser.add_argument('--max-iter', type=int, default=2000)
-    parser.add_argument('--minutes', type=float, default=4.0, help='training time budget')
-    parser.add_argument('--num-train', type=int, default=96)
-    parser.add_argument('--num-val', type=int, default=24)
-    parser.add_argument('--image-size', type=int, default=128, help='shorter image side')
-    parser.add_argument('--batch-size', type=int, default=4)
-    parser.add_argument('--lr', type=float, default=1e-3)
-    parser.add_argument('--threads', type=int, default=0, help='torch threads (0: torch default)')
-    parser.add_argument('--seed', type=int, default=0)
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--config-file', default=DEFAULT_CONFIG)
+    parser.add_argument('--output-dir', default=DEFAULT_OUTPUT,
+                        help='where to write; if it holds an earlier run, <dir>-2, -3, ... is used')
+    parser.add_argument('--max-iter', type=int, default=None,
+                        help="training iterations (default: the config's SOLVER.MAX_ITER)")
+    parser.add_argument('--num-train', type=int, default=96, help='generated training scenes')
+    parser.add_argument('--num-val', type=int, default=24, help='generated validation scenes')
+    parser.add_argument('--image-size', type=int, default=128,
+                        help='shorter side of the generated scenes and of the model input')
+    parser.add_argument('--threads', type=int, default=min(2, os.cpu_count() or 1),
+                        help='torch threads (default: min(2, CPU cores); the AP depends on it '
+                             'only by round-off)')
+    parser.add_argument('opts', nargs=argparse.REMAINDER, help='KEY VALUE config overrides')
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     started = time.perf_counter()
 
+    out = os.path.abspath(_fresh_directory(args.output_dir))
+    os.makedirs(out)
+    # The log of every library (detectron2's environment, config and metrics every 20
+    # iterations; warnings) goes to log.txt only: they are not the newcomer's business.
+    log_file = os.path.join(out, 'log.txt')
+    logging.captureWarnings(True)
+    for name in ('detectron2', 'detectron2_ext', 'maformer_zoo', 'fvcore', 'py.warnings'):
+        _log_to_file(name, log_file)
     try:
-        import detectron2_ext  # noqa: F401
+        import detectron2_ext
     except ImportError as err:
-        print(f'[demo] needs detectron2: {err}')
+        print(f'[demo] needs detectron2 ({err}); `make setup` installs it.')
         return 1
+    from detectron2_ext.config_file import load_config
+    from detectron2.utils.env import seed_all_rng
     from detectron2_ext.data import register_synthetic_dataset, write_synthetic_coco
-    from detectron2_ext.engine import (
-        Trainer, build_argument_parser, setup, small_run_opts, train_within_budget,
-    )
+    from detectron2_ext.engine import Trainer
 
-    out = os.path.abspath(args.output_dir)
+    cfg = load_config(args.config_file)  # safe YAML, keys checked
+    size = args.image_size
+    overrides = ['OUTPUT_DIR', os.path.join(out, 'model'), 'INPUT.MIN_SIZE_TRAIN', f'({size},)',
+                 'INPUT.MIN_SIZE_TEST', size]
+    if args.max_iter is not None:
+        overrides += ['SOLVER.MAX_ITER', args.max_iter,
+                      'SOLVER.WARMUP_ITERS', min(cfg.SOLVER.WARMUP_ITERS, args.max_iter)]
+    cfg.merge_from_list(overrides + args.opts)
+    cfg.freeze()
+
     data_root = os.path.join(out, 'data')
-    height = args.image_size
-    size = (height, height * 5 // 4)
+    image_size = (size, size * 5 // 4)
     for split, count in (('train', args.num_train), ('val', args.num_val)):
-        write_synthetic_coco(data_root, num_images=count, image_size=size, seed=args.seed,
+        write_synthetic_coco(data_root, num_images=count, image_size=image_size, seed=cfg.SEED,
                              split=split)
-    register_synthetic_dataset('demo_train', data_root, 'train')
-    register_synthetic_dataset('demo_val', data_root, 'val')
-    print(f'[demo] wrote {args.num_train} + {args.num_val} scenes ({size[0]}x{size[1]}) to '
-          f'{data_root}')
+    register_synthetic_dataset(cfg.DATASETS.TRAIN[0], data_root, 'train')
+    register_synthetic_dataset(cfg.DATASETS.TEST[0], data_root, 'val')
+    print(f'[demo] wrote {args.num_train} + {args.num_val} scenes ({image_size[0]}x{image_size[1]}) '
+          f'to {data_root}')
 
-    config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
-                          'COCO-InstanceSegmentation',
-                          f'mask_rcnn_{args.backbone}_{args.neck}_1x.yaml')
-    opts = small_run_opts('demo_train', 'demo_val', 3, os.path.join(out, 'model'),
-                          max_iter=args.max_iter, image_size=args.image_size,
-                          ims_per_batch=args.batch_size, base_lr=args.lr, seed=args.seed)
-    # detectron2's console log (environment, full config, per-iteration metrics) goes to
-    # log.txt only: its console handler is created inside setup() on the stdout in place then.
-    with contextlib.redirect_stdout(io.StringIO()):
-        cfg = setup(build_argument_parser().parse_args(['--config-file', config] + opts))
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    with open(os.path.join(cfg.OUTPUT_DIR, 'config.yaml'), 'w') as f:
+        f.write(cfg.dump())
+    seed_all_rng(cfg.SEED)  # weights, data order and augmentation
 
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
+    progress = _progress_hook(sys.stdout)
+    trainer.register_hooks([progress])
     params = sum(p.numel() for p in trainer.model.parameters())
-    print(f'[demo] Mask R-CNN, {args.backbone} + {args.neck}: {params / 1e6:.1f}M parameters; '
-          f'training for up to {args.max_iter} iterations or {args.minutes:g} minutes')
-    train_start = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its tables
-        results, iterations = train_within_budget(trainer, args.minutes)
-    train_time = time.perf_counter() - train_start
-    print(f'[demo] trained {iterations} iterations ({args.batch_size} images each) in '
-          f'{train_time / 60:.1f} min, {train_time / max(iterations, 1):.2f} s/iteration '
-          f'(including the evaluation)')
+    print(f'[demo] Mask R-CNN, {cfg.MODEL.TIMM.NAME} + FINE-FPN, {params / 1e6:.1f}M parameters, '
+          f'random init; {cfg.SOLVER.MAX_ITER} iterations of {cfg.SOLVER.IMS_PER_BATCH} images, '
+          f'seed {cfg.SEED}, {args.threads} thread(s)')
+    # pycocotools prints its AP tables: into the log with the rest.
+    with open(log_file, 'a') as log, contextlib.redirect_stdout(log):
+        results = trainer.train()
+    train_seconds = progress.seconds
+    eval_seconds = time.perf_counter() - started - train_seconds
 
     picture = os.path.join(out, 'predictions.png')
-    _draw_predictions(cfg, trainer.model, 'demo_val', picture, num_images=4, score_threshold=0.5)
+    _draw_predictions(cfg, trainer.model, cfg.DATASETS.TEST[0], picture, num_images=4,
+                      score_threshold=0.5)
 
     box, mask = results['bbox'], results['segm']
+    iterations = cfg.SOLVER.MAX_ITER
+    summary = dict(
+        box_AP=round(box['AP'], 2), mask_AP=round(mask['AP'], 2), iterations=iterations,
+        seconds_per_iteration=round(train_seconds / iterations, 3), threads=args.threads,
+        minutes_total=round((time.perf_counter() - started) / 60, 2),
+        load_average=os.getloadavg()[0] if hasattr(os, 'getloadavg') else None,
+        results=results,
+    )
+    with open(os.path.join(out, 'results.json'), 'w') as f:
+        json.dump(summary, f, indent=2)
+    print(f'[demo] trained {iterations} iterations in {train_seconds / 60:.1f} min '
+          f'({train_seconds / iterations:.2f} s/iteration); evaluation and start-up '
+          f'{eval_seconds:.0f} s')
     print('[demo] validation AP (COCO, %):')
     print(f'         box  AP {box["AP"]:5.1f}   AP50 {box["AP50"]:5.1f}   AP75 {box["AP75"]:5.1f}')
     print(f'         mask AP {mask["AP"]:5.1f}   AP50 {mask["AP50"]:5.1f}   AP75 {mask["AP75"]:5.1f}')
@@ -131,7 +214,8 @@ def main(argv=None) -> int:
     print(f'         config       {os.path.join(cfg.OUTPUT_DIR, "config.yaml")}')
     print(f'         checkpoint   {os.path.join(cfg.OUTPUT_DIR, "model_final.pth")}')
     print(f'         metrics      {os.path.join(cfg.OUTPUT_DIR, "metrics.json")}')
-    print(f'         log          {os.path.join(cfg.OUTPUT_DIR, "log.txt")}')
+    print(f'         log          {log_file}')
+    print(f'         results      {os.path.join(out, "results.json")}')
     print(f'         predictions  {picture} (left: ground truth, right: predictions >= 0.5)')
     print(f'[demo] done in {(time.perf_counter() - started) / 60:.1f} min')
     return 0

@@ -2,28 +2,25 @@
 """Fine-tune a detector of the config grid on a COCO-format dataset and report its AP.
 
     python scripts/finetune_coco.py --train-json train.json --train-images images/ \\
-        --val-json val.json --val-images images/ [--boxes-only] [--minutes 10] [KEY VALUE ...]
+        --val-json val.json --val-images images/ [--boxes-only] [--max-iter 1000] [KEY VALUE ...]
 
 The datasets are registered as with ``train_net.py --coco-dataset``; the number of classes is read
 from the training json; ``--boxes-only`` (or a json without segmentations) turns the Mask R-CNN
-config into Faster R-CNN (``MODEL.MASK_ON False``). The config is shrunk for a CPU by
-``detectron2_ext.engine.small_run_opts`` (random initialisation, trainable BatchNorm), and
+config into Faster R-CNN (``MODEL.MASK_ON False``). The default config is the demo's, sized for a
+CPU (random initialisation, trainable BatchNorm); ``MODEL.TIMM.NAME`` picks another backbone, and
 trailing ``KEY VALUE`` pairs override anything, e.g. ``MODEL.TIMM.CHECKPOINT weights.safetensors
-MODEL.TIMM.NORM FrozenBN`` to start from pretrained backbone weights. Training stops at
-``--max-iter`` or ``--minutes``; then the validation AP is printed and written to
-``<output-dir>/results.json`` with the settings that produced it.
+MODEL.TIMM.NORM FrozenBN`` to start from pretrained backbone weights. After ``--max-iter``
+iterations the validation AP is printed and written to ``<output-dir>/results.json`` with the
+settings that produced it.
 """
 import argparse
-import contextlib
-import io
 import json
 import os
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CONFIG = os.path.join(ROOT, 'configs', 'COCO-InstanceSegmentation',
-                              'mask_rcnn_resnet18_mscsa_fine_fpn_1x.yaml')
+DEFAULT_CONFIG = os.path.join(ROOT, 'configs', 'demo', 'mask_rcnn_resnet18_mscsa_fine_fpn_demo.yaml')
 
 
 def _mask_format(json_file: str):
@@ -47,22 +44,22 @@ def main(argv=None) -> int:
     parser.add_argument('--config-file', default=DEFAULT_CONFIG)
     parser.add_argument('--boxes-only', action='store_true', help='train Faster R-CNN (no masks)')
     parser.add_argument('--output-dir', default=os.path.join('output', 'finetune'))
-    parser.add_argument('--max-iter', type=int, default=5000)
-    parser.add_argument('--minutes', type=float, default=10.0, help='training time budget')
+    parser.add_argument('--max-iter', type=int, default=1000)
     parser.add_argument('--image-size', type=int, default=400, help='shorter image side')
     parser.add_argument('--batch-size', type=int, default=2)
     parser.add_argument('--lr', type=float, default=1e-3)
-    parser.add_argument('--fpn-channels', type=int, default=128)
+    parser.add_argument('--fpn-channels', type=int, default=128, help='FPN and head width')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('opts', nargs=argparse.REMAINDER, help='KEY VALUE config overrides')
     args = parser.parse_args(argv)
 
-    import detectron2_ext  # noqa: F401
+    import detectron2_ext
+    from detectron2_ext.config_file import load_config
     from detectron2.data import MetadataCatalog
+    from detectron2.utils.env import seed_all_rng
+    from detectron2.utils.logger import setup_logger
     from detectron2_ext.data import register_coco_instances_dataset
-    from detectron2_ext.engine import (
-        Trainer, build_argument_parser, setup, small_run_opts, train_within_budget,
-    )
+    from detectron2_ext.engine import Trainer
 
     register_coco_instances_dataset('finetune_train', args.train_json, args.train_images)
     register_coco_instances_dataset('finetune_val', args.val_json, args.val_images)
@@ -70,21 +67,32 @@ def main(argv=None) -> int:
     mask_format = None if args.boxes_only else _mask_format(args.train_json)
     masks = mask_format is not None
     out = os.path.abspath(args.output_dir)
-    opts = small_run_opts('finetune_train', 'finetune_val', num_classes, out,
-                          max_iter=args.max_iter, image_size=args.image_size,
-                          ims_per_batch=args.batch_size, base_lr=args.lr,
-                          fpn_channels=args.fpn_channels, seed=args.seed)
-    opts += ['MODEL.MASK_ON', str(masks), 'INPUT.MASK_FORMAT', mask_format or 'polygon'] + args.opts
-    with contextlib.redirect_stdout(io.StringIO()):  # detectron2's console log -> log.txt only
-        cfg = setup(build_argument_parser().parse_args(['--config-file', args.config_file] + opts))
+    size, width = args.image_size, args.fpn_channels
+    cfg = load_config(args.config_file)  # safe YAML, keys checked
+    cfg.merge_from_list([
+        'DATASETS.TRAIN', '("finetune_train",)', 'DATASETS.TEST', '("finetune_val",)',
+        'MODEL.ROI_HEADS.NUM_CLASSES', num_classes, 'OUTPUT_DIR', out, 'SEED', args.seed,
+        'MODEL.MASK_ON', masks, 'INPUT.MASK_FORMAT', mask_format or 'polygon',
+        'INPUT.MIN_SIZE_TRAIN', f'({size},)', 'INPUT.MAX_SIZE_TRAIN', 4 * size,
+        'INPUT.MIN_SIZE_TEST', size, 'INPUT.MAX_SIZE_TEST', 4 * size,
+        'SOLVER.IMS_PER_BATCH', args.batch_size, 'SOLVER.BASE_LR', args.lr,
+        'SOLVER.MAX_ITER', args.max_iter, 'SOLVER.STEPS', '()',  # constant after the warm-up
+        'SOLVER.WARMUP_ITERS', min(cfg.SOLVER.WARMUP_ITERS, args.max_iter),
+        'MODEL.FPN.OUT_CHANNELS', width, 'MODEL.ROI_BOX_HEAD.FC_DIM', 4 * width,
+        'MODEL.ROI_MASK_HEAD.CONV_DIM', width,
+    ] + args.opts)
+    cfg.freeze()
+    setup_logger(out, name='detectron2', configure_stdout=False)  # the log goes to log.txt
+    seed_all_rng(cfg.SEED)
 
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     detector = 'Mask R-CNN' if masks else 'Faster R-CNN'
     print(f'[finetune] {detector}, {cfg.MODEL.TIMM.NAME} ({cfg.MODEL.BACKBONE.NAME}), '
-          f'{num_classes} classes, up to {args.max_iter} iterations / {args.minutes:g} min')
+          f'{num_classes} classes, {args.max_iter} iterations', flush=True)
     start = time.perf_counter()
-    results, iterations = train_within_budget(trainer, args.minutes)
+    results = trainer.train()
+    iterations = cfg.SOLVER.MAX_ITER
     minutes = (time.perf_counter() - start) / 60
 
     report = dict(

@@ -55,15 +55,37 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _check_model_args(model_name: str, model_args: dict) -> None:
+    """Each --model-args key must be a constructor argument of the model (close names suggested)."""
+    import inspect
+    import timm
+    from maformer_zoo.utils.names import close_names_hint
+    if not timm.is_model(model_name):
+        raise SystemExit(f"error: unknown model '{model_name}'{close_names_hint(model_name, timm.list_models())}.")
+    cls = type(timm.create_model(model_name, pretrained=False)) if model_args else None
+    params = inspect.signature(cls.__init__).parameters if cls else {}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return  # the model forwards unknown keys itself
+    accepted = set(params) - {'self'}
+    for key in model_args:
+        if key not in accepted:
+            raise SystemExit(f"error: --model-args key '{key}' is not an argument of {model_name}"
+                             f"{close_names_hint(key, accepted)}.")
+
+
 def main(argv: Optional[List[str]] = None) -> Path:
     args = parse_args(argv)
     import maformer_zoo  # noqa: F401  (registers the models with timm)
-    from maformer_zoo.hub import PUBLISHED_HUB_IDS, export_hub_folder, hub_id
+    from maformer_zoo.hub import PUBLISHED_HUB_IDS, hub_id
+    from maformer_zoo.weights import export_hub_folder
 
     try:
         model_args = json.loads(args.model_args)
     except ValueError as err:
-        raise SystemExit(f"--model-args is not valid JSON: {err}")
+        raise SystemExit(f"error: --model-args is not valid JSON: {err}")
+    if not isinstance(model_args, dict):
+        raise SystemExit(f"error: --model-args must be a JSON object, e.g. '{{\"drop_path_rate\": 0.1}}'.")
+    _check_model_args(args.model, model_args)
     repo_id = args.repo_id or hub_id(args.model, args.tag)
     out = Path(args.out or Path('hub_export') / f'{args.model}.{args.tag}')
     results = {}
@@ -112,8 +134,8 @@ if __name__ == '__main__':
     try:
         main()
     except Exception as err:  # noqa: BLE001 - a CLI: one clear line, not a traceback
-        from maformer_zoo.hub import (CheckpointMismatchError, CorruptCheckpointError,
-                                      PretrainedWeightsNotFoundError, UnsafeCheckpointError)
+        from maformer_zoo.errors import (CheckpointMismatchError, CorruptCheckpointError,
+                                         PretrainedWeightsNotFoundError, UnsafeCheckpointError)
         if isinstance(err, (CheckpointMismatchError, CorruptCheckpointError,
                             PretrainedWeightsNotFoundError, UnsafeCheckpointError, ValueError)):
             print(f"error: {err}", file=sys.stderr)

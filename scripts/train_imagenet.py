@@ -20,7 +20,8 @@ import sys
 from timm.utils import setup_default_logging
 
 import maformer_zoo  # noqa: F401  (registers our models with timm)
-from maformer_zoo.models._builder import CheckpointMismatchError, PretrainedWeightsNotFoundError
+from maformer_zoo.errors import CheckpointMismatchError, CorruptCheckpointError, PretrainedWeightsNotFoundError, \
+    UnsafeCheckpointError
 from maformer_zoo.training import TrainConfig, parse_config, train
 from maformer_zoo.training.config import ConfigError
 from maformer_zoo.training.data import DatasetError
@@ -33,7 +34,7 @@ def main(argv=None) -> int:
     try:
         train(cfg)
     except (ConfigError, DatasetError, UnknownModelError, CheckpointMismatchError, PretrainedWeightsNotFoundError,
-            FileNotFoundError) as err:
+            CorruptCheckpointError, UnsafeCheckpointError, FileNotFoundError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
     return 0

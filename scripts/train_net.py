@@ -1,14 +1,169 @@
 #!/usr/bin/env python
 """Train or evaluate a maformer-zoo detector: detectron2's ``tools/train_net.py``, with our configs.
 
-    scripts/train_net.py --config-file configs/COCO-InstanceSegmentation/mask_rcnn_maformer_s_fine_fpn_1x.yaml \
+    scripts/train_net.py --config-file configs/COCO-InstanceSegmentation/mask_rcnn_maformer_s_fine_fpn_1x.yaml \\
         --num-gpus 8 [--resume] [--eval-only] [KEY VALUE ...]
 
-Own data without code: ``--coco-dataset NAME JSON IMAGE_DIR`` (repeatable) and
-``--coco-panoptic-dataset NAME IMAGE_DIR PANOPTIC_DIR PANOPTIC_JSON INSTANCES_JSON``, then
-``DATASETS.TRAIN '("NAME",)'``. ``--help`` lists everything; see :mod:`detectron2_ext.engine.cli`.
+Own data without code: the dataset flags of ``DATASET_FLAGS`` (``--coco-dataset NAME JSON IMAGE_DIR``,
+...) register datasets in every launched process; then ``DATASETS.TRAIN '("NAME",)'``.
+Configs are read with safe YAML and weights without running code (``detectron2_ext.config_file``,
+``detectron2_ext.checkpoint``). A run never overwrites another: an ``OUTPUT_DIR`` that holds a
+checkpoint is continued with ``--resume`` or refused. See docs/training.md.
 """
-from detectron2_ext.engine import run
+import argparse
+import os
+import sys
+from typing import Dict, List, Optional
+
+import torch
+from detectron2.config import CfgNode
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+
+from detectron2_ext.checkpoint import SafeDetectionCheckpointer
+from detectron2_ext.config_file import load_config
+from detectron2_ext.data import register_coco_instances_dataset, register_coco_panoptic_dataset
+from detectron2_ext.data import register_sem_seg_dataset, set_sem_seg_num_classes
+from detectron2_ext.engine.trainer import Trainer
+from maformer_zoo.errors import CheckpointMismatchError, CorruptCheckpointError, PretrainedWeightsNotFoundError, \
+    UnsafeCheckpointError
+from maformer_zoo.utils.names import close_names_hint
+
+# flag -> (its values, the function registering them in that order, help). Repeatable; each
+# launched process registers them again (detectron2's catalogs are per process).
+DATASET_FLAGS = {
+    '--coco-dataset': (('NAME', 'JSON', 'IMAGE_DIR'), register_coco_instances_dataset,
+                       'register a COCO instances dataset as NAME (repeatable)'),
+    '--coco-panoptic-dataset': (('NAME', 'IMAGE_DIR', 'PANOPTIC_DIR', 'PANOPTIC_JSON', 'INSTANCES_JSON'),
+                                register_coco_panoptic_dataset,
+                                'register a COCO panoptic dataset for Panoptic FPN as NAME (repeatable); its semantic '
+                                'labels are written to PANOPTIC_DIR_semseg if missing'),
+    '--sem-seg-dataset': (('NAME', 'IMAGE_DIR', 'LABEL_DIR'), register_sem_seg_dataset,
+                          'register a semantic segmentation dataset as NAME: images and same-named label '
+                          'PNGs (class ids, 255 = ignore; MODEL.SEM_SEG_HEAD.NUM_CLASSES classes) (repeatable)'),
+}
+USER_ERRORS = (FileNotFoundError, KeyError, ValueError, UnsafeCheckpointError, CorruptCheckpointError,
+               CheckpointMismatchError, PretrainedWeightsNotFoundError, FileExistsError)
+
+EPILOG = """
+Examples:
+  Train on your own COCO-format data:
+    scripts/train_net.py --config-file configs/COCO-InstanceSegmentation/mask_rcnn_resnet18_mscsa_fine_fpn_1x.yaml \\
+      --coco-dataset trees_train train.json images/ --coco-dataset trees_val val.json images/ \\
+      DATASETS.TRAIN '("trees_train",)' DATASETS.TEST '("trees_val",)' MODEL.ROI_HEADS.NUM_CLASSES 1
+  Evaluate a checkpoint:
+    scripts/train_net.py --config-file cfg.yaml --eval-only MODEL.WEIGHTS output/model_final.pth
+  Multi-GPU / multi-node: as detectron2 (--num-gpus 8; --num-machines 2 --machine-rank 0 --dist-url tcp://host:port)
+"""
+
+
+def build_argument_parser() -> argparse.ArgumentParser:
+    parser = default_argument_parser(epilog=EPILOG)
+    for flag, (metavar, _, text) in DATASET_FLAGS.items():
+        parser.add_argument(flag, nargs=len(metavar), action='append', default=[], metavar=metavar, help=text)
+    return parser
+
+
+def register_datasets(args: argparse.Namespace) -> None:
+    for flag, (_, register, _) in DATASET_FLAGS.items():
+        for values in getattr(args, flag[2:].replace('-', '_')):
+            register(*values)
+
+
+def check_datasets(cfg: CfgNode) -> None:
+    """Every dataset of the config is registered and its class counts match the heads."""
+    registered = DatasetCatalog.list()
+    arch = cfg.MODEL.META_ARCHITECTURE
+    head = 'MODEL.RETINANET.NUM_CLASSES' if arch == 'RetinaNet' else 'MODEL.ROI_HEADS.NUM_CLASSES'
+    num_things = cfg.MODEL.RETINANET.NUM_CLASSES if arch == 'RetinaNet' else cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
+        if name not in registered:
+            raise KeyError(f"Dataset '{name}' is not registered{close_names_hint(name, registered)}. Register your own "
+                           f"with {' or '.join(DATASET_FLAGS)}, or use one of detectron2's builtin names.")
+        set_sem_seg_num_classes(name, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)  # checks the labels
+        meta = MetadataCatalog.get(name)
+        if name in cfg.DATASETS.TRAIN and meta.get('num_annotations', None) == 0:
+            raise ValueError(f"Training dataset '{name}' has no annotations ({meta.json_file}): detectron2 would find "
+                             f"no image to train on. Check the json's 'annotations' list.")
+        things, stuff = meta.get('thing_classes', None), meta.get('stuff_classes', None)
+        if things is not None and num_things != len(things):
+            raise ValueError(f"Dataset '{name}' has {len(things)} thing classes but {head} is {num_things}: "
+                             f"add `{head} {len(things)}` to the command line.")
+        if arch == 'PanopticFPN' and stuff is not None and cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES != len(stuff):
+            raise ValueError(
+                f"Dataset '{name}' has {len(stuff)} semantic classes (stuff + 'things') but "
+                f"MODEL.SEM_SEG_HEAD.NUM_CLASSES is {cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES}: add "
+                f"`MODEL.SEM_SEG_HEAD.NUM_CLASSES {len(stuff)}` to the command line.")
+
+
+def _saved_checkpoint(output_dir: str) -> Optional[str]:
+    """A checkpoint an earlier run left in ``output_dir`` (what ``--resume`` would continue), if any."""
+    if not os.path.isdir(output_dir):
+        return None
+    if os.path.isfile(os.path.join(output_dir, 'last_checkpoint')):
+        return 'last_checkpoint'
+    return next((n for n in sorted(os.listdir(output_dir)) if n.endswith('.pth')), None)
+
+
+def build_config(args: argparse.Namespace) -> CfgNode:
+    """The checked, frozen config of ``args`` (datasets registered); raises one of ``USER_ERRORS``."""
+    register_datasets(args)
+    if not args.config_file:
+        raise ValueError('--config-file is required (e.g. a file under configs/).')
+    if not os.path.isfile(args.config_file):
+        raise FileNotFoundError(f"--config-file '{args.config_file}' does not exist.")
+    cfg = load_config(args.config_file, args.opts)
+    if cfg.MODEL.DEVICE.startswith('cuda') and not torch.cuda.is_available():
+        raise ValueError(f"MODEL.DEVICE is '{cfg.MODEL.DEVICE}' but this machine has no CUDA device: add "
+                         f"`MODEL.DEVICE cpu` to the command line.")
+    if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith('cuda'):
+        raise ValueError("SOLVER.AMP.ENABLED needs a CUDA device (detectron2's AMPTrainer); add "
+                         "`SOLVER.AMP.ENABLED False` to train on the CPU.")
+    check_datasets(cfg)
+    saved = _saved_checkpoint(cfg.OUTPUT_DIR)
+    if saved and not args.resume and not args.eval_only:
+        raise FileExistsError(f"OUTPUT_DIR '{cfg.OUTPUT_DIR}' holds an earlier run ({saved}): continue it with "
+                              f"--resume, or give a new `OUTPUT_DIR <folder>`.")
+    # Every weight comes from the detector checkpoint when evaluating or resuming: do not also
+    # fetch the backbone's pretrained weights (which may need the network).
+    if args.eval_only or (args.resume and saved):
+        cfg.MODEL.TIMM.PRETRAINED = False
+        cfg.MODEL.TIMM.PRETRAINED_BASE = False
+        cfg.MODEL.TIMM.CHECKPOINT = ''
+    cfg.freeze()
+    return cfg
+
+
+def main(args: argparse.Namespace) -> Optional[Dict]:
+    """Train (``trainer.train()``) or evaluate (``--eval-only``) in one process; returns the evaluation results."""
+    cfg = build_config(args)
+    default_setup(cfg, args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        SafeDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        results = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, results)
+        return results
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def cli(argv: Optional[List[str]] = None) -> int:
+    args = build_argument_parser().parse_args(argv)
+    print('Command Line Args:', args)
+    try:
+        build_config(args)  # bad input fails here, before any process is launched
+        launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+               dist_url=args.dist_url, args=(args,))
+    except USER_ERRORS as err:  # one line; in the single-process case also for weights refused while loading
+        print(f'error: {err.args[0] if isinstance(err, KeyError) and err.args else err}', file=sys.stderr)
+        return 2
+    return 0
+
 
 if __name__ == '__main__':
-    run()
+    sys.exit(cli())

@@ -18,7 +18,8 @@ import sys
 from timm.utils import setup_default_logging
 
 import maformer_zoo  # noqa: F401  (registers our models with timm)
-from maformer_zoo.models._builder import CheckpointMismatchError, PretrainedWeightsNotFoundError
+from maformer_zoo.errors import CheckpointMismatchError, CorruptCheckpointError, PretrainedWeightsNotFoundError, \
+    UnsafeCheckpointError
 from maformer_zoo.training import EvalConfig, parse_config, validate
 from maformer_zoo.training.config import ConfigError
 from maformer_zoo.training.data import DatasetError
@@ -31,7 +32,7 @@ def main(argv=None) -> int:
     try:
         results = validate(cfg)
     except (ConfigError, DatasetError, UnknownModelError, CheckpointMismatchError, PretrainedWeightsNotFoundError,
-            FileNotFoundError) as err:
+            CorruptCheckpointError, UnsafeCheckpointError, FileNotFoundError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
     print(json.dumps(results, indent=2))

@@ -66,7 +66,7 @@ def test_config_builds_with_fpn_contract(path):
     assert [shapes[k].stride for k in levels] == [2 ** int(k[1]) for k in levels]
     assert all(shapes[k].channels == 256 for k in levels)
     assert backbone.size_divisibility == 32
-    assert backbone.padding_constraints == {'square_size': 0}
+    assert backbone.padding_constraints == {'size_divisibility': 32, 'square_size': 0}
     n_fine = sum(isinstance(m, FINE) for m in backbone.modules())
     # the paper configs set MODEL.FINE.EXTRA_LEVELS: Eq. 3's fusions (3 on P2-P5, 2 on P3-P5) plus
     # the extra pairs (P5, P6) or (P5, P6), (P6, P7): four on both
@@ -137,10 +137,8 @@ def _tiny_opts(fusion_builder, extra=()):
 
 
 def _tiny_backbone(fusion, *extra):
-    builder = {'sum': 'build_resnet_fpn_backbone', 'fine': 'build_resnet_fine_fpn_backbone',
-               'asff': 'build_resnet_asff_fpn_backbone'}[fusion]
     cfg = _cfg(_config('COCO-InstanceSegmentation', 'mask_rcnn_R_50_fpn_1x.yaml'),
-               *_tiny_opts(builder, extra))
+               *_tiny_opts('build_resnet_fusion_fpn_backbone', ['MODEL.FPN.FUSION', fusion, *extra]))
     return build_backbone(cfg)
 
 
@@ -167,7 +165,8 @@ def test_fpn_checkpoint_loads_and_zero_init_fine_is_the_fpn():
 
 def _tiny_retinanet_backbone(*extra):
     cfg = _cfg(_config('COCO-Detection', 'retinanet_R_50_fpn_1x.yaml'),
-               *_tiny_opts('build_retinanet_resnet_fine_fpn_backbone', extra))
+               *_tiny_opts('build_retinanet_resnet_fusion_fpn_backbone',
+                           ['MODEL.FPN.FUSION', 'fine', *extra]))
     return build_backbone(cfg)
 
 
@@ -216,15 +215,12 @@ def test_extra_levels_placement_and_contract(retina):
 
 def test_config_errors_are_clear():
     path = _config('COCO-Detection', 'faster_rcnn_R_50_fine_fpn_1x.yaml')
-    with pytest.raises(ValueError, match='conflicts with MODEL.BACKBONE.NAME'):
-        build_backbone(_cfg(path, 'MODEL.FPN.FUSION', 'asff'))
     with pytest.raises(ValueError, match='POOL_KERNELS'):
         build_backbone(_cfg(path, 'MODEL.FINE.POOL_KERNELS', [1]))
     with pytest.raises(ValueError, match='fusion must be one of'):
-        build_backbone(_cfg(path, 'MODEL.BACKBONE.NAME', 'build_resnet_fusion_fpn_backbone',
-                            'MODEL.FPN.FUSION', 'concat'))
+        build_backbone(_cfg(path, 'MODEL.FPN.FUSION', 'concat'))
     plain = get_cfg()  # without add_maformer_zoo_config
-    plain.merge_from_list(['MODEL.BACKBONE.NAME', 'build_resnet_fine_fpn_backbone',
+    plain.merge_from_list(['MODEL.BACKBONE.NAME', 'build_resnet_fusion_fpn_backbone',
                            'MODEL.RESNETS.OUT_FEATURES', ['res2', 'res3', 'res4', 'res5'],
                            'MODEL.FPN.IN_FEATURES', ['res2', 'res3', 'res4', 'res5']])
     with pytest.raises(KeyError, match='add_maformer_zoo_config'):
@@ -233,8 +229,7 @@ def test_config_errors_are_clear():
 
 def test_add_config_is_idempotent_and_fusion_builder_follows_it():
     cfg = _cfg(_config('COCO-Detection', 'faster_rcnn_R_50_fpn_1x.yaml'),
-               'MODEL.FINE.HEAD_DIM', 32, 'MODEL.FPN.FUSION', 'fine',
-               'MODEL.BACKBONE.NAME', 'build_resnet_fusion_fpn_backbone')
+               'MODEL.FINE.HEAD_DIM', 32, 'MODEL.FPN.FUSION', 'fine')
     detectron2_ext.add_maformer_zoo_config(cfg)
     assert cfg.MODEL.FINE.HEAD_DIM == 32 and cfg.MODEL.FPN.FUSION == 'fine'
     backbone = build_backbone(cfg)
@@ -309,3 +304,22 @@ def test_two_training_iterations_and_inference(synthetic, model, neck):
         assert out['sem_seg'].shape == (counts['stuff'], inp['height'], inp['width'])
         panoptic, segments = out['panoptic_seg']
         assert panoptic.shape == (inp['height'], inp['width'])
+
+
+def test_neck_benchmark_writes_json_rows(tmp_path):
+    """benchmarks/necks.py --json: a list of flat dicts, one per neck, with ratios to fpn."""
+    import json
+    import subprocess
+    import sys
+    out = tmp_path / 'necks.json'
+    cmd = [sys.executable, os.path.join(REPO, 'benchmarks', 'necks.py'), '--variants', 'asff',
+           '--repeats', '1', '--height', '64', '--width', '96', '--skip-memory', '--skip-flops',
+           '--json', str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHONPATH=REPO))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [r['neck'] for r in rows] == ['fpn', 'asff']
+    assert all(not isinstance(v, (dict, list)) for r in rows for v in r.values())
+    assert rows[0]['latency_s_model_ratio'] == 1.0 and rows[1]['params_neck'] > rows[0]['params_neck']
+    assert 'necks: 100%' in proc.stderr  # the progress bar, on stderr

@@ -21,20 +21,33 @@ import torch
 import timm
 
 import maformer_zoo
-from maformer_zoo import hub
-from maformer_zoo.hub import (
+from maformer_zoo import cards, hub, weights
+from maformer_zoo.errors import (
     CheckpointMismatchError, CorruptCheckpointError, PretrainedWeightsNotFoundError, UnsafeCheckpointError)
+from maformer_zoo.utils.flops import measure_model_stats, sdpa_flop_jit
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / 'scripts'
-sys.path.insert(0, str(SCRIPTS)); sys.path.insert(0, str(ROOT / 'dev'))
-import push_to_hub  # noqa: E402
+
+
+def push_to_hub(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """scripts/push_to_hub.py in a subprocess, as a user runs it."""
+    out = subprocess.run([sys.executable, str(SCRIPTS / 'push_to_hub.py'), *map(str, args)], capture_output=True,
+                         text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1'))
+    assert not check or out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def export(name, checkpoint, out, **kwargs):
+    """What push_to_hub.py --dry-run --no-measure does, in process (its library call)."""
+    return weights.export_hub_folder(name, checkpoint, out, measure=False, **kwargs)['folder']
 
 MODELS = maformer_zoo.list_models()
 SMALL = 'resnet18_mscsa'  # the smallest real architecture for the path tests
 COMMIT = '0123456789abcdef0123456789abcdef01234567'
 # Round trips of models above this size write 160+ MB each; they run in `make test-all`.
 SLOW_PARAMS = 40e6
+OTHER_REPO = 'someone/resnet18_mscsa.in1k'  # a repo not of our organisation: loads like a published one
 
 
 def _param_count(name: str) -> int:
@@ -103,9 +116,9 @@ def exported(tmp_path_factory):
     tmp = tmp_path_factory.mktemp('export')
     model = timm.create_model(SMALL).eval()
     torch.save(_train_checkpoint(model), tmp / 'checkpoint.pth.tar')
-    folder = push_to_hub.main([
-        '--model', SMALL, '--checkpoint', str(tmp / 'checkpoint.pth.tar'),
-        '--out', str(tmp / 'out'), '--dry-run', '--no-measure'])
+    push_to_hub('--model', SMALL, '--checkpoint', tmp / 'checkpoint.pth.tar', '--out', tmp / 'out', '--dry-run',
+                '--no-measure')
+    folder = tmp / 'out'
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         reference = model(x)
@@ -121,11 +134,32 @@ def _same_outputs(model: torch.nn.Module, exported: dict) -> bool:
 # ids
 
 @pytest.mark.parametrize('name', MODELS)
-def test_hub_id_in_pretrained_cfg(name):
+def test_no_weights_claimed_while_unpublished(name):
+    """timm's convention for models without weights: no source in the cfg, so not listed as pretrained."""
     cfg = timm.models.get_pretrained_cfg(f'{name}.in1k')
     assert cfg is not None, f"'{name}' has no '.in1k' pretrained cfg"
-    assert cfg.hf_hub_id == f'maformer-zoo/{name}.in1k' == hub.hub_id(name)
-    assert timm.models.get_pretrained_cfg(name).hf_hub_id == cfg.hf_hub_id  # the default tag
+    assert hub.hub_id(name) == f'maformer-zoo/{name}.in1k' and not hub.weights_published(name)
+    assert not cfg.has_weights and hub.published_hub_id(name) is None
+    assert not any(m.split('.')[0] == name for m in timm.list_models(pretrained=True))
+
+
+def test_pretrained_true_fails_fast_without_network(monkeypatch):
+    import socket
+    import time
+
+    def no_network(*args, **kwargs):
+        raise AssertionError('network access attempted')
+
+    monkeypatch.setattr(socket.socket, 'connect', no_network)
+    monkeypatch.setattr(socket, 'create_connection', no_network)
+    for name in ('maformer_s', SMALL):
+        start = time.perf_counter()
+        with pytest.raises(PretrainedWeightsNotFoundError) as info:
+            timm.create_model(name, pretrained=True)
+        assert time.perf_counter() - start < 5
+        message = str(info.value)
+        for needle in ('none are published', 'pretrained_cfg_overlay=dict(file=', 'local-dir:', hub.hub_id(name)):
+            assert needle in message, (needle, message)
 
 
 def test_all_paper_models_registered():
@@ -134,34 +168,30 @@ def test_all_paper_models_registered():
     assert expected <= set(MODELS)
 
 
-def test_hub_config_hook_installed_and_narrow():
-    from timm.models import _factory
-    wrapped = _factory.load_model_config_from_hf
-    assert getattr(wrapped, '_maformer_zoo_wrapped', False)
-    from maformer_zoo.models._builder import _install_hub_config_errors
-    _install_hub_config_errors()  # idempotent: no double wrap
-    assert _factory.load_model_config_from_hf is wrapped
+def test_timm_not_patched():
+    from timm.models import _factory, _hub
+    assert _factory.load_model_config_from_hf is _hub.load_model_config_from_hf
 
 
 # ---------------------------------------------------------------------------------------------
 # checkpoint cleaning
 
-def test_extract_state_dict_picks_weights_and_strips_training_state():
+def test_unwrap_state_dict_picks_weights_and_strips_training_state():
     w = torch.ones(2)
     ckpt = dict(state_dict={'module.a': w}, state_dict_ema={'_orig_mod.module.a': w * 2},
                 optimizer={'state': {}}, epoch=3, args=argparse.Namespace(x=1))
-    sd, key = hub.extract_state_dict(ckpt)
+    sd, key = weights.unwrap_state_dict(ckpt)
     assert key == 'state_dict_ema' and list(sd) == ['a'] and torch.equal(sd['a'], w * 2)
-    sd, key = hub.extract_state_dict(ckpt, weights='model')
+    sd, key = weights.unwrap_state_dict(ckpt, weights='model')
     assert key == 'state_dict' and torch.equal(sd['a'], w)
-    sd, key = hub.extract_state_dict({'model': {'module.b': w}, 'model_ema': {'b': w * 3}})
+    sd, key = weights.unwrap_state_dict({'model': {'module.b': w}, 'model_ema': {'b': w * 3}})
     assert key == 'model_ema' and torch.equal(sd['b'], w * 3)
-    sd, key = hub.extract_state_dict({'module.c': w, 'note': 'text'})  # plain state dict
+    sd, key = weights.unwrap_state_dict({'module.c': w, 'note': 'text'})  # plain state dict
     assert key == '' and list(sd) == ['c']
     with pytest.raises(ValueError, match="no EMA weights"):
-        hub.extract_state_dict({'state_dict': {'a': w}}, weights='ema')
+        weights.unwrap_state_dict({'state_dict': {'a': w}}, weights='ema')
     with pytest.raises(CorruptCheckpointError, match='No tensors'):
-        hub.extract_state_dict({'epoch': 1})
+        weights.unwrap_state_dict({'epoch': 1})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,9 +202,7 @@ def test_round_trip_through_offline_hf_cache(name, tmp_path, offline_cache):
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=10).eval()
     torch.save(_train_checkpoint(model), tmp_path / 'checkpoint.pth.tar')
-    folder = push_to_hub.main([
-        '--model', name, '--checkpoint', str(tmp_path / 'checkpoint.pth.tar'),
-        '--out', str(tmp_path / 'out'), '--dry-run', '--no-measure'])
+    folder = export(name, tmp_path / 'checkpoint.pth.tar', tmp_path / 'out')
     assert sorted(p.name for p in folder.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
     config = json.loads((folder / 'config.json').read_text())
     assert config['architecture'] == name and config['num_classes'] == 10
@@ -182,8 +210,8 @@ def test_round_trip_through_offline_hf_cache(name, tmp_path, offline_cache):
     assert {'global_pool', 'model_args', 'pretrained_cfg'} <= set(config)
     assert 'optimizer' not in (folder / 'config.json').read_text()
 
-    place_in_cache(offline_cache, hub.hub_id(name), folder)
-    loaded = timm.create_model(f'hf-hub:{hub.hub_id(name)}', pretrained=True)
+    place_in_cache(offline_cache, f'someone/{name}', folder)  # a repo of ours loads once published
+    loaded = timm.create_model(f'hf-hub:someone/{name}', pretrained=True)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(loaded.eval()(x), model(x))  # the EMA weights, bit for bit
@@ -192,16 +220,16 @@ def test_round_trip_through_offline_hf_cache(name, tmp_path, offline_cache):
 # ---------------------------------------------------------------------------------------------
 # the other loading paths
 
-def test_pretrained_true_by_name_with_env_offline_cache(exported, tmp_path):
+def test_pretrained_sources_with_env_offline_cache(exported, tmp_path):
     """What a user does: HF_HUB_OFFLINE=1 + a cache, then the plain timm calls (fresh process)."""
     cache = tmp_path / 'hf_cache'
-    place_in_cache(cache, hub.hub_id(SMALL), exported['folder'])
+    place_in_cache(cache, OTHER_REPO, exported['folder'])
     torch.save(exported['x'], tmp_path / 'x.pt')
     torch.save(exported['reference'], tmp_path / 'ref.pt')
     code = (
         "import sys, torch, timm, maformer_zoo\n"
         "x, ref = torch.load(sys.argv[1]), torch.load(sys.argv[2])\n"
-        f"for name in ('{SMALL}', '{SMALL}.in1k', 'hf-hub:{hub.hub_id(SMALL)}'):\n"
+        f"for name in ('hf-hub:{OTHER_REPO}', 'local-dir:{exported['folder']}'):\n"
         "    m = timm.create_model(name, pretrained=True).eval()\n"
         "    with torch.no_grad():\n"
         "        assert torch.equal(m(x), ref), name\n"
@@ -228,15 +256,15 @@ def test_local_dir_file_overlay_and_helpers(exported, offline_cache):
     assert _same_outputs(timm.create_model(SMALL, pretrained=True, **ckpt), exported)
 
     # the helpers the detectron2 backbone uses (MODEL.TIMM.CHECKPOINT): every source kind
-    place_in_cache(offline_cache, hub.hub_id(SMALL), folder)
+    place_in_cache(offline_cache, OTHER_REPO, folder)
     expected = {k: v for k, v in exported['model'].state_dict().items()}
-    for source in (f'hf-hub:{hub.hub_id(SMALL)}', f'local-dir:{folder}', folder, folder / 'model.safetensors'):
+    for source in (f'hf-hub:{OTHER_REPO}', f'local-dir:{folder}', folder, folder / 'model.safetensors'):
         state_dict = hub.load_weights(source, model_name=SMALL)
         assert state_dict.keys() == expected.keys()
         assert all(torch.equal(state_dict[k], expected[k]) for k in expected)
     features = timm.create_model(
         SMALL, pretrained=True, features_only=True,
-        pretrained_cfg_overlay=hub.pretrained_overlay(f'hf-hub:{hub.hub_id(SMALL)}', SMALL))
+        pretrained_cfg_overlay=hub.pretrained_overlay(f'hf-hub:{OTHER_REPO}', SMALL))
     # FeatureGetterNet keeps the model as `.model`; everything but the new dense-fusion layers loaded
     loaded = {k[len('model.'):]: v for k, v in features.state_dict().items()}
     shared = [k for k in loaded if k in expected]
@@ -247,33 +275,23 @@ def test_local_dir_file_overlay_and_helpers(exported, offline_cache):
 # ---------------------------------------------------------------------------------------------
 # errors
 
-def _assert_names_ways(message: str, repo: str):
-    for needle in (repo, 'hf download', 'local-dir:', 'pretrained_cfg_overlay=dict(file=', 'HF_HUB_OFFLINE'):
-        assert needle in message, f'{needle!r} missing from: {message}'
-
-
-def test_offline_without_cached_file_names_repo_and_ways(offline_cache):
+def test_unpublished_and_uncached_repos(offline_cache):
     from huggingface_hub.errors import LocalEntryNotFoundError
-    repo = hub.hub_id(SMALL)
-    for name in (SMALL, f'hf-hub:{repo}'):
-        with pytest.raises(PretrainedWeightsNotFoundError) as info:
-            timm.create_model(name, pretrained=True)
-        _assert_names_ways(str(info.value), repo)
-        assert 'no trained weights are published' in str(info.value)
-        assert isinstance(info.value, LocalEntryNotFoundError)  # existing except clauses still work
-    with pytest.raises(PretrainedWeightsNotFoundError) as info:
-        hub.resolve_weight_file(f'hf-hub:{repo}', SMALL)
-    _assert_names_ways(str(info.value), repo)
-    # the config hook is narrow: other organisations' repos keep timm's own error
-    with pytest.raises(LocalEntryNotFoundError) as info:
+    with pytest.raises(PretrainedWeightsNotFoundError, match='none are published'):
+        hub.resolve_weight_file(f'hf-hub:{hub.hub_id(SMALL)}', SMALL)  # decided without a lookup
+    with pytest.raises(PretrainedWeightsNotFoundError, match=f"'{OTHER_REPO}'.*hf download") as info:
+        hub.resolve_weight_file(f'hf-hub:{OTHER_REPO}', SMALL)  # offline, not cached
+    assert isinstance(info.value.__cause__, LocalEntryNotFoundError)
+    with pytest.raises(LocalEntryNotFoundError):  # timm's own error for timm's own factory path
         timm.create_model('hf-hub:timm/resnet18.a1_in1k', pretrained=True)
-    assert not isinstance(info.value, PretrainedWeightsNotFoundError)
 
 
 def test_missing_file_and_folder(tmp_path):
-    with pytest.raises(PretrainedWeightsNotFoundError, match='not found') as info:
+    with pytest.raises(PretrainedWeightsNotFoundError, match='not found'):
         timm.create_model(SMALL, pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / 'no.safetensors')))
-    assert 'local-dir:' in str(info.value)
+    (tmp_path / 'empty.pth').touch()
+    with pytest.raises(CorruptCheckpointError, match='empty'):
+        timm.create_model(SMALL, pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / 'empty.pth')))
     with pytest.raises(PretrainedWeightsNotFoundError, match='not a folder'):
         hub.resolve_weight_file(f'local-dir:{tmp_path / "nothing"}', SMALL)
     empty = tmp_path / 'empty'
@@ -299,16 +317,13 @@ def test_pickle_carrying_code_is_refused(exported, tmp_path):
     with pytest.raises(UnsafeCheckpointError, match='pickle that needs code'):
         timm.create_model(SMALL, pretrained=True, pretrained_cfg_overlay=dict(file=str(evil)))
     with pytest.raises(UnsafeCheckpointError, match='pickle that needs code'):
-        push_to_hub.main(['--model', SMALL, '--checkpoint', str(evil), '--out', str(tmp_path / 'out'),
-                          '--dry-run', '--no-measure'])
+        export(SMALL, evil, tmp_path / 'out')
     with pytest.raises(UnsafeCheckpointError):
         hub.load_weights(evil)
     assert not marker.exists() and not (tmp_path / 'out').exists()
     # the command line: a one-line error and exit status 2, still nothing run
-    out = subprocess.run(
-        [sys.executable, str(SCRIPTS / 'push_to_hub.py'), '--model', SMALL, '--checkpoint', str(evil),
-         '--out', str(tmp_path / 'out'), '--dry-run', '--no-measure'],
-        capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    out = push_to_hub('--model', SMALL, '--checkpoint', evil, '--out', tmp_path / 'out', '--dry-run', '--no-measure',
+                      check=False)
     assert out.returncode == 2 and 'error: Refused' in out.stderr, out.stderr[-2000:]
     assert not marker.exists() and not (tmp_path / 'out').exists()
 
@@ -320,12 +335,10 @@ def test_corrupted_safetensors(exported, tmp_path, offline_cache):
     (folder / 'model.safetensors').write_bytes(data[: len(data) // 2])  # truncated download
     with pytest.raises(CorruptCheckpointError, match='not a readable safetensors'):
         timm.create_model(f'local-dir:{folder}', pretrained=True)
-    place_in_cache(offline_cache, hub.hub_id(SMALL), folder)
-    with pytest.raises(CorruptCheckpointError, match=re.escape(hub.hub_id(SMALL))):
-        timm.create_model(SMALL, pretrained=True)
     with pytest.raises(CorruptCheckpointError, match='not a readable safetensors'):
-        push_to_hub.main(['--model', SMALL, '--checkpoint', str(folder / 'model.safetensors'),
-                          '--out', str(tmp_path / 'out'), '--dry-run', '--no-measure'])
+        timm.create_model(SMALL, pretrained=True, pretrained_cfg_overlay=dict(file=str(folder / 'model.safetensors')))
+    with pytest.raises(CorruptCheckpointError, match='not a readable safetensors'):
+        export(SMALL, folder / 'model.safetensors', tmp_path / 'out')
     (folder / 'model.safetensors').write_bytes(b'not a checkpoint at all')
     with pytest.raises(CorruptCheckpointError):
         hub.load_weights(folder)
@@ -341,7 +354,7 @@ def test_wrong_architecture_in_config(exported, tmp_path):
         timm.create_model(f'local-dir:{folder}', pretrained=True)
     assert 'missing' in str(info.value) and 'base.conv1.weight' in str(info.value)
     # an exported file loaded into another architecture: the error says what its config.json names
-    with pytest.raises(CheckpointMismatchError, match=f"config.json says they are weights of '{SMALL}'"):
+    with pytest.raises(CheckpointMismatchError, match=f"holds weights of '{SMALL}'"):
         timm.create_model('pvt_v2_b0_mscsa', pretrained=True, features_only=True,
                           pretrained_cfg_overlay=dict(file=str(exported['folder'] / 'model.safetensors')))
     with pytest.raises(CheckpointMismatchError, match="holds weights of 'pvt_v2_b0_mscsa'"):
@@ -360,8 +373,7 @@ def test_missing_keys_refused(exported, tmp_path):
     path = tmp_path / 'partial.pth'
     torch.save(state_dict, path)
     with pytest.raises(CheckpointMismatchError, match=re.escape(dropped)):
-        push_to_hub.main(['--model', SMALL, '--checkpoint', str(path), '--out', str(tmp_path / 'out'),
-                          '--dry-run', '--no-measure'])
+        export(SMALL, path, tmp_path / 'out')
     assert not (tmp_path / 'out').exists()
     for kwargs in (dict(), dict(features_only=True), dict(num_classes=3)):  # timm loads non-strictly here
         with pytest.raises(CheckpointMismatchError, match=re.escape(dropped)):
@@ -408,45 +420,45 @@ def test_card_for_every_model(name):
 
 def test_card_numbers_are_measured():
     card = _card(SMALL)
-    stats = hub.measure_model_stats(timm.create_model(SMALL))
+    stats = measure_model_stats(timm.create_model(SMALL))
     assert (_stat(card, 'GMACs'), _stat(card, 'Activations (M)')) == (stats['gmacs'], stats['macts'])
 
 
 @pytest.mark.slow
 def test_all_cards_up_to_date():
-    import make_hub_cards
-    assert make_hub_cards.main(['--check']) == 0
+    out = subprocess.run([sys.executable, str(ROOT / 'dev' / 'make_hub_cards.py'), '--check'], capture_output=True,
+                         text=True, timeout=3600, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 0, out.stderr[-3000:]
 
 
 def test_fvcore_counts_like_timm():
     """timm's resnet18 card says 1.8 GMACs / 2.5 M activations; fused attention counts as unfused."""
-    stats = hub.measure_model_stats(timm.create_model('resnet18'))
+    stats = measure_model_stats(timm.create_model('resnet18'))
     assert (stats['params_m'], stats['gmacs'], stats['macts']) == (11.69, 1.82, 2.48)
     from timm.layers import Attention
     torch.manual_seed(0)
     fused, unfused = Attention(64, num_heads=4), Attention(64, num_heads=4)
     fused.fused_attn, unfused.fused_attn = True, False
     tokens, dim = 50, 64
-    counts = [hub.measure_model_stats(m, input_size=(tokens, dim)) for m in (fused, unfused)]
+    counts = [measure_model_stats(m, input_size=(tokens, dim)) for m in (fused, unfused)]
     assert counts[0]['gmacs'] == counts[1]['gmacs']
     assert counts[0]['macts'] == counts[1]['macts']
     linear = tokens * dim * 3 * dim + tokens * dim * dim
     attention = 2 * tokens * tokens * dim  # q @ k^T and attn @ v over all heads
     from fvcore.nn import FlopCountAnalysis
-    from maformer_zoo.hub import _sdpa_flop_jit
     exact = FlopCountAnalysis(fused, torch.ones(1, tokens, dim)).set_op_handle(
-        'aten::scaled_dot_product_attention', _sdpa_flop_jit).unsupported_ops_warnings(False).total()
+        'aten::scaled_dot_product_attention', sdpa_flop_jit).unsupported_ops_warnings(False).total()
     assert exact == linear + attention
 
 
 def test_card_usage_code_runs(exported, offline_cache, tmp_path, monkeypatch):
     from PIL import Image
-    place_in_cache(offline_cache, hub.hub_id(SMALL), exported['folder'])
     monkeypatch.chdir(tmp_path)
     Image.new('RGB', (80, 60), (120, 30, 200)).save('image.jpg')
     card = (exported['folder'] / 'README.md').read_text()
     blocks = re.findall(r'```python\n(.*?)```', card, flags=re.S)
     for block in blocks[:3]:  # classification, feature maps, embeddings (the 4th shows placeholder paths)
+        block = block.replace(f"'{SMALL}.in1k', pretrained=True", f"'local-dir:{exported['folder']}', pretrained=True")
         namespace = {}
         exec(compile(block, 'card', 'exec'), namespace)  # noqa: S102 - our own generated card
     assert namespace['embedding'].shape == (1, exported['model'].num_features)
@@ -454,13 +466,12 @@ def test_card_usage_code_runs(exported, offline_cache, tmp_path, monkeypatch):
 
 def test_card_states_weight_status(monkeypatch):
     stats = dict(params_m=1.0, gmacs=0.5, macts=1.5, img_size=(224, 224))
-    unpublished = hub.render_model_card(SMALL, stats)
+    unpublished = cards.render_model_card(SMALL, stats)
     assert 'no trained weights are published' in unpublished and 'intended; no weights yet' in unpublished
     monkeypatch.setattr(hub, 'PUBLISHED_HUB_IDS', frozenset({hub.hub_id(SMALL)}))
-    published = hub.render_model_card(SMALL, stats, hub.WeightsInfo(published=hub.weights_published(SMALL)))
+    published = cards.render_model_card(SMALL, stats, cards.WeightsInfo(published=hub.weights_published(SMALL)))
     assert 'no trained weights' not in published and 'published in' in published
-    from maformer_zoo.models._builder import weight_sources_help
-    assert 'no trained weights' not in weight_sources_help(SMALL)
+    assert 'No trained weights' not in hub.weight_sources_help(SMALL)
 
 
 def test_export_card_describes_checkpoint(exported):
@@ -482,8 +493,8 @@ def test_export_from_our_training_checkpoint(tmp_path):
         'metrics': {'train': {'loss': 2.0}, 'eval': {'top1': 12.5, 'top5': 50.0, 'loss': 2.2}, 'ema': None},
     }
     save_checkpoint(str(tmp_path / 'last.pth'), state)
-    folder = push_to_hub.main(['--model', SMALL, '--checkpoint', str(tmp_path / 'last.pth'),
-                               '--out', str(tmp_path / 'out'), '--dry-run', '--no-measure'])
+    folder = export(SMALL, tmp_path / 'last.pth', tmp_path / 'out')
+    assert json.loads((folder / 'config.json').read_text())['label_names'] == [f'c{i}' for i in range(10)]
     card = (folder / 'README.md').read_text()
     assert 'entry `state_dict`' in card and 'EMA' not in card.split('## Model Details')[0]
     assert "validation of these weights: top1 12.50, top5 50.00" in card and 'epoch 2' in card
@@ -492,28 +503,68 @@ def test_export_from_our_training_checkpoint(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
     with pytest.raises(CheckpointMismatchError, match="trained as 'resnet18_mscsa'"):
-        push_to_hub.main(['--model', 'pvt_v2_b0_mscsa', '--checkpoint', str(tmp_path / 'last.pth'),
-                          '--out', str(tmp_path / 'out2'), '--dry-run', '--no-measure'])
+        export('pvt_v2_b0_mscsa', tmp_path / 'last.pth', tmp_path / 'out2')
 
 
-def test_upload_uses_create_repo_and_upload_folder(exported, tmp_path, monkeypatch):
-    """Without --dry-run: huggingface_hub creates the repo and uploads the folder (recorded, no network)."""
-    import huggingface_hub
-    calls = []
+def test_upload_uses_create_repo_and_upload_folder(exported, tmp_path):
+    """Without --dry-run: huggingface_hub creates the repo and uploads the folder (a recording HfApi
+    installed by sitecustomize in the script's process; no network)."""
+    (tmp_path / 'fake').mkdir()
+    (tmp_path / 'fake' / 'sitecustomize.py').write_text(f"""
+import json, pathlib, huggingface_hub
+LOG = pathlib.Path({str(tmp_path / 'calls.json')!r})
+class RecordingApi:
+    def create_repo(self, repo_id, private=False, exist_ok=False):
+        LOG.write_text(json.dumps([['create_repo', repo_id, private, exist_ok]]))
+        return huggingface_hub.RepoUrl('https://huggingface.co/' + repo_id)
+    def upload_folder(self, repo_id, folder_path, commit_message=None):
+        card = (pathlib.Path(folder_path) / 'README.md').read_text()
+        calls = json.loads(LOG.read_text()) + [['upload_folder', repo_id, sorted(p.name for p in pathlib.Path(folder_path).iterdir()),
+                                               'published in `maformer-zoo/' in card and 'ImageNet-1k top-1 (%):** 80.5' in card]]
+        LOG.write_text(json.dumps(calls))
+huggingface_hub.HfApi = RecordingApi
+""")
+    out = subprocess.run(
+        [sys.executable, str(SCRIPTS / 'push_to_hub.py'), '--model', SMALL, '--checkpoint',
+         str(exported['tmp'] / 'checkpoint.pth.tar'), '--out', str(tmp_path / 'out'), '--no-measure', '--top1', '80.5'],
+        capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, PYTHONPATH=f"{tmp_path / 'fake'}{os.pathsep}{ROOT}", OMP_NUM_THREADS='1'))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((tmp_path / 'calls.json').read_text()) == [
+        ['create_repo', hub.hub_id(SMALL), False, True],
+        ['upload_folder', hub.hub_id(SMALL), ['README.md', 'config.json', 'model.safetensors'], True]]
 
-    class RecordingApi:
-        def create_repo(self, repo_id, private=False, exist_ok=False):
-            calls.append(('create_repo', repo_id, private, exist_ok))
-            return huggingface_hub.RepoUrl(f'https://huggingface.co/{repo_id}')
 
-        def upload_folder(self, repo_id, folder_path, commit_message=None):
-            calls.append(('upload_folder', repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
-            card = (Path(folder_path) / 'README.md').read_text()
-            assert 'published in `maformer-zoo/' in card and 'ImageNet-1k top-1 (%):** 80.5' in card
+def test_model_args_unknown_key(exported, tmp_path):
+    out = push_to_hub('--model', SMALL, '--checkpoint', exported['tmp'] / 'checkpoint.pth.tar', '--out', tmp_path,
+                      '--dry-run', '--no-measure', '--model-args', '{"drop_pat_rate": 0.1}', check=False)
+    assert out.returncode != 0 and "'drop_pat_rate'" in out.stderr and 'drop_path_rate' in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
 
-    monkeypatch.setattr(huggingface_hub, 'HfApi', RecordingApi)
-    push_to_hub.main(['--model', SMALL, '--checkpoint', str(exported['tmp'] / 'checkpoint.pth.tar'),
-                      '--out', str(tmp_path / 'out'), '--no-measure', '--top1', '80.5'])
-    assert calls == [
-        ('create_repo', hub.hub_id(SMALL), False, True),
-        ('upload_folder', hub.hub_id(SMALL), ['README.md', 'config.json', 'model.safetensors'])]
+
+def test_head_kept_when_class_counts_match(tmp_path):
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    model = timm.create_model(SMALL, num_classes=10)
+    save_file(model.state_dict(), str(tmp_path / 'ten.safetensors'))
+    for kwargs in (dict(num_classes=10), dict()):
+        loaded = timm.create_model(SMALL, pretrained=True, pretrained_cfg_overlay=dict(
+            file=str(tmp_path / 'ten.safetensors')), **kwargs)
+        assert loaded.num_classes == 10 and torch.equal(loaded.head.fc.weight, model.head.fc.weight)
+    other = timm.create_model(SMALL, pretrained=True, num_classes=3,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / 'ten.safetensors')))
+    assert other.num_classes == 3 and torch.equal(other.base.conv1.weight, model.base.conv1.weight)
+
+
+@pytest.mark.parametrize('name', ['maformer_s', SMALL])
+def test_clear_input_errors(name):
+    """Bad batches get one line saying what to do (names the expected type first)."""
+    model = timm.create_model(name).eval()
+    cases = [(torch.zeros(0, 3, 64, 64), ValueError, 'empty batch'),
+             (torch.zeros(1, 64, 64, 3), ValueError, r'permute\(0, 3, 1, 2\)'),
+             (torch.zeros(1, 3, 64, 64, dtype=torch.float64), TypeError, 'expects input of torch.float32 .* got torch.float64'),
+             (torch.zeros(1, 3, 64, 64, dtype=torch.uint8), TypeError, 'floating-point')]
+    for x, error, message in cases:
+        with pytest.raises(error, match=message) as info:
+            model(x)
+        assert 'in_chans=64' not in str(info.value) and '\n' not in str(info.value)

@@ -5,7 +5,7 @@ so every run here takes seconds. Exactness checks (resume, gradient accumulation
 bit; the 2-process run is compared within a tolerance explained in its test.
 """
 import csv
-import importlib.util
+import hashlib
 import json
 import os
 import shutil
@@ -28,11 +28,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = os.path.join(REPO, 'configs', 'imagenet')
 
 
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(f'_script_{name}', os.path.join(REPO, 'scripts', f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _script(name, *args, check=True):
+    """scripts/<name>.py in a subprocess, as a user runs it."""
+    proc = subprocess.run([sys.executable, os.path.join(REPO, 'scripts', f'{name}.py'), *map(str, args)],
+                          capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS='1'))
+    assert not check or proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 def _write_folder(root, classes=3, train=6, val=3, size=32, seed=0):
@@ -115,12 +117,10 @@ def test_recipes_follow_the_papers(name):
 # training, validation, resume
 
 
-def test_train_two_epochs_then_validate_script_agrees(image_folder, tmp_path, capsys):
-    train_script, validate_script = _load_script('train_imagenet'), _load_script('validate')
-    assert train_script.main(['--model', 'test_vit', '--data-dir', image_folder, '--img-size', '32',
-                              '--batch-size', '4', '--epochs', '2', '--warmup-epochs', '0', '--num-workers', '0',
-                              '--output', str(tmp_path), '--experiment', 'run', '--no-progress',
-                              '--device', 'cpu', '--lr', '3e-3']) == 0
+def test_train_two_epochs_then_validate_script_agrees(image_folder, tmp_path):
+    _script('train_imagenet', '--model', 'test_vit', '--data-dir', image_folder, '--img-size', '32',
+            '--batch-size', '4', '--epochs', '2', '--warmup-epochs', '0', '--num-workers', '0',
+            '--output', tmp_path, '--experiment', 'run', '--no-progress', '--device', 'cpu', '--lr', '3e-3')
     run = tmp_path / 'run'
     with open(run / 'summary.csv') as f:
         rows = list(csv.DictReader(f))
@@ -130,20 +130,17 @@ def test_train_two_epochs_then_validate_script_agrees(image_folder, tmp_path, ca
     assert float(rows[1]['train_loss']) < float(steps[0]['loss'])  # it learns
     for name in ('last.pth', 'checkpoint-2.pth', 'model_best.pth', 'model_best.safetensors', 'summary.json'):
         assert (run / name).is_file(), name
-    capsys.readouterr()
     # validate.py on the last checkpoint = the training run's own evaluation of epoch 2
-    assert validate_script.main(['--model', 'test_vit', '--checkpoint', str(run / 'last.pth'), '--data-dir',
+    results = json.loads(_script('validate', '--model', 'test_vit', '--checkpoint', run / 'last.pth', '--data-dir',
                                  image_folder, '--split', 'validation', '--num-workers', '0', '--no-progress',
-                                 '--device', 'cpu']) == 0
-    results = json.loads(capsys.readouterr().out)
+                                 '--device', 'cpu').stdout)
     assert results['count'] == 9 and results['input_size'] == [3, 32, 32]
     assert results['top1'] == pytest.approx(float(rows[1]['eval_top1']), abs=1e-3)
     assert results['loss'] == pytest.approx(float(rows[1]['eval_loss']), abs=1e-4)
     # timm's data-config resolution: explicit options beat the checkpoint's stored preprocessing
-    assert validate_script.main(['--model', 'test_vit', '--checkpoint', str(run / 'last.pth'), '--data-dir',
+    results = json.loads(_script('validate', '--model', 'test_vit', '--checkpoint', run / 'last.pth', '--data-dir',
                                  image_folder, '--img-size', '48', '--crop-pct', '0.5', '--interpolation',
-                                 'bilinear', '--num-workers', '0', '--no-progress', '--device', 'cpu']) == 0
-    results = json.loads(capsys.readouterr().out)
+                                 'bilinear', '--num-workers', '0', '--no-progress', '--device', 'cpu').stdout)
     assert (results['input_size'], results['crop_pct'], results['interpolation']) == ([3, 48, 48], 0.5, 'bilinear')
 
 
@@ -199,7 +196,7 @@ def test_two_process_torchrun_matches_one_process(image_folder, tmp_path):
                            '--batch-size', '2', '--experiment', 'ddp'],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _load_script('train_imagenet').main([*common, '--batch-size', '4', '--experiment', 'single']) == 0
+    _script('train_imagenet', *common, '--batch-size', '4', '--experiment', 'single')
     ddp = torch.load(tmp_path / 'ddp' / 'last.pth', map_location='cpu', weights_only=True)
     single = _weights(tmp_path / 'single' / 'last.pth')
     assert ddp['num_updates'] == 8 and len(ddp['rng']) == 2  # both processes' RNG states are saved
@@ -239,11 +236,10 @@ def test_resnet18_mscsa_trains_at_64px(image_folder, tmp_path):
 # clear errors
 
 
-def test_missing_data_folder_is_a_clear_error(tmp_path, capsys):
-    code = _load_script('train_imagenet').main(['--model', 'test_vit', '--data-dir', str(tmp_path / 'nope'),
-                                                '--output', str(tmp_path), '--device', 'cpu'])
-    err = capsys.readouterr().err
-    assert code == 2 and 'does not exist' in err and '/train/<class name>/' in err
+def test_missing_data_folder_is_a_clear_error(tmp_path):
+    proc = _script('train_imagenet', '--model', 'test_vit', '--data-dir', tmp_path / 'nope', '--output', tmp_path,
+                   '--device', 'cpu', check=False)
+    assert proc.returncode == 2 and 'does not exist' in proc.stderr and '/train/<class name>/' in proc.stderr
 
 
 def test_missing_split_folder_is_a_clear_error(tmp_path):
@@ -261,14 +257,85 @@ def test_empty_class_folder_is_a_clear_error(image_folder, tmp_path):
     assert 'without images' in str(info.value)
 
 
-def test_unknown_model_suggests_close_names(image_folder, tmp_path, capsys):
+def test_unknown_model_suggests_close_names(image_folder, tmp_path):
     with pytest.raises(UnknownModelError, match='resnet18_mscsa'):
         train(_tiny(image_folder, tmp_path, 'x', model='resnet18_mscs'))
-    assert _load_script('validate').main(['--model', 'maformer_z', '--data-dir', image_folder]) == 2
-    assert "Did you mean: maformer_" in capsys.readouterr().err
+    proc = _script('validate', '--model', 'maformer_z', '--data-dir', image_folder, check=False)
+    assert proc.returncode == 2 and "Did you mean: maformer_" in proc.stderr
 
 
 def test_resume_refuses_a_weights_only_file(image_folder, tmp_path):
     train(_tiny(image_folder, tmp_path, 'w', epochs=1))
     with pytest.raises(ValueError, match='not a training checkpoint'):
         train(_tiny(image_folder, tmp_path, 'w2', resume=str(tmp_path / 'w' / 'model_best.pth')))
+
+
+# ---------------------------------------------------------------------------------------------
+# no run is lost
+
+
+def _tree_digest(folder):
+    return {os.path.relpath(os.path.join(d, n), folder): hashlib.sha256(open(os.path.join(d, n), 'rb').read()).hexdigest()
+            for d, _, names in os.walk(folder) for n in names}
+
+
+def test_rerun_without_resume_refuses_and_leaves_the_run_untouched(image_folder, tmp_path):
+    train(_tiny(image_folder, tmp_path, 'run', epochs=1))
+    before = _tree_digest(tmp_path / 'run')
+    args = ['--model', 'test_vit', '--data-dir', image_folder, '--img-size', '32', '--batch-size', '4', '--epochs',
+            '1', '--num-workers', '0', '--output', tmp_path, '--experiment', 'run', '--no-progress', '--device', 'cpu']
+    proc = _script('train_imagenet', *args, check=False)
+    assert proc.returncode == 2 and 'already holds a run' in proc.stderr and '--resume auto' in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert _tree_digest(tmp_path / 'run') == before
+
+
+def test_resume_auto_continues_the_plain_command_without_experiment(image_folder, tmp_path):
+    first = train(_tiny(image_folder, tmp_path, '', stop_epoch=1))
+    again = train(_tiny(image_folder, tmp_path, '', resume='auto'))
+    assert again['run_dir'] == first['run_dir'] and again['epochs_done'] == 2
+    with open(os.path.join(again['run_dir'], 'summary.csv')) as f:
+        assert [r['epoch'] for r in csv.DictReader(f)] == ['1', '2']
+    assert [int(r['step']) for r in _steps(again['run_dir'])] == list(range(1, 9))  # no duplicate rows
+
+
+def test_kill_mid_save_leaves_best_and_summary_consistent(image_folder, tmp_path):
+    """Kills are simulated by putting the files back in the state a kill between two writes leaves."""
+    from maformer_zoo.training.run_folder import best_weights_epoch
+    run = tmp_path / 'run'
+    train(_tiny(image_folder, tmp_path, 'run', epochs=2, stop_epoch=1, eval_metric='loss'))
+    saved = {n: (run / n).read_bytes() for n in ('last.pth', 'model_best.pth', 'model_best.safetensors')}
+    train(_tiny(image_folder, tmp_path, 'run', epochs=2, resume='auto', eval_metric='loss', checkpoint_hist=2))
+    reference = json.loads((run / 'summary.json').read_text())
+    # 1) killed after model_best of epoch 2, before last.pth: last.pth is still epoch 1's
+    (run / 'last.pth').write_bytes(saved['last.pth'])
+    summary = train(_tiny(image_folder, tmp_path, 'run', epochs=2, resume='auto', eval_metric='loss',
+                          checkpoint_hist=2))
+    # 2) model_best lagging the record (what the old write order left): recovered on resume
+    (run / 'model_best.pth').write_bytes(saved['model_best.pth'])
+    (run / 'model_best.safetensors').write_bytes(saved['model_best.safetensors'])
+    summary = train(_tiny(image_folder, tmp_path, 'run', epochs=2, resume='auto', eval_metric='loss',
+                          checkpoint_hist=2))
+    recorded = json.loads((run / 'summary.json').read_text())
+    assert recorded['best_epoch'] == summary['best_epoch'] == reference['best_epoch']
+    assert set(best_weights_epoch(str(run)).values()) == {recorded['best_epoch']}
+    assert [r['epoch'] for r in csv.DictReader(open(run / 'summary.csv'))] == ['1', '2']
+
+
+def test_help_prints(tmp_path):
+    proc = _script('train_imagenet', '--help')
+    assert '30% slower' in proc.stdout and '{' not in proc.stdout.split('--grad-checkpointing')[1].split('--')[0]
+
+
+def test_validate_refuses_labels_it_cannot_map(image_folder, tmp_path):
+    from safetensors.torch import load_file, save_file
+    train(_tiny(image_folder, tmp_path, 'run', epochs=1))
+    best = tmp_path / 'run' / 'model_best.safetensors'
+    save_file(load_file(str(best)), str(tmp_path / 'bare.safetensors'))  # the weights without the class map
+    common = ['--model', 'test_vit', '--data-dir', image_folder, '--num-workers', '0', '--no-progress', '--device', 'cpu']
+    proc = _script('validate', '--checkpoint', tmp_path / 'bare.safetensors', *common, check=False)
+    assert proc.returncode == 2 and '--class-map' in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert json.loads(_script('validate', '--checkpoint', best, *common).stdout)['count'] == 9  # recorded map
+    (tmp_path / 'empty.pth').touch()
+    proc = _script('validate', '--checkpoint', tmp_path / 'empty.pth', *common, check=False)
+    assert proc.returncode == 2 and 'empty' in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

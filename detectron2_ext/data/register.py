@@ -1,18 +1,11 @@
-"""Register COCO-format datasets (the user's own, or our synthetic scenes) with detectron2.
+"""Register COCO-format datasets (the user's own, or the generated scenes) with detectron2.
 
-* :func:`register_coco_instances_dataset`: a COCO instances json + image directory (what
-  ``train_net.py --coco-dataset NAME JSON IMAGE_DIR`` calls).
-* :func:`register_coco_panoptic_dataset`: COCO panoptic PNGs + json, plus the instances json, in
-  detectron2's "separated" form that Panoptic FPN trains on (what ``--coco-panoptic-dataset``
-  calls). The stuff-only semantic PNGs it needs are made from the panoptic PNGs when missing.
-* :func:`register_synthetic_dataset`: both of the above for the output of
-  :func:`~detectron2_ext.data.synthetic.write_synthetic_coco`.
-
-Unlike ``detectron2.data.datasets.register_coco_instances``, these check paths when called, so a
-typo fails at once with the path in the message rather than at the first data-loader iteration,
-and they fill the class names from the json immediately (model builders and visualisers need them
-before any data is loaded). Registering the same name twice with the same arguments is a no-op;
-with different arguments it is an error.
+:func:`register_coco_instances_dataset` and :func:`register_coco_panoptic_dataset` are what
+``train_net.py --coco-dataset`` / ``--coco-panoptic-dataset`` call; unlike detectron2's
+``register_coco_instances`` they check paths at once and fill class names eagerly, so a typo fails
+with the path in the message. :func:`register_synthetic_dataset` registers both forms of
+:func:`~detectron2_ext.data.synthetic.write_synthetic_coco`'s output. Details: docs/detectron2.md,
+"The generated dataset".
 """
 import json
 import logging
@@ -46,7 +39,10 @@ def _check_exists(path: str, what: str, option: str, is_dir: bool) -> str:
 
 def _load_json(path: str) -> Dict:
     with open(path) as f:
-        data = json.load(f)
+        try:
+            data = json.load(f)
+        except ValueError as err:
+            raise ValueError(f"'{path}' is not valid JSON (line {getattr(err, 'lineno', '?')}): fix or re-export it.") from None
     if not isinstance(data, dict) or 'categories' not in data or 'images' not in data:
         raise ValueError(f"'{path}' is not a COCO json: it needs 'images' and 'categories' keys.")
     return data
@@ -97,6 +93,7 @@ def register_coco_instances_dataset(name: str, json_file: str, image_dir: str) -
     data = _load_json(json_file)
     metadata = dict(
         json_file=json_file, image_root=image_dir, evaluator_type='coco',
+        num_annotations=len(data.get('annotations') or []),
         registration=dict(kind='coco_instances', json_file=json_file, image_dir=image_dir),
         **_thing_metadata(data['categories']),
     )

@@ -1,29 +1,11 @@
 """A small COCO-format dataset of procedural scenes, written deterministically from a seed.
 
 Tests and ``make demo`` need detection, instance and panoptic ground truth without downloading
-anything, so :func:`write_synthetic_coco` paints scenes of *stuff* regions (sky above a wavy
-horizon, ground below it, sometimes a lake of water on the ground) with *things* on top (circles,
-squares and triangles of random colour, size, rotation and position, partly occluding each other
-and partly cut by the image border).
-
-Everything is derived from one painted label map per image, so the annotation formats agree pixel
-for pixel:
-
-* ``instances.json`` (COCO instances, thing categories only) stores each object's *visible* mask as
-  compressed RLE. RLE rather than polygons because occluded objects have holes and several
-  connected parts, which COCO polygons cannot express exactly. detectron2 reads RLE with
-  ``INPUT.MASK_FORMAT: bitmask``.
-* ``panoptic/*.png`` + ``panoptic.json`` (COCO panoptic, things and stuff): segment id
-  ``R + 256 G + 256^2 B``; the segment of an object has the same id as its instance annotation,
-  so the two files can be cross-checked.
-* ``panoptic_semseg/*.png``: the "separated" semantic labels detectron2's Panoptic FPN trains on
-  (things -> 0, stuff -> 1..S, 255 unlabelled), as detectron2's ``prepare_panoptic_fpn.py`` makes
-  them for COCO.
-
-Objects whose visible area falls below ``min_area`` pixels are removed from the scene entirely
-(not painted), so no unlabelled object fragments remain in the image.
-
-This module does not import detectron2.
+anything: :func:`write_synthetic_coco` paints stuff (sky, ground, water) with things on top
+(circles, squares, triangles) and writes, from one label map per image so that they agree pixel
+for pixel, COCO instances (visible masks as RLE, since occluded objects have holes), COCO
+panoptic PNGs + json, and Panoptic FPN's separated semantic PNGs. Details: docs/detectron2.md,
+"The generated dataset". This module does not import detectron2.
 """
 import json
 import os

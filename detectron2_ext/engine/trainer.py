@@ -1,20 +1,17 @@
 """detectron2's ``DefaultTrainer`` with the optimizer and evaluators our configs need.
 
-* :func:`build_optimizer`: ``SOLVER.OPTIMIZER`` 'AdamW' (the papers' detectors) or 'SGD'.
-  Weight decay is 0 for normalisation layers (``SOLVER.WEIGHT_DECAY_NORM``), biases
-  (``SOLVER.WEIGHT_DECAY_BIAS``), parameters named in ``SOLVER.NO_WEIGHT_DECAY_KEYWORDS``
-  (position embeddings and relative-position tables) and parameters a timm model lists in its
-  ``no_weight_decay()``. Gradient clipping is detectron2's ``SOLVER.CLIP_GRADIENTS`` (its
-  per-parameter 'value' / 'norm', plus ``CLIP_TYPE: full_model``: one norm over all parameters,
-  as MMDetection's ``grad_clip`` in the papers' code bases); AMP is
-  detectron2's ``SOLVER.AMP.ENABLED`` (``AMPTrainer``, CUDA only).
-* :func:`build_evaluator`: chosen from the dataset's ``evaluator_type`` metadata: 'coco' ->
-  ``COCOEvaluator`` (boxes, and masks when the model predicts them); 'coco_panoptic_seg' ->
-  ``SemSegEvaluator`` + ``COCOEvaluator`` + ``COCOPanopticEvaluator`` (PQ via panopticapi), as
-  detectron2's own ``train_net.py`` does for Panoptic FPN; 'sem_seg' -> ``SemSegEvaluator``.
+* :func:`build_optimizer`: AdamW (the papers' detectors) or SGD, no weight decay on norms, biases
+  and position tables, and ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE 'full_model'`` (one norm over all
+  parameters, as the papers' MMDetection code bases).
+* :func:`build_lr_scheduler`: detectron2's, plus ``SOLVER.LR_SCHEDULER_NAME: WarmupPolyLR``
+  (``SOLVER.POLY_LR_POWER``; the semantic segmentation recipes, docs/segmentation.md).
+* :func:`build_evaluator`: from the dataset's ``evaluator_type``, as detectron2's ``train_net.py``.
+
+The rules and the reasons: docs/detectron2.md, "Training extras".
 """
 import logging
 import os
+import weakref
 from collections import OrderedDict
 from typing import Dict, List, Optional
 
@@ -22,15 +19,23 @@ import torch
 from torch import nn
 
 from detectron2.data import MetadataCatalog
-from detectron2.engine import DefaultTrainer
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 from detectron2.evaluation import (
     COCOEvaluator, COCOPanopticEvaluator, DatasetEvaluators, SemSegEvaluator,
 )
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.layers.batch_norm import LayerNorm as Detectron2LayerNorm
+from detectron2.solver import LRMultiplier, WarmupParamScheduler
+from detectron2.solver import build_lr_scheduler as detectron2_build_lr_scheduler
 from detectron2.solver.build import maybe_add_gradient_clipping
+from fvcore.common.param_scheduler import PolynomialDecayParamScheduler
 
-__all__ = ['Trainer', 'build_optimizer', 'optimizer_param_groups', 'build_evaluator']
+from ..checkpoint import SafeDetectionCheckpointer
+
+__all__ = ['Trainer', 'build_optimizer', 'optimizer_param_groups', 'build_evaluator',
+           'build_lr_scheduler']
 logger = logging.getLogger(__name__)
 
 _NORM_TYPES = (
@@ -138,6 +143,19 @@ def _add_full_model_gradient_clipping(optimizer: torch.optim.Optimizer, max_norm
     return optimizer
 
 
+def build_lr_scheduler(cfg, optimizer: torch.optim.Optimizer):
+    """detectron2's scheduler, or ``WarmupPolyLR``: ``(1 - t / MAX_ITER) ** POLY_LR_POWER`` after
+    the warm-up (none when ``SOLVER.WARMUP_ITERS`` is 0)."""
+    if cfg.SOLVER.LR_SCHEDULER_NAME != 'WarmupPolyLR':
+        return detectron2_build_lr_scheduler(cfg, optimizer)
+    schedule = PolynomialDecayParamScheduler(1.0, cfg.SOLVER.POLY_LR_POWER)
+    if cfg.SOLVER.WARMUP_ITERS > 0:
+        schedule = WarmupParamScheduler(
+            schedule, cfg.SOLVER.WARMUP_FACTOR, min(cfg.SOLVER.WARMUP_ITERS / cfg.SOLVER.MAX_ITER, 1.0),
+            cfg.SOLVER.WARMUP_METHOD, cfg.SOLVER.RESCALE_INTERVAL)
+    return LRMultiplier(optimizer, multiplier=schedule, max_iter=cfg.SOLVER.MAX_ITER)
+
+
 def build_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None) -> DatasetEvaluators:
     """Evaluators for ``dataset_name``, chosen from its ``evaluator_type`` metadata."""
     output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, 'inference', dataset_name)
@@ -158,11 +176,36 @@ def build_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None)
 
 
 class Trainer(DefaultTrainer):
-    """``DefaultTrainer`` with :func:`build_optimizer` and :func:`build_evaluator`."""
+    """``DefaultTrainer`` with :func:`build_optimizer`, :func:`build_evaluator` and safe checkpoint reading."""
+
+    def __init__(self, cfg):
+        # DefaultTrainer.__init__'s steps, with two changes: DDP gets no device_ids on the CPU
+        # (detectron2's create_ddp_model always passes the local rank, which DDP rejects for CPU
+        # modules, so `--num-gpus 2` could not run without GPUs), and the checkpointer reads safely.
+        TrainerBase.__init__(self)
+        if not logging.getLogger('detectron2').isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        on_cpu = next(model.parameters()).device.type == 'cpu'
+        model = create_ddp_model(model, broadcast_buffers=False, **({'device_ids': None} if on_cpu else {}))
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = SafeDetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
 
     @classmethod
     def build_optimizer(cls, cfg, model):
         return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        return build_lr_scheduler(cfg, optimizer)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

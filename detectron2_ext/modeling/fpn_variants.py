@@ -41,11 +41,21 @@ FINE/ASFF-FPN (the new modules, ``fpn_fine{s}`` and ``fpn_asff``, are then repor
 The output contract (``p2..p6`` or ``p3..p7``, ``output_shape``, ``size_divisibility``,
 ``padding_constraints``) is the parent's.
 
-Builders registered in ``BACKBONE_REGISTRY`` for detectron2's ResNet:
-``build_resnet_{fine,asff,fusion}_fpn_backbone`` (``LastLevelMaxPool``, R-CNNs and Panoptic FPN)
-and ``build_retinanet_resnet_{fine,asff,fusion}_fpn_backbone`` (``LastLevelP6P7`` from ``res5``).
-The ``fusion`` builders read ``MODEL.FPN.FUSION``. Any other bottom-up :class:`Backbone` (e.g. the
-timm adapters) goes through :func:`build_fusion_fpn`.
+:class:`FusionSimpleFeaturePyramid` is detectron2's ViTDet ``SimpleFeaturePyramid`` with the same
+``fusion`` argument for single-scale backbones: ``'sum'`` (ViTDet's pyramid unchanged) or
+``'asff'`` (ASFF on its P2-P5). FINE does not apply there: it aligns a lateral map to the
+upsampled coarser map before a top-down sum, and a simple pyramid has no top-down pathway (all
+levels come from one map); ``'fine'`` is refused with that reason (docs/necks.md).
+
+Both carry the bottom-up network's ``size_divisibility`` and ``padding_constraints`` (window
+multiples, the square size of fixed-size models) into their own, so detectron2 pads each batch to
+what the backbone needs.
+
+Builders registered in ``BACKBONE_REGISTRY`` for detectron2's ResNet, one per top block, with the
+neck from ``MODEL.FPN.FUSION``: ``build_resnet_fusion_fpn_backbone`` (``LastLevelMaxPool``,
+R-CNNs and Panoptic FPN) and ``build_retinanet_resnet_fusion_fpn_backbone`` (``LastLevelP6P7``
+from ``res5``). Any other bottom-up :class:`Backbone` (e.g. the timm adapter) goes through
+:func:`build_fusion_fpn` / :func:`build_fusion_simple_fpn`. Design notes: docs/necks.md.
 """
 import math
 from typing import Dict, List, Optional
@@ -58,21 +68,40 @@ from detectron2.layers import ShapeSpec, get_norm
 from detectron2.modeling.backbone import BACKBONE_REGISTRY, Backbone, FPN
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool, LastLevelP6P7
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
+from detectron2.modeling.backbone.vit import SimpleFeaturePyramid
 
 from maformer_zoo.layers.asff import ASFF
 from maformer_zoo.layers.fine import FINE
 
 __all__ = [
-    'FINE', 'ASFF', 'FusionFPN', 'FUSIONS', 'build_fusion_fpn',
-    'build_resnet_fine_fpn_backbone', 'build_resnet_asff_fpn_backbone',
-    'build_resnet_fusion_fpn_backbone', 'build_retinanet_resnet_fine_fpn_backbone',
-    'build_retinanet_resnet_asff_fpn_backbone', 'build_retinanet_resnet_fusion_fpn_backbone',
+    'FINE', 'ASFF', 'FusionFPN', 'FusionSimpleFeaturePyramid', 'FUSIONS', 'build_fusion_fpn',
+    'build_fusion_simple_fpn', 'retinanet_top_block', 'build_resnet_fusion_fpn_backbone',
+    'build_retinanet_resnet_fusion_fpn_backbone',
 ]
 
 FUSIONS = ('sum', 'fine', 'asff')
 
 
-class FusionFPN(FPN):
+class _BottomUpPadding:
+    """``size_divisibility`` and ``padding_constraints`` that meet both the pyramid's own need
+    (its coarsest stride, detectron2's) and the bottom-up network's (window multiples, square
+    size), which detectron2's FPN and SimpleFeaturePyramid drop."""
+
+    def _bottom_up_network(self) -> Backbone:
+        return self.bottom_up
+
+    @property
+    def size_divisibility(self) -> int:
+        return math.lcm(self._size_divisibility, self._bottom_up_network().size_divisibility or 1)
+
+    @property
+    def padding_constraints(self) -> Dict[str, int]:
+        below = self._bottom_up_network().padding_constraints or {}
+        return {'size_divisibility': self.size_divisibility,
+                'square_size': max(self._square_pad, below.get('square_size', 0))}
+
+
+class FusionFPN(_BottomUpPadding, FPN):
     """detectron2's FPN with FINE before each top-down fusion (and optionally on the top-block
     levels) or ASFF on its outputs."""
 
@@ -204,25 +233,84 @@ class FusionFPN(FPN):
         return dict(zip(self._out_features, results))
 
 
-def build_fusion_fpn(bottom_up: Backbone, cfg, fusion: str, top_block: Optional[nn.Module] = None
-                     ) -> FusionFPN:
-    """A :class:`FusionFPN` on ``bottom_up`` from ``MODEL.FPN.*``, ``MODEL.FINE.*``, ``MODEL.ASFF.*``.
+class FusionSimpleFeaturePyramid(_BottomUpPadding, SimpleFeaturePyramid):
+    """detectron2's ViTDet pyramid (P2-P5 from one stride-16 map, then the top block), with ASFF
+    on P2-P5 for ``fusion='asff'`` (see the module docstring)."""
 
-    Args:
-        bottom_up: any detectron2 :class:`Backbone` producing ``MODEL.FPN.IN_FEATURES``.
-        cfg: a detectron2 config with :func:`detectron2_ext.add_maformer_zoo_config` applied.
-        fusion: ``'sum'``, ``'fine'`` or ``'asff'``.
-        top_block: extra levels; ``None`` means ``LastLevelMaxPool`` (P6), as in R-CNN configs.
-    """
+    def __init__(
+        self,
+        net: Backbone,
+        in_feature: str,
+        out_channels: int,
+        scale_factors: List[float] = (4.0, 2.0, 1.0, 0.5),
+        top_block: Optional[nn.Module] = None,
+        norm: str = 'LN',
+        square_pad: int = 0,
+        fusion: str = 'sum',
+        asff_norm: str = '',
+        asff_upsample_mode: str = 'nearest',
+    ):
+        """
+        Args:
+            net, in_feature, out_channels, scale_factors, top_block, norm, square_pad: as in
+                detectron2's :class:`SimpleFeaturePyramid`.
+            fusion: ``'sum'`` (ViTDet's pyramid) or ``'asff'``; ``'fine'`` has no top-down
+                fusion to act on here and is refused.
+            asff_norm, asff_upsample_mode: as in :class:`FusionFPN`.
+        """
+        if fusion not in ('sum', 'asff'):
+            raise ValueError(
+                f"MODEL.FPN.FUSION={fusion!r}: the simple feature pyramid of single-scale "
+                f"backbones takes 'sum' or 'asff'. FINE aligns a lateral map to the coarser map "
+                f"of a top-down pathway, which this pyramid does not have (docs/necks.md).")
+        super().__init__(net, in_feature, out_channels, list(scale_factors), top_block=top_block,
+                         norm=norm, square_pad=square_pad)
+        self.fusion = fusion
+        self.fpn_asff: Optional[ASFF] = None
+        if fusion == 'asff':
+            norm_layer = (lambda c: get_norm(asff_norm, c)) if asff_norm else None
+            self.fpn_asff = ASFF([out_channels] * len(self.stages),
+                                 upsample_mode=asff_upsample_mode, norm_layer=norm_layer)
+
+    def _bottom_up_network(self) -> Backbone:
+        return self.net
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Same contract as :meth:`SimpleFeaturePyramid.forward`: ``{'p2': ..., ..., 'p6': ...}``."""
+        features = self.net(x)[self.in_feature]
+        results = [stage(features) for stage in self.stages]
+        if self.fpn_asff is not None:
+            results = self.fpn_asff(results)
+        if self.top_block is not None:
+            results.extend(self.top_block(results[self._out_features.index(self.top_block.in_feature)]))
+        assert len(self._out_features) == len(results)
+        return dict(zip(self._out_features, results))
+
+
+def _check_neck_keys(cfg) -> None:
     if 'FINE' not in cfg.MODEL or 'ASFF' not in cfg.MODEL or 'FUSION' not in cfg.MODEL.FPN:
         raise KeyError(
             'The config lacks the MODEL.FINE / MODEL.ASFF / MODEL.FPN.FUSION keys: call '
             'detectron2_ext.add_maformer_zoo_config(cfg) on get_cfg() before merge_from_file.')
+
+
+def build_fusion_fpn(bottom_up: Backbone, cfg, top_block: Optional[nn.Module] = None) -> FusionFPN:
+    """A :class:`FusionFPN` on ``bottom_up`` from ``MODEL.FPN.*`` (the neck: ``MODEL.FPN.FUSION``),
+    ``MODEL.FINE.*`` and ``MODEL.ASFF.*``.
+
+    Args:
+        bottom_up: any detectron2 :class:`Backbone` producing ``MODEL.FPN.IN_FEATURES``.
+        cfg: a detectron2 config with :func:`detectron2_ext.add_maformer_zoo_config` applied.
+        top_block: extra levels; ``None`` means ``LastLevelMaxPool`` (P6), as in R-CNN configs.
+    """
+    _check_neck_keys(cfg)
     missing = [f for f in cfg.MODEL.FPN.IN_FEATURES if f not in bottom_up.output_shape()]
     if missing:
         raise ValueError(
             f'MODEL.FPN.IN_FEATURES={list(cfg.MODEL.FPN.IN_FEATURES)} asks for {missing}, which '
-            f'the bottom-up backbone does not output (it has {list(bottom_up.output_shape())}).')
+            f'the bottom-up backbone does not output (it has {list(bottom_up.output_shape())}).'
+            + (' A single-scale backbone takes MODEL.BACKBONE.NAME build_timm_simple_fpn_backbone.'
+               if len(bottom_up.output_shape()) == 1 else ''))
     fine, asff = cfg.MODEL.FINE, cfg.MODEL.ASFF
     return FusionFPN(
         bottom_up=bottom_up,
@@ -231,7 +319,7 @@ def build_fusion_fpn(bottom_up: Backbone, cfg, fusion: str, top_block: Optional[
         norm=cfg.MODEL.FPN.NORM,
         top_block=LastLevelMaxPool() if top_block is None else top_block,
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-        fusion=fusion,
+        fusion=cfg.MODEL.FPN.FUSION,
         fine_pool_kernels=list(fine.POOL_KERNELS),
         fine_ratio=fine.RATIO,
         fine_head_dim=fine.HEAD_DIM,
@@ -244,58 +332,41 @@ def build_fusion_fpn(bottom_up: Backbone, cfg, fusion: str, top_block: Optional[
     )
 
 
-def _forced_fusion(cfg, fusion: str) -> str:
-    """The fusion of a ``*_fine_*`` / ``*_asff_*`` builder; a conflicting MODEL.FPN.FUSION is an error."""
-    configured = cfg.MODEL.FPN.get('FUSION', 'sum')
-    if configured not in ('sum', fusion):
+def build_fusion_simple_fpn(net: Backbone, cfg) -> FusionSimpleFeaturePyramid:
+    """A :class:`FusionSimpleFeaturePyramid` (P2-P6) on the stride-16 output of ``net`` (its last
+    one at that stride), from ``MODEL.FPN.OUT_CHANNELS`` / ``NORM`` / ``FUSION`` and
+    ``MODEL.ASFF.*``. ``MODEL.FPN.NORM`` ``''`` (detectron2's default) means ViTDet's ``'LN'``:
+    detectron2's pyramid puts the norm between its two stride-4 deconvolutions and has no
+    norm-free variant there."""
+    _check_neck_keys(cfg)
+    shapes = net.output_shape()
+    at_16 = [name for name, shape in shapes.items() if shape.stride == 16]
+    if not at_16:
         raise ValueError(
-            f"MODEL.FPN.FUSION={configured!r} conflicts with MODEL.BACKBONE.NAME="
-            f"{cfg.MODEL.BACKBONE.NAME!r}, which builds a '{fusion}' FPN. Use "
-            f"build_resnet_fusion_fpn_backbone to take the fusion from MODEL.FPN.FUSION.")
-    return fusion
+            f'The simple feature pyramid builds P2-P5 from a stride-16 map, and the backbone has '
+            f'none ({ {k: v.stride for k, v in shapes.items()} }); use build_timm_fpn_backbone '
+            f'for multi-scale backbones.')
+    return FusionSimpleFeaturePyramid(
+        net, at_16[-1], cfg.MODEL.FPN.OUT_CHANNELS, scale_factors=(4.0, 2.0, 1.0, 0.5),
+        top_block=LastLevelMaxPool(), norm=cfg.MODEL.FPN.NORM or 'LN', fusion=cfg.MODEL.FPN.FUSION,
+        asff_norm=cfg.MODEL.ASFF.NORM, asff_upsample_mode=cfg.MODEL.ASFF.UPSAMPLE_MODE)
 
 
-def _retinanet_top_block(cfg, bottom_up: Backbone) -> LastLevelP6P7:
+def retinanet_top_block(cfg, bottom_up: Backbone) -> LastLevelP6P7:
+    """RetinaNet's P6-P7 from ``res5``, as detectron2's ``build_retinanet_resnet_fpn_backbone``."""
     in_channels_p6p7 = bottom_up.output_shape()['res5'].channels
     return LastLevelP6P7(in_channels_p6p7, cfg.MODEL.FPN.OUT_CHANNELS)
 
 
 @BACKBONE_REGISTRY.register()
-def build_resnet_fine_fpn_backbone(cfg, input_shape: ShapeSpec) -> FusionFPN:
-    """detectron2 ResNet + FINE-FPN with P6 by max pooling (Faster/Mask R-CNN, Panoptic FPN)."""
-    return build_fusion_fpn(build_resnet_backbone(cfg, input_shape), cfg, _forced_fusion(cfg, 'fine'))
-
-
-@BACKBONE_REGISTRY.register()
-def build_resnet_asff_fpn_backbone(cfg, input_shape: ShapeSpec) -> FusionFPN:
-    """detectron2 ResNet + ASFF-FPN with P6 by max pooling."""
-    return build_fusion_fpn(build_resnet_backbone(cfg, input_shape), cfg, _forced_fusion(cfg, 'asff'))
-
-
-@BACKBONE_REGISTRY.register()
 def build_resnet_fusion_fpn_backbone(cfg, input_shape: ShapeSpec) -> FusionFPN:
-    """detectron2 ResNet + FPN whose fusion is ``MODEL.FPN.FUSION``."""
-    return build_fusion_fpn(build_resnet_backbone(cfg, input_shape), cfg, cfg.MODEL.FPN.FUSION)
-
-
-@BACKBONE_REGISTRY.register()
-def build_retinanet_resnet_fine_fpn_backbone(cfg, input_shape: ShapeSpec) -> FusionFPN:
-    """detectron2 ResNet + FINE-FPN with P6-P7 from ``res5`` (RetinaNet)."""
-    bottom_up = build_resnet_backbone(cfg, input_shape)
-    return build_fusion_fpn(bottom_up, cfg, _forced_fusion(cfg, 'fine'),
-                            _retinanet_top_block(cfg, bottom_up))
-
-
-@BACKBONE_REGISTRY.register()
-def build_retinanet_resnet_asff_fpn_backbone(cfg, input_shape: ShapeSpec) -> FusionFPN:
-    """detectron2 ResNet + ASFF-FPN with P6-P7 from ``res5`` (RetinaNet)."""
-    bottom_up = build_resnet_backbone(cfg, input_shape)
-    return build_fusion_fpn(bottom_up, cfg, _forced_fusion(cfg, 'asff'),
-                            _retinanet_top_block(cfg, bottom_up))
+    """detectron2 ResNet + FPN (``MODEL.FPN.FUSION``) with P6 by max pooling (Faster / Mask
+    R-CNN, Panoptic FPN)."""
+    return build_fusion_fpn(build_resnet_backbone(cfg, input_shape), cfg)
 
 
 @BACKBONE_REGISTRY.register()
 def build_retinanet_resnet_fusion_fpn_backbone(cfg, input_shape: ShapeSpec) -> FusionFPN:
-    """detectron2 ResNet + FPN (fusion from ``MODEL.FPN.FUSION``) with P6-P7 from ``res5``."""
+    """detectron2 ResNet + FPN (``MODEL.FPN.FUSION``) with P6-P7 from ``res5`` (RetinaNet)."""
     bottom_up = build_resnet_backbone(cfg, input_shape)
-    return build_fusion_fpn(bottom_up, cfg, cfg.MODEL.FPN.FUSION, _retinanet_top_block(cfg, bottom_up))
+    return build_fusion_fpn(bottom_up, cfg, retinanet_top_block(cfg, bottom_up))

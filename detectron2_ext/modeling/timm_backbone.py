@@ -1,53 +1,51 @@
 """detectron2 ``Backbone`` around any timm model created with ``features_only=True``.
 
-:class:`TimmBackbone` works for our models (``maformer_*``, ``*_mscsa``) and timm's own alike:
-everything it needs comes from timm's ``feature_info`` (channels and strides of each stage).
+:class:`TimmBackbone` works for our models (``maformer_*``, ``*_mscsa``) and timm's own alike.
+Everything it needs it asks timm, never the tensors' shapes: channels and strides from
+``feature_info``, the layout from the feature wrapper's ``output_fmt``, which input sizes the
+model takes from its constructor's signature and ``pretrained_cfg['fixed_input_size']``. Design
+notes and the families the sweep test passes: docs/detectron2.md, "The backbone adapter".
 
-* Outputs are named by stride as detectron2's ResNet names them: stride ``2**k`` -> ``res{k}``,
-  so ``res2..res5`` for strides 4..32, and every detectron2 head config (``IN_FEATURES``) applies.
-* ``size_divisibility`` is the largest stride, times any extra factor the model declares in a
-  ``size_divisibility`` attribute (models whose windows do not pad themselves); detectron2 pads
-  the batch to it. ``padding_constraints`` carries the same value.
-* ``freeze_at`` has detectron2's meaning (0: train all; 1: the stem; ``k``: stem + ``k - 1``
-  stages). Stem and stages come from timm's ``group_matcher(coarse=True)`` where the model has
-  one (MSCSA's features come from fusion layers, not from its stages), else from the
-  ``feature_info`` modules (the stem: every parameter created before them). Frozen parameters get
-  ``requires_grad=False``, frozen BatchNorms become ``FrozenBatchNorm2d``, and frozen modules stay
-  in eval mode across ``model.train()`` so that neither BN statistics nor drop-path change them.
-* ``norm``: ``'FrozenBN'`` / ``'SyncBN'`` / ``'BN'`` / ``''`` for the model's BatchNorm layers.
-* Initial weights: timm's pretrained source (``pretrained=True``), or a local file,
-  ``hf-hub:<repo>`` or ``local-dir:<folder>`` (``checkpoint``, resolved and checked by
-  :func:`maformer_zoo.hub.pretrained_overlay`), loaded by timm through its
-  ``pretrained_cfg_overlay`` mechanism, i.e. safetensors or ``torch.load(weights_only=True)``;
-  or, for MSCSA models, timm's ImageNet weights of the base network (``pretrained_base``).
+Registered builders, one per backbone source and top block; the neck is ``MODEL.FPN.FUSION``:
 
-Registered builders: ``build_timm_backbone`` (no FPN), ``build_timm_{fpn,fine_fpn,asff_fpn}_backbone``
-(P2-P6 for R-CNNs and Panoptic FPN) and ``build_retinanet_timm_{fpn,fine_fpn,asff_fpn}_backbone``
-(P3-P7); the FPNs are :class:`~detectron2_ext.modeling.fpn_variants.FusionFPN`.
+* ``build_timm_backbone``: the model alone (``res2..res5``).
+* ``build_timm_fpn_backbone``: multi-scale models + :class:`FusionFPN`, P2-P6 (R-CNNs, Panoptic FPN).
+* ``build_retinanet_timm_fpn_backbone``: the same with P3-P7 from ``res5`` (RetinaNet).
+* ``build_timm_simple_fpn_backbone``: single-scale models (ViT, DeiT, EVA) + detectron2's
+  ``SimpleFeaturePyramid`` (ViTDet), P2-P6 (:class:`FusionSimpleFeaturePyramid`).
 """
 import difflib
+import inspect
 import math
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import timm
 import torch
 from torch import nn
 
+from timm.layers import convert_sync_batchnorm, freeze_batch_norm_2d
 from timm.models import group_parameters
 
-from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
+from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone import BACKBONE_REGISTRY, Backbone
 
-from .fpn_variants import FusionFPN, _forced_fusion, _retinanet_top_block, build_fusion_fpn
+from .fpn_variants import (
+    FusionFPN, FusionSimpleFeaturePyramid, build_fusion_fpn, build_fusion_simple_fpn,
+    retinanet_top_block,
+)
 
 __all__ = [
     'TimmBackbone', 'build_timm_backbone', 'build_timm_fpn_backbone',
-    'build_timm_fine_fpn_backbone', 'build_timm_asff_fpn_backbone',
-    'build_retinanet_timm_fpn_backbone', 'build_retinanet_timm_fine_fpn_backbone',
-    'build_retinanet_timm_asff_fpn_backbone', 'NORMS',
+    'build_retinanet_timm_fpn_backbone', 'build_timm_simple_fpn_backbone', 'NORMS',
 ]
 NORMS = ('FrozenBN', 'SyncBN', 'BN', '')
 _SOURCE_PREFIXES = ('hf-hub:', 'local-dir:')
+# create_model arguments the adapter sets from its own keys; MODEL.TIMM.KWARGS may not repeat them
+_OWN_KWARGS = {
+    'features_only': None, 'pretrained': 'PRETRAINED', 'pretrained_cfg_overlay': 'CHECKPOINT',
+    'pretrained_base': 'PRETRAINED_BASE', 'out_indices': 'OUT_INDICES', 'in_chans': None,
+    'drop_path_rate': 'DROP_PATH_RATE',
+}
 
 
 def _check_model_name(name: str) -> None:
@@ -80,13 +78,81 @@ def _weight_source(name: str, pretrained: bool, checkpoint: str) -> Dict[str, An
     return dict(pretrained=True, pretrained_cfg_overlay=pretrained_overlay(checkpoint, name))
 
 
-def _convert_batchnorm(module: nn.Module, norm: str) -> nn.Module:
-    """Replace the BatchNorm layers of ``module`` according to ``norm``."""
-    if norm == 'FrozenBN':
-        return FrozenBatchNorm2d.convert_frozen_batchnorm(module)
-    if norm == 'SyncBN':
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    return module  # 'BN' trains the model's BatchNorms as they are; '' keeps whatever is there
+class _ModelFacts(NamedTuple):
+    """What timm declares about a model, read from a weightless (meta device) instance."""
+    init_params: frozenset   # constructor arguments, along the class hierarchy
+    any_kwarg: bool          # some constructor takes **kwargs that reach no named argument
+    fixed_input_size: bool   # pretrained_cfg['fixed_input_size']
+    native_size: Tuple[int, int]
+    reductions: Tuple[int, ...]  # feature_info strides of every stage
+
+
+def _model_facts(name: str) -> _ModelFacts:
+    # On the meta device no weights are allocated or initialised: this costs milliseconds. A
+    # model whose constructor needs real values (e.g. computes on tensors) is built on the CPU.
+    try:
+        with torch.device('meta'):
+            model = timm.create_model(name, pretrained=False)
+    except (RuntimeError, NotImplementedError):
+        model = timm.create_model(name, pretrained=False)
+    params, any_kwarg = set(), True
+    for cls in type(model).__mro__:
+        if '__init__' not in vars(cls) or cls is nn.Module:
+            continue
+        signature = inspect.signature(cls.__init__).parameters
+        params |= {p for p, v in signature.items() if v.kind not in (v.VAR_KEYWORD, v.VAR_POSITIONAL)}
+        if not any(v.kind is v.VAR_KEYWORD for v in signature.values()):
+            any_kwarg = False  # the kwargs of the subclasses end here, all named
+            break
+    cfg = model.pretrained_cfg or {}
+    feature_info = getattr(model, 'feature_info', None) or []
+    native = tuple(cfg.get('input_size', (3, 224, 224))[-2:])
+    return _ModelFacts(frozenset(params) - {'self'}, any_kwarg, bool(cfg.get('fixed_input_size')),
+                       native, tuple(int(d['reduction']) for d in feature_info))
+
+
+def _check_extra_kwargs(name: str, kwargs: Mapping[str, Any], facts: _ModelFacts) -> None:
+    """``MODEL.TIMM.KWARGS`` against the adapter's own keys and the model's constructor."""
+    for key in kwargs:
+        if key in _OWN_KWARGS:
+            own = _OWN_KWARGS[key]
+            raise ValueError(f"MODEL.TIMM.KWARGS sets {key!r}, which the adapter sets itself" +
+                             (f': use MODEL.TIMM.{own}.' if own else '.'))
+        if key not in facts.init_params and not facts.any_kwarg:
+            close = difflib.get_close_matches(key, sorted(facts.init_params), n=3, cutoff=0.6)
+            raise ValueError(
+                f'MODEL.TIMM.KWARGS: {name!r} takes no argument {key!r}' +
+                (f' (did you mean {close}?)' if close else '') +
+                f'. Its arguments: {sorted(facts.init_params)}.')
+
+
+def _input_size_kwargs(facts: _ModelFacts, img_size: int, divisor: int) -> Tuple[Dict[str, Any], int]:
+    """``create_model`` kwargs that let the model take detection sizes, and the square size it
+    must be padded to (0: any size that is a multiple of the size divisibility).
+
+    Decided from what the model declares: a ``dynamic_img_size`` or ``strict_img_size`` argument
+    (ViT, DeiT, EVA, Swin: position embeddings and attention masks follow the input); else, for a
+    model whose ``pretrained_cfg`` says ``fixed_input_size`` (attention biases or windows sized
+    at construction: MaxViT, CoAtNet, LeViT, EfficientFormerV2, CoaT), build it for a square
+    ``img_size`` (rounded up to ``divisor``; 0: the native size) and pad every batch to that square.
+    """
+    if 'dynamic_img_size' in facts.init_params:
+        return {'dynamic_img_size': True}, 0
+    if 'strict_img_size' in facts.init_params:
+        return {'strict_img_size': False}, 0
+    if not facts.fixed_input_size:
+        return {}, 0
+    if 'img_size' not in facts.init_params and not facts.any_kwarg:
+        return {}, 0  # nothing to ask for: the model runs at its native size only
+    side = int(img_size) or max(facts.native_size)
+    side = -(-side // divisor) * divisor
+    return {'img_size': side}, side
+
+
+def _output_fmt(model: nn.Module) -> str:
+    """The layout timm's feature wrapper declares for its outputs (``NCHW`` unless it says so)."""
+    fmt = getattr(model, 'output_fmt', 'NCHW')
+    return str(getattr(fmt, 'value', fmt))
 
 
 def _find_module(model: nn.Module, timm_name: str) -> Optional[nn.Module]:
@@ -96,6 +162,11 @@ def _find_module(model: nn.Module, timm_name: str) -> Optional[nn.Module]:
         if candidate in modules:
             return modules[candidate]
     return None
+
+
+def _other_batchnorms(module: nn.Module) -> List[nn.Module]:
+    """BatchNorms that timm's ``freeze_batch_norm_2d`` does not convert (1d, 3d: LeViT)."""
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 class TimmBackbone(Backbone):
@@ -114,7 +185,9 @@ class TimmBackbone(Backbone):
             grad_ckpt: bool = False,
             in_chans: int = 3,
             size_divisibility: int = 0,
-            **model_kwargs: Any,
+            img_size: int = 0,
+            model_kwargs: Optional[Mapping[str, Any]] = None,
+            **kwargs: Any,
     ):
         """
         Args:
@@ -124,40 +197,54 @@ class TimmBackbone(Backbone):
                 ``'hf-hub:<repo id>'`` or ``'local-dir:<folder>'``.
             pretrained_base: MSCSA models only: base network from timm's ImageNet weights.
             out_indices: stages to return (timm's ``out_indices``); empty: timm's default stages
-                at strides 4..32. Outputs are named ``res{log2(stride)}``.
+                at strides 4..32, or the last block of a single-scale model (ViT). Outputs are
+                named ``res{log2(stride)}``.
             freeze_at: 0 trains everything; 1 freezes the stem; ``k`` the stem and ``k - 1`` stages.
-            norm: ``'FrozenBN'``, ``'SyncBN'``, ``'BN'`` or ``''`` for the model's BatchNorms.
+            norm: ``'FrozenBN'``, ``'SyncBN'``, ``'BN'`` or ``''`` for the model's BatchNorms
+                (timm's norm + activation layers keep their activation).
             drop_path_rate: stochastic depth rate (0 leaves the model's default).
             grad_ckpt: gradient checkpointing in the stages (trades compute for memory).
             in_chans: input channels.
             size_divisibility: padding multiple of the input; 0 derives it from the model.
-            model_kwargs: further keyword arguments for ``timm.create_model``.
+            img_size: models with a fixed input size only: the square side they are built for
+                and every batch is padded to (0: their native size).
+            model_kwargs: further ``timm.create_model`` arguments (``MODEL.TIMM.KWARGS``),
+                checked against the model's constructor.
+            kwargs: merged into ``model_kwargs``.
         """
         super().__init__()
         _check_model_name(model_name)
         if norm not in NORMS:
             raise ValueError(f'MODEL.TIMM.NORM={norm!r} is not one of {NORMS}.')
-        kwargs = dict(features_only=True, in_chans=in_chans,
-                      **_weight_source(model_name, pretrained, checkpoint), **model_kwargs)
+        facts = _model_facts(model_name)
+        extra = {**(model_kwargs or {}), **kwargs}
+        _check_extra_kwargs(model_name, extra, facts)
+        if pretrained_base and 'pretrained_base' not in facts.init_params:
+            raise ValueError(
+                f"MODEL.TIMM.PRETRAINED_BASE is set, but {model_name!r} has no 'pretrained_base' "
+                f"argument (only the *_mscsa models do). Use MODEL.TIMM.PRETRAINED or "
+                f"MODEL.TIMM.CHECKPOINT instead.")
+        if drop_path_rate and 'drop_path_rate' not in facts.init_params and not facts.any_kwarg:
+            raise ValueError(f'{model_name!r} has no drop path; set MODEL.TIMM.DROP_PATH_RATE to 0.')
+        if not out_indices and facts.reductions and len(set(facts.reductions)) == 1:
+            out_indices = (len(facts.reductions) - 1,)  # single-scale: the last block
+        # the padding multiple of the default outputs (strides 4..32), known before creation
+        default_strides = [r for r in facts.reductions if 4 <= r <= 32] or facts.reductions or [32]
+        divisor = math.lcm(max(default_strides), int(size_divisibility) or 1)
+        size_kwargs, self._square_size = _input_size_kwargs(facts, img_size, divisor)
+        create_kwargs = dict(features_only=True, in_chans=in_chans, **size_kwargs,
+                             **_weight_source(model_name, pretrained, checkpoint))
+        create_kwargs.update(extra)  # the config has the last word
         if out_indices:
-            kwargs['out_indices'] = tuple(out_indices)
+            create_kwargs['out_indices'] = tuple(out_indices)
         if drop_path_rate:
-            kwargs['drop_path_rate'] = drop_path_rate
+            create_kwargs['drop_path_rate'] = drop_path_rate
         if pretrained_base:
-            kwargs['pretrained_base'] = True
-        try:
-            model = timm.create_model(model_name, **kwargs)
-        except TypeError as err:
-            if pretrained_base and 'pretrained_base' in str(err):
-                raise ValueError(
-                    f"MODEL.TIMM.PRETRAINED_BASE is set, but {model_name!r} has no "
-                    f"'pretrained_base' argument (only the *_mscsa models do). Use "
-                    f"MODEL.TIMM.PRETRAINED or MODEL.TIMM.CHECKPOINT instead.") from err
-            if drop_path_rate and 'drop_path_rate' in str(err):
-                raise ValueError(f'{model_name!r} has no drop path; set MODEL.TIMM.DROP_PATH_RATE '
-                                 f'to 0.') from err
-            raise
-        self.model = _convert_batchnorm(model, norm)
+            create_kwargs['pretrained_base'] = True
+        model = timm.create_model(model_name, **create_kwargs)
+        self._frozen: List[nn.Module] = []
+        self.model = self._convert_norms(model, norm)
+        self._channels_last = _output_fmt(self.model) == 'NHWC'
         if grad_ckpt:
             self._enable_grad_checkpointing(model_name)
 
@@ -175,7 +262,11 @@ class TimmBackbone(Backbone):
         for stride in strides:
             level = int(round(math.log2(stride)))
             if 2 ** level != stride:
-                raise ValueError(f'{model_name}: feature stride {stride} is not a power of two.')
+                raise ValueError(
+                    f'{model_name}: feature stride {stride} is not a power of two, which '
+                    f'detectron2 heads need. For a ViT-style model with {stride}x{stride} '
+                    f'patches, MODEL.TIMM.KWARGS {{patch_size: 16}} fixes it (timm resamples the '
+                    f'patch embedding of pretrained weights); other models cannot be used.')
             self._out_features.append(f'res{level}')
         if len(set(self._out_features)) != len(strides):
             raise ValueError(f'{model_name}: two outputs share a stride ({strides}); choose '
@@ -185,7 +276,11 @@ class TimmBackbone(Backbone):
         self._stage_modules = modules
         self._size_divisibility = int(size_divisibility) or self._model_size_divisibility(
             max(strides))
-        self._frozen: List[nn.Module] = []
+        if self._square_size % self._size_divisibility:
+            raise ValueError(
+                f'{model_name} is built for {self._square_size}x{self._square_size} inputs, which '
+                f'is no multiple of its size divisibility {self._size_divisibility}: set '
+                f'MODEL.TIMM.IMG_SIZE to a multiple of {self._size_divisibility}.')
         self.freeze(freeze_at)
 
     # ----------------------------------------------------------------------------- contract
@@ -195,9 +290,8 @@ class TimmBackbone(Backbone):
         features = self.model(x)
         out = {}
         for i, name in zip(self._selected, self._out_features):
-            feature, channels = features[i], self._out_feature_channels[name]
-            # Some timm models (Swin) return channels-last stages; detectron2 wants NCHW.
-            if feature.shape[1] != channels and feature.shape[-1] == channels:
+            feature = features[i]
+            if self._channels_last:  # timm's Swin declares NHWC; detectron2 wants NCHW
                 feature = feature.permute(0, 3, 1, 2).contiguous()
             out[name] = feature
         return out
@@ -208,7 +302,7 @@ class TimmBackbone(Backbone):
 
     @property
     def padding_constraints(self) -> Dict[str, int]:
-        return {'size_divisibility': self._size_divisibility}
+        return {'size_divisibility': self._size_divisibility, 'square_size': self._square_size}
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
         return {name: ShapeSpec(channels=self._out_feature_channels[name],
@@ -216,6 +310,23 @@ class TimmBackbone(Backbone):
                 for name in self._out_features}
 
     # ------------------------------------------------------------------------------- extras
+
+    def _convert_norms(self, model: nn.Module, norm: str) -> nn.Module:
+        """timm's own conversions, which keep the activation and drop of its norm + act layers.
+
+        ``FrozenBN``: ``freeze_batch_norm_2d``; BatchNorms it does not convert (1d, 3d) get
+        ``requires_grad=False`` and stay in eval mode. ``SyncBN``: timm's
+        ``convert_sync_batchnorm``. ``BN`` / ``''``: the model's BatchNorms as they are.
+        """
+        if norm == 'SyncBN':
+            return convert_sync_batchnorm(model)
+        if norm != 'FrozenBN':
+            return model
+        model = freeze_batch_norm_2d(model)
+        for module in _other_batchnorms(model):
+            module.requires_grad_(False)
+            self._frozen.append(module)
+        return model
 
     def _model_size_divisibility(self, max_stride: int) -> int:
         extra = [getattr(m, 'size_divisibility', None) for m in (self.model,
@@ -249,11 +360,14 @@ class TimmBackbone(Backbone):
         returned stage is its ``feature_info`` module, and the stem is every parameter created
         before the first stage.
         """
-        inner = getattr(self.model, 'model', None)
-        if isinstance(inner, nn.Module) and hasattr(inner, 'group_matcher'):
-            by_name = dict(inner.named_parameters())
-            grouped = group_parameters(inner, inner.group_matcher(coarse=True))
-            return [{id(by_name[n]) for n in grouped[k]} for k in sorted(grouped)]
+        # the model inside timm's getter wrapper, or a model that is its own feature extractor
+        # (HRNet's features class)
+        for owner in (getattr(self.model, 'model', None), self.model):
+            if isinstance(owner, nn.Module) and hasattr(owner, 'group_matcher'):
+                by_name = dict(owner.named_parameters())
+                grouped = group_parameters(owner, owner.group_matcher(coarse=True))
+                return [{id(by_name[n]) for n in grouped[k] if n in by_name}
+                        for k in sorted(grouped)]
         stages = []
         for name in self._stage_modules:
             module = _find_module(self.model, name)
@@ -270,7 +384,9 @@ class TimmBackbone(Backbone):
     def freeze(self, freeze_at: int = 0) -> 'TimmBackbone':
         """Freeze the stem (``freeze_at >= 1``) and the first ``freeze_at - 1`` stages.
 
-        Returns ``self``.
+        Frozen parameters get ``requires_grad=False``, frozen BatchNorms become timm's frozen
+        BatchNorms (``freeze_batch_norm_2d``), and frozen modules stay in eval mode across
+        ``train()``. Returns ``self``.
         """
         if freeze_at < 0:
             raise ValueError(f'MODEL.TIMM.FREEZE_AT must be >= 0, got {freeze_at}.')
@@ -291,7 +407,7 @@ class TimmBackbone(Backbone):
             if id(p) in frozen_ids:
                 p.requires_grad_(False)
         for name, module in frozen_modules:
-            converted = FrozenBatchNorm2d.convert_frozen_batchnorm(module)
+            converted = freeze_batch_norm_2d(module)
             if converted is not module:  # the frozen module itself was a BatchNorm
                 parent_name, _, child = name.rpartition('.')
                 parent = self.model.get_submodule(parent_name) if parent_name else self.model
@@ -313,14 +429,37 @@ class TimmBackbone(Backbone):
         if 'TIMM' not in cfg.MODEL:
             raise KeyError('The config lacks MODEL.TIMM: call detectron2_ext.add_maformer_zoo_config'
                            '(cfg) on get_cfg() before merge_from_file.')
+        _refuse_resnet_keys(cfg)
         t = cfg.MODEL.TIMM
         in_chans = input_shape.channels if input_shape is not None and input_shape.channels else 3
+        # fixed-size models are built for the largest side the data loader produces
+        img_size = t.IMG_SIZE or max(cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TEST)
         return cls(
             t.NAME, pretrained=t.PRETRAINED, checkpoint=t.CHECKPOINT,
             pretrained_base=t.PRETRAINED_BASE, out_indices=tuple(t.OUT_INDICES),
             freeze_at=t.FREEZE_AT, norm=t.NORM, drop_path_rate=t.DROP_PATH_RATE,
             grad_ckpt=t.GRAD_CKPT, in_chans=in_chans, size_divisibility=t.SIZE_DIVISIBILITY,
+            img_size=img_size, model_kwargs=dict(t.KWARGS),
         )
+
+
+# detectron2's keys for its own ResNet that a timm backbone does not read, with the one it reads
+_RESNET_KEYS = {('BACKBONE', 'FREEZE_AT'): 'MODEL.TIMM.FREEZE_AT',
+                ('RESNETS', 'NORM'): 'MODEL.TIMM.NORM'}
+
+
+def _refuse_resnet_keys(cfg) -> None:
+    """A changed ``MODEL.BACKBONE.FREEZE_AT`` / ``MODEL.RESNETS.NORM`` would be silently
+    ignored by a timm backbone: refuse it, naming the key that applies."""
+    from detectron2.config import get_cfg
+    defaults = get_cfg().MODEL
+    for (node, key), ours in _RESNET_KEYS.items():
+        value = cfg.MODEL[node][key]
+        if value != defaults[node][key]:
+            raise ValueError(
+                f'MODEL.{node}.{key}={value!r} applies to detectron2\'s ResNet only; a timm '
+                f'backbone reads {ours}. Set {ours} {value!r} and leave MODEL.{node}.{key} at '
+                f'its default {defaults[node][key]!r}.')
 
 
 @BACKBONE_REGISTRY.register()
@@ -329,43 +468,22 @@ def build_timm_backbone(cfg, input_shape: ShapeSpec) -> TimmBackbone:
     return TimmBackbone.from_config(cfg, input_shape)
 
 
-def _timm_fpn(cfg, input_shape: ShapeSpec, fusion: str, retinanet: bool) -> FusionFPN:
-    bottom_up = TimmBackbone.from_config(cfg, input_shape)
-    top_block = _retinanet_top_block(cfg, bottom_up) if retinanet else None
-    return build_fusion_fpn(bottom_up, cfg, _forced_fusion(cfg, fusion), top_block)
-
-
 @BACKBONE_REGISTRY.register()
 def build_timm_fpn_backbone(cfg, input_shape: ShapeSpec) -> FusionFPN:
-    """timm model + FPN with P6 by max pooling (Mask / Cascade Mask R-CNN, Panoptic FPN)."""
-    return _timm_fpn(cfg, input_shape, 'sum', retinanet=False)
-
-
-@BACKBONE_REGISTRY.register()
-def build_timm_fine_fpn_backbone(cfg, input_shape: ShapeSpec) -> FusionFPN:
-    """timm model + FINE-FPN with P6 by max pooling."""
-    return _timm_fpn(cfg, input_shape, 'fine', retinanet=False)
-
-
-@BACKBONE_REGISTRY.register()
-def build_timm_asff_fpn_backbone(cfg, input_shape: ShapeSpec) -> FusionFPN:
-    """timm model + ASFF-FPN with P6 by max pooling."""
-    return _timm_fpn(cfg, input_shape, 'asff', retinanet=False)
+    """timm model + FPN (``MODEL.FPN.FUSION``) with P6 by max pooling: P2-P6 for Faster / Mask /
+    Cascade Mask R-CNN and Panoptic FPN."""
+    return build_fusion_fpn(TimmBackbone.from_config(cfg, input_shape), cfg)
 
 
 @BACKBONE_REGISTRY.register()
 def build_retinanet_timm_fpn_backbone(cfg, input_shape: ShapeSpec) -> FusionFPN:
-    """timm model + FPN with P6-P7 from ``res5`` (RetinaNet)."""
-    return _timm_fpn(cfg, input_shape, 'sum', retinanet=True)
+    """timm model + FPN (``MODEL.FPN.FUSION``) with P6-P7 from ``res5`` (RetinaNet)."""
+    bottom_up = TimmBackbone.from_config(cfg, input_shape)
+    return build_fusion_fpn(bottom_up, cfg, retinanet_top_block(cfg, bottom_up))
 
 
 @BACKBONE_REGISTRY.register()
-def build_retinanet_timm_fine_fpn_backbone(cfg, input_shape: ShapeSpec) -> FusionFPN:
-    """timm model + FINE-FPN with P6-P7 from ``res5`` (RetinaNet)."""
-    return _timm_fpn(cfg, input_shape, 'fine', retinanet=True)
-
-
-@BACKBONE_REGISTRY.register()
-def build_retinanet_timm_asff_fpn_backbone(cfg, input_shape: ShapeSpec) -> FusionFPN:
-    """timm model + ASFF-FPN with P6-P7 from ``res5`` (RetinaNet)."""
-    return _timm_fpn(cfg, input_shape, 'asff', retinanet=True)
+def build_timm_simple_fpn_backbone(cfg, input_shape: ShapeSpec) -> FusionSimpleFeaturePyramid:
+    """Single-scale timm model (ViT, DeiT, EVA) + ViTDet's simple feature pyramid, P2-P6 from its
+    last map (``MODEL.FPN.FUSION`` ``'sum'`` or ``'asff'``)."""
+    return build_fusion_simple_fpn(TimmBackbone.from_config(cfg, input_shape), cfg)

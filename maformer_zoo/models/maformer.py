@@ -34,6 +34,8 @@ from timm.models._manipulate import checkpoint
 from ..layers.maf import (
     CrossShapedWindowAttention, GlobalLearningDownsample, MultiScaleAttentionFusion, WindowSelfAttention,
 )
+from ..hub import published_hub_id
+from ..weights import unwrap_state_dict
 from ._builder import build_zoo_model, check_input
 
 __all__ = ['MAFormer', 'MafBlock', 'TransformerBlock']
@@ -352,7 +354,7 @@ class MAFormer(nn.Module):
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not torch.jit.is_scripting():
-            check_input(x, self.in_chans, self.min_input_size, 'MAFormer')
+            check_input(x, self.in_chans, self.min_input_size, 'MAFormer', self.stem.conv1.weight.dtype)
 
     def forward_intermediates(
             self,
@@ -439,12 +441,8 @@ def _per_block_rates(drop_path_rate: float, depths: Sequence[int]) -> List[List[
 
 
 def checkpoint_filter_fn(state_dict: dict, model: MAFormer) -> dict:
-    """Unwrap training checkpoints (``model`` / ``state_dict`` / EMA entries, DDP ``module.`` prefixes)."""
-    for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):
-        if key in state_dict and isinstance(state_dict[key], dict):
-            state_dict = state_dict[key]
-            break
-    return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+    """The model weights of a checkpoint (``maformer_zoo.weights.unwrap_state_dict``: EMA first, prefixes stripped)."""
+    return unwrap_state_dict(state_dict)[0]
 
 
 def _create_maformer(variant: str, pretrained: bool = False, **kwargs) -> MAFormer:
@@ -473,9 +471,9 @@ def _cfg(**kwargs) -> dict:
 
 
 default_cfgs = generate_default_cfgs({
-    'maformer_s.in1k': _cfg(hf_hub_id='maformer-zoo/maformer_s.in1k'),
-    'maformer_b.in1k': _cfg(hf_hub_id='maformer-zoo/maformer_b.in1k'),
-    'maformer_l.in1k': _cfg(hf_hub_id='maformer-zoo/maformer_l.in1k'),
+    'maformer_s.in1k': _cfg(hf_hub_id=published_hub_id('maformer_s')),
+    'maformer_b.in1k': _cfg(hf_hub_id=published_hub_id('maformer_b')),
+    'maformer_l.in1k': _cfg(hf_hub_id=published_hub_id('maformer_l')),
 })
 
 

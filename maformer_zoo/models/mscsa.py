@@ -25,7 +25,7 @@ is timm's own model, created with ``timm.create_model`` and read through its pub
   4/8/16/32 are the base's stage features fused with the MSCSA output (base channel widths).
 * ``pretrained_base=True``: timm's pretrained weights for the base part only (pick the tag with
   ``base_model='resnet50.tv_in1k'``, a local file with ``base_pretrained_cfg_overlay=dict(file=...)``).
-  ``pretrained=True``: our full checkpoint (``hf_hub_id='maformer-zoo/<name>.in1k'``).
+  ``pretrained=True``: our full checkpoint (once published, see maformer_zoo.hub).
 
 Choices the paper leaves open (see also README, "MSCSA"):
 
@@ -58,6 +58,8 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ..layers.mscsa import DenseFusion, MultiStageCrossScaleAttention
+from ..hub import published_hub_id
+from ..weights import unwrap_state_dict
 from ._builder import PretrainedWeightsNotFoundError, build_zoo_model, check_input
 
 __all__ = ['MscsaNet']
@@ -239,14 +241,12 @@ class MscsaNet(nn.Module):
             kwargs['pretrained_cfg_overlay'] = pretrained_cfg_overlay
         try:
             return timm.create_model(base_model, pretrained=pretrained, **kwargs)
-        except Exception as err:  # noqa: BLE001 - re-raised with instructions when weights are missing
-            msg = str(err)
-            if (not pretrained or isinstance(err, TypeError) or 'Unknown model' in msg
-                    or 'Error(s) in loading state_dict' in msg):
+        except OSError as err:  # a missing file, or the Hub unreachable / offline (huggingface_hub's errors are OSErrors)
+            if not pretrained:
                 raise
             raise PretrainedWeightsNotFoundError(
                 f"pretrained_base=True could not load timm's weights for the base '{base_model}' "
-                f"({type(err).__name__}: {msg.splitlines()[0] if msg else ''}).\n"
+                f"({type(err).__name__}).\n"
                 f"Give it a local file: base_pretrained_cfg_overlay=dict(file='/path/{base_model}.safetensors'),\n"
                 f"or a state dict: base_pretrained_cfg_overlay=dict(state_dict=sd), or download the base "
                 f"weights on a machine with internet (timm.create_model('{base_model}', pretrained=True) "
@@ -289,7 +289,7 @@ class MscsaNet(nn.Module):
     ) -> List[torch.Tensor]:
         """The base's stage features (all four, or the stages in ``indices``)."""
         if not torch.jit.is_scripting():
-            check_input(x, self.in_chans, self.min_input_size, self.model_name)
+            check_input(x, self.in_chans, self.min_input_size, self.model_name, next(self.parameters()).dtype)
         x = pad_to_multiple(x, self.input_multiple)
         base_indices = self._base_indices if indices is None else [self._base_indices[i] for i in indices]
         if torch.jit.is_scripting():
@@ -413,17 +413,13 @@ class MscsaNet(nn.Module):
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: MscsaNet) -> Dict[str, torch.Tensor]:
     """Prepare a checkpoint for ``model``.
 
-    * unwraps ``{'state_dict': ...}`` / ``{'model': ...}`` training checkpoints;
+    * unwraps training checkpoints (``maformer_zoo.weights.unwrap_state_dict``: EMA first);
     * refuses a checkpoint of the bare base model with a pointer to ``pretrained_base``;
     * keeps the model's own initialisation of fusion layers the checkpoint lacks (a classification
       checkpoint loaded into the dense variant, Fig. 5: those layers are trained on the dense task),
       and drops the fusion layers of a dense checkpoint loaded into the classification variant.
     """
-    for key in ('state_dict', 'model', 'state_dict_ema', 'model_ema'):
-        if key in state_dict and isinstance(state_dict[key], dict):
-            state_dict = state_dict[key]
-            break
-    state_dict = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+    state_dict = unwrap_state_dict(state_dict)[0]
     if state_dict and not any(k.startswith(('base.', 'mscsa.')) for k in state_dict):
         raise ValueError(
             f"This checkpoint has no 'base.' or 'mscsa.' keys (first keys: {list(state_dict)[:3]}): it looks "
@@ -447,7 +443,7 @@ def _create_mscsa(variant: str, pretrained: bool = False, **kwargs: Any) -> Mscs
 
 def _cfg(variant: str, **kwargs: Any) -> Dict[str, Any]:
     return {
-        'hf_hub_id': f'maformer-zoo/{variant}.in1k',
+        'hf_hub_id': published_hub_id(variant),
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
         'crop_pct': 0.9, 'interpolation': 'bicubic', 'fixed_input_size': False,
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,

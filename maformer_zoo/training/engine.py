@@ -15,7 +15,6 @@ Multi-GPU / multi-node: launch with ``torchrun``; the environment it sets (``RAN
 import contextlib
 import csv
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -41,6 +40,8 @@ from timm.utils.distributed import init_distributed_device_so
 
 from .checkpoint import capture_rng_state, load_checkpoint_file, prune_checkpoints, restore_rng_state, save_checkpoint
 from .config import ConfigError
+from .run_folder import (default_run_name, find_resumable_run, holds_run, recover_best, save_best, truncate_csv,
+                         write_json_atomic)
 from .data import (
     DatasetError, build_dataset, build_eval_loader, build_train_loader, dataset_classes, is_folder_dataset)
 from .modeling import check_model_name, create_model_for_run
@@ -240,9 +241,15 @@ class _CsvAppender:
             writer.writerow(row)
 
 
-def _run_dir(cfg: TrainConfig) -> str:
-    name = cfg.experiment or f"{cfg.model.replace('/', '_').replace(':', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return os.path.join(cfg.output, name)
+def _run_dir(cfg: TrainConfig, ctx: RunContext) -> str:
+    """``<output>/<experiment>``; without one, the run ``--resume auto`` continues, else a new dated folder."""
+    if cfg.experiment:
+        return os.path.join(cfg.output, cfg.experiment)
+    found = find_resumable_run(cfg.output, cfg.model) if cfg.resume == 'auto' else None
+    run_dir = [found or os.path.join(cfg.output, default_run_name(cfg.model, time.strftime('%Y%m%d-%H%M%S')))]
+    if ctx.distributed:  # one folder for all processes, whatever their clocks say
+        dist.broadcast_object_list(run_dir, src=0)
+    return run_dir[0]
 
 
 def _metric_better(metric: str, new: float, best: Optional[float]) -> bool:
@@ -251,10 +258,9 @@ def _metric_better(metric: str, new: float, best: Optional[float]) -> bool:
     return new < best if metric == 'loss' else new > best
 
 
-def _export_weights(path: str, model: nn.Module) -> None:
+def _export_weights(path: str, state_dict: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> None:
     from safetensors.torch import save_file
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(state, path + '.tmp')
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}, path + '.tmp', metadata)
     os.replace(path + '.tmp', path)
 
 
@@ -283,7 +289,10 @@ def _train(cfg: TrainConfig, ctx: RunContext) -> Dict[str, Any]:
     if cfg.eval_metric not in ('top1', 'top5', 'loss'):
         raise ConfigError(f"eval_metric must be 'top1', 'top5' or 'loss', not {cfg.eval_metric!r}.")
     check_model_name(cfg.model)  # before the (possibly slow) dataset scan
-    run_dir = _run_dir(cfg)
+    run_dir = _run_dir(cfg, ctx)
+    if not cfg.resume and holds_run(run_dir):  # checked before anything is written (docs/training.md)
+        raise ConfigError(f"Run folder '{run_dir}' already holds a run: continue it with --resume auto, or choose "
+                          f"another --experiment (nothing was changed).")
     resume = cfg.resume
     if resume == 'auto':  # continue the run folder's last checkpoint if there is one (preemptible jobs)
         resume = os.path.join(run_dir, 'last.pth')
@@ -388,6 +397,11 @@ def _train(cfg: TrainConfig, ctx: RunContext) -> Dict[str, Any]:
     step_log = None
     if ctx.is_primary:
         os.makedirs(run_dir, exist_ok=True)
+        # rows past the checkpoint were logged by the interrupted process; they are logged again below
+        truncate_csv(summary_csv, lambda row: int(row['epoch']) <= start_epoch)
+        truncate_csv(os.path.join(run_dir, 'train_steps.csv'), lambda row: int(row['step']) <= num_updates)
+        if checkpoint is not None:
+            recover_best(run_dir, best_epoch, lambda state: save_best(run_dir, state, _export_weights))
         with open(os.path.join(run_dir, 'config.yaml'), 'w') as f:
             yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
         step_log = _CsvAppender(os.path.join(run_dir, 'train_steps.csv'), ['epoch', 'step', 'loss', 'lr'])
@@ -454,16 +468,12 @@ def _train(cfg: TrainConfig, ctx: RunContext) -> Dict[str, Any]:
             'metrics': {'train': train_metrics, 'eval': eval_metrics, 'ema': ema_metrics},
             'best_metric': best_metric, 'best_epoch': best_epoch,
         }
-        save_checkpoint(os.path.join(run_dir, 'last.pth'), state)
+        if is_best or not chosen:  # before last.pth, which records best_epoch (see run_folder)
+            save_best(run_dir, state, _export_weights)
         if cfg.checkpoint_hist > 0:
             save_checkpoint(os.path.join(run_dir, f'checkpoint-{last_epoch}.pth'), state)
             prune_checkpoints(run_dir, cfg.checkpoint_hist)
-        if is_best or not chosen:
-            weights = {k: state[k] for k in ('arch', 'epoch', 'state_dict', 'state_dict_ema', 'num_classes',
-                                             'class_to_idx', 'data_config', 'metrics')}
-            save_checkpoint(os.path.join(run_dir, 'model_best.pth'), weights)
-            _export_weights(os.path.join(run_dir, 'model_best.safetensors'),
-                            ema.module if ema is not None else unwrap_model(model))
+        save_checkpoint(os.path.join(run_dir, 'last.pth'), state)
 
     summary = {
         'model': cfg.model, 'run_dir': run_dir, 'epochs_done': last_epoch, 'epochs_total': num_epochs,
@@ -473,8 +483,7 @@ def _train(cfg: TrainConfig, ctx: RunContext) -> Dict[str, Any]:
         'seconds': time.perf_counter() - started,
     }
     if ctx.is_primary:
-        with open(os.path.join(run_dir, 'summary.json'), 'w') as f:
-            json.dump(summary, f, indent=2)
+        write_json_atomic(os.path.join(run_dir, 'summary.json'), summary)
         _logger.info('Done: %s', _format_summary(summary))
     return summary
 

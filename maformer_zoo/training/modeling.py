@@ -20,9 +20,9 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 import timm
-from timm.models import load_state_dict
 
-from ..models._builder import CheckpointMismatchError, PretrainedWeightsNotFoundError
+from ..errors import CheckpointMismatchError, PretrainedWeightsNotFoundError
+from ..weights import read_state_dict
 
 __all__ = ['UnknownModelError', 'check_model_name', 'create_model_for_run', 'load_weights_file']
 
@@ -61,7 +61,7 @@ def load_weights_file(model: nn.Module, path: str, use_ema: bool = True) -> Dict
     The classifier may differ in shape (new ``num_classes``) and is then left at its fresh
     initialisation. Any other missing, unexpected or mis-shaped tensor is an error.
     """
-    state_dict = load_state_dict(path, use_ema=use_ema, weights_only=True)
+    state_dict, _ = read_state_dict(path, 'auto' if use_ema else 'model')  # safe; our errors for bad files
     filter_fn = getattr(sys.modules.get(type(model).__module__), 'checkpoint_filter_fn', None)
     if filter_fn is not None:
         try:

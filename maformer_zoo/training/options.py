@@ -45,7 +45,7 @@ class ModelOptions:
     drop_rate: float = _help('dropout before the classifier', 0.0)
     drop_path_rate: Optional[float] = _help("stochastic depth rate (default: the model's own)", None)
     model_kwargs: Dict[str, Any] = _help('extra keyword arguments for timm.create_model', factory=dict)
-    grad_checkpointing: bool = _help('activation checkpointing (less memory, ~30% slower)', False)
+    grad_checkpointing: bool = _help('activation checkpointing (less memory, ~30%% slower)', False)
     channels_last: bool = _help('channels-last memory format', False)
 
 

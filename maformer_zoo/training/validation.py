@@ -16,9 +16,11 @@ import time
 from typing import Any, Dict, Optional
 
 import torch
-from timm.models import get_pretrained_cfg_value, load_state_dict
+from timm.models import get_pretrained_cfg_value
 
-from ..models._builder import CheckpointMismatchError
+from ..errors import CheckpointMismatchError
+from ..weights import load_checkpoint_file, read_label_names, unwrap_state_dict
+from .config import ConfigError
 from .data import build_dataset, build_eval_loader, is_folder_dataset
 from .engine import amp_context, evaluate, resolve_run_data_config, setup_distributed
 from .modeling import check_model_name, create_model_for_run
@@ -29,14 +31,15 @@ __all__ = ['validate']
 _logger = logging.getLogger(__name__)
 
 
-def _checkpoint_meta(path: str) -> Dict[str, Any]:
-    """``num_classes``, ``class_to_idx`` and ``data_config`` a checkpoint of ours carries, if any."""
-    if path.endswith('.safetensors'):
-        return {}
-    checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    if not isinstance(checkpoint, dict):
-        return {}
-    return {k: checkpoint[k] for k in ('num_classes', 'class_to_idx', 'data_config', 'arch') if k in checkpoint}
+def _checkpoint_meta(checkpoint: Any, path: str) -> Dict[str, Any]:
+    """``num_classes``, ``class_to_idx``, ``data_config`` and ``arch`` a checkpoint of ours carries, or the
+    class names an export records in its ``config.json`` (``label_names``)."""
+    meta = {k: checkpoint[k] for k in ('num_classes', 'class_to_idx', 'data_config', 'arch') if k in checkpoint}
+    if 'class_to_idx' not in meta:
+        names = read_label_names(path)
+        if names:
+            meta['class_to_idx'] = {name: i for i, name in enumerate(names)}
+    return meta
 
 
 def _head_classes(model_name: str, state_dict: Dict[str, torch.Tensor]) -> Optional[int]:
@@ -56,11 +59,17 @@ def validate(cfg: EvalConfig) -> Dict[str, Any]:
     if cfg.checkpoint:
         if not os.path.isfile(cfg.checkpoint):
             raise FileNotFoundError(f"Checkpoint '{cfg.checkpoint}' does not exist.")
-        meta = _checkpoint_meta(cfg.checkpoint)
+        checkpoint = load_checkpoint_file(cfg.checkpoint)
+        meta = _checkpoint_meta(checkpoint, cfg.checkpoint)
         if meta.get('arch') and meta['arch'] != cfg.model:
             raise CheckpointMismatchError(
                 f"'{cfg.checkpoint}' holds a '{meta['arch']}', not a '{cfg.model}': pass --model {meta['arch']}.")
-        state_dict = load_state_dict(cfg.checkpoint, use_ema=cfg.use_ema, weights_only=True)
+        state_dict, _ = unwrap_state_dict(checkpoint, 'auto' if cfg.use_ema else 'model')
+        if is_folder_dataset(cfg.dataset) and not cfg.class_map and 'class_to_idx' not in meta:
+            raise ConfigError(
+                f"'{cfg.checkpoint}' does not record which class each output is, so the folders of '{cfg.data_dir}' "
+                f"cannot be mapped to its labels: pass --class-map FILE (the training class folders, one per line, "
+                f"in order), or use a checkpoint of ours or a push_to_hub.py export (config.json label_names).")
     num_classes = cfg.num_classes or meta.get('num_classes') or (
         _head_classes(cfg.model, state_dict) if state_dict is not None else None)
     in_chans = cfg.in_chans or (1 if cfg.input_img_mode == 'L' else None)

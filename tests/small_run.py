@@ -1,9 +1,10 @@
-"""Config overrides for small CPU runs on the generated dataset (tests and ``make demo``).
+"""Test helper: ``KEY VALUE`` overrides that shrink any grid config to a few-second CPU run.
 
-The grid configs describe COCO training on 8+ GPUs. :func:`small_run_opts` returns the
-``KEY VALUE`` list (as given after ``train_net.py``'s options) that turns any of them into a run
-that fits a laptop CPU: small images, few proposals, thin heads, random initialisation with
-trainable BatchNorm (frozen BN with random statistics diverges), gradient clipping, no workers.
+The grid configs describe COCO training on 8+ GPUs. :func:`small_run_opts` returns the list (as
+given after ``train_net.py``'s options) that turns any of them into a run on the generated scenes
+that fits a test: small images, few proposals, thin heads, random initialisation with trainable
+BatchNorm (frozen BN with random statistics diverges), gradient clipping, no workers. The demo
+keeps the same settings as a YAML: ``configs/demo/``.
 """
 from typing import List, Optional
 

@@ -1,0 +1,382 @@
+"""Pictures of what the fusion modules do, drawn from any model that contains them.
+
+The figures the papers argue with, for a model of ours (random or trained weights), as PNG files:
+
+* FINE (``layers.fine.FINE``, FINE paper Fig. 8): for every FINE in the model, ``F_high``,
+  ``F_low``, the modulation map ``M`` and ``F_low^aligned`` over the image.
+* ASFF (``layers.asff.ASFFLevel``, ASFF paper's weight maps): for every output level, the
+  per-pixel weight of each source level.
+* MAFormer (``layers.maf.MultiScaleAttentionFusion``): the fusion attention of a few query points
+  (local tokens) over the grid of global tokens, for the last MAF block at each resolution.
+* MSCSA (``layers.mscsa.CrossScaleAttention``): the attention of a few query points over the keys
+  of each of the three scales (full, 1/2, 1/3), for every CSA.
+* Effective receptive field per stage: the gradient of the centre output of a stage (sum over
+  channels) with respect to the input, magnitude summed over colour channels, averaged over images.
+
+Internals are captured with forward hooks; nothing in the modules changes. Where a module computes
+what is drawn inside ``F.scaled_dot_product_attention`` (MAF, CSA), the attention weights are
+recomputed from the hooked inputs with the module's own projections; FINE's ``M`` comes from the
+module's own :meth:`~maformer_zoo.layers.fine.FINE.modulation`, ASFF's weights from
+:meth:`~maformer_zoo.layers.asff.ASFFLevel.fusion_weights`. Heatmaps of feature maps are the
+channel mean of the map, min-max normalised per panel (docs/visualize section of
+docs/segmentation.md); weights and attention span the colour scale per panel, with their value
+range in the panel's title.
+
+Entry points: :func:`draw_timm_model` (a timm model of ours), :func:`draw_all` (any model and one
+image tensor) and :func:`draw_erf`; ``detectron2_ext.visualize.draw_detectron2_model`` for a built
+detectron2 model; ``scripts/visualize.py`` is the command line.
+Needs matplotlib.
+"""
+import os
+from contextlib import contextmanager
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers.asff import ASFFLevel
+from ..layers.fine import FINE
+from ..layers.maf import GlobalLearningDownsample, MultiScaleAttentionFusion
+from ..layers.mscsa import CrossScaleAttention
+
+__all__ = ['QUERY_POINTS', 'capture', 'draw_all', 'draw_erf', 'draw_timm_model', 'resize_image',
+           'fine_maps', 'asff_weights', 'maf_attention', 'csa_attention']
+
+# relative (y, x) positions of the query tokens drawn for MAF and CSA
+QUERY_POINTS: Tuple[Tuple[float, float], ...] = ((0.3, 0.25), (0.5, 0.5), (0.75, 0.7))
+
+
+# ----------------------------------------------------------------------------------- capturing
+
+
+@contextmanager
+def capture(model: nn.Module):
+    """Record the inputs of every FINE, ASFFLevel, MAF fusion (with its GLD's map size) and CSA.
+
+    Yields a dict ``{'fine': [(name, module, low, high)], 'asff': [(name, module, features)],
+    'maf': [(name, module, x_local, x_global, (H, W), grid)], 'csa': [(name, module, x)]}``,
+    filled by the forward passes run inside the ``with`` block (only the last batch is kept per
+    module).
+    """
+    records: Dict[str, Dict[str, tuple]] = {'fine': {}, 'asff': {}, 'maf': {}, 'csa': {}}
+    gld_sizes: Dict[str, Tuple[Tuple[int, int], Tuple[int, int]]] = {}
+    handles = []
+
+    def hook(kind: str, name: str, module: nn.Module):
+        def fn(mod, args):
+            detached = tuple(a.detach() if torch.is_tensor(a) else [t.detach() for t in a]
+                             for a in args)
+            if kind == 'gld':
+                x = detached[0]
+                gld_sizes[name.rpartition('.')[0]] = (tuple(x.shape[1:3]), tuple(mod.grid_size))
+            elif kind == 'maf':
+                size, grid = gld_sizes.get(name.rpartition('.')[0], (None, None))
+                records['maf'][name] = (name, mod, *detached[:2], size, grid)
+            else:
+                records[kind][name] = (name, mod, *detached)
+        return fn
+
+    for name, module in model.named_modules():
+        kind = ('fine' if isinstance(module, FINE) else 'asff' if isinstance(module, ASFFLevel)
+                else 'gld' if isinstance(module, GlobalLearningDownsample)
+                else 'maf' if isinstance(module, MultiScaleAttentionFusion)
+                else 'csa' if isinstance(module, CrossScaleAttention) else None)
+        if kind is not None:
+            handles.append(module.register_forward_pre_hook(hook(kind, name, module)))
+    result: Dict[str, list] = {}
+    try:
+        yield result
+    finally:
+        for handle in handles:
+            handle.remove()
+        result.update({kind: list(found.values()) for kind, found in records.items()})
+
+
+# --------------------------------------------------------------------------- what is drawn
+
+
+@torch.no_grad()
+def fine_maps(fine: FINE, low: torch.Tensor, high: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """``F_high``, ``F_low``, ``M`` and ``F_low^aligned`` of image 0, each ``(C, h, w)``."""
+    return {'F_high': high[0], 'F_low': low[0], 'M': fine.modulation(low, high)[0],
+            'F_low aligned': fine(low, high)[0]}
+
+
+@torch.no_grad()
+def asff_weights(level: ASFFLevel, features: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-source weights of image 0 at ``level``: ``(num_sources, H, W)``, summing to 1."""
+    return level.fusion_weights(level.resize(features))[0]
+
+
+@torch.no_grad()
+def maf_attention(maf: MultiScaleAttentionFusion, x_local: torch.Tensor, x_global: torch.Tensor
+                  ) -> torch.Tensor:
+    """Softmax attention of image 0's local tokens over the global tokens, mean over heads:
+    ``(N_local, N_global)`` (Eq. 3, as ``F.scaled_dot_product_attention`` computes it)."""
+    B, N, C = x_local.shape
+    heads, head_dim = maf.num_heads, maf.head_dim
+    q = maf.q(x_local[:1]).reshape(1, N, heads, head_dim).transpose(1, 2)
+    k = maf.kv(x_global[:1]).reshape(1, -1, 2, heads, head_dim).permute(2, 0, 3, 1, 4)[0]
+    return (q @ k.transpose(-1, -2) * head_dim ** -0.5).softmax(-1).mean(1)[0]
+
+
+@torch.no_grad()
+def csa_attention(csa: CrossScaleAttention, x: torch.Tensor
+                  ) -> Tuple[torch.Tensor, List[Tuple[int, int]]]:
+    """Softmax attention of image 0's queries over the keys of all scales (Eq. 5-6), mean over
+    heads: ``(h * w, sum of key tokens)``, and the ``(h, w)`` of each key scale in order."""
+    x = x[:1]
+    q, k0, _ = csa.qkv(x).split(csa.split_qkv, dim=1)
+    keys, sizes = [csa._heads(k0, csa.key_dim)], [tuple(x.shape[-2:])]
+    for down, kv in zip(csa.down, csa.kv):
+        k_i, _ = kv(down(x)).split(csa.split_kv, dim=1)
+        keys.append(csa._heads(k_i, csa.key_dim))
+        sizes.append(tuple(k_i.shape[-2:]))
+    q = csa._heads(q, csa.key_dim).transpose(-1, -2)
+    k = torch.cat(keys, dim=-1)
+    return (q @ k * csa.scale).softmax(-1).mean(1)[0], sizes
+
+
+# ------------------------------------------------------------------------------------ drawing
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _channel_mean(x: torch.Tensor) -> np.ndarray:
+    return x.float().mean(0).cpu().numpy()
+
+
+def _range(a: np.ndarray) -> str:
+    """The value range that the per-panel colour scale spans (attention, weights)."""
+    return f'[{float(a.min()):.3g}, {float(a.max()):.3g}]'
+
+
+def _normalise(a: np.ndarray) -> np.ndarray:
+    lo, hi = float(a.min()), float(a.max())
+    return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+
+
+def _resize(a: np.ndarray, size: Tuple[int, int], mode: str = 'bilinear') -> np.ndarray:
+    t = torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32)[None, None]
+    kwargs = {} if mode == 'nearest' else dict(align_corners=False)
+    return F.interpolate(t, size=size, mode=mode, **kwargs)[0, 0].numpy()
+
+
+def _overlay(ax, image: np.ndarray, heat: np.ndarray, title: str, vmin=None, vmax=None,
+             mode: str = 'bilinear', cmap: str = 'jet'):
+    ax.imshow(image)
+    im = ax.imshow(_resize(heat, image.shape[:2], mode), cmap=cmap, alpha=0.55, vmin=vmin,
+                   vmax=vmax)
+    ax.set_title(title, fontsize=8)
+    ax.axis('off')
+    return im
+
+
+def _save(fig, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=72)
+    _plt().close(fig)
+    return path
+
+
+def _safe(name: str) -> str:
+    return name.replace('.', '_') or 'model'
+
+
+def _query_index(point: Tuple[float, float], size: Tuple[int, int]) -> Tuple[int, int]:
+    return min(int(point[0] * size[0]), size[0] - 1), min(int(point[1] * size[1]), size[1] - 1)
+
+
+def _mark(ax, point: Tuple[float, float], image: np.ndarray) -> None:
+    ax.plot(point[1] * image.shape[1], point[0] * image.shape[0], 'wx', markersize=9, mew=2.5)
+
+
+def draw_fine(records: list, image: np.ndarray, out_dir: str) -> List[str]:
+    plt, paths = _plt(), []
+    for name, fine, low, high in records:
+        maps = fine_maps(fine, low, high)
+        fig, axes = plt.subplots(1, 4, figsize=(12, 3.4))
+        for ax, (label, x) in zip(axes, maps.items()):
+            _overlay(ax, image, _normalise(_channel_mean(x)), f'{label} {tuple(x.shape[-2:])}')
+        fig.suptitle(f'FINE {name}: channel means, min-max normalised', fontsize=9)
+        paths.append(_save(fig, os.path.join(out_dir, f'fine_{_safe(name)}.png')))
+    return paths
+
+
+def draw_asff(records: list, image: np.ndarray, out_dir: str) -> List[str]:
+    if not records:
+        return []
+    plt = _plt()
+    n = len(records)
+    sources = len(records[0][1].weight_convs)
+    fig, axes = plt.subplots(n, sources, figsize=(3 * sources, 2.6 * n), squeeze=False)
+    for row, (name, level, features) in enumerate(records):
+        weights = asff_weights(level, features).cpu().numpy()
+        for col in range(sources):
+            _overlay(axes[row, col], image, weights[col],
+                     f'out {level.level} <- source {col}: {_range(weights[col])}')
+    fig.suptitle('ASFF weights (rows: output level, columns: source level, finest first)',
+                 fontsize=9)
+    return [_save(fig, os.path.join(out_dir, 'asff_weights.png'))]
+
+
+def draw_maf(records: list, image: np.ndarray, out_dir: str,
+             points: Sequence[Tuple[float, float]] = QUERY_POINTS) -> List[str]:
+    """The last MAF block at each local resolution: attention of each query over the global grid."""
+    plt = _plt()
+    last_per_size = {}
+    for record in records:
+        if record[4] is not None:
+            last_per_size[record[4]] = record
+    chosen = list(last_per_size.values())
+    if not chosen:
+        return []
+    fig, axes = plt.subplots(len(chosen), len(points), figsize=(3.2 * len(points), 2.8 * len(chosen)),
+                             squeeze=False)
+    for row, (name, maf, x_local, x_global, size, grid) in enumerate(chosen):
+        attention = maf_attention(maf, x_local, x_global)
+        for col, point in enumerate(points):
+            y, x = _query_index(point, size)
+            heat = attention[y * size[1] + x].reshape(grid).cpu().numpy()
+            _overlay(axes[row, col], image, heat, f'{name}\nlocal {size}, global {tuple(grid)}: '
+                     f'{_range(heat)}', mode='nearest')
+            _mark(axes[row, col], point, image)
+    fig.suptitle('MAFormer fusion attention of the query (x) over the global tokens', fontsize=9)
+    return [_save(fig, os.path.join(out_dir, 'maf_attention.png'))]
+
+
+def draw_mscsa(records: list, image: np.ndarray, out_dir: str,
+               points: Sequence[Tuple[float, float]] = QUERY_POINTS) -> List[str]:
+    plt, paths = _plt(), []
+    for name, csa, x in records:
+        attention, sizes = csa_attention(csa, x)
+        size = sizes[0]
+        bounds = np.cumsum([0] + [h * w for h, w in sizes])
+        fig, axes = plt.subplots(len(points), len(sizes), figsize=(3 * len(sizes), 2.6 * len(points)),
+                                 squeeze=False)
+        for row, point in enumerate(points):
+            y, x_ = _query_index(point, size)
+            weights = attention[y * size[1] + x_]
+            for col, (h, w) in enumerate(sizes):
+                heat = weights[bounds[col]:bounds[col + 1]].reshape(h, w).cpu().numpy()
+                scale = csa.down[col - 1].stride[0] if col else 1
+                _overlay(axes[row, col], image, heat,
+                         f'keys 1/{scale} ({h}x{w}), sum {heat.sum():.2f}: {_range(heat)}',
+                         mode='nearest')
+                _mark(axes[row, col], point, image)
+        fig.suptitle(f'MSCSA {name}: cross-scale attention of the query (x), per key scale',
+                     fontsize=9)
+        paths.append(_save(fig, os.path.join(out_dir, f'mscsa_{_safe(name)}.png')))
+    return paths
+
+
+def draw_all(model: nn.Module, inputs: torch.Tensor, image: np.ndarray, out_dir: str,
+             forward: Optional[Callable[[torch.Tensor], object]] = None) -> List[str]:
+    """Run ``forward(inputs)`` (default ``model(inputs)``) once and draw every figure that the
+    model's modules allow into ``out_dir``; returns the written paths.
+
+    Args:
+        model: any module containing FINE / ASFF / MAF / CSA modules (a timm model of ours, a
+            detectron2 model, its backbone).
+        inputs: ``(1, 3, H, W)`` tensor as the model expects it (normalised, on its device).
+        image: the ``(H, W, 3)`` uint8 RGB image ``inputs`` was made from (drawn underneath).
+        out_dir: output directory (created).
+        forward: how to run the model, e.g. ``detectron2_model.backbone``.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    try:
+        with capture(model) as found, torch.no_grad():
+            (forward or model)(inputs)
+    finally:
+        model.train(was_training)
+    return (draw_fine(found['fine'], image, out_dir) + draw_asff(found['asff'], image, out_dir)
+            + draw_maf(found['maf'], image, out_dir) + draw_mscsa(found['csa'], image, out_dir))
+
+
+def erf_maps(stages: Callable[[torch.Tensor], Sequence[torch.Tensor]],
+             inputs: Sequence[torch.Tensor]) -> List[np.ndarray]:
+    """Effective receptive field of each stage: ``|d sum_c f_s[c, centre] / d x|`` summed over
+    colour channels, averaged over ``inputs`` (each ``(1, 3, H, W)``, same size); one ``(H, W)``
+    map per stage output of ``stages``."""
+    totals: List[np.ndarray] = []
+    for x in inputs:
+        x = x.clone().requires_grad_(True)
+        outputs = list(stages(x))
+        for i, f in enumerate(outputs):
+            h, w = f.shape[-2:]
+            grad, = torch.autograd.grad(f[0, :, h // 2, w // 2].sum(), x, retain_graph=True)
+            g = grad[0].abs().sum(0).cpu().numpy()
+            if len(totals) <= i:
+                totals.append(np.zeros_like(g))
+            totals[i] += g / len(inputs)
+    return totals
+
+
+def draw_erf(stages: Callable[[torch.Tensor], Sequence[torch.Tensor]],
+             inputs: Sequence[torch.Tensor], image: np.ndarray, out_dir: str,
+             names: Optional[Sequence[str]] = None) -> List[str]:
+    """One panel per stage: the effective receptive field (:func:`erf_maps`), ``log(1 + g / mean)``
+    normalised, over the first image."""
+    plt = _plt()
+    os.makedirs(out_dir, exist_ok=True)
+    maps = erf_maps(stages, inputs)
+    fig, axes = plt.subplots(1, len(maps), figsize=(3 * len(maps), 3), squeeze=False)
+    for i, g in enumerate(maps):
+        label = names[i] if names is not None else f'stage {i + 1}'
+        heat = _normalise(np.log1p(g / max(float(g.mean()), 1e-12)))
+        _overlay(axes[0, i], image, heat, f'{label}: ERF', cmap='inferno')
+    fig.suptitle(f'Effective receptive field of the centre output, mean over {len(inputs)} '
+                 f'image(s)', fontsize=9)
+    return [_save(fig, os.path.join(out_dir, 'erf.png'))]
+
+
+def resize_image(image: np.ndarray, size: int, divisor: int) -> np.ndarray:
+    """Resize ``(H, W, 3)`` uint8 so the shorter side is about ``size`` and both sides are multiples
+    of ``divisor`` (no padding then reaches the drawn maps)."""
+    from PIL import Image
+    h, w = image.shape[:2]
+    scale = size / min(h, w)
+    new_h = max(divisor, int(round(h * scale / divisor)) * divisor)
+    new_w = max(divisor, int(round(w * scale / divisor)) * divisor)
+    return np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
+
+
+def draw_timm_model(model: nn.Module, images: Sequence[np.ndarray], out_dir: str, size: int = 256,
+                    erf: bool = True) -> List[str]:
+    """Every figure for a timm classification model of ours (``timm.create_model(name)``): the
+    backbone's MAF / CSA maps on ``images[0]``, and the ERF of each ``forward_intermediates``
+    stage averaged over all ``images`` (uint8 RGB arrays, resized as :func:`resize_image`)."""
+    from timm.data import resolve_data_config
+    config = resolve_data_config({}, model=model)
+    divisor = 32 * int(getattr(model, 'size_divisibility', 1) or 1)
+    arrays = [resize_image(images[0], size, divisor)]
+    arrays += [np.asarray(_resize_rgb(im, arrays[0].shape[:2])) for im in images[1:]]
+    mean = torch.tensor(config['mean']).view(1, 3, 1, 1)
+    std = torch.tensor(config['std']).view(1, 3, 1, 1)
+    device = next(model.parameters()).device
+    tensors = [((torch.from_numpy(a.copy()).permute(2, 0, 1)[None].float() / 255 - mean) / std
+                ).to(device) for a in arrays]
+    paths = draw_all(model, tensors[0], arrays[0], out_dir, forward=model.forward_features)
+    if erf:
+        was_training = model.training
+        model.eval()
+        try:
+            paths += draw_erf(lambda x: model.forward_intermediates(x, intermediates_only=True),
+                              tensors, arrays[0], out_dir)
+        finally:
+            model.train(was_training)
+    return paths
+
+
+def _resize_rgb(image: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+    from PIL import Image
+    return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))

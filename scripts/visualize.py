@@ -1,0 +1,125 @@
+#!/usr/bin/env python
+"""Draw what the fusion modules of a model do, as PNG files (docs/segmentation.md, "visualize.py").
+
+    scripts/visualize.py --config-file configs/ADE20K-SemanticSegmentation/semantic_fpn_maformer_s_fine_fpn_80k.yaml \
+        [--weights output/model_final.pth] --input photo.jpg [more.jpg ...] --output figures/ [KEY VALUE ...]
+    scripts/visualize.py --model maformer_s [--weights maformer_s.safetensors] --input photo.jpg --output figures/
+
+With a detectron2 config: FINE neck -> ``fine_*.png`` (F_high, F_low, M, aligned F_low of every
+fusion, FINE Fig. 8); ASFF neck -> ``asff_weights.png`` (per-source weights of every output level);
+MAFormer backbone -> ``maf_attention.png``; MSCSA backbone -> ``mscsa_*.png``; and ``erf.png``
+(effective receptive field per stage, averaged over all --input images). With ``--model NAME``:
+the backbone figures and ``erf.png`` of a bare timm model. Without ``--weights`` the weights are
+random (the backbone's pretrained weights are not fetched unless an override asks for them).
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+
+_WEIGHT_SUFFIXES = ('.pth', '.pt', '.safetensors')
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument('--config-file', metavar='CFG', help='a detectron2 config of ours')
+    source.add_argument('--model', metavar='NAME', help='a timm model name of ours (backbone maps only)')
+    parser.add_argument('--weights', metavar='FILE', default='',
+                        help='weights: a .pth (detectron2 checkpoint or state dict) or .safetensors')
+    parser.add_argument('--input', metavar='IMAGE', nargs='+', required=True,
+                        help='image(s); maps are drawn over the first, the ERF averages all')
+    parser.add_argument('--output', metavar='DIR', required=True, help='output directory')
+    parser.add_argument('--size', type=int, default=0,
+                        help='shorter side of the drawn image (default: 512 for configs, 256 for --model)')
+    parser.add_argument('--no-erf', action='store_true', help='skip the effective receptive field')
+    parser.add_argument('opts', nargs=argparse.REMAINDER, metavar='KEY VALUE',
+                        help='config overrides (with --config-file)')
+    return parser
+
+
+def _fail(message: str) -> None:
+    print(f'visualize.py: error: {message}', file=sys.stderr)
+    sys.exit(2)
+
+
+def _load_state_dict(path: str) -> dict:
+    if not os.path.isfile(path):
+        _fail(f"--weights '{path}' does not exist.")
+    if not path.endswith(_WEIGHT_SUFFIXES):
+        _fail(f"--weights '{path}': use a {' / '.join(_WEIGHT_SUFFIXES)} file (other formats, "
+              f"e.g. pickled .pkl, are not loaded here).")
+    if path.endswith('.safetensors'):
+        from safetensors.torch import load_file
+        return load_file(path)
+    state = torch.load(path, map_location='cpu', weights_only=True)
+    return state.get('model', state) if isinstance(state, dict) else state
+
+
+def _load_weights(model: torch.nn.Module, path: str) -> None:
+    state = _load_state_dict(path)
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        _fail(f"--weights '{path}' does not fit the model: {len(result.missing_keys)} missing keys "
+              f"(e.g. {result.missing_keys[:2]}), {len(result.unexpected_keys)} unexpected (e.g. "
+              f"{result.unexpected_keys[:2]}). Pass the config or --model it was trained with.")
+
+
+def _detectron2_model(args):
+    from detectron2.modeling import build_model
+    from detectron2_ext.config_file import UnsafeConfigError, load_config
+
+    if not os.path.isfile(args.config_file):
+        _fail(f"--config-file '{args.config_file}' does not exist.")
+    # random weights unless --weights (or an override) says otherwise
+    opts = ['MODEL.TIMM.PRETRAINED', 'False', 'MODEL.WEIGHTS', ''] + list(args.opts)
+    try:
+        cfg = load_config(args.config_file, opts)  # safe YAML
+    except (ValueError, KeyError, FileNotFoundError, UnsafeConfigError) as err:
+        _fail(str(err.args[0]) if err.args else str(err))
+    if cfg.MODEL.DEVICE.startswith('cuda') and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = 'cpu'
+    cfg.freeze()
+    model = build_model(cfg)
+    if args.weights:
+        _load_weights(model, args.weights)
+    return model.eval(), cfg
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    if args.model and args.opts:
+        _fail(f'KEY VALUE overrides ({args.opts[:2]} ...) need --config-file, not --model.')
+    for path in args.input:
+        if not os.path.isfile(path):
+            _fail(f"--input '{path}' does not exist.")
+    images = [np.asarray(Image.open(p).convert('RGB')) for p in args.input]
+    if args.model:
+        import timm
+        import maformer_zoo  # noqa: F401  (registers our models)
+        from maformer_zoo.utils.visualize import draw_timm_model
+        if not timm.is_model(args.model):
+            _fail(f"--model {args.model!r} is not a timm model name (see maformer_zoo.list_models()).")
+        model = timm.create_model(args.model, pretrained=False)
+        if args.weights:
+            _load_weights(model, args.weights)
+        paths = draw_timm_model(model.eval(), images, args.output, size=args.size or 256,
+                                erf=not args.no_erf)
+    else:
+        from detectron2_ext.visualize import draw_detectron2_model
+        model, cfg = _detectron2_model(args)
+        paths = draw_detectron2_model(model, images, args.output, input_format=cfg.INPUT.FORMAT,
+                                      size=args.size or 512, erf=not args.no_erf)
+    if not paths:
+        print('The model has no FINE, ASFF, MAF or MSCSA module; nothing but the ERF to draw.')
+    for path in paths:
+        print(path)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""The timm backbone adapter across timm families (docs/detectron2.md, "Families").
+
+For each family, with random weights (``pretrained=False``) and ``MODEL.TIMM.NORM`` FrozenBN:
+
+1. at the model's native size, in eval mode, the adapter's features equal timm's own
+   ``features_only`` output for the same weights (BatchNorm statistics and affine randomised, so
+   a norm that loses its activation, statistics or affine shows);
+2. at 512x768 (non-square, no multiple of any window), padded as detectron2 pads a batch
+   (``size_divisibility`` / ``padding_constraints``), it returns the channels and strides
+   ``output_shape()`` declares;
+3. one SGD step in training mode with ``freeze_at=2`` changes no frozen parameter and no
+   BatchNorm statistic, and does train the rest.
+
+A handful of families run in ``make test``; the rest are ``slow``.
+"""
+import math
+
+import pytest
+import torch
+
+pytest.importorskip('detectron2')
+pytestmark = pytest.mark.detectron2
+
+import timm  # noqa: E402
+from detectron2.structures import ImageList  # noqa: E402
+
+import maformer_zoo  # noqa: E402,F401  (registers our models)
+from detectron2_ext.modeling.timm_backbone import TimmBackbone, _model_facts  # noqa: E402
+
+DETECTION_SIZE = (512, 768)
+FAST = {'efficientnet_b0', 'swin_tiny_patch4_window7_224', 'deit_tiny_patch16_224',
+        'coat_lite_mini', 'resnet18_mscsa'}
+# model name -> extra create_model arguments (MODEL.TIMM.KWARGS)
+FAMILIES = {
+    # named in issue 12
+    'efficientnet_b0': {}, 'mobilenetv3_large_100': {}, 'regnety_016': {}, 'cspresnet50': {},
+    'maxvit_pico_rw_256': {}, 'coatnet_pico_rw_224': {}, 'efficientformerv2_s0': {},
+    'swin_tiny_patch4_window7_224': {}, 'swinv2_tiny_window8_256': {}, 'coat_lite_mini': {},
+    'levit_128': {}, 'vit_small_patch16_224': {}, 'deit_tiny_patch16_224': {}, 'convnext_tiny': {},
+    # ours
+    'resnet18_mscsa': {}, 'pvt_v2_b0_mscsa': {}, 'maformer_s': {},
+    # more of timm
+    'resnet18': {}, 'pvt_v2_b0': {}, 'densenet121': {}, 'hrnet_w18_small': {}, 'dla34': {},
+    'ese_vovnet19b_dw': {}, 'rexnet_100': {}, 'mobilevit_xxs': {}, 'edgenext_xx_small': {},
+    'poolformerv2_s12': {}, 'efficientvit_b0': {}, 'fastvit_t8': {}, 'repvit_m1': {},
+    'nf_resnet26': {}, 'ghostnet_100': {}, 'hgnetv2_b0': {}, 'tiny_vit_5m_224': {},
+    'focalnet_tiny_srf': {}, 'davit_tiny': {}, 'eva02_tiny_patch14_224': {'patch_size': 16},
+    'efficientvit_m0': {}, 'gcvit_xxtiny': {}, 'mvitv2_tiny': {}, 'twins_pcpvt_small': {},
+    'xcit_nano_12_p16_224': {}, 'inception_next_tiny': {}, 'dpn68': {}, 'res2net50_14w_8s': {},
+    'resnest14d': {},
+}
+
+
+def _randomise_batchnorms(model: torch.nn.Module) -> None:
+    generator = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            m.running_mean.copy_(0.1 * torch.randn(n, generator=generator))
+            m.running_var.copy_(0.5 + torch.rand(n, generator=generator))
+            if m.affine:
+                m.weight.data.copy_(0.5 + torch.rand(n, generator=generator))
+                m.bias.data.copy_(0.1 * torch.randn(n, generator=generator))
+
+
+def _nchw(feature: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
+    return feature.permute(0, 3, 1, 2) if str(getattr(model, 'output_fmt', 'NCHW')) in (
+        'NHWC', 'Format.NHWC') else feature
+
+
+def _stats(module):
+    return {n: b.clone() for n, b in module.named_buffers() if 'running_' in n}
+
+
+@pytest.mark.parametrize('name', [pytest.param(n, marks=() if n in FAST else pytest.mark.slow)
+                                  for n in FAMILIES])
+def test_family(name):
+    extra = FAMILIES[name]
+    facts = _model_facts(name)
+    native = facts.native_size
+    torch.manual_seed(0)
+    single_scale = len(set(facts.reductions)) == 1
+    reference = timm.create_model(name, features_only=True, pretrained=False, **extra,
+                                  **({'out_indices': (len(facts.reductions) - 1,)}
+                                     if single_scale else {})).eval()
+    with torch.no_grad():
+        _randomise_batchnorms(reference)
+    backbone = TimmBackbone(name, norm='FrozenBN', freeze_at=2, img_size=max(native),
+                            model_kwargs=extra)
+    backbone.model.load_state_dict(reference.state_dict())
+    backbone.eval()
+
+    # 1. timm's own features at the native size
+    x = torch.randn(1, 3, *native)
+    with torch.no_grad():
+        want = [_nchw(f, reference) for f in reference(x)]
+        got = backbone(x)
+    assert list(got) == list(backbone.output_shape())
+    for index, (level, feature) in zip(backbone._selected, got.items()):
+        expected = want[index]
+        scale = expected.abs().max().item() or 1.0
+        torch.testing.assert_close(feature, expected, rtol=1e-4, atol=1e-4 * scale, msg=level)
+
+    # 2. a detection size, padded as detectron2 pads the batch
+    detector_backbone = backbone
+    if backbone.padding_constraints['square_size']:  # built for its native square: rebuild
+        detector_backbone = TimmBackbone(name, norm='FrozenBN', img_size=max(DETECTION_SIZE),
+                                         model_kwargs=extra).eval()
+    images = ImageList.from_tensors([torch.randn(3, *DETECTION_SIZE)],
+                                    detector_backbone.size_divisibility,
+                                    padding_constraints=detector_backbone.padding_constraints)
+    height, width = images.tensor.shape[-2:]
+    assert height >= DETECTION_SIZE[0] and width >= DETECTION_SIZE[1]
+    with torch.no_grad():
+        out = detector_backbone(images.tensor)
+    for level, shape in detector_backbone.output_shape().items():
+        assert tuple(out[level].shape) == (1, shape.channels, math.ceil(height / shape.stride),
+                                           math.ceil(width / shape.stride)), level
+
+    # 3. one training step: frozen parameters and all BatchNorm statistics stay
+    backbone.train()
+    frozen = {n: p.detach().clone() for n, p in backbone.named_parameters() if not p.requires_grad}
+    trainable = {n: p.detach().clone() for n, p in backbone.named_parameters() if p.requires_grad}
+    assert frozen and trainable
+    stats = _stats(backbone)
+    optimizer = torch.optim.SGD([p for p in backbone.parameters() if p.requires_grad], lr=0.1)
+    loss = sum(f.float().pow(2).mean() for f in backbone(x).values())
+    loss.backward()
+    optimizer.step()
+    after = dict(backbone.named_parameters())
+    for n, value in frozen.items():
+        assert after[n].grad is None and torch.equal(after[n], value), n
+    assert any(not torch.equal(after[n], v) for n, v in trainable.items())
+    for n, value in _stats(backbone).items():
+        assert torch.equal(value, stats[n]), n
+
+
+def _detector_cfg(name: str, builder: str, fusion: str, mask_on: bool):
+    import os
+    from detectron2.config import get_cfg
+    from detectron2_ext import add_maformer_zoo_config
+    cfg = add_maformer_zoo_config(get_cfg())
+    cfg.merge_from_file(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                     'configs', 'Base-Timm-RCNN-FPN.yaml'))
+    cfg.merge_from_list([
+        'MODEL.BACKBONE.NAME', builder, 'MODEL.TIMM.NAME', name, 'MODEL.TIMM.PRETRAINED', False,
+        'MODEL.FPN.FUSION', fusion, 'MODEL.MASK_ON', mask_on, 'MODEL.DEVICE', 'cpu',
+        'MODEL.ROI_HEADS.NUM_CLASSES', 3, 'MODEL.RPN.POST_NMS_TOPK_TRAIN', 64,
+        'MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE', 32, 'MODEL.FPN.OUT_CHANNELS', 64,
+        'INPUT.MIN_SIZE_TEST', DETECTION_SIZE[0], 'INPUT.MAX_SIZE_TEST', DETECTION_SIZE[1]])
+    return cfg
+
+
+@pytest.mark.parametrize('name,fusion,mask_on', [
+    ('vit_small_patch16_224', 'sum', False),   # Faster R-CNN on a plain ViT
+    ('deit_tiny_patch16_224', 'sum', True),    # Mask R-CNN on DeiT
+    pytest.param('deit_tiny_patch16_224', 'asff', True, marks=pytest.mark.slow),
+])
+def test_single_scale_backbones_under_rcnn(name, fusion, mask_on):
+    """build_timm_simple_fpn_backbone: ViTDet's pyramid (P2-P6) on a single-scale model; a
+    training step and inference at 512x768."""
+    from detectron2.modeling import build_model
+    from detectron2.structures import Boxes, Instances
+    from detectron2.utils.events import EventStorage
+    from detectron2_ext.modeling.fpn_variants import FusionSimpleFeaturePyramid
+
+    torch.manual_seed(0)
+    model = build_model(_detector_cfg(name, 'build_timm_simple_fpn_backbone', fusion, mask_on))
+    assert isinstance(model.backbone, FusionSimpleFeaturePyramid)
+    assert {k: v.stride for k, v in model.backbone.output_shape().items()} == {
+        'p2': 4, 'p3': 8, 'p4': 16, 'p5': 32, 'p6': 64}
+    assert (model.backbone.fpn_asff is not None) == (fusion == 'asff')
+    image = torch.randint(0, 255, (3, *DETECTION_SIZE), dtype=torch.uint8)
+    instances = Instances(DETECTION_SIZE, gt_boxes=Boxes(torch.tensor([[40., 60., 300., 400.]])),
+                          gt_classes=torch.tensor([1]))
+    if mask_on:
+        masks = torch.zeros(1, *DETECTION_SIZE, dtype=torch.bool)
+        masks[:, 60:400, 40:300] = True
+        from detectron2.structures import BitMasks
+        instances.gt_masks = BitMasks(masks)
+    model.train()
+    with EventStorage():
+        losses = model([{'image': image, 'instances': instances}])
+    assert all(torch.isfinite(v) for v in losses.values()) and ('loss_mask' in losses) == mask_on
+    sum(losses.values()).backward()
+    model.eval()
+    with torch.no_grad():
+        out = model([{'image': image}])
+    assert out[0]['instances'].image_size == DETECTION_SIZE
+
+
+def test_simple_pyramid_refuses_fine():
+    from detectron2.modeling import build_backbone
+    cfg = _detector_cfg('deit_tiny_patch16_224', 'build_timm_simple_fpn_backbone', 'fine', False)
+    with pytest.raises(ValueError, match='no top-down|does not have'):
+        build_backbone(cfg)
+    cfg = _detector_cfg('deit_tiny_patch16_224', 'build_timm_fpn_backbone', 'sum', False)
+    with pytest.raises(ValueError, match='build_timm_simple_fpn_backbone'):
+        build_backbone(cfg)
