@@ -30,6 +30,7 @@ import time
 from typing import Dict, List, Optional
 
 import torch
+from tqdm import tqdm
 
 TABLE1 = {'maformer_s': (23, 4.5), 'maformer_b': (53, 9.8), 'maformer_l': (104, 22.6)}
 TABLE5_MASK_RCNN_GFLOPS = {'maformer_s': 256, 'maformer_b': 354, 'maformer_l': 609}
@@ -54,7 +55,7 @@ def throughput(names: List[str], device: torch.device, batch_size: int, img_size
     times: Dict[str, List[float]] = {n: [] for n in names}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
     with torch.inference_mode(), autocast:
-        for step in range(warmup + iters):
+        for step in tqdm(range(warmup + iters), desc='throughput rounds', unit='round'):
             for name, model in models.items():
                 _sync(device)
                 start = time.perf_counter()
@@ -234,7 +235,28 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     if args.json:
         with open(args.json, 'w') as f:
-            json.dump(results, f, indent=2)
+            json.dump(_rows(results, args), f, indent=2)
+
+
+def _rows(results: dict, args: argparse.Namespace) -> List[dict]:
+    """One flat dict per model (the --json format every benchmark shares)."""
+    meta = {k: results[k] for k in ('device', 'threads', 'torch', 'batch_size', 'warmup', 'iters', 'amp')}
+    names = list(dict.fromkeys(args.models + ([] if args.skip_throughput else [args.baseline])))
+    rows = []
+    for n in names:
+        row = dict(benchmark='maformer', model=n, **meta)
+        for key, value in results.get('flops', {}).get(n, {}).items():
+            row[key] = value
+        if n in results.get('mask_rcnn_gflops', {}):
+            row['mask_rcnn_gflops'] = results['mask_rcnn_gflops'][n]
+        ips = results.get('images_per_s', {})
+        if n in ips:
+            row['images_per_s'] = ips[n]
+            row[f'ratio_to_{args.baseline}'] = ips[n] / ips[args.baseline]
+        if n in results.get('peak_memory_mib', {}):
+            row['peak_memory_mib'] = results['peak_memory_mib'][n]
+        rows.append(row)
+    return rows
 
 
 if __name__ == '__main__':

@@ -184,9 +184,10 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
           f'{args.img_size}x{args.img_size}, {args.iters} timed rounds (+{args.warmup} warm-up), '
           f'channels_last={args.channels_last}', flush=True)
     rows = []
-    for name in args.models:
+    from tqdm import tqdm
+    for name in tqdm(args.models, desc='MSCSA pairs', unit='pair'):
         base, aug = _build(name), _build(f'{name}_mscsa')
-        row = dict(model=name)
+        row = dict(benchmark='mscsa', model=name)
         row['params_base'], row['params_aug'] = count_params(base), count_params(aug)
         row['gflops_base'], row['gflops_aug'] = count_flops(base), count_flops(aug)
         if not args.memory_only:

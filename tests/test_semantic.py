@@ -226,3 +226,43 @@ def test_train_net_rejects_labels_outside_the_classes(sem_seg_data, tmp_path):
     assert re.match(r"error: Dataset 'syn_train': label file '.*' has class [45], but the model has 4 "
                     r"classes", last), proc.stderr[-2000:]
     assert not os.path.isfile(tmp_path / 'out' / 'model_final.pth')
+
+
+class _Segmenter(torch.nn.Module):
+    """Backbone + neck + head logits: what the papers' FLOPs count."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.sem_seg_head.layers(self.model.backbone(x))
+
+
+# (config, timm name or None, input (H, W), paper GFLOPs): MSCSA Table 3 (Semantic FPN, 512x512)
+# and MAFormer Table 7 (UPerNet, 2048x512).
+PAPER_FLOPS = [
+    ('semantic_fpn_pvt_v2_b0_mscsa_fpn_40k.yaml', None, (512, 512), 26),
+    ('semantic_fpn_pvt_v2_b0_mscsa_fpn_40k.yaml', 'pvt_v2_b0', (512, 512), 25),
+    ('semantic_fpn_pvt_v2_b1_mscsa_fpn_40k.yaml', None, (512, 512), 36),
+    ('semantic_fpn_pvt_v2_b1_mscsa_fpn_40k.yaml', 'pvt_v2_b1', (512, 512), 34),
+    ('semantic_fpn_pvt_v2_b2_mscsa_fpn_40k.yaml', None, (512, 512), 49),
+    ('semantic_fpn_pvt_v2_b2_mscsa_fpn_40k.yaml', 'pvt_v2_b2', (512, 512), 46),
+    ('upernet_maformer_s_fpn_160k.yaml', None, (512, 2048), 929),
+]
+
+
+@pytest.mark.parametrize('config,name,size,paper', [
+    pytest.param(*row, marks=() if 'b0' in row[0] else pytest.mark.slow) for row in PAPER_FLOPS])
+def test_flops_match_the_papers(config, name, size, paper):
+    """Within 5% of the papers' FLOPs (docs/segmentation.md lists all measured numbers)."""
+    from maformer_zoo.utils.flops import count_flops
+    opts = ('MODEL.TIMM.NAME', name) if name else ()
+    model = build_model(_cfg(os.path.join(SEMANTIC_DIR, config), *opts))
+    assert count_flops(_Segmenter(model), size) == pytest.approx(paper, rel=0.05)
+
+
+def test_semantic_fpn_maformer_s_params_match_the_paper():
+    """MAFormer Table 7: Semantic FPN with MAFormer-S, 28M parameters (150 classes)."""
+    model = build_model(_cfg(os.path.join(SEMANTIC_DIR, 'semantic_fpn_maformer_s_fpn_80k.yaml')))
+    assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(28, rel=0.05)

@@ -1,45 +1,24 @@
-"""Attention pieces of the MAFormer Multi-scale Attention Fusion (MAF) block, in plain PyTorch.
+"""Attention pieces of the MAFormer Multi-scale Attention Fusion (MAF) block, on ``(B, H, W, C)`` maps.
 
-Paper: "MAFormer: A Transformer Network with Multi-scale Attention Fusion for Visual Recognition"
-(ICLR 2023 submission, Sec. 3.2, Fig. 1-2, Eq. 1-4). The model that stacks these pieces is
-:mod:`maformer_zoo.models.maformer`; every design choice is listed in its module docstring and in
-README, "MAFormer-S/B/L". Everything here works on channels-last maps ``(B, H, W, C)``.
+Paper: MAFormer (arXiv:2209.01620), Sec. 3.2, Fig. 1-2, Eq. 1-4; the model is
+:mod:`maformer_zoo.models.maformer`, the reasons for every choice are in docs/maformer.md.
 
-* :func:`window_self_attention`: multi-head self-attention inside rectangular windows of a packed
-  ``qkv`` map, with the zero padding, cyclic shift and key masking that arbitrary (detection)
-  input sizes need. Windows longer than the map are clipped to it, and an axis longer than the
-  window is cut into the fewest *equal* windows no longer than it (``balanced_split``), so padding
-  stays below one token per window and cost grows linearly with the number of pixels.
-* :class:`CrossShapedWindowAttention`: the local aggregation branch (Eq. 1; Table 2's default,
-  CSWin, Dong et al. 2021): half of the heads attend within horizontal stripes of ``sw`` rows, the
-  other half within vertical stripes of ``sw`` columns, each with a locally-enhanced positional
-  encoding (LePE: 3x3 depthwise convolution of the values inside the stripe).
-* :class:`WindowSelfAttention`: the plain multi-head self-attention of the stage 3-4 transformer
-  blocks, global or (when ``window_size`` is set) inside optionally shifted square windows.
-* :class:`GlobalLearningDownsample` (GLD, Eq. 2, Fig. 1c): one fully-connected layer along the
-  *token* axis mapping all ``H*W`` tokens to a fixed grid of global tokens, plus the *Pos* term,
-  a bilinear down-sampling of the same input to that grid. Both are linear maps along the token
-  axis, so *Pos* is added to the FC weight as a fixed interpolation matrix and GLD is one matrix
-  product.
+* :func:`window_self_attention`: attention in rectangular windows with padding, Swin shifts and
+  key masks, so any input size works; an axis is cut into the fewest equal windows
+  (:func:`balanced_split`), keeping cost linear in pixels. Branch-free under compile/export.
+* :class:`CrossShapedWindowAttention`: CSWin stripes with LePE (Eq. 1, Table 2's default).
+* :class:`WindowSelfAttention`: the stage 3-4 attention, global or in (shifted) windows.
+* :class:`GlobalLearningDownsample` (Eq. 2): one token-axis FC to a fixed grid of global tokens plus
+  the bilinear *Pos* term, folded into one matrix product; weights defined at the 224x224 maps and
+  resampled at other sizes.
 * :class:`MultiScaleAttentionFusion` (Eq. 3-4): local tokens query the global tokens.
-
-GLD and resolution independence: read literally, the FC maps the ``L = H*W`` tokens to ``N*L``
-tokens (``N = 0.5``). That ties the weights to one input size, costs ``0.5 * 3136^2 = 4.9M``
-parameters per stage-1 block at 224x224 (Table 1 leaves 1-2M for *all* of MAF), and makes the
-fusion attention quadratic in the number of pixels. We keep what the paper describes -- a single
-dense layer over every token of the full-size input that outputs a down-sampled, learned
-contextual abstraction -- but (1) its output is a fixed ``g x g`` grid of global tokens, and (2) its
-weights are defined on a *reference* grid (the stage's map at a 224x224 input) and, at any other
-size, bilinearly resampled to the actual map and rescaled by ``ref_area / area`` so each global
-token keeps the same total weight. At the reference size the layer is exactly the dense FC; at
-any size every global token is a learned weighting of the same relative image region, and the
-layer and the fusion cost ``O(H*W*g^2*C)``: linear in pixels.
 """
 from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from timm.layers import register_notrace_function, register_notrace_module
 
@@ -60,8 +39,23 @@ def balanced_split(size: int, max_len: Optional[int]) -> Tuple[int, int]:
         return 1, size
     if max_len >= size:
         return 1, size
+    if _divides(max_len, size):
+        # the general formula gives the same; this form keeps export's symbolic sizes simple
+        return size // max_len, max_len
     count = (size + max_len - 1) // max_len
     return count, (size + count - 1) // count
+
+
+def _divides(divisor: int, size: int) -> bool:
+    """``size % divisor == 0`` for ints; for symbolic sizes, True only where it holds for every size
+    (no guard is added, so one exported program serves all sizes)."""
+    divisible = size % divisor == 0
+    if torch.jit.is_scripting():
+        return divisible
+    else:
+        if isinstance(divisible, torch.SymBool):
+            return statically_known_true(divisible)
+        return bool(divisible)
 
 
 def _is_compiling() -> bool:

@@ -41,11 +41,9 @@ Choices the paper leaves open (also in README, "MSCSA"):
   ``drop_path_rate * (i + 1) / depth``, so the last block (the only one at Table 7's depth 1) gets
   ``drop_path_rate``.
 * Fusion layer: one 1x1 convolution + BatchNorm maps the stage's MSCSA slice to ``2 * c`` channels
-  (weights and biases); weights go through a sigmoid. The convolution runs at the pooled
-  resolution and the result is bilinearly upsampled: 1x1 convolution and (eval-mode) BatchNorm are
-  affine per pixel and bilinear interpolation is a convex combination, so this equals
-  "upsample, then convolve" (Fig. 5b) at a fraction of the cost; the sigmoid is applied after
-  upsampling, as in the figure.
+  (weights and biases); weights go through a sigmoid. Training follows Fig. 5b (upsample, then
+  convolve: BatchNorm sees the full-resolution map); inference convolves at the pooled resolution
+  and upsamples after, the same function there at a fraction of the cost (docs/mscsa.md).
 * Attention memory: queries are processed in chunks when ``heads * N * M`` would exceed
   ``attn_chunk_elems`` per image, so the attention matrix stays bounded at any input size (exact,
   softmax is per query row).

@@ -1,69 +1,22 @@
 """MAFormer: a transformer network with Multi-scale Attention Fusion for visual recognition.
 
 Paper: "MAFormer: A Transformer Network with Multi-scale Attention Fusion for Visual Recognition",
-anonymous ICLR 2023 submission (later Y. Wang, H. Sun, X. Wang, B. Zhang, C. Li, Y. Xin, B. Zhang,
-E. Ding, S. Han, arXiv:2209.01620). No official code exists; this is the reference implementation.
+ICLR 2023 submission (Y. Wang et al., arXiv:2209.01620). No official code exists; this is the
+reference implementation. Design notes, choices and measurements: docs/maformer.md.
 
-Architecture (Sec. 3.1, Fig. 1, Table 1): a convolutional stem to ``H/4 x W/4``, four stages joined by
-stride-2 patch merging; MAF blocks (Sec. 3.2) in stages 1-2, plain transformer blocks in stages 3-4;
-MLP ratio 4; stochastic depth. Dims / depths (Table 1): S ``[64,128,320,512] / [3,5,8,3]``,
-B ``[64,128,320,512] / [3,8,20,7]``, L ``[128,192,448,640] / [3,8,24,7]``. The attention pieces live in
-:mod:`maformer_zoo.layers.maf`.
+* Layout (Sec. 3.1, Table 1): convolutional stem to H/4, four stages joined by 3x3 stride-2 merging;
+  MAF blocks (:class:`MafBlock`, Sec. 3.2) in stages 1-2, pre-norm ViT blocks in stages 3-4.
+  S ``[64,128,320,512] / [3,5,8,3]``, B ``[64,128,320,512] / [3,8,20,7]``, L ``[128,192,448,640] / [3,8,24,7]``.
+* MAF block: ``X_L = X + CSWin(LN X)``, ``X_L += MLP(LN X_L)``, ``out = X_L + Attn(Q=LN X_L, KV=LN GLD(LN X))``.
+* GLD: fixed grid of global tokens (7x7 for S, 14x14 for B/L, as Table 1's budgets force), weights
+  resampled with the input size so cost stays linear; no bias (a LayerNorm would remove it).
+* Window policy: full-length stripes and global stage-3/4 attention up to 384x384 inputs,
+  bounded windows (24x24, shifted in odd blocks) and stripe segments beyond, so detection cost is
+  linear in pixels.
+* Stochastic depth linear over all blocks; Sec. 4.2's "dropout rate" 0.1/0.3/0.4 is its rate.
 
-MAF block (Fig. 1b, Fig. 2c, Eq. 1-4), on the block input ``X``::
-
-    Xn  = LN(X)
-    X_G = GLD(Xn)                                   # Eq. 2: FC over all tokens + Pos, g x g tokens
-    X_L = X + CSWinAttention(Xn)                    # Eq. 1 (local aggregation)
-    X_L = X_L + MLP(LN(X_L))                        # Eq. 1
-    out = X_L + Proj(Attention(Q=LN(X_L), KV=LN(X_G)))  # Eq. 3-4 (local tokens query global ones)
-
-Choices the paper leaves open (also in README, "MAFormer-S/B/L"), and why:
-
-* **Global branch input**: both branches read the block input (Fig. 2c, "extracting the local and
-  global scales of input directly and separately"), through one shared pre-norm. ``X_G^{l-1}`` in
-  Eq. 2 is read as the block input, not a separate stream carried across blocks.
-* **GLD** (Eq. 2): a dense FC along the token axis from the whole map to a fixed ``g x g`` grid of
-  global tokens, weights defined on the stage's 224x224 map and bilinearly resampled (with the
-  ``ref_area / area`` rescaling) at any other size; plus *Pos* = anti-aliased bilinear down-sampling
-  of the input to the same grid. The literal ``L -> 0.5 L`` FC costs 4.9M parameters per stage-1
-  block, binds the weights to one resolution and makes the fusion quadratic in pixels; see
-  :mod:`maformer_zoo.layers.maf`. ``N = 0.5`` survives as the B/L global grid, 14x14 = half the
-  stage-2 side at 224x224; S uses 7x7 (the stage-4 grid at 224x224). Table 1 forces the split:
-  without GLD and fusion the models cost S 22.92M / 4.25 GFLOPs, B 50.93M / 8.57, L 100.88M / 19.54,
-  so within 5% MAF may add at most 0.48 GFLOPs to S but at least 0.74 to B, which has only 3 more
-  MAF blocks (S with 14x14: 5.15 GFLOPs, +14%; B with 7x7: 9.09 GFLOPs, -7%).
-* **Fusion** (Eq. 3-4): multi-head (head dim 32) cross-attention with ``W_Q`` on the local tokens and
-  ``W_K``, ``W_V`` on the global tokens (Eq. 3's second ``W_K`` is read as the ``W_V`` it defines),
-  an output projection, pre-norm LayerNorms on both sides, added residually to ``X_L``. No extra MLP
-  after the fusion: Table 1's parameter counts leave no room for one.
-* **Local branch**: CSWin attention (Table 2 default) with LePE, stripe widths 1 and 2 in stages 1
-  and 2 (CSWin-T/S/B's values), half of the heads per stripe direction. Stripes are at most as
-  long as the stage's map at 224x224 (56 / 28 tokens): identical to CSWin at classification size,
-  cut into equal segments at detection size so the cost stays linear in pixels.
-* **Stages 3-4** ("original vision transformer blocks"): pre-norm ViT blocks (LN, MHSA with
-  ``F.scaled_dot_product_attention``, LN, MLP-4). Stage 4 attention is always global. Stage 3
-  attention is global over windows of at most 14x14 tokens (the whole stage-3 map at 224x224, so
-  classification is exact global attention), with Swin-style half-window shifts in odd blocks: at
-  800x1216 the stage-3 map is 50x76 = 3800 tokens, where global attention would cost 9.2 GFLOPs per
-  S block (74G for S's 8 blocks, 185G for B, 311G for L) and grow quadratically, while windows keep
-  it linear (the paper's Table 5 detection FLOPs imply a backbone cost about linear in pixels).
-  No positional embedding: position reaches these blocks through the zero-padded convolutions of
-  stem and merging and through LePE and the GLD Pos term of stages 1-2.
-* **Stem**: two 3x3 stride-2 convolutions (``3 -> C/2 -> C``) with LayerNorm and GELU between and
-  LayerNorm after (overlapping, like the convolutional stems of hybrid ViTs); at 224x224 it costs
-  0.07 / 0.25 GFLOPs for S/B and L.
-* **Patch merging**: 3x3 stride-2 convolution + LayerNorm (CSWin's merge block); padding 1 makes any
-  input size work (``ceil(H / 2)``), which detection sizes such as 608x1000 need.
-* **Head**: final LayerNorm, global average pooling, dropout, linear classifier.
-* **Heads**: head dim 32 everywhere (S/B: 2, 4, 10, 16 heads; L: 4, 6, 14, 20).
-* **Stochastic depth**: linear in the block index over the whole network (timm's
-  ``calculate_drop_path_rates``, grouped per stage); the paper's ImageNet values are 0.1 / 0.3 / 0.4 for S / B / L.
-
-Budget (fvcore, one multiply-add = one flop, 224x224; ``maformer_zoo.utils.count_flops``): params
-/ GFLOPs S 23.96M / 4.64, B 54.59M / 9.75, L 105.35M / 21.87 against Table 1's 23 / 4.5, 53 / 9.8,
-104 / 22.6 (all within 5%, checked by ``tests/test_maformer.py``). Backbone at 800x1280: S 97.2,
-B 204.5, L 452.1 GFLOPs, within 3% of the linear extrapolation from 224x224.
+Params / GFLOPs at 224x224 (fvcore): S 23.96M / 4.64, B 54.59M / 9.75, L 105.35M / 21.87 against
+Table 1's 23 / 4.5, 53 / 9.8, 104 / 22.6 (pinned within 5% by tests/test_maformer.py).
 """
 from typing import List, Optional, Sequence, Tuple, Type, Union
 

@@ -1,0 +1,278 @@
+"""The timm model contract, checked for every model of the zoo (``maformer_zoo.list_models()``).
+
+What timm checks of its own families: forward/backward, default cfgs, classifier handling,
+features and intermediates, TorchScript, FX, torch.compile, torch.export and ONNX. The models are
+built with one block per stage (``_small``) and run on small inputs, so the whole suite stays
+fast; the full-depth models differ only in how many identical blocks they repeat. What pins the
+papers (params, FLOPs, layers) lives in test_maformer.py and test_mscsa.py.
+"""
+import math
+import warnings
+
+import onnxruntime
+import pytest
+import timm
+import torch
+from timm.layers import set_scriptable
+from timm.models._features_fx import create_feature_extractor, get_graph_node_names
+
+import maformer_zoo
+
+MODELS = maformer_zoo.list_models()
+# the shallowest base of each MSCSA family, one block per stage of the base
+_BASE_SMALL = {
+    'resnet': dict(layers=(1, 1, 1, 1)),
+    'pvt_v2': dict(depths=(1, 1, 1, 1)),
+    'swin': dict(depths=(1, 1, 1, 1)),
+    'convnext': dict(depths=(1, 1, 1, 1)),
+}
+INPUT = (2, 3, 64, 96)  # two images, not square, every side a multiple of 32
+# The heaviest checks (torch.compile, torch.export, ONNX) run in the fast suite for one model per
+# family (same code, other widths); the other models repeat them in the slow suite.
+_FAMILY_FIRST = ('maformer_s', 'resnet18_mscsa', 'pvt_v2_b0_mscsa', 'swin_tiny_patch4_window7_224_mscsa',
+                 'convnext_tiny_mscsa')
+HEAVY = [n if n in _FAMILY_FIRST else pytest.param(n, marks=pytest.mark.slow) for n in MODELS]
+
+
+def test_zoo_lists_all_ten_models():
+    assert len(MODELS) == 10, MODELS
+    assert sum(n.startswith('maformer') for n in MODELS) == 3
+    assert set(_FAMILY_FIRST) <= set(MODELS)
+
+
+def _small_kwargs(name: str) -> dict:
+    if name.startswith('maformer'):
+        return dict(depths=(1, 1, 1, 1))
+    family = next(f for f in _BASE_SMALL if name.startswith(f))
+    return dict(base_kwargs=dict(_BASE_SMALL[family]))
+
+
+def _small(name: str, seed: int = 0, **kwargs):
+    torch.manual_seed(seed)
+    return timm.create_model(name, **dict(_small_kwargs(name), **kwargs))
+
+
+def _input(shape=INPUT, seed: int = 1, dtype=torch.float32) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def _assert_close(actual, expected, atol=1e-5, rtol=1e-5):
+    if isinstance(expected, (list, tuple)):
+        assert len(actual) == len(expected)
+        for a, e in zip(actual, expected):
+            _assert_close(a, e, atol, rtol)
+        return
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
+
+
+# ----------------------------------------------------------------------------- forward/backward
+
+@pytest.mark.parametrize('name', MODELS)
+def test_forward_backward_every_parameter_acts(name):
+    """Train mode: every parameter gets a finite gradient. Eval mode, float64 (round-off ~1e-16 of a
+    gradient): no parameter's gradient stays below 1e-9 of the largest one, i.e. every parameter can
+    change the output (a bias that a following LayerNorm removes fails here).
+
+    Parameters are first moved off their initial values: zero-initialised residual gains (timm's
+    ResNet ``zero_init_last``, ConvNeXt's layer scale) block gradients at init only. Eval mode,
+    because in train mode BatchNorm also removes per-channel constants (docs/mscsa.md, "Biases
+    before BatchNorm").
+    """
+    model = _small(name).double()
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    x = _input(dtype=torch.float64)
+    for train in (True, False):
+        model.train(train)
+        model.zero_grad(set_to_none=True)
+        out = model(x)
+        assert out.shape == (INPUT[0], model.num_classes) and torch.isfinite(out).all()
+        (out * _input(out.shape, seed=2, dtype=torch.float64)).sum().backward()
+        missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+        assert not missing, missing
+    scale = {n: p.grad.abs().max().item() for n, p in model.named_parameters()}
+    largest = max(scale.values())
+    dead = {n: g / largest for n, g in scale.items() if g < 1e-9 * largest}
+    assert not dead, dead
+
+
+# ---------------------------------------------------------------------------------- default cfg
+
+@pytest.mark.parametrize('name', MODELS)
+def test_default_cfg_matches_the_model(name):
+    model = _small(name).eval()
+    cfg = model.pretrained_cfg
+    in_chans, height, width = cfg['input_size']
+    assert cfg['num_classes'] == model.num_classes == 1000
+    first_conv = model.get_submodule(cfg['first_conv'])
+    assert isinstance(first_conv, torch.nn.Conv2d) and first_conv.in_channels == in_chans
+    classifier = model.get_submodule(cfg['classifier'])
+    assert classifier is model.get_classifier()
+    assert isinstance(classifier, torch.nn.Linear) and classifier.out_features == cfg['num_classes']
+    assert classifier.in_features == model.num_features == model.head_hidden_size
+    with torch.no_grad():
+        feats = model.forward_features(torch.zeros(1, in_chans, height, width))
+    assert tuple(feats.shape[-2:]) == tuple(cfg['pool_size'])
+    assert cfg['mean'] and cfg['std'] and len(cfg['mean']) == in_chans
+
+
+# ---------------------------------------------------------------------------------- classifier
+
+@pytest.mark.parametrize('name', MODELS)
+def test_classifier_reset_pool_and_pre_logits(name):
+    model = _small(name).eval()
+    x = _input()
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        assert feats.shape[:2] == (INPUT[0], model.num_features) and feats.ndim == 4
+        pre = model.forward_head(feats, pre_logits=True)
+        assert pre.shape == (INPUT[0], model.num_features)
+        _assert_close(model.get_classifier()(pre), model(x))
+
+        model.reset_classifier(7)
+        assert model(x).shape == (INPUT[0], 7) and model.num_classes == 7
+        model.reset_classifier(0)
+        _assert_close(model(x), pre)
+        model.reset_classifier(0, global_pool='')
+        _assert_close(model(x), feats)
+
+    no_head = _small(name, num_classes=0).eval()
+    with torch.no_grad():
+        assert no_head(x).shape == (INPUT[0], no_head.num_features)
+    unpooled = _small(name, num_classes=0, global_pool='').eval()
+    with torch.no_grad():
+        assert unpooled(x).shape == feats.shape
+
+
+# -------------------------------------------------------------------- features and intermediates
+
+@pytest.mark.parametrize('name', MODELS)
+@pytest.mark.parametrize('out_indices', [(0, 1, 2, 3), (1, 3), (2,)])
+def test_forward_intermediates_equal_features_only(name, out_indices):
+    dense = {} if name.startswith('maformer') else dict(dense_fusion=True)
+    model = _small(name, **dense).eval()
+    features = _small(name, features_only=True, out_indices=out_indices).eval()
+    x = _input()
+    with torch.no_grad():
+        expected = model.forward_intermediates(x, indices=list(out_indices), intermediates_only=True)
+        final, with_final = model.forward_intermediates(x, indices=list(out_indices))
+        got = features(x)
+    _assert_close(got, expected)
+    _assert_close(with_final, expected)
+    assert [t.shape[1] for t in got] == features.feature_info.channels()
+    assert [INPUT[-1] // t.shape[-1] for t in got] == features.feature_info.reduction()
+    assert final.shape[1] == model.num_features
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_forward_intermediates_options(name):
+    model = _small(name).eval()
+    x = _input()
+    with pytest.raises(ValueError, match='output_fmt'):
+        model.forward_intermediates(x, output_fmt='NLC')
+    with torch.no_grad():
+        nchw = model.forward_intermediates(x, indices=2, intermediates_only=True)
+        nhwc = model.forward_intermediates(x, indices=2, output_fmt='NHWC', intermediates_only=True)
+        _assert_close([t.permute(0, 3, 1, 2) for t in nhwc], nchw)
+        # stop_early returns the same intermediates, up to the deepest one taken
+        early = model.forward_intermediates(x, indices=[0, 1], stop_early=True, intermediates_only=True)
+        _assert_close(early, model.forward_intermediates(x, indices=[0, 1], intermediates_only=True))
+        final, _ = model.forward_intermediates(x, indices=[1], stop_early=True)
+        assert final.shape[1] == model.feature_info[1]['num_chs']
+        if name.startswith('maformer'):
+            last = model.forward_intermediates(x, indices=[3], norm=True, intermediates_only=True)[0]
+            _assert_close(last, model.forward_features(x))
+        else:
+            with pytest.raises(ValueError, match='norm=False'):
+                model.forward_intermediates(x, norm=True)
+
+
+# -------------------------------------------------------------------------------- deploy paths
+
+@pytest.mark.parametrize('name', MODELS)
+def test_torchscript_equals_eager(name):
+    with set_scriptable(True):
+        model = _small(name).eval()
+        scripted = torch.jit.script(model)
+    x = _input()
+    with torch.no_grad():
+        _assert_close(scripted(x), model(x))
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_fx_equals_eager(name):
+    """The model traced by timm's FX machinery, and ``features_only`` with ``feature_cls='fx'``."""
+    model = _small(name).eval()
+    graph = create_feature_extractor(model, return_nodes={get_graph_node_names(model)[1][-1]: 'out'})
+    fx_features = _small(name, features_only=True, feature_cls='fx').eval()
+    getter_features = _small(name, features_only=True).eval()
+    x = _input()
+    with torch.no_grad():
+        _assert_close(graph(x)['out'], model(x))
+        _assert_close(fx_features(x), getter_features(x))
+
+
+@pytest.mark.parametrize('name', HEAVY)
+def test_compile_fullgraph(name):
+    """``torch.compile(fullgraph=True)`` captures the whole model in one graph (no graph break)."""
+    torch._dynamo.reset()
+    model = _small(name).eval()
+    compiled = torch.compile(model, fullgraph=True, backend='eager')
+    x = _input()
+    with torch.no_grad():
+        _assert_close(compiled(x), model(x))
+
+
+def _export_features(name: str, example: tuple, second: tuple):
+    model = _small(name, features_only=True).eval()
+    h, w = torch.export.Dim('h', min=16, max=64), torch.export.Dim('w', min=16, max=64)
+    program = torch.export.export(
+        model, (_input(example),), dynamic_shapes=({2: 32 * h, 3: 32 * w},))
+    x = _input(second, seed=3)
+    with torch.no_grad():
+        _assert_close(program.module()(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize('name', HEAVY)
+def test_export_features_dynamic_detection_sizes(name):
+    """One exported program for every multiple of 32 from 512 to 2048, run at a second size."""
+    _export_features(name, (1, 3, 512, 576), (1, 3, 640, 512))
+
+
+@pytest.mark.parametrize('name', HEAVY)
+def test_onnx_runs_in_onnxruntime(name, tmp_path):
+    model = _small(name).eval()
+    x = _input()
+    path = tmp_path / f'{name}.onnx'
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        torch.onnx.export(model, (x,), str(path), dynamo=True, verbose=False)
+    session = onnxruntime.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        _assert_close(torch.from_numpy(out), model(x), atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------- heavier duplicates
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ['maformer_s', 'resnet50_mscsa', 'swin_tiny_patch4_window7_224_mscsa'])
+def test_full_depth_export_and_inductor(name):
+    """The full-depth models: dynamic export at detection sizes and an inductor build."""
+    model = timm.create_model(name, features_only=True).eval()
+    h, w = torch.export.Dim('h', min=16, max=64), torch.export.Dim('w', min=16, max=64)
+    program = torch.export.export(model, (_input((1, 3, 800 // 32 * 32, 1216)),),
+                                  dynamic_shapes=({2: 32 * h, 3: 32 * w},))
+    x = _input((1, 3, 608, 1024), seed=3)
+    with torch.no_grad():
+        _assert_close(program.module()(x), model(x), atol=1e-4, rtol=1e-4)
+    torch._dynamo.reset()
+    classifier = timm.create_model(name).eval()
+    compiled = torch.compile(classifier, fullgraph=True)
+    x = _input((2, 3, 224, 224))
+    with torch.no_grad():
+        _assert_close(compiled(x), classifier(x), atol=1e-4, rtol=1e-4)
+    assert math.isfinite(float(compiled(x).sum()))
