@@ -563,7 +563,7 @@ def test_clear_input_errors(name):
     cases = [(torch.zeros(0, 3, 64, 64), ValueError, 'empty batch'),
              (torch.zeros(1, 64, 64, 3), ValueError, r'permute\(0, 3, 1, 2\)'),
              (torch.zeros(1, 3, 64, 64, dtype=torch.float64), TypeError, 'expects input of torch.float32 .* got torch.float64'),
-             (torch.zeros(1, 3, 64, 64, dtype=torch.uint8), TypeError, 'floating-point')]
+             (torch.zeros(1, 3, 64, 64, dtype=torch.uint8), TypeError, 'expects input of torch.float32 .* got torch.uint8')]
     for x, error, message in cases:
         with pytest.raises(error, match=message) as info:
             model(x)

@@ -185,7 +185,7 @@ def test_bad_inputs_fail_clearly():
         model(torch.randn(1, 3, 16, 64))
     with pytest.raises(ValueError, match='4-D batch'):
         model(torch.randn(3, 64, 64))
-    with pytest.raises(ValueError, match='in_chans=64'):  # an NHWC batch passed as NCHW
+    with pytest.raises(ValueError, match='channels-last'):  # an NHWC batch passed as NCHW
         model(torch.randn(1, 64, 64, 3))
     with pytest.raises(RuntimeError, match='maformer_xl'):
         timm.create_model('maformer_xl')
