@@ -111,6 +111,18 @@ def _draw_predictions(cfg, model, dataset_name: str, path: str, num_images: int,
     Image.fromarray(np.concatenate(rows, axis=0)).save(path)
 
 
+def _draw_fine_figures(cfg, model, out_dir: str) -> list:
+    """The trained FINE neck's F_high, F_low, M and aligned F_low (FINE, Fig. 8) and the MSCSA
+    attention, over the first validation image (``scripts/visualize.py`` draws the same)."""
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.detection_utils import read_image
+    from detectron2_ext.visualize import draw_detectron2_model
+
+    image = read_image(DatasetCatalog.get(cfg.DATASETS.TEST[0])[0]['file_name'], format='RGB')
+    return draw_detectron2_model(model, [image], out_dir, input_format=cfg.INPUT.FORMAT,
+                                 size=cfg.INPUT.MIN_SIZE_TEST, erf=False)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -191,6 +203,7 @@ def main(argv=None) -> int:
     picture = os.path.join(out, 'predictions.png')
     _draw_predictions(cfg, trainer.model, cfg.DATASETS.TEST[0], picture, num_images=4,
                       score_threshold=0.5)
+    figures = _draw_fine_figures(cfg, trainer.model, os.path.join(out, 'figures'))
 
     box, mask = results['bbox'], results['segm']
     iterations = cfg.SOLVER.MAX_ITER
@@ -217,6 +230,8 @@ def main(argv=None) -> int:
     print(f'         log          {log_file}')
     print(f'         results      {os.path.join(out, "results.json")}')
     print(f'         predictions  {picture} (left: ground truth, right: predictions >= 0.5)')
+    print(f'         figures      {os.path.join(out, "figures")}/ ({len(figures)} PNGs: what the trained '
+          f'FINE and MSCSA modules do, as drawn by scripts/visualize.py)')
     print(f'[demo] done in {(time.perf_counter() - started) / 60:.1f} min')
     return 0
 

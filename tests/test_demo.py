@@ -51,6 +51,8 @@ def test_demo_runs_end_to_end_and_never_overwrites_a_run(tmp_path):
     for path in ('predictions.png', 'results.json', 'model/model_final.pth', 'model/metrics.json',
                  'model/config.yaml', 'log.txt', 'data/val/instances.json'):
         assert os.path.isfile(tmp_path / 'demo' / path), path
+    figures = sorted(os.listdir(tmp_path / 'demo' / 'figures'))
+    assert any('fine' in f for f in figures) and all(f.endswith('.png') for f in figures), figures
     first = json.loads((tmp_path / 'demo' / 'results.json').read_text())
     assert first['iterations'] == 2 and 0 <= first['box_AP'] <= 100
 
