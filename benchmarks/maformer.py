@@ -7,10 +7,12 @@ Four tables (markdown), each measured in this one run:
 2. images/s at ``--batch-size`` (32) and 224x224 for every model and for the baseline
    (timm's ``swin_tiny_patch4_window7_224``, the same 4.5 GFLOPs class), timed round-robin so the
    models share the machine's state, and each model's ratio to the baseline;
-3. peak memory of a ``features_only`` forward (batch 1, inference) at ``--det-size`` (800x1216), each
+3. images/s of a ``features_only`` forward (batch 1) at ``--det-size`` (800x1216), the detection
+   backbone's work, against the same baseline (built with ``strict_img_size=False``), timed the same way;
+4. peak memory of a ``features_only`` forward (batch 1, inference) at ``--det-size`` (800x1216), each
    model in a fresh subprocess (CUDA: ``max_memory_allocated``; CPU: growth of the process's peak
    resident set during the forward, via ``/proc/self/clear_refs``);
-4. backbone GFLOPs at ``--flops-size`` (800x1280, the size of the paper's Table 5) against the
+5. backbone GFLOPs at ``--flops-size`` (800x1280, the size of the paper's Table 5) against the
    linear extrapolation of the 224x224 count, and with ``--mask-rcnn`` the whole Mask R-CNN of
    ``configs/COCO-InstanceSegmentation/mask_rcnn_<model>_fpn_1x.yaml`` against Table 5.
 
@@ -27,7 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from tqdm import tqdm
@@ -47,11 +49,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def throughput(names: List[str], device: torch.device, batch_size: int, img_size: int, warmup: int,
-               iters: int, amp: bool) -> Dict[str, float]:
+def throughput(names: List[str], device: torch.device, batch_size: int, size: Tuple[int, int], warmup: int,
+               iters: int, amp: bool, features_only: bool = False) -> Dict[str, float]:
     """Median images/s over ``iters`` round-robin timings of one batch per model."""
-    models = {n: _create(n).eval().to(device) for n in names}
-    x = torch.randn(batch_size, 3, img_size, img_size, device=device)
+    def build(name: str) -> torch.nn.Module:
+        if not features_only:
+            return _create(name)
+        # timm's Swin fixes its input size unless told otherwise; the zoo's models take any size
+        return _create(name, features_only=True, **(dict(strict_img_size=False) if name.startswith('swin') else {}))
+
+    models = {n: build(n).eval().to(device) for n in names}
+    x = torch.randn(batch_size, 3, *size, device=device)
     times: Dict[str, List[float]] = {n: [] for n in names}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
     with torch.inference_mode(), autocast:
@@ -64,6 +72,14 @@ def throughput(names: List[str], device: torch.device, batch_size: int, img_size
                 if step >= warmup:
                     times[name].append(time.perf_counter() - start)
     return {n: batch_size / statistics.median(t) for n, t in times.items()}
+
+
+def _print_speed(ips: Dict[str, float], baseline: str, column: str) -> None:
+    print(f'| model | {column} | ratio to {baseline} |')
+    print('|---|---|---|')
+    for n, v in ips.items():
+        print(f'| {n} | {v:.3g} | {v / ips[baseline]:.2f} |')
+    print()
 
 
 def _read_status(field: str) -> int:
@@ -169,6 +185,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument('--det-size', type=int, nargs=2, default=[800, 1216], metavar=('H', 'W'))
     parser.add_argument('--flops-size', type=int, nargs=2, default=[800, 1280], metavar=('H', 'W'))
     parser.add_argument('--skip-throughput', action='store_true')
+    parser.add_argument('--skip-det-speed', action='store_true', help='skip the --det-size speed table')
     parser.add_argument('--skip-memory', action='store_true')
     parser.add_argument('--skip-flops', action='store_true')
     parser.add_argument('--mask-rcnn', action='store_true',
@@ -214,14 +231,19 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     if not args.skip_throughput:
         names = list(dict.fromkeys(args.models + [args.baseline]))
-        ips = throughput(names, device, args.batch_size, args.img_size, args.warmup, args.iters, args.amp)
+        ips = throughput(names, device, args.batch_size, (args.img_size, args.img_size), args.warmup,
+                         args.iters, args.amp)
         results['images_per_s'] = ips
-        print(f'| model | images/s (batch {args.batch_size}, {args.img_size}x{args.img_size}, '
-              f'{args.iters} timed rounds) | ratio to {args.baseline} |')
-        print('|---|---|---|')
-        for n in names:
-            print(f'| {n} | {ips[n]:.2f} | {ips[n] / ips[args.baseline]:.2f} |')
-        print()
+        _print_speed(ips, args.baseline, f'images/s (batch {args.batch_size}, {args.img_size}x{args.img_size}, '
+                     f'{args.iters} timed rounds)')
+
+    if not args.skip_det_speed:
+        names = list(dict.fromkeys(args.models + [args.baseline]))
+        ips = throughput(names, device, 1, tuple(args.det_size), args.warmup, args.iters, args.amp,
+                         features_only=True)
+        results['det_images_per_s'] = ips
+        _print_speed(ips, args.baseline, f'features_only images/s ({args.det_size[0]}x{args.det_size[1]}, '
+                     f'batch 1, {args.iters} timed rounds)')
 
     if not args.skip_memory:
         mem = peak_memory(args.models, args.det_size, device, args.amp)
@@ -241,7 +263,8 @@ def main(argv: Optional[List[str]] = None) -> None:
 def _rows(results: dict, args: argparse.Namespace) -> List[dict]:
     """One flat dict per model (the --json format every benchmark shares)."""
     meta = {k: results[k] for k in ('device', 'threads', 'torch', 'batch_size', 'warmup', 'iters', 'amp')}
-    names = list(dict.fromkeys(args.models + ([] if args.skip_throughput else [args.baseline])))
+    timed = not (args.skip_throughput and args.skip_det_speed)
+    names = list(dict.fromkeys(args.models + ([args.baseline] if timed else [])))
     rows = []
     for n in names:
         row = dict(benchmark='maformer', model=n, **meta)
@@ -253,6 +276,10 @@ def _rows(results: dict, args: argparse.Namespace) -> List[dict]:
         if n in ips:
             row['images_per_s'] = ips[n]
             row[f'ratio_to_{args.baseline}'] = ips[n] / ips[args.baseline]
+        det = results.get('det_images_per_s', {})
+        if n in det:
+            row['det_images_per_s'] = det[n]
+            row[f'det_ratio_to_{args.baseline}'] = det[n] / det[args.baseline]
         if n in results.get('peak_memory_mib', {}):
             row['peak_memory_mib'] = results['peak_memory_mib'][n]
         rows.append(row)

@@ -1,5 +1,9 @@
 """MAFormer (issue 4): paper budgets, the timm model API, the MAF pieces, detection sizes, errors."""
+import json
 import math
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -375,3 +379,19 @@ def test_windows_bound_the_cost_at_detection_sizes():
     assert _attention_reach(model.stages[2].blocks[0].attn, (50, 76), (0, 0), (16, 18))
     local = model.stages[0].blocks[0].local_attn
     assert not _attention_reach(local, (8, 304), (0, 0), (0, 303))
+
+
+def test_benchmark_script_runs_every_speed_table(tmp_path):
+    """benchmarks/maformer.py end to end, one image per table: the 224 throughput and the detection-size
+    features_only table (timm's Swin-T baseline built for any size), as --json rows."""
+    script = pathlib.Path(__file__).resolve().parents[1] / 'benchmarks' / 'maformer.py'
+    out = tmp_path / 'maformer.json'
+    subprocess.run(
+        [sys.executable, str(script), '--models', 'maformer_s', '--skip-flops', '--skip-memory',
+         '--batch-size', '1', '--det-size', '96', '160', '--iters', '1',
+         '--warmup', '0', '--threads', '1', '--json', str(out)], check=True, capture_output=True)
+    rows = {r['model']: r for r in json.loads(out.read_text())}
+    assert set(rows) == {'maformer_s', 'swin_tiny_patch4_window7_224'}
+    for row in rows.values():
+        assert row['images_per_s'] > 0 and row['det_images_per_s'] > 0
+    assert rows['swin_tiny_patch4_window7_224']['det_ratio_to_swin_tiny_patch4_window7_224'] == 1.0

@@ -22,6 +22,8 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from timm.layers import register_notrace_function, register_notrace_module
 
+from ._compile import is_compiling
+
 __all__ = [
     'balanced_split', 'window_self_attention', 'LocallyEnhancedPositionalEncoding',
     'CrossShapedWindowAttention', 'WindowSelfAttention', 'GlobalLearningDownsample',
@@ -56,14 +58,6 @@ def _divides(divisor: int, size: int) -> bool:
         if isinstance(divisible, torch.SymBool):
             return statically_known_true(divisible)
         return bool(divisible)
-
-
-def _is_compiling() -> bool:
-    """True under torch.compile / torch.export: sizes may be symbolic, so take branch-free paths."""
-    if torch.jit.is_scripting():
-        return False
-    else:
-        return torch.compiler.is_compiling()
 
 
 def _window_labels(
@@ -126,7 +120,7 @@ def window_self_attention(
     shift_h = win_h // 2 if shift and n_h > 1 else 0
     shift_w = win_w // 2 if shift and n_w > 1 else 0
     # with symbolic sizes (export) whether padding occurs is unknown: always pad and mask
-    general = _is_compiling()
+    general = is_compiling()
     padded = general or pad_h > 0 or pad_w > 0
     shifted = shift_h > 0 or shift_w > 0
     if padded:
@@ -158,7 +152,9 @@ def window_self_attention(
     if shifted:
         out = torch.roll(out, (shift_h, shift_w), dims=(1, 2))
     if padded:
-        out = out[:, :H, :W].contiguous()
+        # clone, not contiguous(): with symbolic sizes, contiguous() guards on whether the crop
+        # removed anything, which would tie an exported program to its example's padding
+        out = out[:, :H, :W].clone(memory_format=torch.contiguous_format)
     return out
 
 

@@ -46,7 +46,7 @@ Choices the paper leaves open (also in README, "MSCSA"):
   and upsamples after, the same function there at a fraction of the cost (docs/mscsa.md).
 * Attention memory: queries are processed in chunks when ``heads * N * M`` would exceed
   ``attn_chunk_elems`` per image, so the attention matrix stays bounded at any input size (exact,
-  softmax is per query row).
+  softmax is per query row); under compile/export one call, so a traced program serves every size.
 """
 from typing import Dict, List, Optional, Sequence, Tuple, Type
 
@@ -56,6 +56,8 @@ import torch.utils.checkpoint
 from torch import nn
 
 from timm.layers import DropPath, register_notrace_function
+
+from ._compile import is_compiling
 
 __all__ = [
     'MultiStageGather', 'CrossScaleAttention', 'ConvFFN', 'IntraFFN', 'MscsaBlock',
@@ -106,7 +108,10 @@ def chunked_attention(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_elems: int, dropout_p: float = 0.,
 ) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` over query chunks of at most ``chunk_elems`` matrix elements
-    per image (exact: softmax is per query row)."""
+    per image (exact: softmax is per query row). Under compile/export one call at every size: the
+    chunk count depends on the size, and a traced program must serve all sizes (docs/mscsa.md)."""
+    if is_compiling():
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
     n, m = q.shape[-2], k.shape[-2]
     chunk = max(1, chunk_elems // (q.shape[1] * m))
     if n <= chunk:
