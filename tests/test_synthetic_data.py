@@ -179,6 +179,22 @@ def test_register_errors(dataset, tmp_path):
                                        dataset['panoptic_json'], dataset['instances_json'])
     with pytest.raises(FileNotFoundError, match='write_synthetic_coco'):
         register_synthetic_dataset('x_missing', str(tmp_path), 'train')
+    # malformed panoptic json: one line naming what is missing, before any PNG is written
+    with open(dataset['panoptic_json']) as f:
+        good = json.load(f)
+    for broken, message in (
+            ({k: v for k, v in good.items() if k != 'annotations'}, "no 'annotations' list"),
+            ({**good, 'annotations': [{'file_name': 'a.png'}]}, r"Annotation 0 .* lacks \['segments_info'\]"),
+            ({**good, 'annotations': [{'file_name': 'a.png', 'segments_info': [{'id': 1, 'category_id': 999}]}]},
+             "'category_id' listed in 'categories'")):
+        path = tmp_path / 'broken_panoptic.json'
+        path.write_text(json.dumps(broken))
+        with pytest.raises(ValueError, match=message) as err:
+            register_coco_panoptic_dataset('x_broken', dataset['image_dir'], dataset['panoptic_dir'],
+                                           str(path), dataset['instances_json'],
+                                           sem_seg_dir=str(tmp_path / 'never_written'))
+        assert '\n' not in str(err.value)
+        assert not (tmp_path / 'never_written').exists()
     register_coco_instances_dataset('x_twice', dataset['instances_json'], dataset['image_dir'])
     other = write_synthetic_coco(str(tmp_path / 'other'), num_images=1)
     with pytest.raises(ValueError, match='already registered'):

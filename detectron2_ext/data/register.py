@@ -100,6 +100,24 @@ def register_coco_instances_dataset(name: str, json_file: str, image_dir: str) -
     _register_once(name, lambda: load_coco_json(json_file, image_dir, name), metadata)
 
 
+def _check_panoptic_annotations(pan: Dict, path: str) -> None:
+    """One line naming the first annotation or segment that lacks what COCO panoptic defines."""
+    annotations = pan.get('annotations')
+    if not isinstance(annotations, list):
+        raise ValueError(f"'{path}' has no 'annotations' list: is it a COCO panoptic json "
+                         f"(not an instances json)?")
+    category_ids = {c.get('id') for c in pan['categories']}
+    for i, ann in enumerate(annotations):
+        missing = [k for k in ('file_name', 'segments_info') if k not in ann]
+        if missing:
+            raise ValueError(f"Annotation {i} of '{path}' lacks {missing}: COCO panoptic annotations "
+                             f"need 'file_name' and 'segments_info'.")
+        for segment in ann['segments_info']:
+            if 'id' not in segment or segment.get('category_id') not in category_ids:
+                raise ValueError(f"A segment of annotation {i} ('{ann['file_name']}') in '{path}' needs an "
+                                 f"'id' and a 'category_id' listed in 'categories'; it has {segment}.")
+
+
 def _ensure_semantic_pngs(panoptic_json: Dict, panoptic_dir: str, sem_seg_dir: str,
                           stuff_contiguous: Dict[int, int]) -> None:
     """Write the separated semantic PNG of every panoptic PNG that does not have one yet."""
@@ -151,6 +169,7 @@ def register_coco_panoptic_dataset(
     sem_seg_dir = os.path.abspath(sem_seg_dir or panoptic_dir.rstrip(os.sep) + '_semseg')
 
     pan = _load_json(panoptic_json)
+    _check_panoptic_annotations(pan, panoptic_json)
     if any('isthing' not in c for c in pan['categories']):
         raise ValueError(f"Categories in '{panoptic_json}' need an 'isthing' field (COCO panoptic).")
     things = [c for c in pan['categories'] if c['isthing']]

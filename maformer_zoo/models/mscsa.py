@@ -57,6 +57,7 @@ from timm.layers import ClassifierHead, register_notrace_function, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
+from ..layers._compile import CopyingContiguous
 from ..layers.mscsa import DenseFusion, MultiStageCrossScaleAttention
 from ..hub import published_hub_id
 from ..weights import unwrap_state_dict
@@ -302,6 +303,18 @@ class MscsaNet(nn.Module):
                 assert torch.jit.isinstance(feats, List[torch.Tensor])
                 return feats
         else:
+            if torch.compiler.is_exporting():
+                return self._exported_base_features(x, base_indices, stop_early)
+            return self.base.forward_intermediates(
+                x, indices=base_indices, stop_early=stop_early, intermediates_only=True)
+
+    @torch.jit.unused
+    def _exported_base_features(
+            self, x: torch.Tensor, base_indices: List[int], stop_early: bool,
+    ) -> List[torch.Tensor]:
+        """The base's features under torch.export, where the base's ``contiguous()`` calls copy, so one
+        program serves every size (:class:`~maformer_zoo.layers._compile.CopyingContiguous`)."""
+        with CopyingContiguous():
             return self.base.forward_intermediates(
                 x, indices=base_indices, stop_early=stop_early, intermediates_only=True)
 
