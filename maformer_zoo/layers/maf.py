@@ -152,8 +152,7 @@ def window_self_attention(
     if shifted:
         out = torch.roll(out, (shift_h, shift_w), dims=(1, 2))
     if padded:
-        # clone, not contiguous(): with symbolic sizes, contiguous() guards on whether the crop
-        # removed anything, which would tie an exported program to its example's padding
+        # clone, not contiguous(): traced, contiguous() would guard on the padding (see _compile.py)
         out = out[:, :H, :W].clone(memory_format=torch.contiguous_format)
     return out
 

@@ -43,6 +43,7 @@ Choices the paper leaves open (see also README, "MSCSA"):
 * ``drop_path_rate`` applies to the MSCSA blocks and, unless ``base_drop_path_rate`` is given, to
   the base as well (App. C.1 trains both with stochastic depth).
 """
+import contextlib
 import re
 from typing import Any, Dict, List, Optional, Set, Tuple, Type, Union
 
@@ -303,20 +304,10 @@ class MscsaNet(nn.Module):
                 assert torch.jit.isinstance(feats, List[torch.Tensor])
                 return feats
         else:
-            if torch.compiler.is_exporting():
-                return self._exported_base_features(x, base_indices, stop_early)
-            return self.base.forward_intermediates(
-                x, indices=base_indices, stop_early=stop_early, intermediates_only=True)
-
-    @torch.jit.unused
-    def _exported_base_features(
-            self, x: torch.Tensor, base_indices: List[int], stop_early: bool,
-    ) -> List[torch.Tensor]:
-        """The base's features under torch.export, where the base's ``contiguous()`` calls copy, so one
-        program serves every size (:class:`~maformer_zoo.layers._compile.CopyingContiguous`)."""
-        with CopyingContiguous():
-            return self.base.forward_intermediates(
-                x, indices=base_indices, stop_early=stop_early, intermediates_only=True)
+            # under torch.export the base's contiguous() calls copy, so one program serves every size
+            with CopyingContiguous() if torch.compiler.is_exporting() else contextlib.nullcontext():
+                return self.base.forward_intermediates(
+                    x, indices=base_indices, stop_early=stop_early, intermediates_only=True)
 
     def _scripted_resnet_stages(self, x: torch.Tensor, base_indices: List[int]) -> List[torch.Tensor]:
         """timm ResNet's feature indices 1-4 (``layer1``-``layer4``), for TorchScript only."""
