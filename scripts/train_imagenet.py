@@ -30,8 +30,8 @@ from maformer_zoo.training.modeling import UnknownModelError
 
 def main(argv=None) -> int:
     setup_default_logging()
-    cfg = parse_config(TrainConfig, argv, description=__doc__.split('\n\n')[0])
     try:
+        cfg = parse_config(TrainConfig, argv, description=__doc__.split('\n\n')[0])
         train(cfg)
     except (ConfigError, DatasetError, UnknownModelError, CheckpointMismatchError, PretrainedWeightsNotFoundError,
             CorruptCheckpointError, UnsafeCheckpointError, FileNotFoundError) as err:

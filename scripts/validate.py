@@ -28,8 +28,8 @@ from maformer_zoo.training.modeling import UnknownModelError
 
 def main(argv=None) -> int:
     setup_default_logging()
-    cfg = parse_config(EvalConfig, argv, description=__doc__.split('\n\n')[0])
     try:
+        cfg = parse_config(EvalConfig, argv, description=__doc__.split('\n\n')[0])
         results = validate(cfg)
     except (ConfigError, DatasetError, UnknownModelError, CheckpointMismatchError, PretrainedWeightsNotFoundError,
             CorruptCheckpointError, UnsafeCheckpointError, FileNotFoundError) as err:

@@ -7,16 +7,18 @@ setting the command line cannot change.
 
 YAML values are coerced with the same rules as command-line strings, which also turns PyYAML's
 ``1e-3`` (a *string* under YAML 1.1) into the float the field expects. Unknown keys are errors that
-name the closest field, so a typo in a recipe cannot be silently ignored.
+name the closest field, so a typo in a recipe cannot be silently ignored. Recipes are read with
+:mod:`maformer_zoo.utils.safe_yaml` (safe tags, size and alias limits); every recipe error is one
+:class:`ConfigError` line naming the file and the line of the key.
 """
 import argparse
 import dataclasses
 import difflib
 import os
 import typing
-from typing import Any, Dict, List, Optional, Sequence, Type, TypeVar
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, TypeVar
 
-import yaml
+from ..utils.safe_yaml import YAMLFileError, read_yaml_file, read_yaml_text, short_repr
 
 __all__ = ['ConfigError', 'load_yaml_config', 'config_from_dict', 'add_config_arguments', 'parse_config']
 
@@ -25,7 +27,22 @@ _NONE_STRINGS = ('none', 'null', '~', '')
 
 
 class ConfigError(ValueError):
-    """A recipe or command-line value that does not fit the run configuration."""
+    """A recipe or command-line value that does not fit the run configuration.
+
+    ``key``: the field it is about, when it is about one (so the caller can add the recipe line).
+    """
+
+    def __init__(self, message: str, key: Optional[str] = None):
+        super().__init__(message)
+        self.key = key
+
+
+def _safe_load_value(value: str, name: str) -> Any:
+    """A command-line YAML value (``[0.5, 1.0]``, ``{a: 1}``) with the recipes' limits."""
+    try:
+        return read_yaml_text(value, f'--{name.replace("_", "-")}')[0]
+    except YAMLFileError as err:
+        raise ConfigError(str(err), key=name) from None
 
 
 def _unwrap_optional(tp: Any):
@@ -43,7 +60,7 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     if value is None or (optional and isinstance(value, str) and value.strip().lower() in _NONE_STRINGS):
         if optional:
             return None
-        raise ConfigError(f"'{name}' cannot be empty (null).")
+        raise ConfigError(f"'{name}' cannot be empty (null).", key=name)
     origin = typing.get_origin(base)
     try:
         if base is bool:
@@ -66,18 +83,19 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         if origin in (list, tuple, List, Sequence) or base in (list, tuple):
             (item_tp,) = typing.get_args(base)[:1] or (Any,)
             if isinstance(value, str):
-                value = yaml.safe_load(value) if value.strip().startswith('[') else value.split(',')
+                value = _safe_load_value(value, name) if value.strip().startswith('[') else value.split(',')
             if not isinstance(value, (list, tuple)):
                 value = [value]
             return [v if item_tp is Any else _coerce(v, item_tp, name) for v in value]
         if origin in (dict, Dict) or base is dict:
             if isinstance(value, str):
-                value = yaml.safe_load(value)
+                value = _safe_load_value(value, name)
             if not isinstance(value, dict):
                 raise ValueError(value)
             return dict(value)
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"'{name}': cannot read {value!r} as {getattr(tp, '__name__', tp)}.") from err
+        raise ConfigError(f"'{name}': cannot read {short_repr(value)} as {getattr(tp, '__name__', tp)}; give "
+                          f"a value of that type.", key=name) from err
     return value
 
 
@@ -91,29 +109,47 @@ def _merge(base: Dict[str, Any], override: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def load_yaml_config(path: str, _seen: Optional[List[str]] = None) -> Dict[str, Any]:
+def load_yaml_config(path: str) -> Dict[str, Any]:
     """Read a YAML recipe and merge its ``base:`` chain (paths relative to the file, str or list).
 
     Later bases override earlier ones and the file's own keys override all bases.
     """
-    path = os.path.abspath(path)
+    return _load_recipe(os.path.abspath(path), ())[0]
+
+
+def _load_recipe(path: str, chain: Sequence[str]) -> Tuple[Dict[str, Any], Dict[str, Tuple[str, int]]]:
+    """The merged recipe and, per key, the (file, line) its value comes from."""
+    referrer = f" (a base of '{chain[-1]}')" if chain else ''
     if not os.path.isfile(path):
-        raise ConfigError(f"Config file '{path}' does not exist.")
-    seen = list(_seen or [])
-    if path in seen:
-        raise ConfigError(f"Config 'base:' cycle: {' -> '.join(seen + [path])}")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        raise ConfigError(f"Config file '{path}'{referrer} does not exist: check the path"
+                          f"{' (bases are relative to the file that names them)' if chain else ''}.")
+    try:
+        data, lines = read_yaml_file(path)
+    except YAMLFileError as err:
+        raise ConfigError(str(err)) from None
     if not isinstance(data, dict):
-        raise ConfigError(f"Config file '{path}' must hold a mapping of field: value.")
+        raise ConfigError(f"Config '{path}'{referrer} holds a {type(data).__name__}, not a mapping of "
+                          f"field: value; write one `field: value` per line.")
+    origins = {str(key): (path, lines.get((key,), 0)) for key in data}
     bases = data.pop('base', None) or []
+    origins.pop('base', None)
     if isinstance(bases, str):
         bases = [bases]
+    where = f"Config '{path}' line {lines.get(('base',), '?')}"
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError(f"{where}: base is {short_repr(bases)}; it must be a file path or a list of paths.")
     merged: Dict[str, Any] = {}
+    merged_origins: Dict[str, Tuple[str, int]] = {}
     for base in bases:
-        base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
-        merged = _merge(merged, load_yaml_config(base_path, seen + [path]))
-    return _merge(merged, data)
+        base_path = os.path.abspath(base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base))
+        if base_path == path or base_path in chain:
+            cycle = ' -> '.join(os.path.basename(p) for p in list(chain) + [path, base_path])
+            raise ConfigError(f"{where}: 'base:' makes a cycle ({cycle}); remove the base that points back.")
+        values, value_origins = _load_recipe(base_path, list(chain) + [path])
+        merged = _merge(merged, values)
+        merged_origins.update(value_origins)
+    merged_origins.update(origins)
+    return _merge(merged, data), merged_origins
 
 
 def _fields(cls: Type) -> Dict[str, dataclasses.Field]:
@@ -134,7 +170,7 @@ def config_from_dict(cls: Type[C], values: Dict[str, Any], base: Optional[C] = N
         for key in unknown:
             close = difflib.get_close_matches(key, list(fields), n=3)
             hints.append(f"'{key}'" + (f" (did you mean {', '.join(close)}?)" if close else ''))
-        raise ConfigError(f"Unknown config field(s) for {cls.__name__}: {'; '.join(hints)}")
+        raise ConfigError(f"Unknown config field(s) for {cls.__name__}: {'; '.join(hints)}", key=unknown[0])
     coerced = {k: _coerce(v, fields[k].type, k) for k, v in values.items()}
     return dataclasses.replace(base, **coerced) if base is not None else cls(**coerced)
 
@@ -167,14 +203,24 @@ def _default_repr(f: dataclasses.Field) -> str:
 
 
 def parse_config(cls: Type[C], argv: Optional[Sequence[str]] = None, description: str = '') -> C:
-    """Parse ``--config recipe.yaml`` plus per-field overrides into ``cls``."""
+    """Parse ``--config recipe.yaml`` plus per-field overrides into ``cls``.
+
+    Raises:
+        ConfigError: the recipe is missing or malformed, or one of its keys or values does not fit
+            ``cls`` (the message names the file and the line). A bad command-line value exits with
+            argparse's usage message.
+    """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument('-c', '--config', default='', help='YAML recipe (may name others under base:)')
     add_config_arguments(parser, cls)
     args = vars(parser.parse_args(argv))
     recipe = args.pop('config')
-    values = load_yaml_config(recipe) if recipe else {}
-    cfg = config_from_dict(cls, values)
+    values, origins = _load_recipe(os.path.abspath(recipe), ()) if recipe else ({}, {})
+    try:
+        cfg = config_from_dict(cls, values)
+    except ConfigError as err:
+        path, line = origins.get(err.key or '', (os.path.abspath(recipe), 0))
+        raise ConfigError(f"Config '{path}'{f' line {line}' if line else ''}: {err}", key=err.key) from None
     try:
         return config_from_dict(cls, args, base=cfg)
     except ConfigError as err:
