@@ -161,14 +161,19 @@ def main(argv=None) -> int:
     from detectron2_ext.data import register_synthetic_dataset, write_synthetic_coco
     from detectron2_ext.engine import Trainer
 
-    cfg = load_config(args.config_file)  # safe YAML, keys checked
+    from detectron2_ext.config_file import UnsafeConfigError, UnknownConfigKeyError
+
     size = args.image_size
     overrides = ['OUTPUT_DIR', os.path.join(out, 'model'), 'INPUT.MIN_SIZE_TRAIN', f'({size},)',
                  'INPUT.MIN_SIZE_TEST', size]
-    if args.max_iter is not None:
-        overrides += ['SOLVER.MAX_ITER', args.max_iter,
-                      'SOLVER.WARMUP_ITERS', min(cfg.SOLVER.WARMUP_ITERS, args.max_iter)]
-    cfg.merge_from_list(overrides + args.opts)
+    try:  # safe YAML; the file's keys and the command line's checked; one line for any config error
+        if args.max_iter is not None:
+            warmup = load_config(args.config_file, args.opts).SOLVER.WARMUP_ITERS
+            overrides += ['SOLVER.MAX_ITER', args.max_iter, 'SOLVER.WARMUP_ITERS', min(warmup, args.max_iter)]
+        cfg = load_config(args.config_file, overrides + args.opts)
+    except (FileNotFoundError, ValueError, UnknownConfigKeyError, UnsafeConfigError) as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
     cfg.freeze()
 
     data_root = os.path.join(out, 'data')

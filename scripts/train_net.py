@@ -87,6 +87,14 @@ def check_datasets(cfg: CfgNode) -> None:
         if name in cfg.DATASETS.TRAIN and meta.get('num_annotations', None) == 0:
             raise ValueError(f"Training dataset '{name}' has no annotations ({meta.json_file}): detectron2 would find "
                              f"no image to train on. Check the json's 'annotations' list.")
+        only_crowd = meta.get('num_annotations', 0) and meta.get('num_trainable_annotations', 1) == 0
+        if name in cfg.DATASETS.TRAIN and only_crowd:
+            raise ValueError(f"Training dataset '{name}' has only crowd annotations (iscrowd 1) ({meta.json_file}): "
+                             f"detectron2 trains on none of them. Mark the single objects iscrowd 0.")
+        if (name in cfg.DATASETS.TRAIN and cfg.MODEL.MASK_ON and cfg.INPUT.MASK_FORMAT == 'polygon'
+                and 'rle' in meta.get('mask_formats', ())):
+            raise ValueError(f"Training dataset '{name}' has RLE masks ({meta.json_file}) but INPUT.MASK_FORMAT is "
+                             f"'polygon': add `INPUT.MASK_FORMAT bitmask` to the command line.")
         things, stuff = meta.get('thing_classes', None), meta.get('stuff_classes', None)
         if things is not None and num_things != len(things):
             raise ValueError(f"Dataset '{name}' has {len(things)} thing classes but {head} is {num_things}: "

@@ -2,8 +2,10 @@
 
 :func:`register_coco_instances_dataset` and :func:`register_coco_panoptic_dataset` are what
 ``train_net.py --coco-dataset`` / ``--coco-panoptic-dataset`` call; unlike detectron2's
-``register_coco_instances`` they check paths at once and fill class names eagerly, so a typo fails
-with the path in the message. :func:`register_synthetic_dataset` registers both forms of
+``register_coco_instances`` they check at once what training would trip over (paths, every image's
+header and size against the json, EXIF rotation included, the fields of every annotation) and
+fill class names eagerly, so a mistake fails at start-up with one line naming the fix.
+:func:`register_synthetic_dataset` registers both forms of
 :func:`~detectron2_ext.data.synthetic.write_synthetic_coco`'s output. Details: docs/detectron2.md,
 "The generated dataset".
 """
@@ -18,10 +20,13 @@ from PIL import Image
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
+from maformer_zoo.data.images import ImageDecodeError, read_image_header
+from maformer_zoo.utils.safe_yaml import short_repr
+
 from .synthetic import panoptic_to_semantic, rgb2id
 
 __all__ = [
-    'register_coco_instances_dataset', 'register_coco_panoptic_dataset',
+    'check_coco_instances', 'register_coco_instances_dataset', 'register_coco_panoptic_dataset',
     'register_synthetic_dataset', 'dataset_num_classes',
 ]
 logger = logging.getLogger(__name__)
@@ -46,6 +51,112 @@ def _load_json(path: str) -> Dict:
     if not isinstance(data, dict) or 'categories' not in data or 'images' not in data:
         raise ValueError(f"'{path}' is not a COCO json: it needs 'images' and 'categories' keys.")
     return data
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_images(images: List, json_file: str, image_dir: str) -> Dict:
+    """Every image entry has an id, a file that opens as an image, and the size detectron2 will read."""
+    if not isinstance(images, list) or not all(isinstance(im, dict) for im in images):
+        raise ValueError(f"'images' of '{json_file}' must be a list of objects; re-export the json.")
+    ids = {}
+    for i, im in enumerate(images):
+        missing = [k for k in ('id', 'file_name', 'width', 'height') if im.get(k) is None]
+        if missing:
+            raise ValueError(f"Image {i} of '{json_file}' ({short_repr(im.get('file_name'))}) has no "
+                             f"{', '.join(missing)}; COCO images need id, file_name, width and height: add them.")
+        if im['id'] in ids:
+            raise ValueError(f"Images {ids[im['id']]} and {i} of '{json_file}' share id {short_repr(im['id'])}; "
+                             f"give every image its own id.")
+        ids[im['id']] = i
+    absent = [im for im in images if not os.path.isfile(os.path.join(image_dir, im['file_name']))]
+    if absent:
+        raise FileNotFoundError(
+            f"{len(absent)} of the {len(images)} images of '{json_file}' are not in '{image_dir}' (first: "
+            f"'{absent[0]['file_name']}'); check IMAGE_DIR, or remove their entries from the json.")
+    for im in images:
+        path = os.path.join(image_dir, im['file_name'])
+        try:
+            stored, oriented, orientation = read_image_header(path)
+        except ImageDecodeError as err:
+            raise ValueError(f"{err} (listed in '{json_file}')") from None
+        given = (im['width'], im['height'])
+        if given == oriented:
+            continue
+        if given == stored:
+            raise ValueError(
+                f"Image '{path}' is stored as {stored[0]}x{stored[1]}, as '{json_file}' says, but its EXIF "
+                f"orientation ({orientation}) turns it to {oriented[0]}x{oriented[1]}, which is how detectron2 reads "
+                f"it: save the image upright without the EXIF orientation (PIL.ImageOps.exif_transpose), or give "
+                f"the rotated size and boxes in the json.")
+        raise ValueError(f"Image '{path}' is {oriented[0]}x{oriented[1]} but '{json_file}' gives width {given[0]}, "
+                         f"height {given[1]}; fix them in the json (or replace the image).")
+    return ids
+
+
+def _check_annotations(data: Dict, json_file: str, image_ids: Dict) -> Dict:
+    """Every annotation has the fields detectron2's loader and evaluator read, with values they accept.
+
+    Returns counts for later checks against the config: annotations, non-crowd ones, mask formats.
+    """
+    annotations = data.get('annotations') or []
+    category_ids = {c.get('id') for c in data['categories']}
+    trainable, formats = 0, set()
+    for i, ann in enumerate(annotations):
+        where = f"Annotation {i} (id {short_repr(ann.get('id') if isinstance(ann, dict) else None)}) of '{json_file}'"
+        if not isinstance(ann, dict):
+            raise ValueError(f"{where} is {short_repr(ann)}, not an object; re-export the json.")
+        bbox = ann.get('bbox')
+        if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+            raise ValueError(f"{where}: 'bbox' is {short_repr(bbox)}; COCO boxes are [x, y, width, height], "
+                             f"4 numbers: fix or remove the annotation.")
+        if bbox[2] < 0 or bbox[3] < 0:
+            raise ValueError(f"{where}: 'bbox' {short_repr(bbox)} has a negative width or height; COCO boxes are "
+                             f"[x, y, width, height], not corners: fix the box.")
+        category = ann.get('category_id')
+        if isinstance(category, bool) or not isinstance(category, int) or category not in category_ids:
+            raise ValueError(f"{where}: 'category_id' is {short_repr(category)}; it must be one of the integer ids "
+                             f"of 'categories' ({sorted(category_ids)[:10]}): fix it.")
+        if ann.get('image_id') is None or ann['image_id'] not in image_ids:
+            raise ValueError(f"{where}: 'image_id' {short_repr(ann.get('image_id'))} is not the id of an image of "
+                             f"the json; fix it or remove the annotation.")
+        crowd = ann.get('iscrowd')
+        if crowd not in (0, 1) or isinstance(crowd, bool):
+            raise ValueError(f"{where}: 'iscrowd' is {short_repr(crowd) if 'iscrowd' in ann else 'missing'}; COCO "
+                             f"annotations need iscrowd 0 (an object) or 1 (a crowd region): add it.")
+        trainable += crowd == 0
+        segmentation = ann.get('segmentation')
+        if isinstance(segmentation, dict):
+            if 'counts' not in segmentation or 'size' not in segmentation:
+                raise ValueError(f"{where}: an RLE 'segmentation' needs 'counts' and 'size'; fix it.")
+            formats.add('rle')
+        elif isinstance(segmentation, list) and segmentation:
+            if not all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 and all(_is_number(v) for v in p)
+                       for p in segmentation):
+                raise ValueError(f"{where}: 'segmentation' polygons must be lists of x, y numbers (3 points or "
+                                 f"more): fix or remove it.")
+            formats.add('polygon')
+        elif segmentation not in (None, []):
+            raise ValueError(f"{where}: 'segmentation' is {short_repr(segmentation)}; use polygons (lists of x, y) "
+                             f"or an RLE object.")
+    return dict(num_annotations=len(annotations), num_trainable_annotations=int(trainable),
+                mask_formats=sorted(formats))
+
+
+def check_coco_instances(json_file: str, image_dir: str, data: Optional[Dict] = None) -> Dict:
+    """The checks of :func:`register_coco_instances_dataset` (images, sizes, annotation fields); returns counts.
+
+    Raises ``ValueError`` or ``FileNotFoundError`` with one line naming the entry and the fix.
+    """
+    data = data if data is not None else _load_json(json_file)
+    if not isinstance(data.get('categories'), list) or not all(isinstance(c, dict) for c in data['categories']):
+        raise ValueError(f"'categories' of '{json_file}' must be a list of objects with 'id' and 'name'.")
+    if not isinstance(data.get('annotations', []), list):
+        raise ValueError(f"'annotations' of '{json_file}' must be a list; re-export the json.")
+    image_ids = _check_images(data['images'], json_file, image_dir)
+    return _check_annotations(data, json_file, image_ids)
 
 
 def _palette(categories: List[Dict]) -> List[List[int]]:
@@ -91,9 +202,9 @@ def register_coco_instances_dataset(name: str, json_file: str, image_dir: str) -
     json_file = _check_exists(json_file, 'COCO instances json', option, is_dir=False)
     image_dir = _check_exists(image_dir, 'Image', option, is_dir=True)
     data = _load_json(json_file)
+    counts = check_coco_instances(json_file, image_dir, data)
     metadata = dict(
-        json_file=json_file, image_root=image_dir, evaluator_type='coco',
-        num_annotations=len(data.get('annotations') or []),
+        json_file=json_file, image_root=image_dir, evaluator_type='coco', **counts,
         registration=dict(kind='coco_instances', json_file=json_file, image_dir=image_dir),
         **_thing_metadata(data['categories']),
     )
@@ -174,7 +285,9 @@ def register_coco_panoptic_dataset(
         raise ValueError(f"Categories in '{panoptic_json}' need an 'isthing' field (COCO panoptic).")
     things = [c for c in pan['categories'] if c['isthing']]
     stuff = sorted((c for c in pan['categories'] if not c['isthing']), key=lambda c: c['id'])
-    instance_ids = sorted(c['id'] for c in _load_json(instances_json)['categories'])
+    instances = _load_json(instances_json)
+    counts = check_coco_instances(instances_json, image_dir, instances)
+    instance_ids = sorted(c['id'] for c in instances['categories'])
     if instance_ids != sorted(c['id'] for c in things):
         raise ValueError(f"The thing categories of '{panoptic_json}' (ids "
                          f"{sorted(c['id'] for c in things)}) and the categories of "
@@ -192,7 +305,7 @@ def register_coco_panoptic_dataset(
     metadata = dict(
         image_root=image_dir, panoptic_root=panoptic_dir, panoptic_json=panoptic_json,
         sem_seg_root=sem_seg_dir, json_file=instances_json,
-        evaluator_type='coco_panoptic_seg', ignore_label=255, label_divisor=1000,
+        evaluator_type='coco_panoptic_seg', ignore_label=255, label_divisor=1000, **counts,
         stuff_classes=['things'] + [c['name'] for c in stuff],
         stuff_colors=[[82, 18, 128]] + _palette(stuff),
         # 0 is the "things" class of the separated semantic labels (detectron2's convention).

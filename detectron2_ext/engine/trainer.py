@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from detectron2.data import MetadataCatalog
+from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -33,6 +33,7 @@ from detectron2.solver.build import maybe_add_gradient_clipping
 from fvcore.common.param_scheduler import PolynomialDecayParamScheduler
 
 from ..checkpoint import SafeDetectionCheckpointer
+from ..data.mapper import DecodingDatasetMapper
 
 __all__ = ['Trainer', 'build_optimizer', 'optimizer_param_groups', 'build_evaluator',
            'build_lr_scheduler']
@@ -210,6 +211,15 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         return build_evaluator(cfg, dataset_name, output_folder)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        # detectron2's loader; images decoded by ours (16-bit scaled, not clipped to white)
+        return build_detection_train_loader(cfg, mapper=DecodingDatasetMapper(cfg, is_train=True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(cfg, dataset_name, mapper=DecodingDatasetMapper(cfg, is_train=False))
 
     def train(self):
         """Train; returns the results of the last evaluation (detectron2 returns them only when

@@ -20,7 +20,7 @@ from timm.layers import register_notrace_function
 from ..errors import CheckpointMismatchError, CorruptCheckpointError, PretrainedWeightsNotFoundError, \
     UnsafeCheckpointError  # noqa: F401 (re-exported)
 from ..hub import missing_weights_error, resolve_weight_file
-from ..weights import format_mismatch, read_state_dict, state_dict_mismatch
+from ..weights import format_mismatch, read_label_names, read_state_dict, state_dict_mismatch
 
 
 def _names(value: Any) -> tuple:
@@ -56,6 +56,9 @@ def _weights_overlay(variant: str, cfg: Dict[str, Any]) -> Dict[str, Any]:
         overlay = dict(state_dict=state_dict, file=None, source=None)
         if heads and heads[0].ndim >= 1:
             overlay['num_classes'] = int(heads[0].shape[0])
+        names = read_label_names(file)  # as timm reads a local-dir's config.json: in pretrained_cfg
+        if names:
+            overlay['label_names'] = names
         return overlay
     if not any(cfg.get(k) for k in ('state_dict', 'hf_hub_id', 'url')):
         raise missing_weights_error(variant)

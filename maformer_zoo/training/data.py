@@ -14,22 +14,30 @@ transforms from ``timm.data.create_transform``, samplers from torch / timm, batc
   replays the same batches, and a run on N processes sees, per step, the union of what one process
   with an N-times larger batch sees;
 * validation on N processes splits the set into disjoint strided shards (no padding duplicates),
-  so the reduced metrics are exactly those of one process.
+  so the reduced metrics are exactly those of one process;
+* images are decoded by :func:`maformer_zoo.data.decode_image` (16-bit scaled, not clipped; EXIF
+  orientation applied), and an image that cannot be decoded stops the run with one line naming it
+  (timm's dataset would silently use the next image instead) unless the loader is told to skip it,
+  counting what it skipped.
 """
+import logging
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Subset
-from timm.data import create_dataset, create_transform
+from torch.utils.data import DataLoader, DistributedSampler, Subset, default_collate
+from timm.data import ImageDataset, create_dataset, create_transform
 from timm.data.distributed_sampler import RepeatAugSampler
 from timm.data.readers.img_extensions import get_img_extensions
 
+from ..data.images import ImageDecodeError, decode_image
+
 __all__ = [
     'DatasetError', 'SPLIT_FOLDERS', 'is_folder_dataset', 'find_split_folder', 'check_image_folder', 'build_dataset',
-    'dataset_classes', 'build_train_loader', 'build_eval_loader',
+    'dataset_classes', 'build_train_loader', 'build_eval_loader', 'DecodedImageDataset', 'CheckedDataLoader',
 ]
+_logger = logging.getLogger(__name__)
 
 # Folder names accepted for each split, first match wins (ImageNet uses train/ and val/).
 SPLIT_FOLDERS = {
@@ -89,6 +97,67 @@ def check_image_folder(split_dir: str) -> List[str]:
     return classes
 
 
+class _BadSample(NamedTuple):
+    """What a dataset returns for an image it cannot decode: the loader decides in the main process."""
+    path: str
+    reason: str
+
+
+class _CheckedBatch(NamedTuple):
+    batch: Any  # the collated good samples, or None
+    bad: List[_BadSample]
+
+
+def _checked_collate(samples: List[Any]) -> _CheckedBatch:
+    good = [s for s in samples if not isinstance(s, _BadSample)]
+    return _CheckedBatch(default_collate(good) if good else None, [s for s in samples if isinstance(s, _BadSample)])
+
+
+class DecodedImageDataset(ImageDataset):
+    """timm's ``ImageDataset`` (its readers, transforms, targets) with our decoder and no silent retry.
+
+    timm's dataset replaces an image it cannot open by the next one; here such an image becomes a
+    marker that :class:`CheckedDataLoader` turns into an error (or a counted skip) in the main
+    process, where the message stays one line.
+    """
+
+    def __getitem__(self, index: int):
+        handle, target, *features = self.reader[index]
+        name = self.reader.filename(index, absolute=True)
+        try:
+            img = decode_image(handle, mode=self.input_img_mode or 'RGB', name=name)
+        except ImageDecodeError as err:
+            return _BadSample(name, str(err))
+        finally:
+            if hasattr(handle, 'close'):
+                handle.close()
+        if self.transform is not None:
+            img = self.transform(img)
+        target = -1 if target is None else (self.target_transform(target) if self.target_transform else target)
+        return (img, target) if self.additional_features is None else (img, target, *features)
+
+
+class CheckedDataLoader(DataLoader):
+    """A ``DataLoader`` of :func:`_checked_collate` batches: an undecodable image raises :class:`DatasetError`
+    naming it, or, with ``skip_bad=True``, is left out and recorded in ``skipped`` (paths)."""
+
+    def __init__(self, *args, skip_bad: bool = False, skip_hint: str = '', **kwargs):
+        super().__init__(*args, collate_fn=_checked_collate, **kwargs)
+        self.skip_bad = skip_bad
+        self.skip_hint = skip_hint
+        self.skipped: List[str] = []
+
+    def __iter__(self) -> Iterator[Any]:
+        for checked in super().__iter__():
+            for bad in checked.bad:
+                if not self.skip_bad:
+                    raise DatasetError(bad.reason + self.skip_hint)
+                _logger.warning(f'Skipped {bad.path}: {bad.reason}')
+                self.skipped.append(bad.path)
+            if checked.batch is not None:
+                yield checked.batch
+
+
 def _read_class_map(path: str) -> Dict[str, int]:
     with open(path) as f:
         names = [line.strip() for line in f if line.strip()]
@@ -120,12 +189,17 @@ def build_dataset(
                 raise DatasetError(
                     f"Class folder(s) {unknown} in '{split_dir}' are not among the training classes "
                     f"({len(class_map)}: {list(class_map)[:10]}...). Use the same class folders in every split.")
-        return create_dataset(
+        dataset = create_dataset(
             name, root=split_dir, split=split, search_split=False, class_map=class_map or None,
             is_training=is_training, input_img_mode=input_img_mode)
-    return create_dataset(
-        name, root=root, split=split, class_map=class_map or None, is_training=is_training,
-        input_img_mode=input_img_mode, seed=seed, batch_size=batch_size)
+    else:
+        dataset = create_dataset(
+            name, root=root, split=split, class_map=class_map or None, is_training=is_training,
+            input_img_mode=input_img_mode, seed=seed, batch_size=batch_size)
+    if type(dataset) is ImageDataset and not dataset.load_bytes:  # timm's file readers: decode with ours
+        dataset = DecodedImageDataset(None, reader=dataset.reader, input_img_mode=input_img_mode,
+                                      additional_features=dataset.additional_features)
+    return dataset
 
 
 def dataset_classes(dataset: torch.utils.data.Dataset) -> Optional[Dict[str, int]]:
@@ -151,7 +225,7 @@ def build_train_loader(
         cfg: Any,
         world_size: int,
         rank: int,
-) -> DataLoader:
+) -> CheckedDataLoader:
     """Training loader: timm train transform, (seed, epoch)-ordered sampler, ``drop_last``.
 
     Call ``loader.sampler.set_epoch(epoch)`` before each epoch.
@@ -184,7 +258,7 @@ def build_train_loader(
         raise DatasetError(
             f"The training split has {len(dataset)} images, {len(sampler)} per process: fewer than one batch "
             f"of {cfg.batch_size}. Lower --batch-size.")
-    return DataLoader(
+    return CheckedDataLoader(
         dataset,
         batch_size=cfg.batch_size,
         sampler=sampler,
@@ -207,8 +281,13 @@ def build_eval_loader(
         world_size: int = 1,
         rank: int = 0,
         pin_memory: bool = False,
-) -> DataLoader:
-    """Evaluation loader: timm eval transform; rank ``r`` of ``N`` gets images ``r, r+N, ...``."""
+        skip_bad: bool = False,
+) -> CheckedDataLoader:
+    """Evaluation loader: timm eval transform; rank ``r`` of ``N`` gets images ``r, r+N, ...``.
+
+    ``skip_bad``: leave out images that cannot be decoded (their paths in ``loader.skipped``) instead
+    of raising :class:`DatasetError`.
+    """
     dataset.transform = create_transform(
         data_config['input_size'],
         is_training=False,
@@ -221,5 +300,7 @@ def build_eval_loader(
     shard: torch.utils.data.Dataset = dataset
     if world_size > 1:
         shard = Subset(dataset, range(rank, len(dataset), world_size))
-    return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      pin_memory=pin_memory, drop_last=False)
+    return CheckedDataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                             pin_memory=pin_memory, drop_last=False, skip_bad=skip_bad,
+                             skip_hint='' if skip_bad else ' (validate.py --skip-bad-images leaves such images out, '
+                                                          'counted.)')

@@ -136,3 +136,5 @@ class EvalConfig(DataOptions):
     amp_dtype: str = _help("'float16' or 'bfloat16'", 'float16')
     results_file: str = _help('write the metrics to this JSON file', '')
     progress: bool = _help('tqdm progress bar', True)
+    skip_bad_images: bool = _help("leave out images that cannot be decoded (counted in 'skipped') instead of stopping",
+                                  False)

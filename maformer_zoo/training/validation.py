@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from timm.models import get_pretrained_cfg_value
@@ -40,6 +40,14 @@ def _checkpoint_meta(checkpoint: Any, path: str) -> Dict[str, Any]:
         if names:
             meta['class_to_idx'] = {name: i for i, name in enumerate(names)}
     return meta
+
+
+def _label_names(pretrained_cfg: Dict[str, Any]) -> Optional[List[str]]:
+    """Class names by output index from a pretrained cfg's ``label_names`` (a list, or {index: name})."""
+    names = pretrained_cfg.get('label_names')
+    if isinstance(names, dict):
+        names = [names[k] for k in sorted(names, key=int)]
+    return [str(n) for n in names] if names else None
 
 
 def _head_classes(model_name: str, state_dict: Dict[str, torch.Tensor]) -> Optional[int]:
@@ -81,6 +89,10 @@ def validate(cfg: EvalConfig) -> Dict[str, Any]:
         except RuntimeError as err:
             raise CheckpointMismatchError(
                 f"'{cfg.checkpoint}' does not fit '{cfg.model}' with {num_classes} classes: {err}") from err
+    if cfg.pretrained and 'class_to_idx' not in meta:  # an export's config.json label_names (timm reads them)
+        names = _label_names(getattr(model, 'pretrained_cfg', None) or {})
+        if names:
+            meta['class_to_idx'] = {name: i for i, name in enumerate(names)}
     model.to(ctx.device).eval()
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -101,7 +113,7 @@ def validate(cfg: EvalConfig) -> Dict[str, Any]:
     dataset = build_dataset(cfg.dataset, cfg.data_dir, cfg.split, is_training=False, class_map=class_map,
                             input_img_mode=cfg.input_img_mode, batch_size=cfg.batch_size)
     loader = build_eval_loader(dataset, data_config, cfg.batch_size, cfg.num_workers, ctx.world_size,
-                               ctx.rank, cfg.pin_memory)
+                               ctx.rank, cfg.pin_memory, skip_bad=cfg.skip_bad_images)
     start = time.perf_counter()
     metrics = evaluate(model, loader, ctx, amp_context(ctx.device, cfg.amp, cfg.amp_dtype),
                        cfg.channels_last, cfg.progress)
@@ -113,6 +125,9 @@ def validate(cfg: EvalConfig) -> Dict[str, Any]:
         'input_size': list(data_config['input_size']), 'crop_pct': data_config['crop_pct'],
         'interpolation': data_config['interpolation'], 'img_per_s': round(metrics['count'] / max(elapsed, 1e-9), 1),
     }
+    if cfg.skip_bad_images:  # over all processes: every image is either counted or skipped
+        results['skipped'] = len(dataset) - metrics['count']
+        results['skipped_files'] = loader.skipped[:20]
     if cfg.results_file and ctx.is_primary:
         with open(cfg.results_file, 'w') as f:
             json.dump(results, f, indent=2)

@@ -13,7 +13,8 @@ from typing import Any, Dict, Tuple
 
 import yaml
 
-__all__ = ['MAX_BYTES', 'MAX_NODES', 'YAMLFileError', 'UnsafeYAMLError', 'read_yaml_file', 'read_yaml_text', 'short_repr']
+__all__ = ['MAX_BYTES', 'MAX_NODES', 'YAMLFileError', 'UnsafeYAMLError', 'read_yaml_file', 'read_yaml_text',
+           'short_repr']
 
 MAX_BYTES = 1 << 20  # 1 MiB: our largest config is 3 KB
 MAX_NODES = 100_000  # values after alias expansion: a full detectron2 config dump has about 1,500
