@@ -60,8 +60,13 @@ def _check_model_args(model_name: str, model_args: dict) -> None:
     import inspect
     import timm
     from maformer_zoo.utils.names import close_names_hint
+    import maformer_zoo
     if not timm.is_model(model_name):
         raise SystemExit(f"error: unknown model '{model_name}'{close_names_hint(model_name, timm.list_models())}.")
+    if model_name not in maformer_zoo.list_models():  # the card, Hub id and config are ours: refuse before writing
+        raise SystemExit(f"error: '{model_name}' is a timm model, not one of maformer-zoo's "
+                         f"({', '.join(maformer_zoo.list_models()[:3])}, ...): this script writes our model cards; "
+                         f"publish it with timm.models.push_to_hf_hub instead. Nothing was written.")
     cls = type(timm.create_model(model_name, pretrained=False)) if model_args else None
     params = inspect.signature(cls.__init__).parameters if cls else {}
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
