@@ -517,3 +517,29 @@ def test_train_net_checks_the_dataset_against_the_config(tmp_path, capsys, case,
     line = _one_line(capsys.readouterr().err)
     assert expected in line and (case != 'rle-under-polygon' or '`INPUT.MASK_FORMAT bitmask`' in line)
     assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.detectron2
+def test_trainer_loaders_decode_16bit_images(tmp_path):
+    """train_net's Trainer loads COCO images through DecodingDatasetMapper: a constant 16-bit image
+    (30000) is 117 everywhere (30000 / 257), in training and test batches. Mutation: the Trainer's
+    build_train_loader / build_test_loader removed (detectron2's DatasetMapper) -> 255."""
+    pytest.importorskip('detectron2')
+    from detectron2_ext.config_file import load_config
+    from detectron2_ext.data import register_coco_instances_dataset
+    from detectron2_ext.engine import Trainer
+
+    def sixteen_bit(data, images):
+        for im in data['images']:
+            Image.fromarray(np.full((30, 40), 30000, np.uint16)).save(images / im['file_name'])
+
+    json_file, image_dir = _coco(tmp_path, sixteen_bit)
+    register_coco_instances_dataset('reliability_16bit', json_file, image_dir)
+    cfg = load_config(str(D2_CONFIG), ['DATASETS.TRAIN', '("reliability_16bit",)', 'DATASETS.TEST',
+                                       '("reliability_16bit",)', 'DATALOADER.NUM_WORKERS', '0',
+                                       'SOLVER.IMS_PER_BATCH', '2', 'INPUT.MIN_SIZE_TRAIN', '(32,)',
+                                       'INPUT.MIN_SIZE_TEST', '32', 'INPUT.MASK_FORMAT', 'polygon'])
+    test_batch = next(iter(Trainer.build_test_loader(cfg, 'reliability_16bit')))
+    train_batch = next(iter(Trainer.build_train_loader(cfg)))
+    for record in test_batch + train_batch:
+        assert torch.all(record['image'] == 117), record['image'].unique()
