@@ -8,6 +8,7 @@ file with ``torch.load(weights_only=True)``; anything needing other code is refu
 """
 from detectron2.checkpoint import DetectionCheckpointer
 
+from maformer_zoo.errors import CheckpointMismatchError
 from maformer_zoo.weights import load_checkpoint_file
 
 __all__ = ['SafeDetectionCheckpointer']
@@ -28,3 +29,24 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
 
     def _torch_load(self, f: str):
         return load_checkpoint_file(f)
+
+    # Issue 20: weights of another model loaded with strict=False leave a random detector that is
+    # evaluated as if trained. Refuse a file whose keys mostly do not fit, with the counts.
+    def load(self, path: str, *args, **kwargs):
+        self._loading = path
+        return super().load(path, *args, **kwargs)
+
+    def _load_model(self, checkpoint):
+        # parameters only: buffers such as BatchNorm's num_batches_tracked are filled in when absent
+        params = {name for name, _ in self.model.named_parameters()}
+        incompatible = super()._load_model(checkpoint)
+        missing = params & set(incompatible.missing_keys)
+        matched = len(params) - len(missing)
+        unexpected = len(incompatible.unexpected_keys)
+        if matched == 0 or unexpected > matched:
+            first = sorted(incompatible.unexpected_keys)[:2]
+            raise CheckpointMismatchError(
+                f"Refused weights '{getattr(self, '_loading', '?')}': they do not fit this model ({matched} of its "
+                f"{len(params)} parameters matched, {len(missing)} missing, {unexpected} keys of the file unused, "
+                f"e.g. {first}); are they for another architecture? Give weights of this config's model.")
+        return incompatible

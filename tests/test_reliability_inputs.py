@@ -110,7 +110,8 @@ RECIPE_CASES = {
     'python-tag': ({'r.yaml': 'lr: !!python/object/apply:os.system ["true"]\n'}, "!!python/object/apply:os.system"),
     'missing-file': ({}, "r.yaml' does not exist"),
     'syntax': ({'r.yaml': 'epochs: 3\nlr: [1\n'}, "r.yaml' line 3 is not valid YAML"),
-    'base-cycle': ({'r.yaml': 'base: b.yaml\n', 'b.yaml': 'base: r.yaml\n'}, "makes a cycle (r.yaml -> b.yaml -> r.yaml)"),
+    'base-cycle': ({'r.yaml': 'base: b.yaml\n', 'b.yaml': 'base: r.yaml\n'},
+                   "makes a cycle (r.yaml -> b.yaml -> r.yaml)"),
     'self-cycle': ({'r.yaml': 'base: r.yaml\n'}, "makes a cycle (r.yaml -> r.yaml)"),
     'missing-base': ({'r.yaml': 'base: nope.yaml\n'}, "nope.yaml' (a base of"),
     'top-level-list': ({'r.yaml': '- 1\n- 2\n'}, "holds a list, not a mapping"),
@@ -543,3 +544,23 @@ def test_trainer_loaders_decode_16bit_images(tmp_path):
     train_batch = next(iter(Trainer.build_train_loader(cfg)))
     for record in test_batch + train_batch:
         assert torch.all(record['image'] == 117), record['image'].unique()
+
+
+@pytest.mark.detectron2
+def test_weights_of_another_model_are_refused_with_counts(tmp_path):
+    """train_net --eval-only with a classifier's weights reported the AP of a random detector. Mutation:
+    no _load_model check in SafeDetectionCheckpointer -> loads with fvcore warnings only."""
+    pytest.importorskip('detectron2')
+    import timm
+    from detectron2_ext.checkpoint import SafeDetectionCheckpointer
+    from detectron2_ext.config_file import load_config
+    from detectron2_ext.engine import Trainer
+    from maformer_zoo.errors import CheckpointMismatchError
+    cfg = load_config(str(D2_CONFIG), ['MODEL.DEVICE', 'cpu', 'MODEL.TIMM.PRETRAINED', 'False'])
+    model = Trainer.build_model(cfg)
+    torch.save(timm.create_model('pvt_v2_b0', num_classes=10).state_dict(), tmp_path / 'classifier.pth')
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"classifier\.pth'.*\(0 of its \d+ parameters matched, \d+ missing, 178 keys of the file"):
+        SafeDetectionCheckpointer(model).load(str(tmp_path / 'classifier.pth'))
+    torch.save({'model': model.state_dict()}, tmp_path / 'own.pth')  # its own weights still load
+    SafeDetectionCheckpointer(model).load(str(tmp_path / 'own.pth'))
