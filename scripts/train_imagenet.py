@@ -15,6 +15,7 @@ Every field of ``maformer_zoo.training.TrainConfig`` is an option (``--help`` li
 recipe given with ``-c`` sets the starting values. Multi-node: ``torchrun --nnodes N --node-rank R
 --master-addr HOST --nproc-per-node G scripts/train_imagenet.py ...`` on every node.
 """
+import os
 import sys
 
 from timm.utils import setup_default_logging
@@ -28,10 +29,22 @@ from maformer_zoo.training.data import DatasetError
 from maformer_zoo.training.modeling import UnknownModelError
 
 
+def check_output(cfg: TrainConfig) -> None:
+    """Where the run folder would go must be usable: one line now instead of a traceback later."""
+    if os.path.exists(cfg.output) and not os.path.isdir(cfg.output):
+        raise ConfigError(f"--output '{cfg.output}' is a file, not a folder: give the folder that holds run folders "
+                          f"(default output/train).")
+    run = os.path.join(cfg.output, cfg.experiment) if cfg.experiment else ''
+    if run and os.path.islink(run) and not os.path.exists(run):
+        raise ConfigError(f"Run folder '{run}' is a symlink to '{os.readlink(run)}', which does not exist: restore "
+                          f"its target, remove the link, or choose another --experiment.")
+
+
 def main(argv=None) -> int:
     setup_default_logging()
     try:
         cfg = parse_config(TrainConfig, argv, description=__doc__.split('\n\n')[0])
+        check_output(cfg)
         train(cfg)
     except (ConfigError, DatasetError, UnknownModelError, CheckpointMismatchError, PretrainedWeightsNotFoundError,
             CorruptCheckpointError, UnsafeCheckpointError, FileNotFoundError) as err:

@@ -564,3 +564,26 @@ def test_weights_of_another_model_are_refused_with_counts(tmp_path):
         SafeDetectionCheckpointer(model).load(str(tmp_path / 'classifier.pth'))
     torch.save({'model': model.state_dict()}, tmp_path / 'own.pth')  # its own weights still load
     SafeDetectionCheckpointer(model).load(str(tmp_path / 'own.pth'))
+
+
+@pytest.mark.parametrize('case', ['output-is-a-file', 'dangling-experiment-link'])
+def test_train_imagenet_unusable_output_is_one_line(tmp_path, capsys, case):
+    """Both were tracebacks from os.makedirs. Mutation: no check_output -> NotADirectoryError / FileExistsError tracebacks."""
+    if case == 'output-is-a-file':
+        (tmp_path / 'runs').write_text('not a folder')
+        expected = "is a file, not a folder"
+    else:
+        (tmp_path / 'runs').mkdir()
+        (tmp_path / 'runs' / 'A').symlink_to(tmp_path / 'gone')
+        expected = f"is a symlink to '{tmp_path / 'gone'}', which does not exist"
+    for split in ('train', 'val'):  # valid data, so only the output folder is wrong
+        for name in ('a', 'b'):
+            (tmp_path / 'data' / split / name).mkdir(parents=True)
+            Image.new('RGB', (16, 16)).save(tmp_path / 'data' / split / name / '0.png')
+    code = _script('train_imagenet').main(['--output', str(tmp_path / 'runs'), '--experiment', 'A',
+                                           '--data-dir', str(tmp_path / 'data'), '--device', 'cpu', '--model',
+                                           'resnet18_mscsa', '--img-size', '32', '--batch-size', '1', '--epochs', '1',
+                                           '--num-workers', '0', '--no-progress'])
+    assert code == 2
+    assert expected in _one_line(capsys.readouterr().err)
+    assert not (tmp_path / 'gone').exists()
