@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from maformer_zoo.data.images import ImageDecodeError, decode_image
+from maformer_zoo.data.images import decode_image
 from maformer_zoo.training.config import ConfigError, parse_config
 from maformer_zoo.training.options import TrainConfig
 from maformer_zoo.utils.safe_yaml import YAMLFileError, read_yaml_file
