@@ -141,7 +141,7 @@ def _wrong_value(cfg: CfgNode, key: str, value: Any, where: str) -> ConfigFileEr
                            f"expects {expected}; change the value.")
 
 
-def _merge_file(cfg: CfgNode, loaded: Dict[str, Any], origins: Origins) -> None:
+def _merge_file(cfg: CfgNode, loaded: Dict[str, Any], origins: Origins, config_file: str) -> None:
     """detectron2's merge of ``loaded``; on a value it refuses, find the key from our own state."""
     try:
         cfg.merge_from_other_cfg(CfgNode(loaded))
@@ -156,7 +156,7 @@ def _merge_file(cfg: CfgNode, loaded: Dict[str, Any], origins: Origins) -> None:
         except (ValueError, AssertionError, KeyError, TypeError):
             path, line = origins.get(key, ('?', 0))
             raise _wrong_value(cfg, key, value, f"Config '{path}' line {line}") from None
-    raise ConfigFileError(f"detectron2 refused the values of '{origins and next(iter(origins.values()))[0]}'; "
+    raise ConfigFileError(f"detectron2 refused the values of '{config_file}' (with its _BASE_ chain); "
                           f"check the types of its keys against `python -c 'from detectron2.config import get_cfg; "
                           f"print(get_cfg())'`.")
 
@@ -206,6 +206,6 @@ def load_config(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
     for key in _dotted_keys(loaded):
         file, line = origins.get(key, (config_file, 0))
         check_keys(cfg, [key], f"'{file}' line {line}")
-    _merge_file(cfg, loaded, origins)
+    _merge_file(cfg, loaded, origins, config_file)
     _merge_overrides(cfg, list(opts))
     return cfg
