@@ -8,8 +8,7 @@ setting the command line cannot change.
 YAML values are coerced with the same rules as command-line strings, which also turns PyYAML's
 ``1e-3`` (a *string* under YAML 1.1) into the float the field expects. Unknown keys are errors that
 name the closest field, so a typo in a recipe cannot be silently ignored. Recipes are read with
-:mod:`maformer_zoo.utils.safe_yaml` (safe tags, size and alias limits); every recipe error is one
-:class:`ConfigError` line naming the file and the line of the key.
+:mod:`maformer_zoo.utils.safe_yaml`; every recipe error is one line naming the file and line.
 """
 import argparse
 import dataclasses

@@ -15,10 +15,8 @@ transforms from ``timm.data.create_transform``, samplers from torch / timm, batc
   with an N-times larger batch sees;
 * validation on N processes splits the set into disjoint strided shards (no padding duplicates),
   so the reduced metrics are exactly those of one process;
-* images are decoded by :func:`maformer_zoo.data.decode_image` (16-bit scaled, not clipped; EXIF
-  orientation applied), and an image that cannot be decoded stops the run with one line naming it
-  (timm's dataset would silently use the next image instead) unless the loader is told to skip it,
-  counting what it skipped.
+* images decoded by :func:`maformer_zoo.data.decode_image`; an undecodable one is an error, not
+  silently replaced by the next image as timm does (:class:`CheckedDataLoader`).
 """
 import logging
 import os
