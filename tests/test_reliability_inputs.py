@@ -357,13 +357,13 @@ def _export_constant_model(tmp_path):
     import timm
     import maformer_zoo  # noqa: F401
     from maformer_zoo.weights import export_hub_folder
-    model = timm.create_model('resnet18_mscsa', num_classes=3)
+    model = timm.create_model('pvt_v2_b0_mscsa', num_classes=3)
     state = model.state_dict()
     state['head.fc.weight'].zero_()
     state['head.fc.bias'].copy_(torch.tensor([10.0, 0.0, 0.0]))
-    torch.save({'state_dict': state, 'arch': 'resnet18_mscsa', 'num_classes': 3,
+    torch.save({'state_dict': state, 'arch': 'pvt_v2_b0_mscsa', 'num_classes': 3,
                 'class_to_idx': {'zebra': 0, 'apple': 1, 'mango': 2}}, tmp_path / 'ck.pth')
-    return export_hub_folder('resnet18_mscsa', tmp_path / 'ck.pth', tmp_path / 'export', measure=False)['folder']
+    return export_hub_folder('pvt_v2_b0_mscsa', tmp_path / 'ck.pth', tmp_path / 'export', measure=False)['folder']
 
 
 def test_label_names_of_an_export_on_every_route(tmp_path, capsys):
@@ -378,12 +378,12 @@ def test_label_names_of_an_export_on_every_route(tmp_path, capsys):
         for i in range(count):
             Image.new('RGB', (32, 32), (i * 40, 0, 0)).save(tmp_path / 'data' / 'val' / name / f'{i}.png')
     args = ['--model', f'local-dir:{folder}', '--pretrained', '--data-dir', str(tmp_path / 'data'),
-            '--img-size', '32', '--batch-size', '4', '--device', 'cpu', '--num-workers', '0', '--no-progress']
+            '--img-size', '64', '--batch-size', '4', '--device', 'cpu', '--num-workers', '0', '--no-progress']
     assert _script('validate').main(args) == 0
     assert json.loads(capsys.readouterr().out)['top1'] == 50.0
     names = ['zebra', 'apple', 'mango']
     assert timm.create_model(f'local-dir:{folder}', pretrained=True).pretrained_cfg['label_names'] == names
-    by_file = timm.create_model('resnet18_mscsa', pretrained=True,
+    by_file = timm.create_model('pvt_v2_b0_mscsa', pretrained=True,
                                 pretrained_cfg_overlay=dict(file=str(folder / 'model.safetensors')))
     assert by_file.pretrained_cfg['label_names'] == names
 
