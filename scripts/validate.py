@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     try:
         results = validate(cfg)
     except (ConfigError, DatasetError, UnknownModelError, CheckpointMismatchError, PretrainedWeightsNotFoundError,
-            CorruptCheckpointError, UnsafeCheckpointError, FileNotFoundError) as err:
+            CorruptCheckpointError, UnsafeCheckpointError, FileNotFoundError, FileExistsError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
     print(json.dumps(results, indent=2))
