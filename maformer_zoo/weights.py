@@ -11,6 +11,7 @@
 * :func:`export_hub_folder`: a folder for the Hub (``model.safetensors`` + timm's ``config.json``
   with the class names + ``README.md``), after a strict key check.
 """
+import argparse
 import json
 import os
 import pickle
@@ -86,7 +87,7 @@ def weight_file_format(path: PathLike) -> str:
 def load_checkpoint_file(path: PathLike) -> Any:
     """Read a weight file without running code from it, whatever its name (see the module docstring).
 
-    ``torch.load`` gets ``weights_only=True`` explicitly (via timm's ``_torch_load``), which torch
+    ``torch.load`` gets ``weights_only=True`` explicitly (timm's ``_torch_load`` way), which torch
     keeps even when ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` is set (that variable only changes the
     default); every other pickle goes to the numpy-only unpickler.
 
@@ -111,14 +112,10 @@ def load_checkpoint_file(path: PathLike) -> Any:
             raise CorruptCheckpointError(
                 f"'{path}' is not a readable safetensors file: it is truncated or damaged, export or download "
                 f"it again.") from err
-    from timm.models._helpers import _torch_load
-    try:
-        return _torch_load(str(path), map_location='cpu', weights_only=True)
-    except RuntimeError as err:
-        if not isinstance(err.__cause__, pickle.UnpicklingError):  # timm wraps the refusal, keeping its cause
-            raise CorruptCheckpointError(
-                f"'{path}' is not a readable PyTorch checkpoint ({type(err).__name__}): it is truncated or "
-                f"damaged, save or download it again.") from err
+    try:  # a file object: torch 2.14 sends a *path* ending in .safetensors to safetensors, by name
+        with open(path, 'rb') as f, torch.serialization.safe_globals([argparse.Namespace]):  # timm's train.py args
+            return torch.load(f, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as err:
         try:
             needed = ', '.join(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
         except Exception:  # noqa: BLE001 - a legacy (non-zip) file: the needed names are not listed
@@ -127,7 +124,7 @@ def load_checkpoint_file(path: PathLike) -> Any:
             f"Refused '{path}': it is a pickle that needs code to load{f' ({needed})' if needed else ''}; weights "
             f"are read only from safetensors or torch.load(weights_only=True). If you trust it, load it yourself "
             f"and save model.state_dict() with safetensors.") from err
-    except (EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise CorruptCheckpointError(
             f"'{path}' is not a readable PyTorch checkpoint ({type(err).__name__}): it is truncated or damaged, "
             f"save or download it again.") from err

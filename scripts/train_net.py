@@ -31,6 +31,7 @@ from detectron2_ext.engine.trainer import Trainer
 from maformer_zoo.errors import CheckpointMismatchError, CorruptCheckpointError, PretrainedWeightsNotFoundError, \
     UnsafeCheckpointError
 from maformer_zoo.training.run_folder import check_resume_changes, check_run_folder
+from maformer_zoo.utils.atomic import write_atomic
 from maformer_zoo.utils.names import close_names_hint
 
 # flag -> (its values, the function registering them in that order, help). Repeatable; each
@@ -134,20 +135,25 @@ def _flat(node, prefix: str = '') -> Dict[str, object]:
 
 
 def _check_resume(cfg: CfgNode, args: argparse.Namespace, record: bool) -> None:
-    """``--resume`` continues the run in OUTPUT_DIR under its own settings (run_folder's rules)."""
+    """``--resume`` continues the run in OUTPUT_DIR under its own settings (run_folder's rules); a run
+    killed before its first checkpoint starts again, its metrics rows of that attempt dropped."""
     import yaml
     checkpoint = _last_checkpoint(cfg.OUTPUT_DIR)
-    if checkpoint is None:
-        check_run_folder(cfg.OUTPUT_DIR, f"OUTPUT_DIR '{cfg.OUTPUT_DIR}'",
-                         hint='it has no last_checkpoint to --resume; give a new `OUTPUT_DIR <folder>`')
-        return
     saved_file = os.path.join(cfg.OUTPUT_DIR, 'config.yaml')
+    if not os.path.isfile(saved_file):
+        check_run_folder(cfg.OUTPUT_DIR, f"OUTPUT_DIR '{cfg.OUTPUT_DIR}'",
+                         hint="it has no config.yaml of a run to --resume; give a new `OUTPUT_DIR <folder>`")
+        return
     with open(saved_file, encoding='utf-8') as f:  # written by default_setup of the run
         saved = yaml.safe_load(f)
     if not isinstance(saved, dict):
         raise ValueError(f"'{saved_file}' is not the run's config: restore it, or start a new `OUTPUT_DIR <folder>`.")
     check_resume_changes(_flat(saved), _flat(yaml.safe_load(cfg.dump())), RESUME_MAY_CHANGE, args.allow_changes,
-                         cfg.OUTPUT_DIR, f'checkpoint {os.path.basename(checkpoint)}', record=record)
+                         cfg.OUTPUT_DIR, f"checkpoint {os.path.basename(checkpoint) if checkpoint else '(none)'}",
+                         record=record)
+    metrics = os.path.join(cfg.OUTPUT_DIR, 'metrics.json')
+    if checkpoint is None and record and os.path.isfile(metrics):
+        write_atomic(metrics, '')
 
 
 def _fresh_subfolder(folder: str, prefix: str) -> str:
