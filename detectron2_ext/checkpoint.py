@@ -48,6 +48,7 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         data = {'model': self.model.state_dict(), **{k: v.state_dict() for k, v in self.checkpointables.items()}}
         data.update(kwargs)
         basename = f'{name}.pth'
+        os.makedirs(self.save_dir, exist_ok=True)
         self.logger.info(f'Saving checkpoint to {os.path.join(self.save_dir, basename)}')
         with atomic_write(os.path.join(self.save_dir, basename)) as f:
             torch.save(data, f)
