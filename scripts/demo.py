@@ -192,8 +192,15 @@ def main(argv=None) -> int:
     write_atomic(os.path.join(cfg.OUTPUT_DIR, 'config.yaml'), cfg.dump())
     seed_all_rng(cfg.SEED)  # weights, data order and augmentation
 
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=False)
+    from maformer_zoo.errors import CheckpointMismatchError, CorruptCheckpointError, PretrainedWeightsNotFoundError, \
+        UnsafeCheckpointError
+    try:  # MODEL.WEIGHTS / MODEL.TIMM.CHECKPOINT overrides are read here
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=False)
+    except (CheckpointMismatchError, CorruptCheckpointError, PretrainedWeightsNotFoundError,
+            UnsafeCheckpointError) as err:
+        print(f'[demo] error: {str(err).splitlines()[0]}', file=sys.stderr)
+        return 2
     progress = _progress_hook(sys.stdout)
     trainer.register_hooks([progress])
     params = sum(p.numel() for p in trainer.model.parameters())

@@ -79,7 +79,13 @@ def _detectron2_model(args):
     if cfg.MODEL.DEVICE.startswith('cuda') and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = 'cpu'
     cfg.freeze()
-    model = build_model(cfg)
+    from maformer_zoo.errors import CheckpointMismatchError, CorruptCheckpointError, PretrainedWeightsNotFoundError, \
+        UnsafeCheckpointError
+    try:  # MODEL.TIMM.CHECKPOINT is read while building
+        model = build_model(cfg)
+    except (CheckpointMismatchError, CorruptCheckpointError, PretrainedWeightsNotFoundError,
+            UnsafeCheckpointError) as err:
+        _fail(str(err).splitlines()[0])
     if args.weights:
         _load_weights(model, args.weights)
     return model.eval(), cfg
