@@ -19,9 +19,10 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
 
 import torch
 
-from ..weights import label_names_of
+import yaml
+
 from ..utils.atomic import atomic_write, write_atomic
-from ..weights import load_checkpoint_file
+from ..weights import label_names_of, load_checkpoint_file
 from .checkpoint import load_training_checkpoint, save_checkpoint
 
 __all__ = ['RUN_ARTIFACTS', 'RunFolderError', 'run_artifacts', 'check_run_folder', 'check_resume_changes',
@@ -38,7 +39,8 @@ CHANGES_FILE = 'config_changes.yaml'
 
 
 class RunFolderError(FileExistsError):
-    """A command would write into a folder that holds another run (or into a path that is not a folder)."""
+    """A command would write into another run's folder (or a path that is not a folder), or resume a run
+    under other settings."""
 
 
 def run_artifacts(folder: str) -> List[str]:
@@ -81,7 +83,6 @@ def check_resume_changes(saved: Mapping[str, Any], current: Mapping[str, Any], i
     Returns:
         ``{setting: [saved, current]}`` of the changes (empty if none).
     """
-    import yaml
     ignore = set(ignore)
     changed = {k: [saved[k], current[k]] for k in sorted(set(saved) & set(current))  # a setting only one
                if k not in ignore and saved[k] != current[k]}                   # version knows: unchanged
@@ -116,13 +117,20 @@ def find_resumable_run(output: str, model: str) -> Optional[str]:
     return max(candidates, key=lambda d: os.path.getmtime(os.path.join(d, 'last.pth')), default=None)
 
 
+def _keeps(keep: Callable[[Dict[str, str]], bool], row: Dict[str, str]) -> bool:
+    try:
+        return keep(row)
+    except (TypeError, ValueError):  # a row cut short by a kill mid-append
+        return False
+
+
 def truncate_csv(path: str, keep: Callable[[Dict[str, str]], bool]) -> None:
     """Keep only the rows of a CSV log for which ``keep(row)`` holds (atomically; no file: nothing)."""
     if not os.path.isfile(path):
         return
     with open(path, newline='') as f:
         reader = csv.DictReader(f)
-        fields, rows = reader.fieldnames, [r for r in reader if keep(r)]
+        fields, rows = reader.fieldnames, [r for r in reader if _keeps(keep, r)]
     with atomic_write(path, 'w', newline='') as f:
         if fields:
             writer = csv.DictWriter(f, fieldnames=fields)
