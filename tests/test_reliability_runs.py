@@ -478,7 +478,8 @@ def test_train_net_and_demo_leave_other_runs_byte_identical(tmp_path):
 @pytest.mark.parametrize('kill_at', ['replace:model_0000000.pth:1', 'replace:last_checkpoint:1',
                                      'replace:model_final.pth:1', 'replace:last_checkpoint:2'])
 def test_sigkill_at_every_train_net_checkpoint_write_then_resume(tmp_path, kill_at):
-    """A real train_net run (2 iterations, a checkpoint after each) killed at each checkpoint write, then ``--resume``."""
+    """A real train_net run (2 iterations, a checkpoint after each) killed at each checkpoint write, then
+    ``--resume``: the folder always names a complete checkpoint and the resumed run finishes."""
     pytest.importorskip('detectron2')
     coco = _coco(tmp_path)
     run = tmp_path / 'run'
@@ -488,5 +489,6 @@ def test_sigkill_at_every_train_net_checkpoint_write_then_resume(tmp_path, kill_
         assert load_checkpoint_file(run / (run / 'last_checkpoint').read_text())['model']
     proc = _run([TRAIN_NET, *coco, '--config-file', D2_CONFIG, '--resume', *_small(run)])
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert (run / 'last_checkpoint').read_text() == 'model_final.pth'
-    assert load_checkpoint_file(run / 'model_final.pth')['iteration'] == 1
+    # the last iteration's weights: model_final.pth, or model_0000001.pth when the kill hit model_final's
+    # save (detectron2 then has no iteration left to run, so writes no model_final)
+    assert load_checkpoint_file(run / (run / 'last_checkpoint').read_text())['iteration'] == 1
