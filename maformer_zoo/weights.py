@@ -26,7 +26,8 @@ from .errors import CheckpointMismatchError, CorruptCheckpointError, PretrainedW
     UnsafeCheckpointError
 
 __all__ = [
-    'load_numpy_pickle', 'weight_file_format', 'load_checkpoint_file', 'unwrap_state_dict', 'read_state_dict', 'state_dict_mismatch',
+    'load_numpy_pickle', 'weight_file_format', 'load_checkpoint_file', 'unwrap_state_dict', 'read_state_dict',
+    'state_dict_mismatch',
     'format_mismatch', 'check_state_dict', 'export_hub_folder', 'label_names_of', 'read_label_names', 'EMA_KEYS',
 ]
 

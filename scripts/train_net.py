@@ -17,6 +17,7 @@ import sys
 from typing import Dict, List, Optional
 
 import torch
+import yaml
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import default_argument_parser, default_setup, launch
@@ -137,7 +138,6 @@ def _flat(node, prefix: str = '') -> Dict[str, object]:
 def _check_resume(cfg: CfgNode, args: argparse.Namespace, record: bool) -> None:
     """``--resume`` continues the run in OUTPUT_DIR under its own settings (run_folder's rules); a run
     killed before its first checkpoint starts again, its metrics rows of that attempt dropped."""
-    import yaml
     checkpoint = _last_checkpoint(cfg.OUTPUT_DIR)
     saved_file = os.path.join(cfg.OUTPUT_DIR, 'config.yaml')
     if not os.path.isfile(saved_file):

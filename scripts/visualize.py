@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument('--config-file', metavar='CFG', help='a detectron2 config of ours')
     source.add_argument('--model', metavar='NAME', help='a timm model name of ours (backbone maps only)')
     parser.add_argument('--weights', metavar='FILE', default='',
-                        help='weights: a detectron2 / timm checkpoint, a state dict or .safetensors (read without running code)')
+                        help='weights: a detectron2 / timm checkpoint, a state dict or .safetensors (no code is run)')
     parser.add_argument('--input', metavar='IMAGE', nargs='+', required=True,
                         help='image(s); maps are drawn over the first, the ERF averages all')
     parser.add_argument('--output', metavar='DIR', required=True, help='output directory')

@@ -12,7 +12,7 @@ checkpoint is also a weight file for fine-tuning and validation.
 """
 import os
 import random
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import numpy as np
 import torch
@@ -21,7 +21,8 @@ from ..errors import CorruptCheckpointError
 from ..utils.atomic import atomic_write
 from ..weights import load_checkpoint_file
 
-__all__ = ['CHECKPOINT_VERSION', 'capture_rng_state', 'restore_rng_state', 'save_checkpoint', 'load_training_checkpoint',
+__all__ = ['CHECKPOINT_VERSION', 'capture_rng_state', 'restore_rng_state', 'save_checkpoint',
+           'load_training_checkpoint',
            'prune_checkpoints']
 
 CHECKPOINT_VERSION = 1

@@ -39,7 +39,8 @@ from timm.utils import update_summary, unwrap_model
 from timm.utils.distributed import init_distributed_device_so
 
 from ..utils.atomic import write_atomic
-from .checkpoint import capture_rng_state, load_training_checkpoint, prune_checkpoints, restore_rng_state, save_checkpoint
+from .checkpoint import (capture_rng_state, load_training_checkpoint, prune_checkpoints, restore_rng_state,
+                         save_checkpoint)
 from .config import ConfigError
 from .run_folder import (check_resume_changes, check_run_folder, default_run_name, find_resumable_run, recover_best,
                          save_best, truncate_csv, write_json_atomic)
