@@ -279,6 +279,7 @@ def test_atomic_write_never_follows_a_planted_symlink(tmp_path):
 
 
 def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
+    """Mutation caught: writing into the target itself (it holds the half-written text)."""
     target = tmp_path / 'metrics.json'
     write_atomic(target, 'old')
     with pytest.raises(ZeroDivisionError):
@@ -366,6 +367,8 @@ def test_any_run_artifact_marks_a_run_folder(tmp_path, names):
 
 
 def test_file_and_dangling_symlink_are_not_folders(tmp_path):
+    """The issue's `--output` that is a file and dangling-symlink experiment. Mutation caught: testing
+    ``os.path.exists`` (a dangling link does not exist, so it was taken for a new folder)."""
     (tmp_path / 'file').write_text('x')
     (tmp_path / 'dangling').symlink_to(tmp_path / 'nowhere')
     for name in ('file', 'dangling'):
@@ -406,6 +409,7 @@ def test_resume_with_changed_settings_is_refused_or_recorded(image_folder, tmp_p
 
 
 def test_validate_results_file_is_never_replaced(image_folder, tmp_path):
+    """Mutation caught: no existence check (the earlier file is replaced after the evaluation)."""
     from maformer_zoo.training import EvalConfig, validate
     (tmp_path / 'results.json').write_text('earlier')
     cfg = config_from_dict(EvalConfig, dict(model='test_vit', data_dir=str(image_folder), split='val',
@@ -416,7 +420,8 @@ def test_validate_results_file_is_never_replaced(image_folder, tmp_path):
 
 
 def test_train_net_resume_compares_the_saved_config(tmp_path):
-    """``_check_resume`` of scripts/train_net.py against a saved run (no training needed)."""
+    """``_check_resume`` of scripts/train_net.py against a saved run (no training needed). Mutation
+    caught: no comparison (BASE_LR change accepted), or DATALOADER.NUM_WORKERS not in RESUME_MAY_CHANGE."""
     pytest.importorskip('detectron2')
     import importlib.util
     import argparse
