@@ -1,34 +1,45 @@
-"""detectron2's ``DetectionCheckpointer`` reading weight files without running code from them.
+"""detectron2's ``DetectionCheckpointer`` reading weights without running code and writing atomically.
 
-detectron2 reads ``.pkl`` files with plain ``pickle.load`` and leaves ``torch.load`` to fvcore.
-:class:`SafeDetectionCheckpointer` reads ``.pkl`` with maformer-zoo's numpy-only unpickler (the
-Detectron / detectron2 model-zoo formats are numpy arrays in plain containers) and every other
-file with ``torch.load(weights_only=True)``; anything needing other code is refused with
-``maformer_zoo.errors.UnsafeCheckpointError``.
+* Reading: every file, whatever its name, goes through ``maformer_zoo.weights.load_checkpoint_file``
+  (by content: safetensors, ``torch.load(weights_only=True)``, numpy-only pickles). detectron2's own
+  ``_load_file`` is never called: its ``.pkl`` and ``.pyth`` branches unpickle without limits.
+  The layouts it knows (detectron2 / Detectron model zoo, pycls) are unwrapped here the same way.
+* Writing: ``save`` and ``last_checkpoint`` are written with ``maformer_zoo.utils.atomic``, so a
+  kill mid-save leaves the previous checkpoint and a ``last_checkpoint`` naming a complete file.
 """
+import os
+from urllib.parse import parse_qs
+
+import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from maformer_zoo.errors import CheckpointMismatchError
-from maformer_zoo.weights import load_checkpoint_file
+from maformer_zoo.errors import CheckpointMismatchError, CorruptCheckpointError
+from maformer_zoo.utils.atomic import atomic_write, write_atomic
+from maformer_zoo.weights import load_checkpoint_file, weight_file_format
 
 __all__ = ['SafeDetectionCheckpointer']
 
 
 class SafeDetectionCheckpointer(DetectionCheckpointer):
-    """``DetectionCheckpointer`` with safe reading (see the module docstring); same arguments."""
+    """``DetectionCheckpointer`` with safe reading and atomic writing (module docstring); same arguments."""
 
     def _load_file(self, filename: str):
-        if not filename.endswith('.pkl'):
-            return super()._load_file(filename)  # -> _torch_load below, plus detectron2's URL handling
         data = load_checkpoint_file(filename)
-        if 'model' in data and '__author__' in data:  # detectron2 model-zoo format
-            return data
-        data = data.get('blobs', data)  # Caffe2 / Detectron1: detection models keep weights in 'blobs'
-        return {'model': {k: v for k, v in data.items() if not k.endswith('_momentum')},
-                '__author__': 'Caffe2', 'matching_heuristics': True}
-
-    def _torch_load(self, f: str):
-        return load_checkpoint_file(f)
+        if not isinstance(data, dict):
+            raise CorruptCheckpointError(f"'{filename}' holds a {type(data).__name__}, not a checkpoint dict.")
+        if 'model_state' in data:  # pycls
+            loaded = {'model': {k: v for k, v in data['model_state'].items() if not k.endswith('num_batches_tracked')},
+                      '__author__': 'pycls', 'matching_heuristics': True}
+        elif weight_file_format(filename) == 'pickle' and not ('model' in data and '__author__' in data):
+            data = data.get('blobs', data)  # Caffe2 / Detectron1: detection models keep weights in 'blobs'
+            loaded = {'model': {k: v for k, v in data.items() if not k.endswith('_momentum')},
+                      '__author__': 'Caffe2', 'matching_heuristics': True}
+        else:
+            loaded = data if 'model' in data else {'model': data}
+        url = getattr(self, '_parsed_url_during_load', None)  # detectron2's `path?matching_heuristics=True`
+        if url is not None and parse_qs(url.query).get('matching_heuristics') == ['True']:
+            loaded['matching_heuristics'] = True
+        return loaded
 
     # Issue 20: weights of another model loaded with strict=False leave a random detector that is
     # evaluated as if trained. Refuse a file whose keys mostly do not fit, with the counts.
@@ -50,3 +61,19 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
                 f"{len(params)} parameters matched, {len(missing)} missing, {unexpected} keys of the file unused, "
                 f"e.g. {first}); are they for another architecture? Give weights of this config's model.")
         return incompatible
+
+    def save(self, name: str, **kwargs) -> None:
+        """fvcore's ``save`` (model + checkpointables + ``kwargs`` as ``<name>.pth``), written atomically."""
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {'model': self.model.state_dict(), **{k: v.state_dict() for k, v in self.checkpointables.items()}}
+        data.update(kwargs)
+        basename = f'{name}.pth'
+        os.makedirs(self.save_dir, exist_ok=True)
+        self.logger.info(f'Saving checkpoint to {os.path.join(self.save_dir, basename)}')
+        with atomic_write(os.path.join(self.save_dir, basename)) as f:
+            torch.save(data, f)
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        write_atomic(os.path.join(self.save_dir, 'last_checkpoint'), last_filename_basename)

@@ -162,4 +162,7 @@ def pretrained_overlay(source: PathLike, model_name: Optional[str] = None,
         timm.create_model('maformer_s', pretrained=True, features_only=True,
                           pretrained_cfg_overlay=pretrained_overlay('/runs/maformer_s/model_best.safetensors'))
     """
-    return dict(file=str(resolve_weight_file(source, model_name, cache_dir)))
+    from .weights import load_checkpoint_file
+    file = resolve_weight_file(source, model_name, cache_dir)
+    load_checkpoint_file(file)  # our reader's one-line refusal before timm (or our builder) reads it for the model
+    return dict(file=str(file))

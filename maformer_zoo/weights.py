@@ -1,8 +1,8 @@
 """Reading weight files without running their code, one state-dict unwrapping rule, and Hub export.
 
-* :func:`load_checkpoint_file`: ``.safetensors`` with safetensors; a ``.pkl`` with a restricted
-  unpickler that admits numpy arrays and plain containers only (Detectron-format weights); any
-  other file with ``torch.load(weights_only=True)``. A file that needs other code is refused.
+* :func:`load_checkpoint_file`, THE weight reader of every path: by content, not name, a safetensors
+  file with safetensors, a ``torch.save`` file with ``torch.load(weights_only=True)``, any other pickle
+  with a numpy-only unpickler (Detectron-format weights). A file that needs other code is refused.
 * :func:`unwrap_state_dict`: THE rule for finding the weights inside a training checkpoint,
   timm's own (``timm.models.load_state_dict``): with ``weights='auto'`` EMA weights
   (``state_dict_ema``, ``model_ema``) win over the raw ones (``state_dict``, ``model``), because
@@ -21,11 +21,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from .utils.atomic import write_atomic
 from .errors import CheckpointMismatchError, CorruptCheckpointError, PretrainedWeightsNotFoundError, \
     UnsafeCheckpointError
 
 __all__ = [
-    'load_numpy_pickle', 'load_checkpoint_file', 'unwrap_state_dict', 'read_state_dict', 'state_dict_mismatch',
+    'load_numpy_pickle', 'weight_file_format', 'load_checkpoint_file', 'unwrap_state_dict', 'read_state_dict',
+    'state_dict_mismatch',
     'format_mismatch', 'check_state_dict', 'export_hub_folder', 'label_names_of', 'read_label_names', 'EMA_KEYS',
 ]
 
@@ -42,6 +44,10 @@ _PICKLE_ALLOWED = {
 }
 
 
+_ZIP_MAGIC = b'PK\x03\x04'  # torch.save's default format is a zip archive
+_LEGACY_TORCH_MAGIC = b'\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19'  # torch.save(_use_new_zipfile_serialization=False)
+
+
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     def __init__(self, file, path: Path):
         super().__init__(file, encoding='latin1')  # Detectron (Python 2) pickles
@@ -51,22 +57,40 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         if (module, name) not in _PICKLE_ALLOWED:
             raise UnsafeCheckpointError(
                 f"Refused '{self.path}': it is a pickle that needs '{module}.{name}' to load; only numpy "
-                f"arrays and plain containers are read from .pkl files (convert it to .safetensors).")
+                f"arrays and plain containers are read from plain pickles (convert it to .safetensors).")
         return super().find_class(module, name)
 
 
 def load_numpy_pickle(path: PathLike) -> Any:
-    """A ``.pkl`` of numpy arrays and plain containers (Detectron format), read without running code."""
+    """A pickle of numpy arrays and plain containers (Detectron format), read without running code."""
     path = Path(path)
     with open(path, 'rb') as f:
         try:
             return _NumpyOnlyUnpickler(f, path).load()
-        except (EOFError, pickle.UnpicklingError, ValueError) as err:
-            raise CorruptCheckpointError(f"'{path}' is not a readable pickle ({type(err).__name__}).") from err
+        except (EOFError, pickle.UnpicklingError, ValueError, TypeError, IndexError, KeyError) as err:
+            raise CorruptCheckpointError(
+                f"'{path}' is not a weight file: neither safetensors, nor a PyTorch checkpoint, nor a readable "
+                f"pickle ({type(err).__name__}); it is truncated, damaged or of another kind.") from err
+
+
+def weight_file_format(path: PathLike) -> str:
+    """'torch' (a ``torch.save`` zip or legacy file), 'safetensors', or 'pickle' (anything else), from
+    the file's first bytes: the extension does not decide (a ``.pyth`` or ``.bin`` is read the same way)."""
+    with open(path, 'rb') as f:
+        head = f.read(16)
+    if head.startswith(_ZIP_MAGIC) or head.startswith(_LEGACY_TORCH_MAGIC):
+        return 'torch'
+    if head[8:9] == b'{' and int.from_bytes(head[:8], 'little') <= os.path.getsize(path) - 8:
+        return 'safetensors'  # 8-byte little-endian header length, then the JSON header
+    return 'pickle'
 
 
 def load_checkpoint_file(path: PathLike) -> Any:
-    """Read a weight file without running code from it (see the module docstring).
+    """Read a weight file without running code from it, whatever its name (see the module docstring).
+
+    ``torch.load`` gets ``weights_only=True`` explicitly (timm's ``_torch_load`` way), which torch
+    keeps even when ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` is set (that variable only changes the
+    default); every other pickle goes to the numpy-only unpickler.
 
     Raises:
         PretrainedWeightsNotFoundError: ``path`` is not a file.
@@ -78,9 +102,10 @@ def load_checkpoint_file(path: PathLike) -> Any:
         raise PretrainedWeightsNotFoundError(f"Checkpoint file not found: '{path}'.")
     if path.stat().st_size == 0:
         raise CorruptCheckpointError(f"'{path}' is empty (0 bytes): the save or download did not finish.")
-    if path.suffix == '.pkl':
+    kind = weight_file_format(path)
+    if kind == 'pickle':
         return load_numpy_pickle(path)
-    if path.suffix == '.safetensors':
+    if kind == 'safetensors':
         import safetensors.torch
         try:
             return safetensors.torch.load_file(str(path), device='cpu')
@@ -88,9 +113,9 @@ def load_checkpoint_file(path: PathLike) -> Any:
             raise CorruptCheckpointError(
                 f"'{path}' is not a readable safetensors file: it is truncated or damaged, export or download "
                 f"it again.") from err
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):  # timm's train.py stores its args
-            return torch.load(str(path), map_location='cpu', weights_only=True)
+    try:  # a file object: torch 2.14 sends a *path* ending in .safetensors to safetensors, by name
+        with open(path, 'rb') as f, torch.serialization.safe_globals([argparse.Namespace]):  # timm's train.py args
+            return torch.load(f, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as err:
         try:
             needed = ', '.join(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
@@ -102,7 +127,8 @@ def load_checkpoint_file(path: PathLike) -> Any:
             f"and save model.state_dict() with safetensors.") from err
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise CorruptCheckpointError(
-            f"'{path}' is not a readable PyTorch checkpoint ({type(err).__name__}).") from err
+            f"'{path}' is not a readable PyTorch checkpoint ({type(err).__name__}): it is truncated or damaged, "
+            f"save or download it again.") from err
 
 
 def unwrap_state_dict(checkpoint: Any, weights: str = 'auto') -> Tuple[Dict[str, Any], str]:
@@ -284,7 +310,7 @@ def export_hub_folder(
         description=_describe_checkpoint(source, loaded, key), results=dict(results or {}))
     card = cards.render_model_card(model_name, stats, info, tag=tag, num_classes=model.num_classes,
                                    repo_id=repo_id)
-    (folder / 'README.md').write_text(card, encoding='utf-8')
+    write_atomic(folder / 'README.md', card)
     return dict(folder=folder, model=model, state_dict_key=key, repo_id=repo_id, stats=stats)
 
 

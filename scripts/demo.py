@@ -160,6 +160,7 @@ def main(argv=None) -> int:
     from detectron2.utils.env import seed_all_rng
     from detectron2_ext.data import register_synthetic_dataset, write_synthetic_coco
     from detectron2_ext.engine import Trainer
+    from maformer_zoo.utils.atomic import write_atomic
 
     from detectron2_ext.config_file import UnsafeConfigError, UnknownConfigKeyError
 
@@ -175,6 +176,12 @@ def main(argv=None) -> int:
         print(f'error: {err}', file=sys.stderr)
         return 2
     cfg.freeze()
+    from maformer_zoo.training.run_folder import check_run_folder
+    try:  # an `OUTPUT_DIR` override must not name another run's folder
+        check_run_folder(cfg.OUTPUT_DIR, f"OUTPUT_DIR '{cfg.OUTPUT_DIR}'", hint='give a new `OUTPUT_DIR <folder>`')
+    except FileExistsError as err:
+        print(f'[demo] error: {err}', file=sys.stderr)
+        return 2
 
     data_root = os.path.join(out, 'data')
     image_size = (size, size * 5 // 4)
@@ -187,12 +194,18 @@ def main(argv=None) -> int:
           f'to {data_root}')
 
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-    with open(os.path.join(cfg.OUTPUT_DIR, 'config.yaml'), 'w') as f:
-        f.write(cfg.dump())
+    write_atomic(os.path.join(cfg.OUTPUT_DIR, 'config.yaml'), cfg.dump())
     seed_all_rng(cfg.SEED)  # weights, data order and augmentation
 
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=False)
+    from maformer_zoo.errors import CheckpointMismatchError, CorruptCheckpointError, PretrainedWeightsNotFoundError, \
+        UnsafeCheckpointError
+    try:  # MODEL.WEIGHTS / MODEL.TIMM.CHECKPOINT overrides are read here
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=False)
+    except (CheckpointMismatchError, CorruptCheckpointError, PretrainedWeightsNotFoundError,
+            UnsafeCheckpointError) as err:
+        print(f'[demo] error: {str(err).splitlines()[0]}', file=sys.stderr)
+        return 2
     progress = _progress_hook(sys.stdout)
     trainer.register_hooks([progress])
     params = sum(p.numel() for p in trainer.model.parameters())
@@ -219,8 +232,7 @@ def main(argv=None) -> int:
         load_average=os.getloadavg()[0] if hasattr(os, 'getloadavg') else None,
         results=results,
     )
-    with open(os.path.join(out, 'results.json'), 'w') as f:
-        json.dump(summary, f, indent=2)
+    write_atomic(os.path.join(out, 'results.json'), json.dumps(summary, indent=2))
     print(f'[demo] trained {iterations} iterations in {train_seconds / 60:.1f} min '
           f'({train_seconds / iterations:.2f} s/iteration); evaluation and start-up '
           f'{eval_seconds:.0f} s')

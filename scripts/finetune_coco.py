@@ -60,6 +60,8 @@ def main(argv=None) -> int:
     from detectron2.utils.logger import setup_logger
     from detectron2_ext.data import register_coco_instances_dataset
     from detectron2_ext.engine import Trainer
+    from maformer_zoo.training.run_folder import check_run_folder
+    from maformer_zoo.utils.atomic import write_atomic
 
     register_coco_instances_dataset('finetune_train', args.train_json, args.train_images)
     register_coco_instances_dataset('finetune_val', args.val_json, args.val_images)
@@ -82,6 +84,12 @@ def main(argv=None) -> int:
         'MODEL.ROI_MASK_HEAD.CONV_DIM', width,
     ] + args.opts)
     cfg.freeze()
+    try:  # never into (or over) another run
+        for folder in {out, cfg.OUTPUT_DIR}:
+            check_run_folder(folder, f"'{folder}'", hint='give a new --output-dir')
+    except FileExistsError as err:
+        print(f'[finetune] error: {err}', file=sys.stderr)
+        return 2
     setup_logger(out, name='detectron2', configure_stdout=False)  # the log goes to log.txt
     seed_all_rng(cfg.SEED)
 
@@ -102,8 +110,7 @@ def main(argv=None) -> int:
         train_json=os.path.abspath(args.train_json), val_json=os.path.abspath(args.val_json),
         pretrained=bool(cfg.MODEL.TIMM.PRETRAINED or cfg.MODEL.TIMM.CHECKPOINT), opts=args.opts,
     )
-    with open(os.path.join(out, 'results.json'), 'w') as f:
-        json.dump(report, f, indent=2)
+    write_atomic(os.path.join(out, 'results.json'), json.dumps(report, indent=2))
     print(f'[finetune] {iterations} iterations in {minutes:.1f} min (with evaluation)')
     for task in ('bbox', 'segm'):
         if task in results:

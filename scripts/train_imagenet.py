@@ -47,7 +47,7 @@ def main(argv=None) -> int:
         check_output(cfg)
         train(cfg)
     except (ConfigError, DatasetError, UnknownModelError, CheckpointMismatchError, PretrainedWeightsNotFoundError,
-            CorruptCheckpointError, UnsafeCheckpointError, FileNotFoundError) as err:
+            CorruptCheckpointError, UnsafeCheckpointError, FileNotFoundError, FileExistsError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
     return 0

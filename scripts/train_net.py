@@ -8,7 +8,8 @@ Own data without code: the dataset flags of ``DATASET_FLAGS`` (``--coco-dataset 
 ...) register datasets in every launched process; then ``DATASETS.TRAIN '("NAME",)'``.
 Configs are read with safe YAML and weights without running code (``detectron2_ext.config_file``,
 ``detectron2_ext.checkpoint``). A run never overwrites another: an ``OUTPUT_DIR`` that holds a
-checkpoint is continued with ``--resume`` or refused. See docs/training.md.
+run is continued with ``--resume`` (same settings, or ``--allow-changes``) or refused; ``--eval-only``
+writes into a new ``OUTPUT_DIR/eval-N``. See docs/training.md.
 """
 import argparse
 import os
@@ -16,6 +17,7 @@ import sys
 from typing import Dict, List, Optional
 
 import torch
+import yaml
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import default_argument_parser, default_setup, launch
@@ -29,6 +31,8 @@ from detectron2_ext.data import register_sem_seg_dataset, set_sem_seg_num_classe
 from detectron2_ext.engine.trainer import Trainer
 from maformer_zoo.errors import CheckpointMismatchError, CorruptCheckpointError, PretrainedWeightsNotFoundError, \
     UnsafeCheckpointError
+from maformer_zoo.training.run_folder import check_resume_changes, check_run_folder
+from maformer_zoo.utils.atomic import write_atomic
 from maformer_zoo.utils.names import close_names_hint
 
 # flag -> (its values, the function registering them in that order, help). Repeatable; each
@@ -61,6 +65,8 @@ Examples:
 
 def build_argument_parser() -> argparse.ArgumentParser:
     parser = default_argument_parser(epilog=EPILOG)
+    parser.add_argument('--allow-changes', action='store_true',
+                        help='let --resume change training settings (recorded in OUTPUT_DIR/config_changes.yaml)')
     for flag, (metavar, _, text) in DATASET_FLAGS.items():
         parser.add_argument(flag, nargs=len(metavar), action='append', default=[], metavar=metavar, help=text)
     return parser
@@ -106,13 +112,63 @@ def check_datasets(cfg: CfgNode) -> None:
                 f"`MODEL.SEM_SEG_HEAD.NUM_CLASSES {len(stuff)}` to the command line.")
 
 
-def _saved_checkpoint(output_dir: str) -> Optional[str]:
-    """A checkpoint an earlier run left in ``output_dir`` (what ``--resume`` would continue), if any."""
-    if not os.path.isdir(output_dir):
+# Settings a resumed run may change without --allow-changes: where things are and how it is watched.
+RESUME_MAY_CHANGE = ('OUTPUT_DIR', 'MODEL.WEIGHTS', 'MODEL.TIMM.PRETRAINED', 'MODEL.TIMM.PRETRAINED_BASE',
+                     'MODEL.TIMM.CHECKPOINT', 'MODEL.DEVICE', 'DATALOADER.NUM_WORKERS', 'TEST.EVAL_PERIOD',
+                     'SOLVER.CHECKPOINT_PERIOD', 'VIS_PERIOD', 'CUDNN_BENCHMARK')
+
+
+def _last_checkpoint(output_dir: str) -> Optional[str]:
+    """The complete checkpoint ``last_checkpoint`` names in ``output_dir`` (None: no such file); a
+    ``last_checkpoint`` naming nothing readable is an error (our saves write the file before naming it)."""
+    tag = os.path.join(output_dir, 'last_checkpoint')
+    if not os.path.isfile(tag):
         return None
-    if os.path.isfile(os.path.join(output_dir, 'last_checkpoint')):
-        return 'last_checkpoint'
-    return next((n for n in sorted(os.listdir(output_dir)) if n.endswith('.pth')), None)
+    with open(tag, encoding='utf-8') as f:
+        name = f.read().strip()
+    path = os.path.join(output_dir, name)
+    if not name or os.path.dirname(name) or not os.path.isfile(path):
+        raise FileNotFoundError(f"'{tag}' names {name!r}, which is not a checkpoint file in that folder: write the "
+                                f"file name of the checkpoint to resume into it, or start a new `OUTPUT_DIR <folder>`.")
+    return path
+
+
+def _flat(node, prefix: str = '') -> Dict[str, object]:
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f'{prefix}{key}.'))
+        else:
+            out[f'{prefix}{key}'] = value
+    return out
+
+
+def _check_resume(cfg: CfgNode, args: argparse.Namespace, record: bool) -> None:
+    """``--resume`` continues the run in OUTPUT_DIR under its own settings (run_folder's rules); a run
+    killed before its first checkpoint starts again, its metrics rows of that attempt dropped."""
+    checkpoint = _last_checkpoint(cfg.OUTPUT_DIR)
+    saved_file = os.path.join(cfg.OUTPUT_DIR, 'config.yaml')
+    if not os.path.isfile(saved_file):
+        check_run_folder(cfg.OUTPUT_DIR, f"OUTPUT_DIR '{cfg.OUTPUT_DIR}'",
+                         hint="it has no config.yaml of a run to --resume; give a new `OUTPUT_DIR <folder>`")
+        return
+    with open(saved_file, encoding='utf-8') as f:  # written by default_setup of the run
+        saved = yaml.safe_load(f)
+    if not isinstance(saved, dict):
+        raise ValueError(f"'{saved_file}' is not the run's config: restore it, or start a new `OUTPUT_DIR <folder>`.")
+    check_resume_changes(_flat(saved), _flat(yaml.safe_load(cfg.dump())), RESUME_MAY_CHANGE, args.allow_changes,
+                         cfg.OUTPUT_DIR, f"checkpoint {os.path.basename(checkpoint) if checkpoint else '(none)'}",
+                         record=record)
+    metrics = os.path.join(cfg.OUTPUT_DIR, 'metrics.json')
+    if checkpoint is None and record and os.path.isfile(metrics):
+        write_atomic(metrics, '')
+
+
+def _fresh_subfolder(folder: str, prefix: str) -> str:
+    n = 1
+    while os.path.lexists(os.path.join(folder, f'{prefix}{n}')):
+        n += 1
+    return os.path.join(folder, f'{prefix}{n}')
 
 
 def build_config(args: argparse.Namespace) -> CfgNode:
@@ -130,13 +186,21 @@ def build_config(args: argparse.Namespace) -> CfgNode:
         raise ValueError("SOLVER.AMP.ENABLED needs a CUDA device (detectron2's AMPTrainer); add "
                          "`SOLVER.AMP.ENABLED False` to train on the CPU.")
     check_datasets(cfg)
-    saved = _saved_checkpoint(cfg.OUTPUT_DIR)
-    if saved and not args.resume and not args.eval_only:
-        raise FileExistsError(f"OUTPUT_DIR '{cfg.OUTPUT_DIR}' holds an earlier run ({saved}): continue it with "
-                              f"--resume, or give a new `OUTPUT_DIR <folder>`.")
+    resuming = args.resume and _last_checkpoint(cfg.OUTPUT_DIR) is not None
+    if args.eval_only:  # the run's folder is read, never written: the evaluation gets its own subfolder
+        check_run_folder(cfg.OUTPUT_DIR, f"OUTPUT_DIR '{cfg.OUTPUT_DIR}'", resuming=True)
+        if resuming:
+            cfg.MODEL.WEIGHTS = _last_checkpoint(cfg.OUTPUT_DIR)
+        cfg.OUTPUT_DIR = getattr(args, 'eval_dir', None) or _fresh_subfolder(cfg.OUTPUT_DIR, 'eval-')
+        args.eval_dir = cfg.OUTPUT_DIR  # the same subfolder in the launched processes
+    elif args.resume:
+        _check_resume(cfg, args, record=False)
+    else:
+        check_run_folder(cfg.OUTPUT_DIR, f"OUTPUT_DIR '{cfg.OUTPUT_DIR}'",
+                         hint='continue it with --resume, or give a new `OUTPUT_DIR <folder>`')
     # Every weight comes from the detector checkpoint when evaluating or resuming: do not also
     # fetch the backbone's pretrained weights (which may need the network).
-    if args.eval_only or (args.resume and saved):
+    if args.eval_only or resuming:
         cfg.MODEL.TIMM.PRETRAINED = False
         cfg.MODEL.TIMM.PRETRAINED_BASE = False
         cfg.MODEL.TIMM.CHECKPOINT = ''
@@ -147,10 +211,12 @@ def build_config(args: argparse.Namespace) -> CfgNode:
 def main(args: argparse.Namespace) -> Optional[Dict]:
     """Train (``trainer.train()``) or evaluate (``--eval-only``) in one process; returns the evaluation results."""
     cfg = build_config(args)
+    if args.resume and not args.eval_only and comm.is_main_process():
+        _check_resume(cfg, args, record=True)  # before default_setup writes config.yaml anew
     default_setup(cfg, args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        SafeDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        SafeDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
         results = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, results)

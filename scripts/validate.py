@@ -32,7 +32,7 @@ def main(argv=None) -> int:
         cfg = parse_config(EvalConfig, argv, description=__doc__.split('\n\n')[0])
         results = validate(cfg)
     except (ConfigError, DatasetError, UnknownModelError, CheckpointMismatchError, PretrainedWeightsNotFoundError,
-            CorruptCheckpointError, UnsafeCheckpointError, FileNotFoundError) as err:
+            CorruptCheckpointError, UnsafeCheckpointError, FileNotFoundError, FileExistsError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
     print(json.dumps(results, indent=2))

@@ -20,9 +20,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-_WEIGHT_SUFFIXES = ('.pth', '.pt', '.safetensors')
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument('--config-file', metavar='CFG', help='a detectron2 config of ours')
     source.add_argument('--model', metavar='NAME', help='a timm model name of ours (backbone maps only)')
     parser.add_argument('--weights', metavar='FILE', default='',
-                        help='weights: a .pth (detectron2 checkpoint or state dict) or .safetensors')
+                        help='weights: a detectron2 / timm checkpoint, a state dict or .safetensors (no code is run)')
     parser.add_argument('--input', metavar='IMAGE', nargs='+', required=True,
                         help='image(s); maps are drawn over the first, the ERF averages all')
     parser.add_argument('--output', metavar='DIR', required=True, help='output directory')
@@ -48,16 +45,14 @@ def _fail(message: str) -> None:
 
 
 def _load_state_dict(path: str) -> dict:
-    if not os.path.isfile(path):
-        _fail(f"--weights '{path}' does not exist.")
-    if not path.endswith(_WEIGHT_SUFFIXES):
-        _fail(f"--weights '{path}': use a {' / '.join(_WEIGHT_SUFFIXES)} file (other formats, "
-              f"e.g. pickled .pkl, are not loaded here).")
-    if path.endswith('.safetensors'):
-        from safetensors.torch import load_file
-        return load_file(path)
-    state = torch.load(path, map_location='cpu', weights_only=True)
-    return state.get('model', state) if isinstance(state, dict) else state
+    """The weights of a detectron2 checkpoint, a timm / our checkpoint or a state dict, read by the one
+    weight reader (safetensors, torch.load(weights_only=True), numpy-only pickles; any file name)."""
+    from maformer_zoo.errors import CorruptCheckpointError, PretrainedWeightsNotFoundError, UnsafeCheckpointError
+    from maformer_zoo.weights import read_state_dict
+    try:
+        return read_state_dict(path)[0]
+    except (CorruptCheckpointError, PretrainedWeightsNotFoundError, UnsafeCheckpointError) as err:
+        _fail(f'--weights: {err}')
 
 
 def _load_weights(model: torch.nn.Module, path: str) -> None:
@@ -84,7 +79,13 @@ def _detectron2_model(args):
     if cfg.MODEL.DEVICE.startswith('cuda') and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = 'cpu'
     cfg.freeze()
-    model = build_model(cfg)
+    from maformer_zoo.errors import CheckpointMismatchError, CorruptCheckpointError, PretrainedWeightsNotFoundError, \
+        UnsafeCheckpointError
+    try:  # MODEL.TIMM.CHECKPOINT is read while building
+        model = build_model(cfg)
+    except (CheckpointMismatchError, CorruptCheckpointError, PretrainedWeightsNotFoundError,
+            UnsafeCheckpointError) as err:
+        _fail(str(err).splitlines()[0])
     if args.weights:
         _load_weights(model, args.weights)
     return model.eval(), cfg
@@ -94,6 +95,11 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.model and args.opts:
         _fail(f'KEY VALUE overrides ({args.opts[:2]} ...) need --config-file, not --model.')
+    from maformer_zoo.training.run_folder import check_run_folder
+    try:  # figures never go into (or over) a run's folder
+        check_run_folder(args.output, f"--output '{args.output}'", hint='give another --output folder')
+    except FileExistsError as err:
+        _fail(str(err))
     for path in args.input:
         if not os.path.isfile(path):
             _fail(f"--input '{path}' does not exist.")

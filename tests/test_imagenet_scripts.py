@@ -266,7 +266,8 @@ def test_unknown_model_suggests_close_names(image_folder, tmp_path):
 
 def test_resume_refuses_a_weights_only_file(image_folder, tmp_path):
     train(_tiny(image_folder, tmp_path, 'w', epochs=1))
-    with pytest.raises(ValueError, match='not a training checkpoint'):
+    from maformer_zoo.errors import CorruptCheckpointError
+    with pytest.raises(CorruptCheckpointError, match='not a training checkpoint'):
         train(_tiny(image_folder, tmp_path, 'w2', resume=str(tmp_path / 'w' / 'model_best.pth')))
 
 

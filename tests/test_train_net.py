@@ -179,7 +179,7 @@ def test_rerun_into_a_run_folder_refused(coco, tmp_path):
     (out / 'last_checkpoint').write_text('model_final.pth')
     (out / 'model_final.pth').write_bytes(b'an earlier run')
     line = one_line_error(train_net(coco, '--config-file', CONFIG, *small_run(out), check=False))
-    assert 'holds an earlier run' in line and '--resume' in line
+    assert 'already holds a run' in line and '--resume' in line
     assert sorted(p.name for p in out.iterdir()) == ['last_checkpoint', 'model_final.pth']
     assert (out / 'model_final.pth').read_bytes() == b'an earlier run'
 
@@ -192,8 +192,9 @@ def test_train_then_resume(coco, tmp_path):
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     one_line_error(train_net(coco, '--config-file', CONFIG, *small_run(out, max_iter=2), check=False))
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # untouched
-    train_net(coco, '--config-file', CONFIG, '--resume', *small_run(out, max_iter=2))
+    train_net(coco, '--config-file', CONFIG, '--resume', '--allow-changes', *small_run(out, max_iter=2))
     assert [r['iteration'] for r in _iterations(out)] == [0, 1]  # only the new iteration ran
+    assert 'SOLVER.MAX_ITER' in (out / 'config_changes.yaml').read_text()  # the extension is on record
     assert 'Starting training from iteration 1' in (out / 'log.txt').read_text()
 
 

@@ -177,12 +177,13 @@ def build_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None)
 
 
 class Trainer(DefaultTrainer):
-    """``DefaultTrainer`` with :func:`build_optimizer`, :func:`build_evaluator` and safe checkpoint reading."""
+    """``DefaultTrainer`` with :func:`build_optimizer`, :func:`build_evaluator` and a safe, atomic checkpointer."""
 
     def __init__(self, cfg):
         # DefaultTrainer.__init__'s steps, with two changes: DDP gets no device_ids on the CPU
         # (detectron2's create_ddp_model always passes the local rank, which DDP rejects for CPU
-        # modules, so `--num-gpus 2` could not run without GPUs), and the checkpointer reads safely.
+        # modules, so `--num-gpus 2` could not run without GPUs), and the checkpointer reads safely and
+        # writes atomically (detectron2_ext.checkpoint).
         TrainerBase.__init__(self)
         if not logging.getLogger('detectron2').isEnabledFor(logging.INFO):
             setup_logger()

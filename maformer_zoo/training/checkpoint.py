@@ -12,12 +12,18 @@ checkpoint is also a weight file for fine-tuning and validation.
 """
 import os
 import random
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import numpy as np
 import torch
 
-__all__ = ['CHECKPOINT_VERSION', 'capture_rng_state', 'restore_rng_state', 'save_checkpoint', 'load_checkpoint_file']
+from ..errors import CorruptCheckpointError
+from ..utils.atomic import atomic_write
+from ..weights import load_checkpoint_file
+
+__all__ = ['CHECKPOINT_VERSION', 'capture_rng_state', 'restore_rng_state', 'save_checkpoint',
+           'load_training_checkpoint',
+           'prune_checkpoints']
 
 CHECKPOINT_VERSION = 1
 
@@ -49,20 +55,16 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: str, state: Dict[str, Any]) -> None:
-    """Write ``state`` atomically (a crash mid-write leaves the previous file intact)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + '.tmp'
-    torch.save({'version': CHECKPOINT_VERSION, **state}, tmp)
-    os.replace(tmp, path)
+    """Write ``state`` atomically (a kill mid-write leaves the previous file intact)."""
+    with atomic_write(path) as f:
+        torch.save({'version': CHECKPOINT_VERSION, **state}, f)
 
 
-def load_checkpoint_file(path: str) -> Dict[str, Any]:
-    """Read a training checkpoint written by :func:`save_checkpoint` (weights_only)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Checkpoint '{path}' does not exist.")
-    checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+def load_training_checkpoint(path: str) -> Dict[str, Any]:
+    """A training checkpoint written by :func:`save_checkpoint`, read by the one weight reader."""
+    checkpoint = load_checkpoint_file(path)
     if not isinstance(checkpoint, dict) or 'optimizer' not in checkpoint or 'epoch' not in checkpoint:
-        raise ValueError(
+        raise CorruptCheckpointError(
             f"'{path}' is a weight file, not a training checkpoint of ours: it cannot be resumed. "
             "Use it with --pretrained-file to start a new run from its weights.")
     return checkpoint

@@ -38,14 +38,16 @@ from timm.utils import ModelEmaV3, NativeScaler, accuracy, dispatch_clip_grad, d
 from timm.utils import update_summary, unwrap_model
 from timm.utils.distributed import init_distributed_device_so
 
-from .checkpoint import capture_rng_state, load_checkpoint_file, prune_checkpoints, restore_rng_state, save_checkpoint
+from ..utils.atomic import write_atomic
+from .checkpoint import (capture_rng_state, load_training_checkpoint, prune_checkpoints, restore_rng_state,
+                         save_checkpoint)
 from .config import ConfigError
-from .run_folder import (default_run_name, find_resumable_run, holds_run, recover_best, save_best, truncate_csv,
-                         write_json_atomic)
+from .run_folder import (check_resume_changes, check_run_folder, default_run_name, find_resumable_run, recover_best,
+                         save_best, truncate_csv, write_json_atomic)
 from .data import (
     DatasetError, build_dataset, build_eval_loader, build_train_loader, dataset_classes, is_folder_dataset)
 from .modeling import check_model_name, create_model_for_run
-from .options import TrainConfig
+from .options import RESUME_MAY_CHANGE, TrainConfig
 
 __all__ = ['RunContext', 'setup_distributed', 'resolve_run_data_config', 'amp_context', 'train_one_epoch',
            'evaluate', 'train']
@@ -252,6 +254,32 @@ def _run_dir(cfg: TrainConfig, ctx: RunContext) -> str:
     return run_dir[0]
 
 
+def _resume_file(cfg: TrainConfig, run_dir: str) -> str:
+    """The checkpoint this run continues ('' for a new run), once ``run_dir`` may be written (run_folder)."""
+    if cfg.resume == 'auto':  # continue the run folder's last checkpoint if there is one (preemptible jobs)
+        check_run_folder(run_dir, f"Run folder '{run_dir}'", resuming=True)
+        last = os.path.join(run_dir, 'last.pth')
+        return last if os.path.isfile(last) else ''
+    same_run = bool(cfg.resume) and os.path.realpath(os.path.dirname(os.path.abspath(cfg.resume))) == \
+        os.path.realpath(run_dir)
+    check_run_folder(run_dir, f"Run folder '{run_dir}'", resuming=same_run,
+                     hint='continue it with --resume auto, or choose another --experiment'
+                          + (f" for a new run from '{cfg.resume}'" if cfg.resume else ''))
+    return cfg.resume
+
+
+def _saved_config(cfg: TrainConfig, run_dir: str, checkpoint: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """The settings the resumed run last ran with: its checkpoint's, or before any checkpoint its config.yaml."""
+    if checkpoint is not None:
+        return checkpoint.get('config') or {}
+    path = os.path.join(run_dir, 'config.yaml')
+    if cfg.resume != 'auto' or not os.path.isfile(path):
+        return {}
+    with open(path, encoding='utf-8') as f:
+        saved = yaml.safe_load(f)
+    return saved if isinstance(saved, dict) else {}
+
+
 def _metric_better(metric: str, new: float, best: Optional[float]) -> bool:
     if best is None:
         return True
@@ -259,9 +287,8 @@ def _metric_better(metric: str, new: float, best: Optional[float]) -> bool:
 
 
 def _export_weights(path: str, state_dict: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> None:
-    from safetensors.torch import save_file
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}, path + '.tmp', metadata)
-    os.replace(path + '.tmp', path)
+    from safetensors.torch import save
+    write_atomic(path, save({k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}, metadata))
 
 
 def _gather_rng_states(ctx: RunContext):
@@ -290,14 +317,11 @@ def _train(cfg: TrainConfig, ctx: RunContext) -> Dict[str, Any]:
         raise ConfigError(f"eval_metric must be 'top1', 'top5' or 'loss', not {cfg.eval_metric!r}.")
     check_model_name(cfg.model)  # before the (possibly slow) dataset scan
     run_dir = _run_dir(cfg, ctx)
-    if not cfg.resume and holds_run(run_dir):  # checked before anything is written (docs/training.md)
-        raise ConfigError(f"Run folder '{run_dir}' already holds a run: continue it with --resume auto, or choose "
-                          f"another --experiment (nothing was changed).")
-    resume = cfg.resume
-    if resume == 'auto':  # continue the run folder's last checkpoint if there is one (preemptible jobs)
-        resume = os.path.join(run_dir, 'last.pth')
-        resume = resume if os.path.isfile(resume) else ''
-    checkpoint = load_checkpoint_file(resume) if resume else None
+    resume = _resume_file(cfg, run_dir)  # the run-folder rule, checked before anything is written
+    checkpoint = load_training_checkpoint(resume) if resume else None
+    saved_config = _saved_config(cfg, run_dir, checkpoint)
+    check_resume_changes(saved_config, dataclasses.asdict(cfg), RESUME_MAY_CHANGE, cfg.allow_changes, run_dir,
+                         f"epoch {checkpoint['epoch'] if checkpoint else 0}", record=False)
 
     train_set = build_dataset(cfg.dataset, cfg.data_dir, cfg.train_split, is_training=True,
                               class_map=cfg.class_map, input_img_mode=cfg.input_img_mode,
@@ -402,8 +426,10 @@ def _train(cfg: TrainConfig, ctx: RunContext) -> Dict[str, Any]:
         truncate_csv(os.path.join(run_dir, 'train_steps.csv'), lambda row: int(row['step']) <= num_updates)
         if checkpoint is not None:
             recover_best(run_dir, best_epoch, lambda state: save_best(run_dir, state, _export_weights))
-        with open(os.path.join(run_dir, 'config.yaml'), 'w') as f:
-            yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
+        check_resume_changes(saved_config, dataclasses.asdict(cfg), RESUME_MAY_CHANGE, cfg.allow_changes, run_dir,
+                             f"epoch {start_epoch}")
+        if not os.path.isfile(os.path.join(run_dir, 'config.yaml')):  # the run's settings as it started
+            write_atomic(os.path.join(run_dir, 'config.yaml'), yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
         step_log = _CsvAppender(os.path.join(run_dir, 'train_steps.csv'), ['epoch', 'step', 'loss', 'lr'])
         _logger.info('%s: %.2fM params, %d classes, input %s, global batch %d, lr %.3g, %d steps/epoch, '
                      '%d processes', cfg.model, sum(p.numel() for p in model.parameters()) / 1e6, num_classes,

@@ -7,7 +7,13 @@ Every field is also a command-line option (``--field-name``), see :mod:`.config`
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-__all__ = ['TrainConfig', 'EvalConfig']
+__all__ = ['TrainConfig', 'EvalConfig', 'RESUME_MAY_CHANGE']
+
+# TrainConfig fields a resumed run may change without --allow-changes: where things are and how the
+# run is watched, not what it computes.
+RESUME_MAY_CHANGE = ('data_dir', 'num_workers', 'pin_memory', 'device', 'dist_backend', 'dist_url', 'output',
+                     'experiment', 'resume', 'allow_changes', 'stop_epoch', 'checkpoint_hist', 'log_interval',
+                     'progress', 'pretrained', 'pretrained_file')
 
 
 def _help(text: str, default: Any = None, factory=None):
@@ -114,6 +120,7 @@ class TrainConfig(DataOptions, ModelOptions):
     output: str = _help('parent folder of run folders', 'output/train')
     experiment: str = _help("run folder name ('' = <model>-<date>)", '')
     resume: str = _help("checkpoint to continue from exactly ('auto' = <run folder>/last.pth)", '')
+    allow_changes: bool = _help('let --resume change hyper-parameters (recorded in config_changes.yaml)', False)
     checkpoint_hist: int = _help('per-epoch checkpoints to keep besides last.pth and model_best.pth', 1)
     eval_metric: str = _help("metric that picks model_best: 'top1', 'top5' or 'loss'", 'top1')
     log_interval: int = _help('optimizer steps between log lines', 50)

@@ -1,30 +1,109 @@
-"""One run folder per run: choosing it, refusing to overwrite it, resuming it without duplicate rows,
+"""One run folder per run: choosing it, refusing to overwrite it, resuming it under the same settings,
 and keeping ``model_best`` consistent with the run's record after a kill (docs/training.md, "Run folders").
 
-* A folder that already holds a run is never written by a run that does not resume it.
-* ``--resume auto`` continues ``<output>/<experiment>``, or without ``--experiment`` the newest
-  ``<output>/<model>-<date>`` folder that has a ``last.pth`` (the same plain command continues).
-* Files are written atomically (temporary file + ``os.replace``), and each epoch in the order
-  ``model_best.*`` -> ``checkpoint-N.pth`` -> ``last.pth``: ``last.pth`` never records a best
-  epoch whose ``model_best`` files are not yet written. A kill after ``model_best`` but before
-  ``last.pth`` reruns that epoch on resume (deterministically), and :func:`recover_best` rewrites
-  ``model_best`` from ``checkpoint-<best_epoch>.pth`` / ``last.pth`` if the two ever disagree.
+* :func:`check_run_folder` is THE rule of every command that writes (train_imagenet, validate,
+  train_net, demo, visualize): a folder holding any :data:`RUN_ARTIFACTS` is refused unless the
+  command resumes that same run; nothing is written before the check.
+* :func:`check_resume_changes`: a resumed run keeps its hyper-parameters; with ``allow_changes`` a
+  change is recorded in ``config_changes.yaml`` with the epoch (or iteration) it starts at.
+* Files are written atomically (``maformer_zoo.utils.atomic``), each epoch in the order
+  ``model_best.*`` -> ``checkpoint-N.pth`` -> ``last.pth``: ``last.pth`` never records a best epoch
+  whose ``model_best`` files are not yet written; :func:`recover_best` repairs the other order.
 """
 import csv
+import fnmatch
 import glob
 import json
 import os
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
 
 import torch
 
-from ..weights import label_names_of
-from .checkpoint import load_checkpoint_file, save_checkpoint
+import yaml
 
-__all__ = ['RUN_FILES', 'default_run_name', 'find_resumable_run', 'holds_run', 'truncate_csv', 'write_json_atomic',
-           'best_weights_epoch', 'recover_best']
+from ..utils.atomic import atomic_write, write_atomic
+from ..weights import label_names_of, load_checkpoint_file
+from .checkpoint import load_training_checkpoint, save_checkpoint
 
-RUN_FILES = ('last.pth', 'config.yaml', 'summary.csv', 'train_steps.csv', 'summary.json', 'model_best.pth')
+__all__ = ['RUN_ARTIFACTS', 'RunFolderError', 'run_artifacts', 'check_run_folder', 'check_resume_changes',
+           'default_run_name', 'find_resumable_run', 'truncate_csv', 'write_json_atomic', 'best_weights_epoch',
+           'recover_best']
+
+# What marks a folder as a run's (ours, timm's and detectron2's names): configs, logs, metrics,
+# checkpoints, weights, results, evaluation outputs.
+RUN_ARTIFACTS = (
+    'config.yaml', 'config_changes.yaml', 'metrics.json', 'log.txt', 'log.txt.rank*', 'last_checkpoint', 'last.pth',
+    'model_*.pth', 'checkpoint-*.pth', '*.safetensors', 'summary.csv', 'summary.json', 'train_steps.csv',
+    'results.json', 'events.out.tfevents.*', 'inference', 'eval-*')
+CHANGES_FILE = 'config_changes.yaml'
+
+
+class RunFolderError(FileExistsError):
+    """A command would write into another run's folder (or a path that is not a folder), or resume a run
+    under other settings."""
+
+
+def run_artifacts(folder: str) -> List[str]:
+    """The names in ``folder`` that belong to a run (sorted; none if it does not exist)."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(n for n in os.listdir(folder) if any(fnmatch.fnmatchcase(n, p) for p in RUN_ARTIFACTS))
+
+
+def check_run_folder(folder: str, what: str, resuming: bool = False, hint: str = 'choose another folder') -> None:
+    """Refuse to write into ``folder`` if it is not a folder or holds a run that this command does not resume.
+
+    Args:
+        folder: where the command would write.
+        what: how the user named it (e.g. ``"OUTPUT_DIR 'x'"``), for the message.
+        resuming: the command continues the run in ``folder`` (its own checks decide that).
+        hint: what to do instead, for the message.
+    """
+    if os.path.lexists(folder) and not os.path.isdir(folder):
+        raise RunFolderError(f"{what} is not a folder ({'a broken symlink' if os.path.islink(folder) else 'a file'}): "
+                             f"give a folder path (nothing was changed).")
+    found = [] if resuming else run_artifacts(folder)
+    if found:
+        shown = ', '.join(found[:4]) + (f' and {len(found) - 4} more' if len(found) > 4 else '')
+        raise RunFolderError(f"{what} already holds a run ({shown}): {hint} (nothing was changed).")
+
+
+def check_resume_changes(saved: Mapping[str, Any], current: Mapping[str, Any], ignore: Iterable[str],
+                         allow_changes: bool, folder: str, at: str, record: bool = True) -> Dict[str, Any]:
+    """Compare a run's saved settings with today's; refuse a change, or with ``allow_changes`` record it.
+
+    Args:
+        saved, current: flat ``{setting: value}`` of the run so far and of this command.
+        ignore: settings that may differ without changing the run (paths, workers, logging).
+        allow_changes: record the changes in ``<folder>/config_changes.yaml`` instead of refusing.
+        folder: the run folder.
+        at: where the change takes effect, e.g. ``'epoch 3'``.
+        record: write the record (False on all but the primary process).
+
+    Returns:
+        ``{setting: [saved, current]}`` of the changes (empty if none).
+    """
+    ignore = set(ignore)
+    changed = {k: [saved[k], current[k]] for k in sorted(set(saved) & set(current))  # a setting only one
+               if k not in ignore and saved[k] != current[k]}                   # version knows: unchanged
+    if not changed:
+        return changed
+    listed = '; '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in list(changed.items())[:6])
+    if not allow_changes:
+        raise RunFolderError(
+            f"The resumed run in '{folder}' was trained with other settings ({listed}"
+            f"{' ...' if len(changed) > 6 else ''}): resume with the run's own settings, or add --allow-changes "
+            f"to change them from {at} on (recorded in {CHANGES_FILE}).")
+    path = os.path.join(folder, CHANGES_FILE)
+    if not record:
+        return changed
+    history = []
+    if os.path.isfile(path):
+        with open(path, encoding='utf-8') as f:
+            history = yaml.safe_load(f) or []
+    history.append({'from': at, 'changed': {k: {'before': a, 'after': b} for k, (a, b) in changed.items()}})
+    write_atomic(path, yaml.safe_dump(history, sort_keys=False))
+    return changed
 
 
 def default_run_name(model: str, stamp: str) -> str:
@@ -38,8 +117,11 @@ def find_resumable_run(output: str, model: str) -> Optional[str]:
     return max(candidates, key=lambda d: os.path.getmtime(os.path.join(d, 'last.pth')), default=None)
 
 
-def holds_run(run_dir: str) -> bool:
-    return any(os.path.exists(os.path.join(run_dir, name)) for name in RUN_FILES)
+def _keeps(keep: Callable[[Dict[str, str]], bool], row: Dict[str, str]) -> bool:
+    try:
+        return keep(row)
+    except (TypeError, ValueError):  # a row cut short by a kill mid-append
+        return False
 
 
 def truncate_csv(path: str, keep: Callable[[Dict[str, str]], bool]) -> None:
@@ -48,21 +130,16 @@ def truncate_csv(path: str, keep: Callable[[Dict[str, str]], bool]) -> None:
         return
     with open(path, newline='') as f:
         reader = csv.DictReader(f)
-        fields, rows = reader.fieldnames, [r for r in reader if keep(r)]
-    tmp = path + '.tmp'
-    with open(tmp, 'w', newline='') as f:
+        fields, rows = reader.fieldnames, [r for r in reader if _keeps(keep, r)]
+    with atomic_write(path, 'w', newline='') as f:
         if fields:
             writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def write_json_atomic(path: str, data: Any) -> None:
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2))
 
 
 def best_weights_epoch(run_dir: str) -> Dict[str, Optional[int]]:
@@ -70,7 +147,7 @@ def best_weights_epoch(run_dir: str) -> Dict[str, Optional[int]]:
     epochs: Dict[str, Optional[int]] = {'model_best.pth': None, 'model_best.safetensors': None}
     pth = os.path.join(run_dir, 'model_best.pth')
     if os.path.isfile(pth):
-        epochs['model_best.pth'] = torch.load(pth, map_location='cpu', weights_only=True).get('epoch')
+        epochs['model_best.pth'] = load_checkpoint_file(pth).get('epoch')
     st = os.path.join(run_dir, 'model_best.safetensors')
     if os.path.isfile(st):
         from safetensors import safe_open
@@ -87,7 +164,7 @@ def recover_best(run_dir: str, best_epoch: Optional[int], write_best: Callable[[
     for name in (f'checkpoint-{best_epoch}.pth', 'last.pth'):
         path = os.path.join(run_dir, name)
         if os.path.isfile(path):
-            state = load_checkpoint_file(path)
+            state = load_training_checkpoint(path)
             if state.get('epoch') == best_epoch:
                 write_best(state)
                 return True

@@ -19,12 +19,14 @@ import torch
 from timm.models import get_pretrained_cfg_value
 
 from ..errors import CheckpointMismatchError
+from ..utils.atomic import write_atomic
 from ..weights import load_checkpoint_file, read_label_names, unwrap_state_dict
 from .config import ConfigError
 from .data import build_dataset, build_eval_loader, is_folder_dataset
 from .engine import amp_context, evaluate, resolve_run_data_config, setup_distributed
 from .modeling import check_model_name, create_model_for_run
 from .options import EvalConfig
+from .run_folder import RunFolderError, check_run_folder
 
 __all__ = ['validate']
 
@@ -62,6 +64,11 @@ def _head_classes(model_name: str, state_dict: Dict[str, torch.Tensor]) -> Optio
 def validate(cfg: EvalConfig) -> Dict[str, Any]:
     """Evaluate as configured; returns the metrics (also written to ``cfg.results_file``)."""
     check_model_name(cfg.model)
+    if cfg.results_file:  # checked before the (long) evaluation; never replaces a file
+        check_run_folder(os.path.dirname(os.path.abspath(cfg.results_file)), f"--results-file's folder", resuming=True)
+        if os.path.lexists(cfg.results_file):
+            raise RunFolderError(f"--results-file '{cfg.results_file}' exists: give a new file name (nothing was "
+                                 f"changed).")
     ctx = setup_distributed(cfg.device)
     meta, state_dict = {}, None
     if cfg.checkpoint:
@@ -129,6 +136,5 @@ def validate(cfg: EvalConfig) -> Dict[str, Any]:
         results['skipped'] = len(dataset) - metrics['count']
         results['skipped_files'] = loader.skipped[:20]
     if cfg.results_file and ctx.is_primary:
-        with open(cfg.results_file, 'w') as f:
-            json.dump(results, f, indent=2)
+        write_atomic(cfg.results_file, json.dumps(results, indent=2))
     return results
