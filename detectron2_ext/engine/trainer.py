@@ -5,10 +5,13 @@
   parameters, as the papers' MMDetection code bases).
 * :func:`build_lr_scheduler`: detectron2's, plus ``SOLVER.LR_SCHEDULER_NAME: WarmupPolyLR``
   (``SOLVER.POLY_LR_POWER``; the semantic segmentation recipes, docs/segmentation.md).
-* :func:`build_evaluator`: from the dataset's ``evaluator_type``, as detectron2's ``train_net.py``.
+* :func:`build_evaluator`: from the dataset's ``evaluator_type``, as detectron2's ``train_net.py``;
+  semantic labels read by :func:`detectron2_ext.data.read_label`.
+* ``INPUT.SEM_SEG_PIPELINE 'mmseg'``: :class:`detectron2_ext.data.sem_seg_mapper.SemSegDatasetMapper`.
 
 The rules and the reasons: docs/detectron2.md, "Training extras".
 """
+import functools
 import logging
 import os
 import weakref
@@ -18,7 +21,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from detectron2.data import MetadataCatalog
+from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -33,6 +36,9 @@ from detectron2.solver.build import maybe_add_gradient_clipping
 from fvcore.common.param_scheduler import PolynomialDecayParamScheduler
 
 from ..checkpoint import SafeDetectionCheckpointer
+from ..data.sem_seg import label_format_of
+from ..data.sem_seg_labels import read_label
+from ..data.sem_seg_mapper import SemSegDatasetMapper, uses_mmseg_pipeline
 
 __all__ = ['Trainer', 'build_optimizer', 'optimizer_param_groups', 'build_evaluator',
            'build_lr_scheduler']
@@ -162,7 +168,10 @@ def build_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None)
     evaluator_type = MetadataCatalog.get(dataset_name).get('evaluator_type', None)
     evaluators = []
     if evaluator_type in ('sem_seg', 'coco_panoptic_seg'):
-        evaluators.append(SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder))
+        # ground truth through the reader the start-up check and the training mapper use
+        loader = functools.partial(read_label, label_format=label_format_of(dataset_name))
+        evaluators.append(SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder,
+                                          sem_seg_loading_fn=loader))
     if evaluator_type in ('coco', 'coco_panoptic_seg'):
         evaluators.append(COCOEvaluator(dataset_name, output_dir=output_folder))
     if evaluator_type == 'coco_panoptic_seg':
@@ -206,6 +215,19 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):
         return build_lr_scheduler(cfg, optimizer)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """detectron2's loader; with ``INPUT.SEM_SEG_PIPELINE 'mmseg'`` its mapper is ours."""
+        if uses_mmseg_pipeline(cfg):
+            return build_detection_train_loader(cfg, mapper=SemSegDatasetMapper(cfg, True))
+        return super().build_train_loader(cfg)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        if uses_mmseg_pipeline(cfg):
+            return build_detection_test_loader(cfg, dataset_name, mapper=SemSegDatasetMapper(cfg, False))
+        return super().build_test_loader(cfg, dataset_name)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
