@@ -1,5 +1,7 @@
 """Semantic segmentation: the ADE20K config grid (Semantic FPN, UPerNet), the poly schedule, the
 user-data registration and a 2-iteration train_net run on generated data that reports mIoU."""
+import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -388,27 +390,100 @@ class _Segmenter(torch.nn.Module):
         return self.model.sem_seg_head.layers(self.model.backbone(x))
 
 
-# (config, timm name or None, input (H, W), paper GFLOPs): MSCSA Table 3 (Semantic FPN, 512x512)
-# and MAFormer Table 7 (UPerNet, 2048x512).
+def _flops_script():
+    spec = importlib.util.spec_from_file_location(
+        'segmentation_flops', os.path.join(ROOT, 'benchmarks', 'segmentation_flops.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _Counted(torch.nn.Module):
+    """conv(bias) + BN + ReLU module, detectron2 Conv2d with BN + F.relu, Linear, SDPA, matmul."""
+
+    def __init__(self):
+        super().__init__()
+        from detectron2.layers import Conv2d
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.relu = torch.nn.ReLU()
+        self.d2conv = Conv2d(8, 8, 1, bias=False, norm=torch.nn.BatchNorm2d(8),
+                             activation=torch.nn.functional.relu)
+        self.linear = torch.nn.Linear(8, 16)
+
+    def forward(self, x):
+        x = self.d2conv(self.relu(self.bn(self.conv(x))))
+        t = self.linear(x.flatten(2).transpose(1, 2))  # (1, 16, 16)
+        attn = torch.nn.functional.scaled_dot_product_attention(t[None], t[None], t[None])
+        return attn @ t.transpose(-1, -2)
+
+
+def test_flop_counters_count_as_fvcore_and_mmcv():
+    """mmcv's way: modules only (conv MACs + bias, BN 2 x elements, ReLU elements, detectron2's
+    inner ReLU as mmcv's ConvModule module, Linear MACs), nothing for SDPA or matmul; fvcore's way:
+    conv / linear MACs plus the attention and matmul products (BN folded in eval: 0 for BN)."""
+    script = _flops_script()
+    model = _Counted()
+    x = torch.zeros(1, 3, 4, 4)
+    hw = 16
+    conv = hw * 8 * 27 + hw * 8
+    bn = 2 * hw * 8
+    relu = hw * 8
+    d2 = hw * 8 * 8 + bn + relu
+    linear = hw * 8 * 16
+    mmcv = script.mmcv_style_flops(model, x, prefix='conv')
+    assert mmcv['total'] * 1e9 == pytest.approx(conv + bn + relu + d2 + linear)
+    assert mmcv['part'] * 1e9 == pytest.approx(conv)
+    fv = script.fvcore_flops(model, (4, 4), prefix='linear')
+    sdpa = hw * hw * (16 + 16)
+    matmul = hw * 16 * hw
+    assert fv['part'] * 1e9 == pytest.approx(linear)
+    assert fv['total'] * 1e9 == pytest.approx(hw * 8 * 27 + bn // 2 + hw * 8 * 8 + bn // 2 + linear
+                                              + sdpa + matmul, rel=0.02)
+
+
+def test_segmentation_flops_script_on_a_tiny_input(tmp_path):
+    """The benchmark runs end to end (tiny input, one backbone, both decoders) and writes rows."""
+    script = _flops_script()
+    out = tmp_path / 'rows.json'
+    assert script.main(['--backbones', FAST_BACKBONE, '--necks', 'fpn', '--size', '64', '64',
+                        '--json', str(out)]) == 0
+    rows = {r['config']: r for r in json.loads(out.read_text())}
+    assert sorted(rows) == [f'semantic_fpn_{FAST_BACKBONE}_fpn_40k.yaml',
+                            f'upernet_{FAST_BACKBONE}_fpn_160k.yaml']
+    for row in rows.values():
+        assert 0 < row['backbone_gflops_mmcv'] < row['gflops_mmcv']
+        assert row['decoder_gflops_fvcore'] == pytest.approx(
+            row['gflops_fvcore'] - row['backbone_gflops_fvcore'], abs=0.11)
+
+
+# (config, timm name or None, input (H, W), paper GFLOPs, counter): MSCSA Table 3 (Semantic FPN,
+# 512x512; fvcore with attention, docs/segmentation.md) and MAFormer Table 7 (2048x512; mmcv's
+# module count, which the paper's numbers match).
 PAPER_FLOPS = [
-    ('semantic_fpn_pvt_v2_b0_mscsa_fpn_40k.yaml', None, (512, 512), 26),
-    ('semantic_fpn_pvt_v2_b0_mscsa_fpn_40k.yaml', 'pvt_v2_b0', (512, 512), 25),
-    ('semantic_fpn_pvt_v2_b1_mscsa_fpn_40k.yaml', None, (512, 512), 36),
-    ('semantic_fpn_pvt_v2_b1_mscsa_fpn_40k.yaml', 'pvt_v2_b1', (512, 512), 34),
-    ('semantic_fpn_pvt_v2_b2_mscsa_fpn_40k.yaml', None, (512, 512), 49),
-    ('semantic_fpn_pvt_v2_b2_mscsa_fpn_40k.yaml', 'pvt_v2_b2', (512, 512), 46),
-    ('upernet_maformer_s_fpn_160k.yaml', None, (512, 2048), 929),
+    ('semantic_fpn_pvt_v2_b0_mscsa_fpn_40k.yaml', None, (512, 512), 26, 'fvcore'),
+    ('semantic_fpn_pvt_v2_b0_mscsa_fpn_40k.yaml', 'pvt_v2_b0', (512, 512), 25, 'fvcore'),
+    ('semantic_fpn_pvt_v2_b1_mscsa_fpn_40k.yaml', None, (512, 512), 36, 'fvcore'),
+    ('semantic_fpn_pvt_v2_b1_mscsa_fpn_40k.yaml', 'pvt_v2_b1', (512, 512), 34, 'fvcore'),
+    ('semantic_fpn_pvt_v2_b2_mscsa_fpn_40k.yaml', None, (512, 512), 49, 'fvcore'),
+    ('semantic_fpn_pvt_v2_b2_mscsa_fpn_40k.yaml', 'pvt_v2_b2', (512, 512), 46, 'fvcore'),
+    ('semantic_fpn_maformer_s_fpn_80k.yaml', None, (512, 2048), 170, 'mmcv'),
+    ('upernet_maformer_s_fpn_160k.yaml', None, (512, 2048), 929, 'mmcv'),
 ]
 
 
-@pytest.mark.parametrize('config,name,size,paper', [
+@pytest.mark.parametrize('config,name,size,paper,counter', [
     pytest.param(*row, marks=() if 'b0' in row[0] else pytest.mark.slow) for row in PAPER_FLOPS])
-def test_flops_match_the_papers(config, name, size, paper):
+def test_flops_match_the_papers(config, name, size, paper, counter):
     """Within 5% of the papers' FLOPs (docs/segmentation.md lists all measured numbers)."""
-    from maformer_zoo.utils.flops import count_flops
     opts = ('MODEL.TIMM.NAME', name) if name else ()
-    model = build_model(_cfg(os.path.join(SEMANTIC_DIR, config), *opts))
-    assert count_flops(_Segmenter(model), size) == pytest.approx(paper, rel=0.05)
+    model = _Segmenter(build_model(_cfg(os.path.join(SEMANTIC_DIR, config), *opts)))
+    if counter == 'fvcore':
+        from maformer_zoo.utils.flops import count_flops
+        flops = count_flops(model, size)
+    else:
+        flops = _flops_script().mmcv_style_flops(model, torch.zeros(1, 3, *size))['total']
+    assert flops == pytest.approx(paper, rel=0.05)
 
 
 def test_semantic_fpn_maformer_s_params_match_the_paper():
