@@ -260,7 +260,8 @@ def _dataset(root, name, values, size=(16, 16), image_size=None):
 ])
 def test_check_names_the_fix(tmp_path, values, options, num_classes, advice):
     """Out-of-range labels: the start-up check names the fix that fits (ADE's raw 0..150 with
-    150 classes -> reduce_zero_label; one far value -> ignore value; else NUM_CLASSES)."""
+    150 classes -> reduce_zero_label; one far value -> ignore value; else NUM_CLASSES), in one
+    line. Catches: the old "raise NUM_CLASSES" for every case, a count that forgets the shift."""
     name = f'fix_{len(values)}_{values[-1]}_{len(options)}'
     register_sem_seg_dataset(name, *_dataset(tmp_path, name, values), *options)
     with pytest.raises(ValueError, match=advice) as info:
