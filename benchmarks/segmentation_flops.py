@@ -27,7 +27,7 @@ import json
 import os
 import re
 import sys
-from typing import Dict, List
+from typing import Dict
 
 import numpy as np
 import torch
