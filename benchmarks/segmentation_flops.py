@@ -180,7 +180,6 @@ def main(argv=None) -> int:
     parser.add_argument('--decoders', nargs='*', choices=('semantic_fpn', 'upernet'))
     parser.add_argument('--json', help='write the rows as a JSON list')
     args = parser.parse_args(argv)
-    torch.set_grad_enabled(False)
     configs = model_configs(args.backbones, args.necks, args.decoders)
     if not configs:
         print('error: no config matches the filters', file=sys.stderr)
