@@ -111,14 +111,37 @@ def _add_semantic_config(cfg: CN) -> None:
     * ``SOLVER.LR_SCHEDULER_NAME`` also takes ``'WarmupPolyLR'``: ``lr = BASE_LR * (1 - t /
       MAX_ITER) ** SOLVER.POLY_LR_POWER`` after detectron2's warm-up (power 0.9: MSCSA's
       Semantic FPN; power 1.0: the linear decay of MAFormer's UPerNet). ``WARMUP_ITERS`` 0: none.
-    * ``MODEL.UPERNET.*``: :class:`detectron2_ext.modeling.semantic.UPerNetHead`: ``POOL_SCALES``
-      of the pyramid pooling module, ``DROPOUT`` before the classifier. Its width is
-      ``MODEL.SEM_SEG_HEAD.CONVS_DIM`` and its norm ``MODEL.SEM_SEG_HEAD.NORM``.
+    * ``MODEL.UPERNET.*``: :class:`detectron2_ext.modeling.semantic.UPerNetHead` (mmseg's
+      UPerHead): ``POOL_SCALES`` of the pyramid pooling module, ``DROPOUT`` before the
+      classifiers, the auxiliary FCN head on ``AUX_IN_FEATURE`` (``''``: none) with
+      ``AUX_CHANNELS`` and ``AUX_LOSS_WEIGHT``. Its width is ``MODEL.SEM_SEG_HEAD.CONVS_DIM``, its
+      norm ``MODEL.SEM_SEG_HEAD.NORM``, its top-down merge ``MODEL.FPN.FUSION``.
+    * ``MODEL.SEMANTIC_FPN.DROPOUT``: dropout before the classifier of ``SemanticFPNHead``.
+    * ``INPUT.SEM_SEG_PIPELINE``: ``''`` (detectron2's ``DatasetMapper``) or ``'mmseg'``
+      (:mod:`detectron2_ext.data.sem_seg_mapper`: resize ``INPUT.SEM_SEG_SCALE`` x a ratio from
+      ``INPUT.SEM_SEG_RATIO_RANGE``, crop ``INPUT.CROP.SIZE`` with
+      ``INPUT.CROP.SINGLE_CATEGORY_MAX_AREA`` (mmseg's ``cat_max_ratio``; 1.0: off), flip, photometric distortion if
+      ``INPUT.SEM_SEG_PHOTOMETRIC``, pad; test: resize to fit ``INPUT.SEM_SEG_SCALE``).
+    * ``DATASETS.REDUCE_ZERO_LABEL``: names of datasets of ours whose label files are read with
+      mmseg's ``reduce_zero_label`` (0 ignored, the rest shifted down by one).
     """
     _set_default(cfg.SOLVER, 'POLY_LR_POWER', 0.9)
     _set_default(cfg.MODEL, 'UPERNET', CN())
-    _set_default(cfg.MODEL.UPERNET, 'POOL_SCALES', [1, 2, 3, 6])
-    _set_default(cfg.MODEL.UPERNET, 'DROPOUT', 0.1)
+    uper = cfg.MODEL.UPERNET
+    _set_default(uper, 'POOL_SCALES', [1, 2, 3, 6])
+    _set_default(uper, 'DROPOUT', 0.1)
+    _set_default(uper, 'AUX_IN_FEATURE', 'res4')
+    _set_default(uper, 'AUX_CHANNELS', 256)
+    _set_default(uper, 'AUX_LOSS_WEIGHT', 0.4)
+    _set_default(cfg.MODEL, 'SEMANTIC_FPN', CN())
+    _set_default(cfg.MODEL.SEMANTIC_FPN, 'DROPOUT', 0.1)
+    _set_default(cfg.INPUT, 'SEM_SEG_PIPELINE', '')
+    _set_default(cfg.INPUT, 'SEM_SEG_SCALE', [2048, 512])
+    _set_default(cfg.INPUT, 'SEM_SEG_RATIO_RANGE', [0.5, 2.0])
+    _set_default(cfg.INPUT, 'SEM_SEG_PHOTOMETRIC', True)
+    # the name detectron2's DeepLab / MaskFormer projects give mmseg's cat_max_ratio
+    _set_default(cfg.INPUT.CROP, 'SINGLE_CATEGORY_MAX_AREA', 1.0)
+    _set_default(cfg.DATASETS, 'REDUCE_ZERO_LABEL', [])
 
 
 def add_maformer_zoo_config(cfg: CN) -> CN:

@@ -268,11 +268,14 @@ def _semantic_bases() -> Dict[str, str]:
     crop = 512
     return {
         'Base-Timm-Semantic-FPN.yaml': f"""{HEADER}\
-# Semantic FPN (detectron2's SemanticSegmentor + SemSegFPNHead) on a timm backbone + FPN neck,
-# ADE20K ({ADE20K_CLASSES} classes, detectron2's ade20k_sem_seg_* under $DETECTRON2_DATASETS).
-# Data as MMSegmentation's ADE20K pipeline the papers use: shorter side drawn from
-# {crop // 2}..{crop * 2} (ratio 0.5-2 of {crop}), random {crop}x{crop} crop, flip; test at shorter
-# side {crop}. Schedules: Base-Timm-Semantic-FPN-40k.yaml / -80k.yaml.
+# Semantic FPN on a timm backbone + FPN neck (256 channels) as mmsegmentation's sem_fpn configs:
+# detectron2's SemanticSegmentor, our SemanticFPNHead (detectron2's SemSegFPNHead + mmseg's dropout
+# 0.1), SyncBN in the head. ADE20K ({ADE20K_CLASSES} classes) from the raw annotations under
+# $DETECTRON2_DATASETS/ADEChallengeData2016, read with reduce_zero_label (0 "other" ignored).
+# Data: mmseg's ADE20K pipeline (detectron2_ext/data/sem_seg_mapper.py): resize to fit
+# {crop * 4}x{crop} times a ratio from 0.5-2.0, {crop}x{crop} crop with at most 75% of one class,
+# flip, photometric distortion, pad to {crop}; test: resize to fit {crop * 4}x{crop}.
+# Schedules: Base-Timm-Semantic-FPN-40k.yaml / -80k.yaml; UPerNet: Base-Timm-UPerNet-160k.yaml.
 MODEL:
   META_ARCHITECTURE: "SemanticSegmentor"
   WEIGHTS: ""  # the backbone's ImageNet weights come from MODEL.TIMM
@@ -284,30 +287,35 @@ MODEL:
     IN_FEATURES: ["res2", "res3", "res4", "res5"]
     OUT_CHANNELS: 256
   SEM_SEG_HEAD:
-    NAME: "SemSegFPNHead"
+    NAME: "SemanticFPNHead"
     IN_FEATURES: ["p2", "p3", "p4", "p5"]
     NUM_CLASSES: {ADE20K_CLASSES}
     IGNORE_VALUE: 255
     CONVS_DIM: 128
     COMMON_STRIDE: 4
-    NORM: "GN"
+    NORM: "SyncBN"
     LOSS_WEIGHT: 1.0
+  SEMANTIC_FPN:
+    DROPOUT: 0.1
   PIXEL_MEAN: [123.675, 116.28, 103.53]
   PIXEL_STD: [58.395, 57.12, 57.375]
 DATASETS:
-  TRAIN: ("ade20k_sem_seg_train",)
-  TEST: ("ade20k_sem_seg_val",)
+  TRAIN: ("ade20k_raw_sem_seg_train",)
+  TEST: ("ade20k_raw_sem_seg_val",)
+  REDUCE_ZERO_LABEL: ["ade20k_raw_sem_seg_train", "ade20k_raw_sem_seg_val"]
 INPUT:
   FORMAT: "RGB"
-  MIN_SIZE_TRAIN: ({crop // 2}, {crop * 2})
-  MIN_SIZE_TRAIN_SAMPLING: "range"
-  MAX_SIZE_TRAIN: {crop * 4}
-  MIN_SIZE_TEST: {crop}
+  SEM_SEG_PIPELINE: "mmseg"
+  SEM_SEG_SCALE: [{crop * 4}, {crop}]
+  SEM_SEG_RATIO_RANGE: [0.5, 2.0]
+  SEM_SEG_PHOTOMETRIC: True
+  MIN_SIZE_TEST: {crop}  # detectron2's predictor (demo, visualize.py): the same fit
   MAX_SIZE_TEST: {crop * 4}
   CROP:
     ENABLED: True
     TYPE: "absolute"
     SIZE: ({crop}, {crop})
+    SINGLE_CATEGORY_MAX_AREA: 0.75
 SOLVER:
   OPTIMIZER: "AdamW"
   WEIGHT_DECAY_NORM: 0.0
@@ -346,20 +354,27 @@ SOLVER:
   MAX_ITER: 80000
 """,
         'Base-Timm-UPerNet-160k.yaml': f"""{HEADER}\
-# UPerNet (detectron2_ext.modeling.semantic.UPerNetHead on the FPN neck's p2..p5, 512 channels),
+# UPerNet as mmsegmentation's upernet configs: detectron2_ext.modeling.semantic.UPerNetHead
+# (mmseg's UPerHead, 512 channels, PPM 1-2-3-6, SyncBN, dropout 0.1) directly on the backbone
+# stages res2..res5, plus the auxiliary FCN head on res4 (256 channels, loss weight 0.4, training
+# only). MODEL.FPN.FUSION 'fine' / 'asff' replaces the head's top-down sums (docs/segmentation.md).
 # MAFormer's ADE20K setting (Table 7, Sec. 4.4): AdamW, lr 6e-5, weight decay 0.01, 16 images per
 # batch, 160k iterations, linear decay (poly power 1) after 1,500 linear warm-up iterations.
 _BASE_: "Base-Timm-Semantic-FPN.yaml"
 MODEL:
-  FPN:
-    OUT_CHANNELS: 512
+  BACKBONE:
+    NAME: "build_timm_backbone"
   SEM_SEG_HEAD:
     NAME: "UPerNetHead"
+    IN_FEATURES: ["res2", "res3", "res4", "res5"]
     CONVS_DIM: 512
     NORM: "SyncBN"
   UPERNET:
     POOL_SCALES: [1, 2, 3, 6]
     DROPOUT: 0.1
+    AUX_IN_FEATURE: "res4"
+    AUX_CHANNELS: 256
+    AUX_LOSS_WEIGHT: 0.4
 SOLVER:
   IMS_PER_BATCH: 16
   BASE_LR: 0.00006
@@ -389,8 +404,9 @@ SEMANTIC_MODELS = {  # file pattern -> (base file, title)
 def _semantic_recipe(backbone: str, base: str, title: str) -> str:
     """The segmentation recipe is the base's; the backbone keeps its detection drop path / norm."""
     recipe = BACKBONES[backbone]
+    decoder = 'UPerHead (top-down sums)' if 'UPerNet' in base else 'FPN'
     return f"""{HEADER}\
-# {title}: {backbone} + FPN. Backbone drop path / freezing / norm: {recipe.source}.
+# {title}: {backbone} + {decoder}. Backbone drop path / freezing / norm: {recipe.source}.
 # The *_fine_fpn_* / *_asff_fpn_* files _BASE_ this one and set MODEL.FPN.FUSION.
 _BASE_: "../{base}"
 MODEL:

@@ -111,9 +111,14 @@ def _draw_predictions(cfg, model, dataset_name: str, path: str, num_images: int,
     Image.fromarray(np.concatenate(rows, axis=0)).save(path)
 
 
+# FINE's Fig. 8 is drawn at the l = 3 fusion: F_low at stride 8, detectron2's p3 (fpn_fine3)
+FIG8_FINE = 'fine_backbone_fpn_fine3.png'
+
+
 def _draw_fine_figures(cfg, model, out_dir: str) -> list:
-    """The trained FINE neck's F_high, F_low, M and aligned F_low (FINE, Fig. 8) and the MSCSA
-    attention, over the first validation image (``scripts/visualize.py`` draws the same)."""
+    """The trained FINE neck's F_high, F_low, M and aligned F_low of every fusion (``FIG8_FINE``
+    is the l = 3 one of FINE's Fig. 8) and the MSCSA attention, over the first validation image
+    (``scripts/visualize.py`` draws the same, on the scales docs/segmentation.md describes)."""
     from detectron2.data import DatasetCatalog
     from detectron2.data.detection_utils import read_image
     from detectron2_ext.visualize import draw_detectron2_model
@@ -248,7 +253,8 @@ def main(argv=None) -> int:
     print(f'         results      {os.path.join(out, "results.json")}')
     print(f'         predictions  {picture} (left: ground truth, right: predictions >= 0.5)')
     print(f'         figures      {os.path.join(out, "figures")}/ ({len(figures)} PNGs: what the trained '
-          f'FINE and MSCSA modules do, as drawn by scripts/visualize.py)')
+          f'FINE and MSCSA modules do, as drawn by scripts/visualize.py; {FIG8_FINE}: the l = 3 '
+          f'fusion of FINE\'s Fig. 8)')
     print(f'[demo] done in {(time.perf_counter() - started) / 60:.1f} min')
     return 0
 

@@ -44,9 +44,12 @@ DATASET_FLAGS = {
                                 register_coco_panoptic_dataset,
                                 'register a COCO panoptic dataset for Panoptic FPN as NAME (repeatable); its semantic '
                                 'labels are written to PANOPTIC_DIR_semseg if missing'),
-    '--sem-seg-dataset': (('NAME', 'IMAGE_DIR', 'LABEL_DIR'), register_sem_seg_dataset,
+    '--sem-seg-dataset': (('NAME', 'IMAGE_DIR', 'LABEL_DIR', '[reduce_zero_label]', '[ignore_label=N]'),
+                          register_sem_seg_dataset,
                           'register a semantic segmentation dataset as NAME: images and same-named label '
-                          'PNGs (class ids, 255 = ignore; MODEL.SEM_SEG_HEAD.NUM_CLASSES classes) (repeatable)'),
+                          'PNGs (palette, 8- or 16-bit class ids; MODEL.SEM_SEG_HEAD.NUM_CLASSES classes); '
+                          'reduce_zero_label: 0 is ignored and the other values shift down by one (ADE20K\'s raw '
+                          'annotations); ignore_label=N: N marks unlabelled pixels (default 255) (repeatable)'),
 }
 USER_ERRORS = (FileNotFoundError, KeyError, ValueError, UnsafeCheckpointError, CorruptCheckpointError,
                CheckpointMismatchError, PretrainedWeightsNotFoundError, FileExistsError)
@@ -63,18 +66,54 @@ Examples:
 """
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """detectron2's parser; a flag with optional trailing words (``--sem-seg-dataset ... [reduce_zero_label]``)
+    keeps only the words it knows and gives the rest back to the ``KEY VALUE`` list that follows."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extra = super().parse_known_args(args, namespace)
+        leftover = []
+        for flag, (metavar, _, _) in DATASET_FLAGS.items():
+            optional = [m.strip('[]').split('=')[0] for m in metavar if m.startswith('[')]
+            if not optional or not hasattr(namespace, _dest(flag)):
+                continue
+            kept = []
+            for values in getattr(namespace, _dest(flag)):
+                n = len(metavar) - len(optional)
+                while n < len(values) and values[n].split('=')[0] in optional:
+                    n += 1
+                kept.append(values[:n])
+                leftover += values[n:]
+            setattr(namespace, _dest(flag), kept)
+        namespace.opts = leftover + list(namespace.opts or [])
+        return namespace, extra
+
+
+def _dest(flag: str) -> str:
+    return flag[2:].replace('-', '_')
+
+
 def build_argument_parser() -> argparse.ArgumentParser:
-    parser = default_argument_parser(epilog=EPILOG)
+    base = default_argument_parser(epilog=EPILOG)
+    parser = _ArgumentParser(parents=[base], add_help=False, epilog=base.epilog,
+                             formatter_class=base.formatter_class)
     parser.add_argument('--allow-changes', action='store_true',
                         help='let --resume change training settings (recorded in OUTPUT_DIR/config_changes.yaml)')
     for flag, (metavar, _, text) in DATASET_FLAGS.items():
-        parser.add_argument(flag, nargs=len(metavar), action='append', default=[], metavar=metavar, help=text)
+        if any(m.startswith('[') for m in metavar):  # a variable count (see _ArgumentParser)
+            required = ' '.join(m for m in metavar if not m.startswith('['))
+            parser.add_argument(flag, nargs='+', action='append', default=[], metavar=(required, 'OPTION'), help=text)
+        else:
+            parser.add_argument(flag, nargs=len(metavar), action='append', default=[], metavar=metavar, help=text)
     return parser
 
 
 def register_datasets(args: argparse.Namespace) -> None:
-    for flag, (_, register, _) in DATASET_FLAGS.items():
-        for values in getattr(args, flag[2:].replace('-', '_')):
+    for flag, (metavar, register, _) in DATASET_FLAGS.items():
+        required = [m for m in metavar if not m.startswith('[')]
+        for values in getattr(args, _dest(flag)):
+            if not len(required) <= len(values) <= len(metavar):
+                raise ValueError(f"{flag} takes {' '.join(metavar)}, got {len(values)} value(s): {' '.join(values)}")
             register(*values)
 
 
@@ -88,7 +127,10 @@ def check_datasets(cfg: CfgNode) -> None:
         if name not in registered:
             raise KeyError(f"Dataset '{name}' is not registered{close_names_hint(name, registered)}. Register your own "
                            f"with {' or '.join(DATASET_FLAGS)}, or use one of detectron2's builtin names.")
-        set_sem_seg_num_classes(name, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)  # checks the labels
+        # checks the labels with the reader the mapper and the evaluator use
+        set_sem_seg_num_classes(name, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+                                reduce_zero_label=name in cfg.DATASETS.REDUCE_ZERO_LABEL,
+                                ignore_value=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE)
         meta = MetadataCatalog.get(name)
         if name in cfg.DATASETS.TRAIN and meta.get('num_annotations', None) == 0:
             raise ValueError(f"Training dataset '{name}' has no annotations ({meta.json_file}): detectron2 would find "

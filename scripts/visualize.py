@@ -6,7 +6,8 @@
     scripts/visualize.py --model maformer_s [--weights maformer_s.safetensors] --input photo.jpg --output figures/
 
 With a detectron2 config: FINE neck -> ``fine_*.png`` (F_high, F_low, M, aligned F_low of every
-fusion, FINE Fig. 8); ASFF neck -> ``asff_weights.png`` (per-source weights of every output level);
+fusion; ``fine_backbone_fpn_fine3.png`` is the l = 3 fusion of FINE's Fig. 8); ASFF neck ->
+``asff_weights.png`` (per-source weights of every output level);
 MAFormer backbone -> ``maf_attention.png``; MSCSA backbone -> ``mscsa_*.png``; and ``erf.png``
 (effective receptive field per stage, averaged over all --input images). With ``--model NAME``:
 the backbone figures and ``erf.png`` of a bare timm model. Without ``--weights`` the weights are

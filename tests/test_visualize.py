@@ -16,7 +16,8 @@ from maformer_zoo.layers.fine import FINE
 from maformer_zoo.layers.maf import MultiScaleAttentionFusion
 from maformer_zoo.layers.mscsa import CrossScaleAttention
 from maformer_zoo.utils.visualize import (
-    asff_weights, capture, csa_attention, draw_erf, erf_maps, fine_maps, maf_attention,
+    ASFF_LIMITS, ATTENTION_FLOOR, MODULATION_FLOOR, asff_weights, capture, csa_attention, draw_erf,
+    erf_maps, fine_maps, maf_attention, relative_attention, shared_limits, symmetric_limits,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -115,6 +116,22 @@ def test_fine_and_asff_maps_from_hooks():
     assert torch.allclose(weights.sum(0), torch.ones(8, 8), atol=1e-6) and weights.std() > 0.01
     # hooks are removed afterwards
     assert not fine._forward_pre_hooks and not asff.levels[0]._forward_pre_hooks
+
+
+def test_scales_do_not_overstate():
+    """Attention spanning [0.0196, 0.0209] around uniform 1/49 (a random-init MAF) is drawn within
+    0.06 of the centre of a +-1 scale (nearly flat), while a peaked map widens the scale to its
+    value; ASFF weights are always on 0-1; FINE's M on at least +-0.1; panels of one quantity
+    share one range. Catches: per-panel min-max stretching, ASFF scaled to its own range."""
+    near_uniform = relative_attention(np.linspace(0.0196, 0.0209, 49), 49)
+    assert np.abs(near_uniform).max() < 0.06
+    assert symmetric_limits([near_uniform], ATTENTION_FLOOR) == (-1.0, 1.0)
+    peaked = relative_attention(np.array([0.5] + [0.5 / 48] * 48), 49)
+    assert symmetric_limits([near_uniform, peaked], ATTENTION_FLOOR)[1] == pytest.approx(np.log2(24.5))
+    assert relative_attention(np.full(10, 0.1), 10) == pytest.approx(np.zeros(10))
+    assert ASFF_LIMITS == (0.0, 1.0)
+    assert symmetric_limits([np.array([0.001, -0.002])], MODULATION_FLOOR) == (-0.1, 0.1)
+    assert shared_limits([np.array([0.0, 2.0]), np.array([-1.0, 1.0])]) == (-1.0, 2.0)
 
 
 def test_erf_is_local_for_a_convolution(tmp_path):

@@ -1,16 +1,17 @@
-"""Semantic segmentation data: the user's images + label PNGs, and generated scenes for tests.
+"""Semantic segmentation data: the user's images + label PNGs, ADE20K as mmseg reads it, and
+generated scenes for tests.
 
 * :func:`register_sem_seg_dataset`: a directory of images and a directory of same-named ``.png``
-  label maps (pixel value = class id ``0..K-1``, 255 = ignore), what ``train_net.py
-  --sem-seg-dataset NAME IMAGE_DIR LABEL_DIR`` calls. ``K`` comes from the model config
-  (``MODEL.SEM_SEG_HEAD.NUM_CLASSES``) through :func:`set_sem_seg_num_classes`, which checks every
-  label file against it, so a wrong class count fails in one line before the model is built
-  rather than as an index error inside the loss.
-* :func:`write_synthetic_sem_seg`: the procedural scenes of :mod:`.synthetic` with full semantic
-  labels (3 things + 3 stuff classes), for tests and quick runs.
-
-ADE20K needs nothing here: detectron2 registers ``ade20k_sem_seg_train`` / ``ade20k_sem_seg_val``
-from ``$DETECTRON2_DATASETS/ADEChallengeData2016`` (docs/segmentation.md).
+  label maps (class ids ``0..K-1``; palette, 8- or 16-bit; 255 = ignore unless ``ignore_label``
+  says otherwise; ``reduce_zero_label`` for 0 = "other"), what ``train_net.py --sem-seg-dataset``
+  calls. ``K`` comes from the model config through :func:`set_sem_seg_num_classes`, which reads
+  every label file with the one reader (:mod:`.sem_seg_labels`) and stops with one line naming
+  the fix (ignore value, ``reduce_zero_label`` or ``NUM_CLASSES``) or the mismatched image/label
+  pair, before the model is built.
+* ``ade20k_raw_sem_seg_train`` / ``_val``: ``$DETECTRON2_DATASETS/ADEChallengeData2016``'s
+  ``images/`` and raw ``annotations/`` (mmseg's layout; the ADE configs read them with
+  ``reduce_zero_label``). detectron2's own ``ade20k_sem_seg_*`` read ``annotations_detectron2``.
+* :func:`write_synthetic_sem_seg`: the procedural scenes of :mod:`.synthetic` with labels.
 """
 import logging
 import os
@@ -19,17 +20,20 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets.builtin_meta import ADE20K_SEM_SEG_CATEGORIES
 
 from .register import _check_exists, _register_once
+from .sem_seg_labels import LabelFormat, image_size, read_raw_label
 from .synthetic import CATEGORIES, _split_rng, render_scene
 
 __all__ = ['register_sem_seg_dataset', 'set_sem_seg_num_classes', 'write_synthetic_sem_seg',
-           'SEM_SEG_IGNORE']
+           'register_ade20k_raw', 'label_format_of', 'parse_sem_seg_options', 'SEM_SEG_IGNORE']
 logger = logging.getLogger(__name__)
 SEM_SEG_IGNORE = 255
 _IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 _OPTION = '--sem-seg-dataset NAME IMAGE_DIR LABEL_DIR'
+_FLAG_HINT = (f'{_OPTION} reduce_zero_label, or the config\'s DATASETS.REDUCE_ZERO_LABEL')
 
 
 def _pairs(image_dir: str, label_dir: str) -> List[Tuple[str, str]]:
@@ -49,56 +53,146 @@ def _pairs(image_dir: str, label_dir: str) -> List[Tuple[str, str]]:
     return pairs
 
 
-def _check_labels(name: str, pairs: Sequence[Tuple[str, str]], num_classes: int) -> None:
-    for _, label_file in pairs:
-        values = np.unique(np.asarray(Image.open(label_file)))
-        bad = values[(values >= num_classes) & (values != SEM_SEG_IGNORE)]
-        if bad.size:
+def _advice(values: Sequence[int], bad: Sequence[int], fmt: LabelFormat, num_classes: int) -> str:
+    """The fix for the out-of-range file values ``bad`` among all file values ``values``."""
+    k = num_classes
+    others = [v for v in values if v not in bad and v != fmt.ignore_label]
+    if not fmt.reduce_zero_label and 0 in values and list(bad) == [k]:
+        return (f"the labels run 0..{k}: if 0 marks unlabelled ('other') pixels, as in ADE20K's "
+                f"raw annotations, read them with reduce_zero_label ({_FLAG_HINT}); if 0..{k} "
+                f"are all classes, set MODEL.SEM_SEG_HEAD.NUM_CLASSES {k + 1}.")
+    if len(bad) == 1 and (not others or bad[0] > max(others) + 1):
+        return (f"if {bad[0]} marks unlabelled pixels, give it as the ignore value "
+                f"({_OPTION} ignore_label={bad[0]}); if it is a class, set "
+                f"MODEL.SEM_SEG_HEAD.NUM_CLASSES {bad[0] + 1 - int(fmt.reduce_zero_label)}.")
+    return (f"set MODEL.SEM_SEG_HEAD.NUM_CLASSES {max(bad) + 1 - int(fmt.reduce_zero_label)} "
+            f"(labels must be 0..{k - 1} or the ignore value {fmt.ignore_label}).")
+
+
+def _check_labels(name: str, pairs: Sequence[Tuple[str, str]], num_classes: int,
+                  fmt: LabelFormat) -> None:
+    """Every label is the size of its image and holds classes ``0..num_classes-1`` (or ignore)
+    after ``fmt``; one line naming the file and the fix otherwise."""
+    first_file: Dict[int, str] = {}
+    for image_file, label_file in pairs:
+        raw = read_raw_label(label_file)
+        size = image_size(image_file)
+        if raw.shape != size:
             raise ValueError(
-                f"Dataset '{name}': label file '{label_file}' has class {int(bad[0])}, but the "
-                f"model has {num_classes} classes (MODEL.SEM_SEG_HEAD.NUM_CLASSES): labels must be "
-                f"0..{num_classes - 1} or {SEM_SEG_IGNORE} (ignore); raise NUM_CLASSES or fix the "
-                f"labels.")
+                f"Dataset '{name}': image '{image_file}' is {size[1]}x{size[0]} but its label "
+                f"'{label_file}' is {raw.shape[1]}x{raw.shape[0]} (width x height); labels must "
+                f"be the size of their image.")
+        for value in np.unique(raw).tolist():
+            first_file.setdefault(int(value), label_file)
+    values = sorted(first_file)
+    labels = fmt.apply(np.asarray(values, dtype=np.int64))
+    bad = [v for v, lab in zip(values, labels.tolist())
+           if lab != fmt.ignore_value and not 0 <= lab < num_classes]
+    if bad:
+        shown = f'value {bad[0]}' + (' (after reduce_zero_label)' if fmt.reduce_zero_label else '')
+        raise ValueError(
+            f"Dataset '{name}': label file '{first_file[bad[0]]}' has class {bad[0]}, but the "
+            f"model has {num_classes} classes (MODEL.SEM_SEG_HEAD.NUM_CLASSES); "
+            f"{'out-of-range ' + shown + ': ' if len(bad) > 1 or fmt.reduce_zero_label else ''}"
+            f"{_advice(values, bad, fmt, num_classes)}")
 
 
-def register_sem_seg_dataset(name: str, image_dir: str, label_dir: str,
+def parse_sem_seg_options(options: Sequence[str]) -> Dict:
+    """``reduce_zero_label`` / ``ignore_label=N`` words of ``--sem-seg-dataset`` as keyword
+    arguments of :func:`register_sem_seg_dataset`."""
+    kwargs: Dict = {}
+    for option in options:
+        key, _, value = option.partition('=')
+        if option == 'reduce_zero_label':
+            kwargs['reduce_zero_label'] = True
+        elif key == 'ignore_label' and value.isdigit():
+            kwargs['ignore_label'] = int(value)
+        else:
+            raise ValueError(f"{_OPTION}: unknown option '{option}'; after the three values it "
+                             f"takes 'reduce_zero_label' and 'ignore_label=N'.")
+    return kwargs
+
+
+def register_sem_seg_dataset(name: str, image_dir: str, label_dir: str, *options: str,
                              num_classes: Optional[int] = None,
-                             class_names: Optional[Sequence[str]] = None) -> None:
+                             class_names: Optional[Sequence[str]] = None,
+                             reduce_zero_label: bool = False,
+                             ignore_label: int = SEM_SEG_IGNORE,
+                             check_dirs: bool = True) -> None:
     """Register images + same-named label PNGs as the semantic segmentation dataset ``name``.
 
     Args:
         name: the dataset name used in ``DATASETS.TRAIN`` / ``DATASETS.TEST``.
         image_dir: directory of the images (jpg, png, ...).
-        label_dir: directory of ``<image stem>.png`` label maps (single channel, 255 = ignore).
+        label_dir: directory of ``<image stem>.png`` label maps (palette, 8- or 16-bit).
+        options: ``train_net.py`` words, ``'reduce_zero_label'`` / ``'ignore_label=N'``.
         num_classes: the class count; ``None`` leaves it to :func:`set_sem_seg_num_classes`
             (``train_net.py`` sets it from ``MODEL.SEM_SEG_HEAD.NUM_CLASSES``).
         class_names: names of the classes (default ``'0'``, ``'1'``, ...).
+        reduce_zero_label: read 0 as ignore and ``v`` as class ``v - 1`` (mmseg's flag).
+        ignore_label: the value of unlabelled pixels in the files.
+        check_dirs: check the directories now (``False``: at :func:`set_sem_seg_num_classes`).
 
     The metadata is what detectron2's ``SemSegEvaluator`` (mIoU, fwIoU, pixel accuracy) reads:
-    ``evaluator_type='sem_seg'``, ``stuff_classes``, ``ignore_label``.
+    ``evaluator_type='sem_seg'``, ``stuff_classes``, ``ignore_label`` (the value the reader gives
+    unlabelled pixels, 255), and ours: ``label_format`` (set with the class count).
     """
-    image_dir = _check_exists(image_dir, 'Image', _OPTION, is_dir=True)
-    label_dir = _check_exists(label_dir, 'Label', _OPTION, is_dir=True)
-    pairs = _pairs(image_dir, label_dir)
+    kwargs = parse_sem_seg_options(options)
+    reduce_zero_label = kwargs.get('reduce_zero_label', reduce_zero_label)
+    ignore_label = kwargs.get('ignore_label', ignore_label)
+    if check_dirs:
+        image_dir = _check_exists(image_dir, 'Image', _OPTION, is_dir=True)
+        label_dir = _check_exists(label_dir, 'Label', _OPTION, is_dir=True)
+        _pairs(image_dir, label_dir)
 
     def load() -> List[Dict]:
-        if MetadataCatalog.get(name).get('stuff_classes', None) is None:
+        meta = MetadataCatalog.get(name)
+        if meta.get('label_format', None) is None:
             raise ValueError(f"Dataset '{name}' has no class count: call set_sem_seg_num_classes("
                              f"'{name}', MODEL.SEM_SEG_HEAD.NUM_CLASSES) first.")
-        return [dict(file_name=image, sem_seg_file_name=label) for image, label in pairs]
+        return [dict(file_name=image, sem_seg_file_name=label, label_format=meta.label_format)
+                for image, label in _pairs(image_dir, label_dir)]
 
     metadata = dict(image_root=image_dir, sem_seg_root=label_dir, evaluator_type='sem_seg',
                     ignore_label=SEM_SEG_IGNORE,
-                    registration=dict(kind='sem_seg', image_dir=image_dir, label_dir=label_dir))
+                    registration=dict(kind='sem_seg', image_dir=image_dir, label_dir=label_dir,
+                                      reduce_zero_label=bool(reduce_zero_label),
+                                      ignore_label=int(ignore_label)))
     _register_once(name, load, metadata)
     if class_names is not None or num_classes is not None:
         set_sem_seg_num_classes(name, num_classes or len(class_names), class_names)
 
 
+def register_ade20k_raw(root: Optional[str] = None) -> None:
+    """Register ``ade20k_raw_sem_seg_train`` / ``_val``: ADE20K's images and raw annotations
+    (0 = "other", 1..150 the classes) under ``root`` (``$DETECTRON2_DATASETS``, default
+    ``datasets``), checked when a config uses them. The ADE configs list them in
+    ``DATASETS.REDUCE_ZERO_LABEL``."""
+    root = os.path.join(root or os.getenv('DETECTRON2_DATASETS', 'datasets'), 'ADEChallengeData2016')
+    for split, folder in (('train', 'training'), ('val', 'validation')):
+        name = f'ade20k_raw_sem_seg_{split}'
+        if name in DatasetCatalog.list():
+            continue
+        register_sem_seg_dataset(name, os.path.join(root, 'images', folder),
+                                 os.path.join(root, 'annotations', folder), check_dirs=False)
+        MetadataCatalog.get(name).set(stuff_classes=ADE20K_SEM_SEG_CATEGORIES[:])
+
+
 def set_sem_seg_num_classes(name: str, num_classes: int,
-                            class_names: Optional[Sequence[str]] = None) -> None:
-    """Give the dataset ``name`` (from :func:`register_sem_seg_dataset`) its class count and check
-    every label file against it (one read of each file).
+                            class_names: Optional[Sequence[str]] = None,
+                            reduce_zero_label: bool = False,
+                            ignore_value: int = SEM_SEG_IGNORE) -> None:
+    """Give the dataset ``name`` (from :func:`register_sem_seg_dataset`) its class count and label
+    format, and check every label file against them (one read of each file).
+
+    Args:
+        name: the dataset.
+        num_classes: ``MODEL.SEM_SEG_HEAD.NUM_CLASSES``.
+        class_names: names of the classes (default: those registered, else ``'0'``, ``'1'``...).
+        reduce_zero_label: also read with ``reduce_zero_label`` (the config's
+            ``DATASETS.REDUCE_ZERO_LABEL`` names it); the registration's flag holds either way.
+        ignore_value: ``MODEL.SEM_SEG_HEAD.IGNORE_VALUE``; must be the dataset's ``ignore_label``
+            metadata (255), which the evaluator reads.
 
     A no-op for other datasets (detectron2's builtin ones carry their own classes). A count that
     contradicts names already set is an error.
@@ -110,17 +204,43 @@ def set_sem_seg_num_classes(name: str, num_classes: int,
     if class_names is not None and len(class_names) != num_classes:
         raise ValueError(f"Dataset '{name}': {len(class_names)} class names for {num_classes} "
                          f"classes.")
+    if ignore_value != meta.ignore_label:
+        raise ValueError(f"Dataset '{name}' marks unlabelled pixels {meta.ignore_label} but "
+                         f"MODEL.SEM_SEG_HEAD.IGNORE_VALUE is {ignore_value}: set it to "
+                         f"{meta.ignore_label}.")
     existing = meta.get('stuff_classes', None)
-    if existing is not None:
-        if len(existing) != num_classes:
-            raise ValueError(
-                f"Dataset '{name}' has {len(existing)} classes but {num_classes} were asked for: "
-                f"set MODEL.SEM_SEG_HEAD.NUM_CLASSES {len(existing)}.")
+    if existing is not None and len(existing) != num_classes:
+        raise ValueError(
+            f"Dataset '{name}' has {len(existing)} classes but {num_classes} were asked for: "
+            f"set MODEL.SEM_SEG_HEAD.NUM_CLASSES {len(existing)}.")
+    fmt = LabelFormat(reduce_zero_label=registration['reduce_zero_label'] or bool(reduce_zero_label),
+                      ignore_label=registration['ignore_label'], ignore_value=meta.ignore_label)
+    if meta.get('label_format', None) is not None:
+        if meta.label_format != fmt.to_dict():
+            raise ValueError(f"Dataset '{name}' is already read as {meta.label_format}, not "
+                             f"{fmt.to_dict()}.")
         return
-    _check_labels(name, _pairs(registration['image_dir'], registration['label_dir']), num_classes)
-    names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
-    meta.set(stuff_classes=names)
-    logger.info(f"Dataset '{name}': {num_classes} semantic classes.")
+    for kind, path in (('Image', registration['image_dir']), ('Label', registration['label_dir'])):
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"Dataset '{name}': {kind.lower()} directory '{path}' does not "
+                                    f"exist (for ADE20K set $DETECTRON2_DATASETS, docs/segmentation.md).")
+    _check_labels(name, _pairs(registration['image_dir'], registration['label_dir']), num_classes, fmt)
+    if existing is None:
+        meta.set(stuff_classes=list(class_names) if class_names is not None
+                 else [str(i) for i in range(num_classes)])
+    meta.set(label_format=fmt.to_dict())
+    logger.info(f"Dataset '{name}': {num_classes} semantic classes, labels read as {fmt}.")
+
+
+def label_format_of(name: str) -> LabelFormat:
+    """The :class:`LabelFormat` of a registered dataset (ours: set by
+    :func:`set_sem_seg_num_classes`; others: file values as they are, ``ignore_label`` kept)."""
+    meta = MetadataCatalog.get(name)
+    fmt = meta.get('label_format', None)
+    if fmt is not None:
+        return LabelFormat(**fmt)
+    ignore = meta.get('ignore_label', SEM_SEG_IGNORE)
+    return LabelFormat(ignore_label=ignore, ignore_value=ignore)
 
 
 def write_synthetic_sem_seg(root: str, num_images: int = 8, image_size: Tuple[int, int] = (128, 160),

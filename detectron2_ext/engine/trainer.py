@@ -5,10 +5,13 @@
   parameters, as the papers' MMDetection code bases).
 * :func:`build_lr_scheduler`: detectron2's, plus ``SOLVER.LR_SCHEDULER_NAME: WarmupPolyLR``
   (``SOLVER.POLY_LR_POWER``; the semantic segmentation recipes, docs/segmentation.md).
-* :func:`build_evaluator`: from the dataset's ``evaluator_type``, as detectron2's ``train_net.py``.
+* :func:`build_evaluator`: from the dataset's ``evaluator_type``, as detectron2's ``train_net.py``;
+  semantic labels read by :func:`detectron2_ext.data.read_label`.
+* ``INPUT.SEM_SEG_PIPELINE 'mmseg'``: :class:`detectron2_ext.data.sem_seg_mapper.SemSegDatasetMapper`.
 
 The rules and the reasons: docs/detectron2.md, "Training extras".
 """
+import functools
 import logging
 import os
 import weakref
@@ -34,6 +37,9 @@ from fvcore.common.param_scheduler import PolynomialDecayParamScheduler
 
 from ..checkpoint import SafeDetectionCheckpointer
 from ..data.mapper import DecodingDatasetMapper
+from ..data.sem_seg import label_format_of
+from ..data.sem_seg_labels import read_label
+from ..data.sem_seg_mapper import SemSegDatasetMapper, uses_mmseg_pipeline
 
 __all__ = ['Trainer', 'build_optimizer', 'optimizer_param_groups', 'build_evaluator',
            'build_lr_scheduler']
@@ -163,7 +169,10 @@ def build_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None)
     evaluator_type = MetadataCatalog.get(dataset_name).get('evaluator_type', None)
     evaluators = []
     if evaluator_type in ('sem_seg', 'coco_panoptic_seg'):
-        evaluators.append(SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder))
+        # ground truth through the reader the start-up check and the training mapper use
+        loader = functools.partial(read_label, label_format=label_format_of(dataset_name))
+        evaluators.append(SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder,
+                                          sem_seg_loading_fn=loader))
     if evaluator_type in ('coco', 'coco_panoptic_seg'):
         evaluators.append(COCOEvaluator(dataset_name, output_dir=output_folder))
     if evaluator_type == 'coco_panoptic_seg':
@@ -215,12 +224,15 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        # detectron2's loader; images decoded by ours (16-bit scaled, not clipped to white)
-        return build_detection_train_loader(cfg, mapper=DecodingDatasetMapper(cfg, is_train=True))
+        """detectron2's loader with our mapper: ``INPUT.SEM_SEG_PIPELINE 'mmseg'`` selects mmseg's
+        semantic pipeline, else detectron2's augmentations; images always decoded by ours (16-bit scaled)."""
+        mapper = SemSegDatasetMapper if uses_mmseg_pipeline(cfg) else DecodingDatasetMapper
+        return build_detection_train_loader(cfg, mapper=mapper(cfg, is_train=True))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        return build_detection_test_loader(cfg, dataset_name, mapper=DecodingDatasetMapper(cfg, is_train=False))
+        mapper = SemSegDatasetMapper if uses_mmseg_pipeline(cfg) else DecodingDatasetMapper
+        return build_detection_test_loader(cfg, dataset_name, mapper=mapper(cfg, is_train=False))
 
     def train(self):
         """Train; returns the results of the last evaluation (detectron2 returns them only when

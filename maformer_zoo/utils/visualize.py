@@ -17,10 +17,10 @@ Internals are captured with forward hooks; nothing in the modules changes. Where
 what is drawn inside ``F.scaled_dot_product_attention`` (MAF, CSA), the attention weights are
 recomputed from the hooked inputs with the module's own projections; FINE's ``M`` comes from the
 module's own :meth:`~maformer_zoo.layers.fine.FINE.modulation`, ASFF's weights from
-:meth:`~maformer_zoo.layers.asff.ASFFLevel.fusion_weights`. Heatmaps of feature maps are the
-channel mean of the map, min-max normalised per panel (docs/visualize section of
-docs/segmentation.md); weights and attention span the colour scale per panel, with their value
-range in the panel's title.
+:meth:`~maformer_zoo.layers.asff.ASFFLevel.fusion_weights`. Scales never overstate: one colour
+scale per figure (FINE: one for the features, one for ``M``) with a colour bar; ASFF weights on
+0-1; attention as ``log2(a * N)`` (0 = uniform over the ``N`` keys) on at least +-1; the ERF's
+``log(1 + g / mean g)`` named on its bar (docs/segmentation.md, "scripts/visualize.py").
 
 Entry points: :func:`draw_timm_model` (a timm model of ours), :func:`draw_all` (any model and one
 image tensor) and :func:`draw_erf`; ``detectron2_ext.visualize.draw_detectron2_model`` for a built
@@ -42,10 +42,14 @@ from ..layers.maf import GlobalLearningDownsample, MultiScaleAttentionFusion
 from ..layers.mscsa import CrossScaleAttention
 
 __all__ = ['QUERY_POINTS', 'capture', 'draw_all', 'draw_erf', 'draw_timm_model', 'resize_image',
-           'fine_maps', 'asff_weights', 'maf_attention', 'csa_attention']
+           'fine_maps', 'asff_weights', 'maf_attention', 'csa_attention', 'relative_attention',
+           'symmetric_limits', 'shared_limits', 'ASFF_LIMITS', 'ATTENTION_FLOOR', 'MODULATION_FLOOR']
 
 # relative (y, x) positions of the query tokens drawn for MAF and CSA
 QUERY_POINTS: Tuple[Tuple[float, float], ...] = ((0.3, 0.25), (0.5, 0.5), (0.75, 0.7))
+ASFF_LIMITS = (0.0, 1.0)  # ASFF weights are a softmax over the sources: always this scale
+ATTENTION_FLOOR = 1.0     # log2(a * N) is drawn on at least [-1, 1]: half to twice uniform
+MODULATION_FLOOR = 0.1    # FINE's M (F_low -> F_low * (1 + M)) on at least [-0.1, 0.1]
 
 
 # ----------------------------------------------------------------------------------- capturing
@@ -153,14 +157,21 @@ def _channel_mean(x: torch.Tensor) -> np.ndarray:
     return x.float().mean(0).cpu().numpy()
 
 
-def _range(a: np.ndarray) -> str:
-    """The value range that the per-panel colour scale spans (attention, weights)."""
-    return f'[{float(a.min()):.3g}, {float(a.max()):.3g}]'
+def relative_attention(attention: np.ndarray, num_keys: int) -> np.ndarray:
+    """``log2(a * N)``: 0 where the attention is uniform (``1 / N``), +1 at twice uniform."""
+    return np.log2(np.maximum(attention * num_keys, 1e-12))
 
 
-def _normalise(a: np.ndarray) -> np.ndarray:
-    lo, hi = float(a.min()), float(a.max())
-    return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+def symmetric_limits(arrays: Sequence[np.ndarray], floor: float) -> Tuple[float, float]:
+    """``(-L, L)`` with ``L`` the largest magnitude over ``arrays``, at least ``floor``: a map
+    that barely moves from 0 stays near the middle of the scale instead of filling it."""
+    top = max(float(np.abs(a).max()) for a in arrays)
+    return -max(top, floor), max(top, floor)
+
+
+def shared_limits(arrays: Sequence[np.ndarray]) -> Tuple[float, float]:
+    """One ``(min, max)`` over all ``arrays`` (one scale for panels of one quantity)."""
+    return min(float(a.min()) for a in arrays), max(float(a.max()) for a in arrays)
 
 
 def _resize(a: np.ndarray, size: Tuple[int, int], mode: str = 'bilinear') -> np.ndarray:
@@ -169,18 +180,28 @@ def _resize(a: np.ndarray, size: Tuple[int, int], mode: str = 'bilinear') -> np.
     return F.interpolate(t, size=size, mode=mode, **kwargs)[0, 0].numpy()
 
 
-def _overlay(ax, image: np.ndarray, heat: np.ndarray, title: str, vmin=None, vmax=None,
-             mode: str = 'bilinear', cmap: str = 'jet'):
+def _overlay(ax, image: np.ndarray, heat: np.ndarray, title: str, limits: Tuple[float, float],
+             mode: str = 'bilinear', cmap: str = 'viridis'):
     ax.imshow(image)
-    im = ax.imshow(_resize(heat, image.shape[:2], mode), cmap=cmap, alpha=0.55, vmin=vmin,
-                   vmax=vmax)
+    im = ax.imshow(_resize(heat, image.shape[:2], mode), cmap=cmap, alpha=0.6, vmin=limits[0],
+                   vmax=limits[1])
     ax.set_title(title, fontsize=8)
     ax.axis('off')
     return im
 
 
+def _colorbar(fig, im, axes, label: str) -> None:
+    bar = fig.colorbar(im, ax=list(np.ravel(axes)), shrink=0.9, pad=0.02)
+    bar.set_label(label, fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+
+
+def _figure(rows: int, cols: int, panel: Tuple[float, float] = (2.6, 2.3)):
+    return _plt().subplots(rows, cols, figsize=(panel[0] * cols + 1.0, panel[1] * rows + 0.5),
+                           squeeze=False, constrained_layout=True)
+
+
 def _save(fig, path: str) -> str:
-    fig.tight_layout()
     fig.savefig(path, dpi=72)
     _plt().close(fig)
     return path
@@ -199,38 +220,50 @@ def _mark(ax, point: Tuple[float, float], image: np.ndarray) -> None:
 
 
 def draw_fine(records: list, image: np.ndarray, out_dir: str) -> List[str]:
-    plt, paths = _plt(), []
+    """Per FINE: ``F_high``, ``F_low`` and aligned ``F_low`` (channel means) on one scale, ``M``
+    (channel mean; 0 = ``F_low`` unchanged) on a symmetric one."""
+    paths = []
     for name, fine, low, high in records:
-        maps = fine_maps(fine, low, high)
-        fig, axes = plt.subplots(1, 4, figsize=(12, 3.4))
-        for ax, (label, x) in zip(axes, maps.items()):
-            _overlay(ax, image, _normalise(_channel_mean(x)), f'{label} {tuple(x.shape[-2:])}')
-        fig.suptitle(f'FINE {name}: channel means, min-max normalised', fontsize=9)
+        maps = {label: _channel_mean(x) for label, x in fine_maps(fine, low, high).items()}
+        features = [maps[k] for k in ('F_high', 'F_low', 'F_low aligned')]
+        fig, axes = _figure(1, 4)
+        order = ('F_high', 'F_low', 'F_low aligned', 'M')
+        feature_scale = shared_limits(features)
+        m_scale = symmetric_limits([maps['M']], MODULATION_FLOOR)
+        for ax, label in zip(axes[0], order):
+            if label == 'M':
+                m_im = _overlay(ax, image, maps[label], f'M {maps[label].shape}', m_scale,
+                                cmap='RdBu_r')
+            else:
+                im = _overlay(ax, image, maps[label], f'{label} {maps[label].shape}', feature_scale)
+        _colorbar(fig, im, axes[0, :3], 'channel mean')
+        _colorbar(fig, m_im, axes[0, 3], 'M, channel mean')
+        fig.suptitle(f'FINE {name}', fontsize=9)
         paths.append(_save(fig, os.path.join(out_dir, f'fine_{_safe(name)}.png')))
     return paths
 
 
 def draw_asff(records: list, image: np.ndarray, out_dir: str) -> List[str]:
+    """Rows: output levels; columns: source levels (finest first); weights on a fixed 0-1 scale."""
     if not records:
         return []
-    plt = _plt()
-    n = len(records)
     sources = len(records[0][1].weight_convs)
-    fig, axes = plt.subplots(n, sources, figsize=(3 * sources, 2.6 * n), squeeze=False)
+    fig, axes = _figure(len(records), sources)
     for row, (name, level, features) in enumerate(records):
         weights = asff_weights(level, features).cpu().numpy()
         for col in range(sources):
-            _overlay(axes[row, col], image, weights[col],
-                     f'out {level.level} <- source {col}: {_range(weights[col])}')
-    fig.suptitle('ASFF weights (rows: output level, columns: source level, finest first)',
-                 fontsize=9)
+            im = _overlay(axes[row, col], image, weights[col],
+                          f'out {level.level} <- in {col} (mean {weights[col].mean():.2f})',
+                          ASFF_LIMITS)
+    _colorbar(fig, im, axes, 'ASFF weight (sums to 1 over a row)')
+    fig.suptitle('ASFF weights: rows output level, columns source level (finest first)', fontsize=9)
     return [_save(fig, os.path.join(out_dir, 'asff_weights.png'))]
 
 
 def draw_maf(records: list, image: np.ndarray, out_dir: str,
              points: Sequence[Tuple[float, float]] = QUERY_POINTS) -> List[str]:
-    """The last MAF block at each local resolution: attention of each query over the global grid."""
-    plt = _plt()
+    """The last MAF block at each local resolution: attention of each query over the global grid,
+    as ``log2(a * N)`` on one scale."""
     last_per_size = {}
     for record in records:
         if record[4] is not None:
@@ -238,41 +271,53 @@ def draw_maf(records: list, image: np.ndarray, out_dir: str,
     chosen = list(last_per_size.values())
     if not chosen:
         return []
-    fig, axes = plt.subplots(len(chosen), len(points), figsize=(3.2 * len(points), 2.8 * len(chosen)),
-                             squeeze=False)
-    for row, (name, maf, x_local, x_global, size, grid) in enumerate(chosen):
+    panels = []
+    for name, maf, x_local, x_global, size, grid in chosen:
         attention = maf_attention(maf, x_local, x_global)
+        n = attention.shape[-1]
         for col, point in enumerate(points):
             y, x = _query_index(point, size)
             heat = attention[y * size[1] + x].reshape(grid).cpu().numpy()
-            _overlay(axes[row, col], image, heat, f'{name}\nlocal {size}, global {tuple(grid)}: '
-                     f'{_range(heat)}', mode='nearest')
-            _mark(axes[row, col], point, image)
-    fig.suptitle('MAFormer fusion attention of the query (x) over the global tokens', fontsize=9)
+            panels.append((relative_attention(heat, n), f'local {size[0]}x{size[1]}, q{col + 1}'))
+    limits = symmetric_limits([p[0] for p in panels], ATTENTION_FLOOR)
+    fig, axes = _figure(len(chosen), len(points))
+    for i, (heat, title) in enumerate(panels):
+        ax = axes[i // len(points), i % len(points)]
+        im = _overlay(ax, image, heat, title, limits, mode='nearest', cmap='RdBu_r')
+        _mark(ax, points[i % len(points)], image)
+    _colorbar(fig, im, axes, 'log2(attention x N), 0 = uniform')
+    fig.suptitle('MAF attention of query x over the global tokens (last block per resolution)',
+                 fontsize=9)
     return [_save(fig, os.path.join(out_dir, 'maf_attention.png'))]
 
 
 def draw_mscsa(records: list, image: np.ndarray, out_dir: str,
                points: Sequence[Tuple[float, float]] = QUERY_POINTS) -> List[str]:
-    plt, paths = _plt(), []
+    """Per CSA: rows are query points, columns key scales; ``log2(a * N)`` over all ``N`` keys of
+    all scales, one scale for the figure; the title gives each scale's share of the attention."""
+    paths = []
     for name, csa, x in records:
         attention, sizes = csa_attention(csa, x)
         size = sizes[0]
+        n = attention.shape[-1]
         bounds = np.cumsum([0] + [h * w for h, w in sizes])
-        fig, axes = plt.subplots(len(points), len(sizes), figsize=(3 * len(sizes), 2.6 * len(points)),
-                                 squeeze=False)
+        panels = []
         for row, point in enumerate(points):
             y, x_ = _query_index(point, size)
             weights = attention[y * size[1] + x_]
             for col, (h, w) in enumerate(sizes):
                 heat = weights[bounds[col]:bounds[col + 1]].reshape(h, w).cpu().numpy()
                 scale = csa.down[col - 1].stride[0] if col else 1
-                _overlay(axes[row, col], image, heat,
-                         f'keys 1/{scale} ({h}x{w}), sum {heat.sum():.2f}: {_range(heat)}',
-                         mode='nearest')
-                _mark(axes[row, col], point, image)
-        fig.suptitle(f'MSCSA {name}: cross-scale attention of the query (x), per key scale',
-                     fontsize=9)
+                panels.append((relative_attention(heat, n),
+                               f'q{row + 1}, keys 1/{scale}: sum {heat.sum():.2f}'))
+        limits = symmetric_limits([p[0] for p in panels], ATTENTION_FLOOR)
+        fig, axes = _figure(len(points), len(sizes))
+        for i, (heat, title) in enumerate(panels):
+            ax = axes[i // len(sizes), i % len(sizes)]
+            im = _overlay(ax, image, heat, title, limits, mode='nearest', cmap='RdBu_r')
+            _mark(ax, points[i // len(sizes)], image)
+        _colorbar(fig, im, axes, f'log2(attention x N), N = {n}; 0 = uniform')
+        fig.suptitle(f'MSCSA {name}: attention of query x per key scale', fontsize=9)
         paths.append(_save(fig, os.path.join(out_dir, f'mscsa_{_safe(name)}.png')))
     return paths
 
@@ -324,16 +369,16 @@ def erf_maps(stages: Callable[[torch.Tensor], Sequence[torch.Tensor]],
 def draw_erf(stages: Callable[[torch.Tensor], Sequence[torch.Tensor]],
              inputs: Sequence[torch.Tensor], image: np.ndarray, out_dir: str,
              names: Optional[Sequence[str]] = None) -> List[str]:
-    """One panel per stage: the effective receptive field (:func:`erf_maps`), ``log(1 + g / mean)``
-    normalised, over the first image."""
-    plt = _plt()
+    """One panel per stage: the effective receptive field (:func:`erf_maps`) as
+    ``log(1 + g / mean g)`` (each stage relative to its own mean gradient), one scale from 0."""
     os.makedirs(out_dir, exist_ok=True)
-    maps = erf_maps(stages, inputs)
-    fig, axes = plt.subplots(1, len(maps), figsize=(3 * len(maps), 3), squeeze=False)
-    for i, g in enumerate(maps):
+    maps = [np.log1p(g / max(float(g.mean()), 1e-12)) for g in erf_maps(stages, inputs)]
+    limits = (0.0, shared_limits(maps)[1])
+    fig, axes = _figure(1, len(maps))
+    for i, heat in enumerate(maps):
         label = names[i] if names is not None else f'stage {i + 1}'
-        heat = _normalise(np.log1p(g / max(float(g.mean()), 1e-12)))
-        _overlay(axes[0, i], image, heat, f'{label}: ERF', cmap='inferno')
+        im = _overlay(axes[0, i], image, heat, label, limits, cmap='inferno')
+    _colorbar(fig, im, axes, 'log(1 + |grad| / mean |grad|)')
     fig.suptitle(f'Effective receptive field of the centre output, mean over {len(inputs)} '
                  f'image(s)', fontsize=9)
     return [_save(fig, os.path.join(out_dir, 'erf.png'))]
