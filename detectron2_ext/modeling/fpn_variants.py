@@ -88,21 +88,26 @@ class _BottomUpPadding:
     (its coarsest stride, detectron2's) and the bottom-up network's (window multiples, square
     size), which detectron2's FPN and SimpleFeaturePyramid drop."""
 
-    # Python-side facts for detectron2's builders, not part of a scripted forward
-    __jit_unused_properties__ = ['size_divisibility', 'padding_constraints']
-
     def _bottom_up_network(self) -> Backbone:
         return self.bottom_up
 
+    def _record_padding(self) -> None:
+        """Fix the joint padding needs at construction: the properties below then read two ints,
+        which TorchScript compiles (detectron2's R-CNN reads them in its scripted forward)."""
+        below = self._bottom_up_network()
+        self._joint_size_divisibility = math.lcm(self._size_divisibility,
+                                                 below.size_divisibility or 1)
+        self._joint_square_size = max(self._square_pad,
+                                      (below.padding_constraints or {}).get('square_size', 0))
+
     @property
     def size_divisibility(self) -> int:
-        return math.lcm(self._size_divisibility, self._bottom_up_network().size_divisibility or 1)
+        return self._joint_size_divisibility
 
     @property
     def padding_constraints(self) -> Dict[str, int]:
-        below = self._bottom_up_network().padding_constraints or {}
-        return {'size_divisibility': self.size_divisibility,
-                'square_size': max(self._square_pad, below.get('square_size', 0))}
+        return {'size_divisibility': self._joint_size_divisibility,
+                'square_size': self._joint_square_size}
 
 
 class _NoAlignment(nn.Module):
@@ -162,6 +167,7 @@ class FusionFPN(_BottomUpPadding, FPN):
             raise ValueError(f'FusionFPN: fusion must be one of {FUSIONS}, got {fusion!r}')
         super().__init__(bottom_up, in_features, out_channels, norm=norm, top_block=top_block,
                          fuse_type=fuse_type, square_pad=square_pad)
+        self._record_padding()
         self.fusion = fusion
         strides = [bottom_up.output_shape()[f].stride for f in in_features]
         # Low-level strides of the top-down fusions, in the order forward() visits them (coarse
@@ -298,6 +304,7 @@ class FusionSimpleFeaturePyramid(_BottomUpPadding, SimpleFeaturePyramid):
                 f"of a top-down pathway, which this pyramid does not have (docs/necks.md).")
         super().__init__(net, in_feature, out_channels, list(scale_factors), top_block=top_block,
                          norm=norm, square_pad=square_pad)
+        self._record_padding()
         self.fusion = fusion
         self.fpn_asff: Optional[ASFF] = None
         if fusion == 'asff':
