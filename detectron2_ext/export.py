@@ -26,6 +26,7 @@ from detectron2.structures import Boxes
 __all__ = [
     'FORMATS', 'METHODS', 'OutputFolderError', 'ExportedDetector', 'check_output_dir',
     'build_detector', 'load_sample', 'resize_sample', 'second_size', 'export_detector',
+    'load_exported',
     'max_difference',
 ]
 
@@ -54,16 +55,19 @@ def check_output_dir(path: str) -> None:
 
 def build_detector(config_file: str, weights: str = '', opts: Sequence[str] = ()):
     """``(cfg, model)``: :func:`detectron2_ext.config_file.load_config` (safe YAML) with ``opts``,
-    ``build_model`` in eval mode, weights (if given) through the safe checkpointer."""
+    ``build_model`` in eval mode, and ``weights`` (else ``MODEL.WEIGHTS``; none: as built) read
+    by :class:`~detectron2_ext.checkpoint.SafeDetectionCheckpointer`."""
     from .checkpoint import SafeDetectionCheckpointer
     from .config_file import load_config
     cfg = load_config(config_file, opts)
     cfg.DATALOADER.NUM_WORKERS = 0
     cfg.freeze()
+    weights = weights or cfg.MODEL.WEIGHTS
+    # detectron2's checkpointer would start from scratch on a missing file, with a log line only
+    if weights and '://' not in weights and not os.path.isfile(weights):
+        raise FileNotFoundError(f"Weights '{weights}' are not a file; give a checkpoint path.")
     model = build_model(cfg).eval()
     if weights:
-        if not os.path.isfile(weights):
-            raise FileNotFoundError(f"--weights '{weights}' is not a file; give a checkpoint path.")
         SafeDetectionCheckpointer(model).load(weights)
     return cfg, model
 
@@ -182,64 +186,73 @@ def export_detector(
     check_output_dir(output_dir)
     model = model.eval()
     os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, _file_name(fmt))
+    _write(_adapter(model, image, method), image, path, fmt, method, opset)
+    return load_exported(model, image, output_dir, fmt, method)
+
+
+def _adapter(model: nn.Module, image: Tensor, method: str) -> nn.Module:
+    """The module that is exported: detectron2's ``TracingAdapter`` (image in, flat tensors
+    out) for tracing, a dict-returning wrapper for scripting."""
+    if method == 'tracing':
+        return TracingAdapter(model, [{'image': image}], _inference_fn(model)).eval()
+    rcnn = isinstance(model, GeneralizedRCNN) and not isinstance(model, PanopticFPN)
+    return (_ScriptableRCNN if rcnn else _ScriptableModel)(model).eval()
+
+
+def _file_name(fmt: str) -> str:
+    return 'model.onnx' if fmt == 'onnx' else 'model.ts'
+
+
+def _write(adapter: nn.Module, image: Tensor, path: str, fmt: str, method: str,
+           opset: int) -> None:
     if method == 'scripting':
-        return _export_scripting(model, output_dir)
-    return _export_tracing(model, image, output_dir, fmt, opset)
+        scripted = scripting_with_instances(adapter, _SCRIPTED_FIELDS)
+        _atomic_save(path, lambda p: torch.jit.save(scripted, p))
+        return
+    with torch.no_grad():
+        if fmt == 'torchscript':
+            # check_trace would run the model twice more; max_difference checks the saved file
+            traced = torch.jit.trace(adapter, (image,), check_trace=False)
+            _atomic_save(path, lambda p: torch.jit.save(traced, p))
+            return
+        outputs = [f'output{i}' for i in range(len(adapter(image)))]
+        _atomic_save(path, lambda p: torch.onnx.export(
+            adapter, (image,), p, dynamo=False, opset_version=opset, input_names=['image'],
+            output_names=outputs, dynamic_axes={'image': {1: 'height', 2: 'width'}}))
 
 
-def _export_scripting(model: nn.Module, output_dir: str) -> ExportedDetector:
-    adapter = (_ScriptableRCNN if isinstance(model, GeneralizedRCNN)
-               and not isinstance(model, PanopticFPN) else _ScriptableModel)(model).eval()
-    scripted = scripting_with_instances(adapter, _SCRIPTED_FIELDS)
-    path = os.path.join(output_dir, 'model.ts')
-    _atomic_save(path, lambda p: torch.jit.save(scripted, p))
+def load_exported(model: nn.Module, image: Tensor, output_dir: str, fmt: str = 'torchscript',
+                  method: str = 'tracing') -> ExportedDetector:
+    """An :class:`ExportedDetector` for the file :func:`export_detector` wrote into
+    ``output_dir`` from ``model`` and the sample ``image`` (same arguments)."""
+    path = os.path.join(output_dir, _file_name(fmt))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No exported model at '{path}'; run the export first.")
+    adapter = _adapter(model.eval(), image, method)
+    if method == 'scripting':
+        def call(module, x):
+            return module([{'image': x}])
+    else:
+        def call(module, x):
+            return module(x)
+
+    def eager(x: Tensor) -> List[Tensor]:
+        with torch.no_grad():
+            return _flatten(call(adapter, x))
+
+    if fmt == 'onnx':
+        import onnxruntime
+        session = onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider'])
+
+        def run(x: Tensor) -> List[Tensor]:
+            return [torch.from_numpy(o) for o in session.run(None, {'image': x.numpy()})]
+        return ExportedDetector(path, run, eager)
     loaded = torch.jit.load(path)
 
     def run(x: Tensor) -> List[Tensor]:
         with torch.no_grad():
-            return _flatten(loaded([{'image': x}]))
-
-    def eager(x: Tensor) -> List[Tensor]:
-        with torch.no_grad():
-            return _flatten(adapter([{'image': x}]))
-    return ExportedDetector(path, run, eager)
-
-
-def _export_tracing(model: nn.Module, image: Tensor, output_dir: str, fmt: str,
-                    opset: int) -> ExportedDetector:
-    adapter = TracingAdapter(model, [{'image': image}], _inference_fn(model))
-    adapter.eval()
-
-    def eager(x: Tensor) -> List[Tensor]:
-        with torch.no_grad():
-            return list(adapter(x))
-
-    if fmt == 'torchscript':
-        with torch.no_grad():
-            traced = torch.jit.trace(adapter, (image,))
-        path = os.path.join(output_dir, 'model.ts')
-        _atomic_save(path, lambda p: torch.jit.save(traced, p))
-        loaded = torch.jit.load(path)
-
-        def run(x: Tensor) -> List[Tensor]:
-            with torch.no_grad():
-                return list(loaded(x))
-        return ExportedDetector(path, run, eager)
-
-    import onnxruntime
-    path = os.path.join(output_dir, 'model.onnx')
-    with torch.no_grad():
-        num_outputs = len(adapter(image))
-    outputs = [f'output{i}' for i in range(num_outputs)]
-    dynamic = {'image': {1: 'height', 2: 'width'}}
-    with torch.no_grad():
-        _atomic_save(path, lambda p: torch.onnx.export(
-            adapter, (image,), p, dynamo=False, opset_version=opset, input_names=['image'],
-            output_names=outputs, dynamic_axes=dynamic))
-    session = onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider'])
-
-    def run(x: Tensor) -> List[Tensor]:
-        return [torch.from_numpy(o) for o in session.run(None, {'image': x.numpy()})]
+            return _flatten(call(loaded, x))
     return ExportedDetector(path, run, eager)
 
 
