@@ -21,11 +21,10 @@ Choices the paper leaves open, and why:
   ``ceil_mode=True``, so the last, partial window is averaged over its in-bounds pixels only
   (no zero padding biasing border tokens), and ``M`` is cropped back to ``F_low``'s exact size
   after upsampling. With ``H_high = ceil(H_low / r)`` (any stride-2 backbone) both levels then
-  give the same token grid ``ceil(H_low / (r * k))``, as with divisible sizes. When ``H`` and
-  ``W`` are multiples of ``r * k`` (in detectron2, whose inputs are padded to multiples of 32,
-  always at the stride-8 and stride-16 fusions) Eq. 8-9 are computed as ``F_low * (1 + M_hat)``
-  broadcast over ``rk x rk`` blocks, without materialising the full-resolution ``M``: same
-  values, one pass over the map.
+  give the same token grid ``ceil(H_low / (r * k))``, as with divisible sizes. Eq. 8-9 are
+  computed as ``F_low * (1 + M_hat)`` broadcast over ``rk x rk`` blocks of ``F_low`` zero-padded
+  to the token grid, then cropped: one pass over the map and one code path for every size, so
+  a trace serves other sizes (docs/necks.md, "Any size").
 * Projections are ``nn.Linear`` layers with bias on the flattened tokens (Eq. 5 writes bias-free
   matrices; biases add 4C parameters and let ``M`` have a learned offset). ``qkv_bias=False``
   removes them. K and V share one ``C -> 2C`` linear (same parameters as two ``C x C``).

@@ -106,7 +106,8 @@ def pool_to(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     Under ``torch.jit.trace`` and the ONNX exporter, which records through it, the pooling is two
     products with window-averaging matrices built from the traced sizes: ONNX has no adaptive
     pooling whose output size is computed in the graph, and one trace then serves every size.
-    Same windows; the sums differ from eager in float rounding only (docs/mscsa.md).
+    Same windows; the sums differ from eager in float rounding only (docs/detectron2.md,
+    "Deploying detectors").
     """
     if torch.jit.is_tracing():
         rows = _adaptive_pool_matrix(x.shape[-2], size[0], x)
