@@ -20,12 +20,12 @@ from torch import Tensor, nn
 from detectron2.data import detection_utils
 from detectron2.data import transforms as T
 from detectron2.export import TracingAdapter, scripting_with_instances
-from detectron2.modeling import GeneralizedRCNN, PanopticFPN, build_model
+from detectron2.modeling import GeneralizedRCNN, PanopticFPN, RetinaNet, build_model
 from detectron2.structures import Boxes
 
 __all__ = [
     'FORMATS', 'METHODS', 'OutputFolderError', 'ExportedDetector', 'check_output_dir',
-    'build_detector', 'load_sample', 'resize_sample', 'second_size', 'export_detector',
+    'check_exportable', 'build_detector', 'load_sample', 'resize_sample', 'second_size', 'export_detector',
     'load_exported',
     'max_difference',
 ]
@@ -151,11 +151,31 @@ class ExportedDetector(NamedTuple):
 
 
 def _atomic_save(path: str, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` into the same folder, fsync, rename: a failed export leaves no file."""
     tmp = f'{path}.tmp{os.getpid()}'
-    write(tmp)
-    with open(tmp, 'rb') as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, 'rb') as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def check_exportable(model: nn.Module, fmt: str, method: str) -> None:
+    """Refuse a format / method / architecture combination that has no export path."""
+    if fmt not in FORMATS:
+        raise ValueError(f'format {fmt!r}: choose one of {FORMATS}.')
+    if method not in METHODS:
+        raise ValueError(f'export method {method!r}: choose one of {METHODS}.')
+    if method == 'scripting' and fmt != 'torchscript':
+        raise ValueError('scripting exports TorchScript only; use --export-method tracing for ONNX.')
+    if method == 'scripting' and (isinstance(model, PanopticFPN) or
+                                  not isinstance(model, (GeneralizedRCNN, RetinaNet))):
+        raise ValueError(
+            f"scripting exports R-CNNs and RetinaNet (as detectron2's export_model.py); use "
+            f"--export-method tracing for {type(model).__name__}.")
 
 
 def export_detector(
@@ -177,17 +197,12 @@ def export_detector(
         method: ``'tracing'`` or ``'scripting'`` (TorchScript only, as in detectron2).
         opset: ONNX opset (FINE's attention needs >= 14).
     """
-    if fmt not in FORMATS:
-        raise ValueError(f'format {fmt!r}: choose one of {FORMATS}.')
-    if method not in METHODS:
-        raise ValueError(f'export method {method!r}: choose one of {METHODS}.')
-    if method == 'scripting' and fmt != 'torchscript':
-        raise ValueError('scripting exports TorchScript only; use --export-method tracing for ONNX.')
+    check_exportable(model, fmt, method)
     check_output_dir(output_dir)
-    model = model.eval()
+    adapter = _adapter(model.eval(), image, method)
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, _file_name(fmt))
-    _write(_adapter(model, image, method), image, path, fmt, method, opset)
+    _write(adapter, image, path, fmt, method, opset)
     return load_exported(model, image, output_dir, fmt, method)
 
 
@@ -196,8 +211,8 @@ def _adapter(model: nn.Module, image: Tensor, method: str) -> nn.Module:
     out) for tracing, a dict-returning wrapper for scripting."""
     if method == 'tracing':
         return TracingAdapter(model, [{'image': image}], _inference_fn(model)).eval()
-    rcnn = isinstance(model, GeneralizedRCNN) and not isinstance(model, PanopticFPN)
-    return (_ScriptableRCNN if rcnn else _ScriptableModel)(model).eval()
+    return (_ScriptableRCNN if isinstance(model, GeneralizedRCNN) else _ScriptableModel)(
+        model).eval()
 
 
 def _file_name(fmt: str) -> str:

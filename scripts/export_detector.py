@@ -17,7 +17,8 @@ import torch
 import maformer_zoo  # noqa: F401  (registers our timm models)
 import detectron2_ext  # noqa: F401  (registers our backbones and heads)
 from detectron2_ext.export import (
-    FORMATS, METHODS, OutputFolderError, build_detector, check_output_dir, export_detector,
+    FORMATS, METHODS, OutputFolderError, build_detector, check_exportable, check_output_dir,
+    export_detector,
     load_sample, max_difference, resize_sample, second_size,
 )
 
@@ -47,6 +48,7 @@ def main(argv=None) -> int:
         check_output_dir(args.output)
         cfg, model = build_detector(args.config_file, args.weights, args.opts)
         image = load_sample(cfg, args.sample_image)
+        check_exportable(model, args.format, args.export_method)
     except (OutputFolderError, FileNotFoundError, KeyError, ValueError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
