@@ -239,3 +239,19 @@ def test_mask_rcnn_scripting(demo_weights, tmp_path, neck):
     Mutation caught: FusionFPN without ``__prepare_scriptable__`` (script fails)."""
     _export_and_check(tmp_path, demo_weights[0], demo_weights[1], 'torchscript', 'scripting',
                       neck, 'MODEL.TIMM.NAME', 'resnet18')
+
+
+def test_check_exportable_refuses_paths_that_do_not_exist():
+    """One-line refusals: scripting to ONNX, scripting a semantic segmentor (detectron2's export
+    has no scripting path for it), unknown formats. Mutation caught: dropping a check (the
+    export would start and fail deep inside TorchScript)."""
+    from detectron2.modeling import GeneralizedRCNN, SemanticSegmentor
+    from detectron2_ext.export import check_exportable
+    rcnn = object.__new__(GeneralizedRCNN)  # isinstance is all the check reads
+    with pytest.raises(ValueError, match='TorchScript only'):
+        check_exportable(rcnn, 'onnx', 'scripting')
+    with pytest.raises(ValueError, match='tracing for SemanticSegmentor'):
+        check_exportable(object.__new__(SemanticSegmentor), 'torchscript', 'scripting')
+    with pytest.raises(ValueError, match='choose one of'):
+        check_exportable(rcnn, 'caffe2', 'tracing')
+    check_exportable(rcnn, 'torchscript', 'scripting')
