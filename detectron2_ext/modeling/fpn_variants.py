@@ -40,6 +40,9 @@ FINE/ASFF-FPN (the new modules, ``fpn_fine{s}`` and ``fpn_asff``, are then repor
 ``fpn_fine5`` and, on RetinaNet, ``fpn_fine6``).
 The output contract (``p2..p6`` or ``p3..p7``, ``output_shape``, ``size_divisibility``,
 ``padding_constraints``) is the parent's.
+:class:`FusionFPN` traces at any size and scripts as detectron2's FPN does (its
+``__prepare_scriptable__`` turns the module lists into ``nn.ModuleList``s; docs/detectron2.md,
+"Deploying detectors").
 
 :class:`FusionSimpleFeaturePyramid` is detectron2's ViTDet ``SimpleFeaturePyramid`` with the same
 ``fusion`` argument for single-scale backbones: ``'sum'`` (ViTDet's pyramid unchanged) or
