@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from detectron2.data import detection_utils
 from detectron2.data import transforms as T
 from detectron2.export import TracingAdapter, scripting_with_instances
-from detectron2.modeling import GeneralizedRCNN, PanopticFPN, RetinaNet, build_model
+from detectron2.modeling import GeneralizedRCNN, PanopticFPN, build_model
 from detectron2.structures import Boxes
 
 __all__ = [
@@ -132,17 +132,6 @@ class _ScriptableRCNN(nn.Module):
         return [i.get_fields() for i in instances]
 
 
-class _ScriptableModel(nn.Module):
-    """Models whose forward returns ``Instances`` (RetinaNet)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, inputs: List[Dict[str, Tensor]]) -> List[Dict[str, Tensor]]:
-        return [i.get_fields() for i in self.model(inputs)]
-
-
 class ExportedDetector(NamedTuple):
     """An exported detector on disk, and how to run it and its eager original on one image."""
     path: str
@@ -172,9 +161,9 @@ def check_exportable(model: nn.Module, fmt: str, method: str) -> None:
     if method == 'scripting' and fmt != 'torchscript':
         raise ValueError('scripting exports TorchScript only; use --export-method tracing for ONNX.')
     if method == 'scripting' and (isinstance(model, PanopticFPN) or
-                                  not isinstance(model, (GeneralizedRCNN, RetinaNet))):
+                                  not isinstance(model, GeneralizedRCNN)):
         raise ValueError(
-            f"scripting exports R-CNNs and RetinaNet (as detectron2's export_model.py); use "
+            f"scripting exports R-CNNs (Mask / Cascade Mask / Faster R-CNN); use "
             f"--export-method tracing for {type(model).__name__}.")
 
 
@@ -211,8 +200,7 @@ def _adapter(model: nn.Module, image: Tensor, method: str) -> nn.Module:
     out) for tracing, a dict-returning wrapper for scripting."""
     if method == 'tracing':
         return TracingAdapter(model, [{'image': image}], _inference_fn(model)).eval()
-    return (_ScriptableRCNN if isinstance(model, GeneralizedRCNN) else _ScriptableModel)(
-        model).eval()
+    return _ScriptableRCNN(model).eval()
 
 
 def _file_name(fmt: str) -> str:

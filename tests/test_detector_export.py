@@ -7,6 +7,8 @@ our backbones and necks."""
 import importlib.util
 import io
 import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -218,10 +220,18 @@ def _export_and_check(tmp_path, demo_weights, fmt, method, neck, *opts):
     # every detection kept: the comparison then covers 50 boxes, scores and masks per image
     overrides = ['MODEL.FPN.FUSION', neck, 'MODEL.ROI_HEADS.SCORE_THRESH_TEST', '0.0', *opts]
     weights, sample = demo_weights[0](*overrides), demo_weights[1]
-    code = _quiet(_cli().main, ['--config-file', DEMO, '--weights', weights, '--format', fmt,
-                                '--export-method', method, '--sample-image', sample, '--output',
-                                str(out), *overrides])
-    assert code == 0
+    argv = ['--config-file', DEMO, '--weights', weights, '--format', fmt, '--export-method',
+            method, '--sample-image', sample, '--output', str(out), *overrides]
+    if method == 'scripting':
+        # its own process, as a user runs it: torch.jit.script of a FusionFPN in a process that
+        # has already traced or ONNX-exported one failed to compile _NoAlignment (torch's
+        # TorchScript type cache; not investigated further)
+        env = dict(os.environ, PYTHONPATH=REPO)
+        run = subprocess.run([sys.executable, os.path.join(REPO, 'scripts', 'export_detector.py'),
+                              *argv], capture_output=True, text=True, env=env)
+        assert run.returncode == 0, run.stderr[-2000:]
+    else:
+        assert _quiet(_cli().main, argv) == 0
     cfg, model = build_detector(DEMO, weights, overrides)
     image = load_sample(cfg, sample)
     exported = load_exported(model, image, str(out), fmt, method)
@@ -255,8 +265,8 @@ def test_mask_rcnn_scripting(demo_weights, tmp_path, neck):
 
 
 def test_check_exportable_refuses_paths_that_do_not_exist():
-    """One-line refusals: scripting to ONNX, scripting a semantic segmentor (detectron2's export
-    has no scripting path for it), unknown formats. Mutation caught: dropping a check (the
+    """One-line refusals: scripting to ONNX, scripting a semantic segmentor (only R-CNNs
+    script), unknown formats. Mutation caught: dropping a check (the
     export would start and fail deep inside TorchScript)."""
     from detectron2.modeling import GeneralizedRCNN, SemanticSegmentor
     from detectron2_ext.export import check_exportable
