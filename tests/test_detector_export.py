@@ -65,7 +65,7 @@ def test_fine_trace_serves_other_sizes():
         assert torch.equal(eager, _fine_reference(fine, low, high))
 
 
-@pytest.mark.parametrize('mode', ['nearest', 'bilinear'])
+@pytest.mark.parametrize('mode', ['nearest', pytest.param('bilinear', marks=pytest.mark.slow)])
 def test_fine_and_asff_script(mode):
     """``torch.jit.script`` of FINE and ASFF equals eager at two sizes, and a traced ASFF serves a
     size it was not traced at. Mutations caught: a resizer with another call signature or a
@@ -123,7 +123,8 @@ def test_mscsa_pooling_exports_to_onnx():
 
 # ------------------------------------------------------------------------ FusionFPN scripting
 
-@pytest.mark.parametrize('neck', NECKS)
+@pytest.mark.parametrize('neck', [pytest.param('sum', marks=pytest.mark.slow), 'fine',
+                                  pytest.param('asff', marks=pytest.mark.slow)])
 def test_fusion_fpn_scripts_on_timm_backbone(neck):
     """FusionFPN on timm's ``resnet18`` (our adapter) scripts as detectron2's FPN does and equals
     eager at two sizes; the scripted copy leaves the eager module's keys alone. Mutations caught:
