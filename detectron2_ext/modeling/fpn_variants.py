@@ -40,6 +40,9 @@ FINE/ASFF-FPN (the new modules, ``fpn_fine{s}`` and ``fpn_asff``, are then repor
 ``fpn_fine5`` and, on RetinaNet, ``fpn_fine6``).
 The output contract (``p2..p6`` or ``p3..p7``, ``output_shape``, ``size_divisibility``,
 ``padding_constraints``) is the parent's.
+:class:`FusionFPN` traces at any size and scripts as detectron2's FPN does (its
+``__prepare_scriptable__`` turns the module lists into ``nn.ModuleList``s; docs/detectron2.md,
+"Deploying detectors").
 
 :class:`FusionSimpleFeaturePyramid` is detectron2's ViTDet ``SimpleFeaturePyramid`` with the same
 ``fusion`` argument for single-scale backbones: ``'sum'`` (ViTDet's pyramid unchanged) or
@@ -57,6 +60,7 @@ R-CNNs and Panoptic FPN) and ``build_retinanet_resnet_fusion_fpn_backbone`` (``L
 from ``res5``). Any other bottom-up :class:`Backbone` (e.g. the timm adapter) goes through
 :func:`build_fusion_fpn` / :func:`build_fusion_simple_fpn`. Design notes: docs/necks.md.
 """
+import copy
 import math
 from typing import Dict, List, Optional
 
@@ -90,20 +94,35 @@ class _BottomUpPadding:
     def _bottom_up_network(self) -> Backbone:
         return self.bottom_up
 
+    def _record_padding(self) -> None:
+        """Fix the joint padding needs at construction: the properties below then read two ints,
+        which TorchScript compiles (detectron2's R-CNN reads them in its scripted forward)."""
+        below = self._bottom_up_network()
+        self._joint_size_divisibility = math.lcm(self._size_divisibility,
+                                                 below.size_divisibility or 1)
+        self._joint_square_size = max(self._square_pad,
+                                      (below.padding_constraints or {}).get('square_size', 0))
+
     @property
     def size_divisibility(self) -> int:
-        return math.lcm(self._size_divisibility, self._bottom_up_network().size_divisibility or 1)
+        return self._joint_size_divisibility
 
     @property
     def padding_constraints(self) -> Dict[str, int]:
-        below = self._bottom_up_network().padding_constraints or {}
-        return {'size_divisibility': self.size_divisibility,
-                'square_size': max(self._square_pad, below.get('square_size', 0))}
+        return {'size_divisibility': self._joint_size_divisibility,
+                'square_size': self._joint_square_size}
+
+
+class _NoAlignment(nn.Module):
+    """The lateral as it is: the place of a FINE in fusions that have none (no parameters)."""
+
+    def forward(self, lateral: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return lateral
 
 
 class FusionFPN(_BottomUpPadding, FPN):
     """detectron2's FPN with FINE before each top-down fusion (and optionally on the top-block
-    levels) or ASFF on its outputs."""
+    levels) or ASFF on its outputs. Scripts (``torch.jit.script``) as detectron2's FPN does."""
 
     def __init__(
         self,
@@ -151,6 +170,7 @@ class FusionFPN(_BottomUpPadding, FPN):
             raise ValueError(f'FusionFPN: fusion must be one of {FUSIONS}, got {fusion!r}')
         super().__init__(bottom_up, in_features, out_channels, norm=norm, top_block=top_block,
                          fuse_type=fuse_type, square_pad=square_pad)
+        self._record_padding()
         self.fusion = fusion
         strides = [bottom_up.output_shape()[f].stride for f in in_features]
         # Low-level strides of the top-down fusions, in the order forward() visits them (coarse
@@ -158,6 +178,10 @@ class FusionFPN(_BottomUpPadding, FPN):
         self._fine_stages = [int(math.log2(s)) for s in strides[:-1]][::-1]
         self.fine_modules: Optional[List[FINE]] = None
         self.fine_extra_modules: List[FINE] = []
+        # one aligner per lateral, coarse to fine, so that forward() zips it with the convs as
+        # detectron2's FPN does (TorchScript indexes module lists by literals only); the coarsest
+        # lateral has no context above it
+        self._aligners: List[nn.Module] = [_NoAlignment() for _ in in_features]
         self.fpn_asff: Optional[ASFF] = None
         if fusion == 'fine':
             kernels = list(fine_pool_kernels if fine_pool_kernels is not None else [8, 2, 1])
@@ -178,6 +202,7 @@ class FusionFPN(_BottomUpPadding, FPN):
                         f'MODEL.FINE.POOL_KERNELS={kernels} has no entry for the fusion producing '
                         f'p{stage} (entry i is for p{{i+2}}); give one kernel per level p2..p{stage}.')
                 self.fine_modules.append(add_fine(stage, kernels[stage - 2]))
+            self._aligners = [_NoAlignment()] + list(self.fine_modules)
             if fine_extra_levels:
                 if top_block is None:
                     raise ValueError(
@@ -194,19 +219,36 @@ class FusionFPN(_BottomUpPadding, FPN):
             self.fpn_asff = ASFF([out_channels] * len(in_features),
                                  upsample_mode=asff_upsample_mode, norm_layer=norm_layer)
 
+    def __prepare_scriptable__(self) -> 'FusionFPN':
+        """A copy for ``torch.jit.script`` (torch calls this hook), made the way detectron2.export
+        prepares its FPN: the module lists become ``nn.ModuleList`` (TorchScript iterates those
+        only) and the ``fpn_*`` aliases of their modules go, so the scripted state-dict keys are
+        ``lateral_convs.{i}``, ``output_convs.{i}``, ``_aligners.{i}``, ``fine_extra_modules.{i}``
+        (as detectron2's scripted FPN renames its own). ``fpn_asff`` stays."""
+        ret = copy.deepcopy(self)
+        for name in ('lateral_convs', 'output_convs', '_aligners', 'fine_extra_modules'):
+            setattr(ret, name, nn.ModuleList(getattr(ret, name)))
+        ret.fine_modules = None  # forward() reads the FINEs through _aligners
+        for name, _ in self.named_children():
+            if name.startswith(('fpn_lateral', 'fpn_output', 'fpn_fine')):
+                delattr(ret, name)
+        return ret
+
     def top_down(self, bottom_up_features: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
         """FPN outputs of the ``in_features`` levels, finest first, with FINE or ASFF applied."""
-        prev_features = self.lateral_convs[0](bottom_up_features[self.in_features[-1]])
-        results = [self.output_convs[0](prev_features)]
-        for idx in range(1, len(self.lateral_convs)):
-            lateral = self.lateral_convs[idx](bottom_up_features[self.in_features[-idx - 1]])
-            if self.fine_modules is not None:
-                lateral = self.fine_modules[idx - 1](lateral, prev_features)  # Eq. 3
-            top_down = F.interpolate(prev_features, scale_factor=2.0, mode='nearest')
-            prev_features = lateral + top_down
-            if self._fuse_type == 'avg':
-                prev_features = prev_features / 2
-            results.insert(0, self.output_convs[idx](prev_features))
+        prev_features = bottom_up_features[self.in_features[-1]]
+        results: List[torch.Tensor] = []
+        for idx, (lateral_conv, align, output_conv) in enumerate(
+                zip(self.lateral_convs, self._aligners, self.output_convs)):
+            lateral = lateral_conv(bottom_up_features[self.in_features[-idx - 1]])
+            if idx > 0:
+                lateral = align(lateral, prev_features)  # Eq. 3 (FINE), or the lateral as is
+                top_down = F.interpolate(prev_features, scale_factor=2.0, mode='nearest')
+                lateral = lateral + top_down
+                if self._fuse_type == 'avg':
+                    lateral = lateral / 2
+            prev_features = lateral
+            results.insert(0, output_conv(prev_features))
         if self.fpn_asff is not None:
             results = self.fpn_asff(results)
         return results
@@ -230,7 +272,7 @@ class FusionFPN(_BottomUpPadding, FPN):
         """Same contract as :meth:`FPN.forward`: ``{'p2': ..., ..., 'p6': ...}``."""
         results = self.pyramid(self.bottom_up(x))
         assert len(self._out_features) == len(results)
-        return dict(zip(self._out_features, results))
+        return {f: res for f, res in zip(self._out_features, results)}
 
 
 class FusionSimpleFeaturePyramid(_BottomUpPadding, SimpleFeaturePyramid):
@@ -265,6 +307,7 @@ class FusionSimpleFeaturePyramid(_BottomUpPadding, SimpleFeaturePyramid):
                 f"of a top-down pathway, which this pyramid does not have (docs/necks.md).")
         super().__init__(net, in_feature, out_channels, list(scale_factors), top_block=top_block,
                          norm=norm, square_pad=square_pad)
+        self._record_padding()
         self.fusion = fusion
         self.fpn_asff: Optional[ASFF] = None
         if fusion == 'asff':

@@ -5,6 +5,8 @@ Everything it needs it asks timm, never the tensors' shapes: channels and stride
 ``feature_info``, the layout from the feature wrapper's ``output_fmt``, which input sizes the
 model takes from its constructor's signature and ``pretrained_cfg['fixed_input_size']``. Design
 notes and the families the sweep test passes: docs/detectron2.md, "The backbone adapter".
+Its forward traces, and scripts whenever timm's ``features_only`` model does (deployment:
+docs/detectron2.md, "Deploying detectors").
 
 Registered builders, one per backbone source and top block; the neck is ``MODEL.FPN.FUSION``:
 

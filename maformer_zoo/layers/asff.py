@@ -24,6 +24,9 @@ Choices left open, and why:
   every pixel (a plain average), and learns where to deviate.
 * Odd sizes: an upsampled source is interpolated to the target's exact size; a strided conv gives
   ``ceil`` sizes, cropped/padded to the target where pyramids are not exact halvings.
+
+Every resizer takes ``(x, size)`` and no branch depends on a size that a trace would freeze, so the
+module scripts (``torch.jit.script``) and a trace serves other sizes (docs/necks.md, "Export").
 """
 from typing import Callable, List, Optional, Sequence
 
@@ -63,10 +66,10 @@ class _Downsample(nn.Module):
         self.pool_kernel = 2 ** (steps - 1)
         self.conv = _conv_block(in_channels, out_channels, 3, 2, norm_layer, act_layer)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, size: List[int]) -> torch.Tensor:
         if self.pool_kernel > 1:
             x = F.max_pool2d(x, self.pool_kernel, stride=self.pool_kernel, ceil_mode=True)
-        return self.conv(x)
+        return _match_size(self.conv(x), size)
 
 
 class _Upsample(nn.Module):
@@ -78,20 +81,28 @@ class _Upsample(nn.Module):
         self.mode = mode
         self.conv = _conv_block(in_channels, out_channels, 1, 1, norm_layer, act_layer)
 
-    def forward(self, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, size: List[int]) -> torch.Tensor:
         x = self.conv(x)
         if self.mode == 'nearest':
-            return F.interpolate(x, size=tuple(size), mode='nearest')
-        return F.interpolate(x, size=tuple(size), mode=self.mode, align_corners=False)
+            return F.interpolate(x, size=size, mode='nearest')
+        return F.interpolate(x, size=size, mode=self.mode, align_corners=False)
 
 
-def _match_size(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Crop or zero-pad the bottom/right so that ``x`` has spatial ``size`` (odd pyramids only)."""
-    H, W = size
-    x = x[..., :H, :W]
+class _Same(nn.Module):
+    """The target level itself, with the resizers' ``(x, size)`` signature."""
+
+    def forward(self, x: torch.Tensor, size: List[int]) -> torch.Tensor:
+        return x
+
+
+def _match_size(x: torch.Tensor, size: List[int]) -> torch.Tensor:
+    """Crop or replicate-pad the bottom/right so that ``x`` has spatial ``size`` (odd pyramids)."""
+    H, W = size[0], size[1]
+    x = x[:, :, :H, :W]
     pad_h, pad_w = H - x.shape[-2], W - x.shape[-1]
-    if pad_h or pad_w:
-        x = F.pad(x, (0, pad_w, 0, pad_h), mode='replicate')
+    # a trace records the (usually empty) pad, so that it serves sizes that need one
+    if torch.jit.is_tracing() or pad_h > 0 or pad_w > 0:
+        x = F.pad(x, [0, pad_w, 0, pad_h], mode='replicate')
     return x
 
 
@@ -118,7 +129,7 @@ class ASFFLevel(nn.Module):
                 resizers.append(_Upsample(
                     source_channels, channels, upsample_mode, norm_layer, act_layer))
             else:
-                resizers.append(nn.Identity())
+                resizers.append(_Same())
         self.resizers = nn.ModuleList(resizers)
         self.weight_convs = nn.ModuleList(
             [nn.Conv2d(channels, 1, kernel_size=1) for _ in in_channels])
@@ -126,23 +137,22 @@ class ASFFLevel(nn.Module):
             nn.init.zeros_(conv.weight)
             nn.init.zeros_(conv.bias)
 
-    def resize(self, features: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-        size = features[self.level].shape[-2:]
-        resized = []
-        for source, (x, resizer) in enumerate(zip(features, self.resizers)):
-            if source > self.level:
-                x = resizer(x, size)
-            else:
-                x = _match_size(resizer(x), size)
-            resized.append(x)
+    def resize(self, features: List[torch.Tensor]) -> List[torch.Tensor]:
+        target = features[self.level]
+        size = [target.shape[-2], target.shape[-1]]
+        resized: List[torch.Tensor] = []
+        for source, resizer in enumerate(self.resizers):
+            resized.append(resizer(features[source], size))
         return resized
 
-    def fusion_weights(self, resized: Sequence[torch.Tensor]) -> torch.Tensor:
+    def fusion_weights(self, resized: List[torch.Tensor]) -> torch.Tensor:
         """Per-pixel weights ``alpha`` of shape ``(B, num_levels, H, W)``; they sum to 1 on dim 1."""
-        logits = torch.cat([conv(x) for conv, x in zip(self.weight_convs, resized)], dim=1)
-        return logits.softmax(dim=1)
+        logits: List[torch.Tensor] = []
+        for source, conv in enumerate(self.weight_convs):
+            logits.append(conv(resized[source]))
+        return torch.cat(logits, dim=1).softmax(dim=1)
 
-    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, features: List[torch.Tensor]) -> torch.Tensor:
         resized = self.resize(features)
         weights = self.fusion_weights(resized)
         fused = resized[0] * weights[:, 0:1]
@@ -175,17 +185,20 @@ class ASFF(nn.Module):
             raise ValueError(f'ASFF needs at least two pyramid levels, got {len(in_channels)}')
         if upsample_mode not in ('nearest', 'bilinear'):
             raise ValueError(f"ASFF: upsample_mode must be 'nearest' or 'bilinear', got {upsample_mode!r}")
-        self.in_channels = tuple(in_channels)
+        self.in_channels: List[int] = [int(c) for c in in_channels]
         self.levels = nn.ModuleList([
             ASFFLevel(level, in_channels, upsample_mode, norm_layer, act_layer)
             for level in range(len(in_channels))])
 
-    def forward(self, features: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-        if len(features) != len(self.levels):
-            raise ValueError(f'ASFF was built for {len(self.levels)} levels, got {len(features)}')
-        for x, channels in zip(features, self.in_channels):
-            if x.ndim != 4 or x.shape[1] != channels:
+    def forward(self, features: List[torch.Tensor]) -> List[torch.Tensor]:
+        if len(features) != len(self.in_channels):
+            raise ValueError(f'ASFF was built for {len(self.in_channels)} levels, got {len(features)}')
+        for i, x in enumerate(features):
+            if x.dim() != 4 or x.shape[1] != self.in_channels[i]:
                 raise ValueError(
-                    f'ASFF expects levels with channels {self.in_channels}, got '
-                    f'{[tuple(f.shape) for f in features]}')
-        return [level(features) for level in self.levels]
+                    f'ASFF expects levels with channels {self.in_channels}, got level {i} of '
+                    f'shape {x.shape}')
+        fused: List[torch.Tensor] = []
+        for level in self.levels:
+            fused.append(level(features))
+        return fused

@@ -21,11 +21,10 @@ Choices the paper leaves open, and why:
   ``ceil_mode=True``, so the last, partial window is averaged over its in-bounds pixels only
   (no zero padding biasing border tokens), and ``M`` is cropped back to ``F_low``'s exact size
   after upsampling. With ``H_high = ceil(H_low / r)`` (any stride-2 backbone) both levels then
-  give the same token grid ``ceil(H_low / (r * k))``, as with divisible sizes. When ``H`` and
-  ``W`` are multiples of ``r * k`` (in detectron2, whose inputs are padded to multiples of 32,
-  always at the stride-8 and stride-16 fusions) Eq. 8-9 are computed as ``F_low * (1 + M_hat)``
-  broadcast over ``rk x rk`` blocks, without materialising the full-resolution ``M``: same
-  values, one pass over the map.
+  give the same token grid ``ceil(H_low / (r * k))``, as with divisible sizes. Eq. 8-9 are
+  computed as ``F_low * (1 + M_hat)`` broadcast over ``rk x rk`` blocks of ``F_low`` zero-padded
+  to the token grid, then cropped: one pass over the map and one code path for every size, so
+  a trace serves other sizes (docs/necks.md, "Any size").
 * Projections are ``nn.Linear`` layers with bias on the flattened tokens (Eq. 5 writes bias-free
   matrices; biases add 4C parameters and let ``M`` have a learned offset). ``qkv_bias=False``
   removes them. K and V share one ``C -> 2C`` linear (same parameters as two ``C x C``).
@@ -55,6 +54,23 @@ def _pool_tokens(x: torch.Tensor, kernel: int, pool_type: str) -> torch.Tensor:
         # are averaged over their in-bounds pixels.
         return F.avg_pool2d(x, kernel, stride=kernel, ceil_mode=True)
     return F.max_pool2d(x, kernel, stride=kernel, ceil_mode=True)
+
+
+def _modulate_blocks(low: torch.Tensor, scale: torch.Tensor, block: int) -> torch.Tensor:
+    """``low * Up(scale, block)`` cropped to ``low``'s size (Eq. 8-9 with ``scale = 1 + M_hat``).
+
+    ``low`` is zero-padded at the bottom/right to the token grid times ``block`` (the padding is
+    cropped away again), so one program serves every size: no branch on ``H % block`` that a trace
+    would freeze. Broadcasting each token over its ``block x block`` cell is the nearest upsampling
+    of Eq. 8 without materialising ``M``, so the full-resolution map is read and written once.
+    """
+    B, C, H, W = low.shape[0], low.shape[1], low.shape[2], low.shape[3]
+    h, w = scale.shape[2], scale.shape[3]
+    # eager and scripted code skip the pad when there is none; a trace always records it
+    if torch.jit.is_tracing() or h * block != H or w * block != W:
+        low = F.pad(low, [0, w * block - W, 0, h * block - H])
+    out = low.reshape(B, C, h, block, w, block) * scale[:, :, :, None, :, None]
+    return out.reshape(B, C, h * block, w * block)[:, :, :H, :W]
 
 
 class FINE(nn.Module):
@@ -131,11 +147,11 @@ class FINE(nn.Module):
 
     def coarse_modulation(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
         """The modulation map ``M_hat`` of Eq. 7 on the token grid, ``(B, C, h, w)``."""
-        B, C = low.shape[:2]
+        B, C = low.shape[0], low.shape[1]
         high = self.high_proj(high)
         low_tokens = _pool_tokens(low, self.low_kernel, self.pool_type)
         high_tokens = _pool_tokens(high, self.kernel_size, self.pool_type)
-        h, w = low_tokens.shape[-2:]
+        h, w = low_tokens.shape[-2], low_tokens.shape[-1]
 
         q = self.q(low_tokens.flatten(2).transpose(1, 2))
         q = q.reshape(B, h * w, self.num_heads, self.head_dim).transpose(1, 2)
@@ -158,23 +174,14 @@ class FINE(nn.Module):
         return m[..., :H, :W]
 
     def forward(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-        if low.ndim != 4 or high.ndim != 4 or low.shape[0] != high.shape[0]:
-            raise ValueError(
-                f'FINE expects low and high as (B, C, H, W) with the same batch size, got '
-                f'{tuple(low.shape)} and {tuple(high.shape)}')
+        if low.dim() != 4 or high.dim() != 4 or low.shape[0] != high.shape[0]:
+            raise ValueError(f'FINE expects low and high as (B, C, H, W) with the same batch size, '
+                             f'got {low.shape} and {high.shape}')
         if low.shape[1] != self.q.in_features:
-            raise ValueError(
-                f'FINE was built for {self.q.in_features} low-level channels, got {low.shape[1]}')
-        B, C, H, W = low.shape
-        rk = self.low_kernel
-        if H % rk == 0 and W % rk == 0:
-            # F_low * M + F_low = F_low * (1 + M): broadcasting each token's (1 + M_hat) over its
-            # rk x rk block is the nearest upsampling of Eq. 8 without materialising M, so the
-            # full-resolution map is read and written once (most of FINE's time at stride 4).
-            scale = 1 + self.coarse_modulation(low, high)
-            out = low.reshape(B, C, H // rk, rk, W // rk, rk) * scale[:, :, :, None, :, None]
-            return out.reshape(B, C, H, W)
-        return torch.addcmul(low, low, self.modulation(low, high))  # Eq. 8-9, then crop
+            raise ValueError(f'FINE was built for {self.q.in_features} low-level channels, got '
+                             f'{low.shape[1]}')
+        scale = 1 + self.coarse_modulation(low, high)
+        return _modulate_blocks(low, scale, self.low_kernel)
 
     def extra_repr(self) -> str:
         return (f'kernel_size={self.kernel_size}, ratio={self.ratio}, num_heads={self.num_heads}, '

@@ -87,9 +87,32 @@ def pooled_size(deepest: torch.Tensor, deepest_stride: int, pool_stride: int) ->
     return max(1, out_h), max(1, out_w)
 
 
+def _adaptive_pool_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
+    """``(n_out, n_in)`` matrix whose row ``i`` averages adaptive pooling's window ``i``:
+    ``[floor(i * n_in / n_out), ceil((i + 1) * n_in / n_out))``, as ``adaptive_avg_pool2d``."""
+    i = torch.arange(n_out, device=like.device)
+    start = torch.div(i * n_in, n_out, rounding_mode='floor')
+    end = torch.div((i + 1) * n_in + n_out - 1, n_out, rounding_mode='floor')
+    j = torch.arange(n_in, device=like.device)
+    inside = (j[None, :] >= start[:, None]) & (j[None, :] < end[:, None])
+    return inside.to(like.dtype) / (end - start).to(like.dtype)[:, None]
+
+
 @register_notrace_function  # branches on sizes: an FX leaf
 def pool_to(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """Average-pool ``x`` to ``size`` (a no-op when it already has it)."""
+    """Average-pool ``x`` to ``size`` (a no-op when it already has it), as
+    ``adaptive_avg_pool2d``.
+
+    Under ``torch.jit.trace`` and the ONNX exporter, which records through it, the pooling is two
+    products with window-averaging matrices built from the traced sizes: ONNX has no adaptive
+    pooling whose output size is computed in the graph, and one trace then serves every size.
+    Same windows; the sums differ from eager in float rounding only (docs/detectron2.md,
+    "Deploying detectors").
+    """
+    if torch.jit.is_tracing():
+        rows = _adaptive_pool_matrix(x.shape[-2], size[0], x)
+        cols = _adaptive_pool_matrix(x.shape[-1], size[1], x)
+        return torch.matmul(torch.matmul(rows, x), cols.transpose(0, 1))
     if x.shape[-2] == size[0] and x.shape[-1] == size[1]:
         return x
     return F.adaptive_avg_pool2d(x, [size[0], size[1]])

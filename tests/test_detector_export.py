@@ -1,0 +1,317 @@
+"""Deploying detectors (docs/detectron2.md, "Deploying detectors"): FINE / ASFF / FusionFPN /
+MSCSA pooling under TorchScript tracing, scripting and ONNX at sizes other than the traced one,
+and scripts/export_detector.py on the demo's Mask R-CNN (resnet18_mscsa, every neck) against
+eager. The whole-detector tests follow detectron2's own tests/test_export_torchscript.py and
+test_export_onnx.py (Mask R-CNN, Cascade, Panoptic FPN, semantic segmentation, RetinaNet) with
+our backbones and necks."""
+import importlib.util
+import io
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip('detectron2')
+pytestmark = pytest.mark.detectron2
+
+from maformer_zoo.layers.asff import ASFF  # noqa: E402
+from maformer_zoo.layers.fine import FINE  # noqa: E402
+from maformer_zoo.layers.mscsa import pool_to, pooled_size  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(REPO, 'configs', 'demo', 'mask_rcnn_resnet18_mscsa_fine_fpn_demo.yaml')
+NECKS = ('sum', 'fine', 'asff')  # MODEL.FPN.FUSION: plain FPN, FINE-FPN, ASFF-FPN
+# the sample (128 px short side after the demo's resize) and 5 other sizes: odd, wide, tall,
+# larger, and one whose stride-4 map is no multiple of FINE's 16-pixel tokens
+OTHER_SIZES = [(96, 142), (160, 224), (200, 96), (131, 77), (224, 288)]
+
+
+def _quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        return fn(*args, **kwargs)
+
+
+def _max_diff(a, b):
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+# ----------------------------------------------------------------------------- FINE and ASFF
+
+def _fine_reference(fine, low, high):
+    """Eq. 8-9 written out: nearest upsampling of M_hat by r*k, crop, F_low * (1 + M)."""
+    m = F.interpolate(1 + fine.coarse_modulation(low, high), scale_factor=float(fine.low_kernel),
+                      mode='nearest')
+    return low * m[..., :low.shape[-2], :low.shape[-1]]
+
+
+def test_fine_trace_serves_other_sizes():
+    """A FINE traced at 32x32 (a multiple of its 16-pixel tokens) equals eager at sizes that are
+    not multiples, and eager equals Eq. 8-9 written out, bit for bit.
+    Mutations caught: branching on ``H % rk == 0`` again (the trace freezes the reshape and fails
+    at 40x24); padding at the top/left; dropping the ``1 +`` of the residual."""
+    torch.manual_seed(0)
+    fine = FINE(32, kernel_size=8, ratio=2).eval()
+    traced = _quiet(torch.jit.trace, fine, (torch.randn(1, 32, 32, 32), torch.randn(1, 32, 16, 16)))
+    for h, w in [(32, 32), (40, 24), (33, 17), (48, 80)]:
+        low, high = torch.randn(2, 32, h, w), torch.randn(2, 32, (h + 1) // 2, (w + 1) // 2)
+        eager = fine(low, high)
+        torch.testing.assert_close(traced(low, high), eager, rtol=0, atol=0)
+        assert torch.equal(eager, _fine_reference(fine, low, high))
+
+
+@pytest.mark.parametrize('mode', ['nearest', pytest.param('bilinear', marks=pytest.mark.slow)])
+def test_fine_and_asff_script(mode):
+    """``torch.jit.script`` of FINE and ASFF equals eager at two sizes, and a traced ASFF serves a
+    size it was not traced at. Mutations caught: a resizer with another call signature or a
+    list comprehension over a ModuleList (script fails); a size-dependent Python branch in the
+    pad of odd pyramids (the trace at 64x64 would skip the pad that 33x21 needs)."""
+    torch.manual_seed(0)
+    fine = FINE(32, kernel_size=2, ratio=2).eval()
+    scripted_fine = _quiet(torch.jit.script, fine)
+    asff = ASFF([16, 16, 16], upsample_mode=mode).eval()
+    for p in asff.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    scripted_asff = _quiet(torch.jit.script, asff)
+
+    def pyramid(h, w):
+        return [torch.randn(1, 16, -(-h // 2 ** i), -(-w // 2 ** i)) for i in range(3)]
+    traced_asff = _quiet(torch.jit.trace, asff, (pyramid(64, 64),))
+    for h, w in [(64, 64), (33, 21)]:
+        low, high = torch.randn(1, 32, h, w), torch.randn(1, 32, -(-h // 2), -(-w // 2))
+        torch.testing.assert_close(scripted_fine(low, high), fine(low, high), rtol=0, atol=0)
+        levels = pyramid(h, w)
+        levels[1] = levels[1][..., :-1, :]  # an odd pyramid: level 1 one row short
+        eager = asff(levels)
+        assert _max_diff(scripted_asff(levels), eager) == 0
+        assert _max_diff(traced_asff(levels), eager) == 0
+
+
+# ------------------------------------------------------------------------------ MSCSA pooling
+
+class _Gather(torch.nn.Module):
+    def forward(self, x, deepest):
+        return pool_to(x, pooled_size(deepest, 32, 32))
+
+
+def test_mscsa_pooling_exports_to_onnx():
+    """MSCSA's pooling of a stride-4 stage to the stride-32 grid, exported to ONNX (opset 11) at
+    one size, equals eager ``adaptive_avg_pool2d`` at sizes with exact and uneven windows.
+    Mutation caught: calling ``adaptive_avg_pool2d`` under tracing (the export fails: its output
+    size is computed in the graph); off-by-one window ends (values differ)."""
+    ort = pytest.importorskip('onnxruntime')
+    torch.manual_seed(0)
+
+    def inputs(h, w):
+        return torch.randn(1, 8, h // 4, w // 4), torch.randn(1, 8, -(-h // 32), -(-w // 32))
+    buffer = io.BytesIO()
+    _quiet(torch.onnx.export, _Gather(), inputs(256, 320), buffer, dynamo=False, opset_version=11,
+           input_names=['x', 'deepest'],
+           dynamic_axes={'x': {2: 'h', 3: 'w'}, 'deepest': {2: 'h32', 3: 'w32'}})
+    session = ort.InferenceSession(buffer.getvalue(), providers=['CPUExecutionProvider'])
+    for h, w in [(256, 320), (128, 544), (100, 70)]:
+        x, deepest = inputs(h, w)
+        expected = F.adaptive_avg_pool2d(x, pooled_size(deepest, 32, 32)).numpy()
+        got = session.run(None, {'x': x.numpy(), 'deepest': deepest.numpy()})[0]
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------ FusionFPN scripting
+
+@pytest.mark.parametrize('neck', [pytest.param('sum', marks=pytest.mark.slow), 'fine',
+                                  pytest.param('asff', marks=pytest.mark.slow)])
+def test_fusion_fpn_scripts_on_timm_backbone(neck):
+    """FusionFPN on timm's ``resnet18`` (our adapter) scripts as detectron2's FPN does and equals
+    eager at two sizes; the scripted copy leaves the eager module's keys alone. Mutations caught:
+    indexing ``lateral_convs`` by a loop variable, dropping ``__prepare_scriptable__`` (the FINEs
+    or ASFF are then deleted or fail to compile), computing the padding properties with
+    ``math.lcm`` at call time (uncompilable)."""
+    from detectron2.modeling.backbone.fpn import LastLevelMaxPool
+    from detectron2_ext.modeling.fpn_variants import FusionFPN
+    from detectron2_ext.modeling.timm_backbone import TimmBackbone
+    torch.manual_seed(0)
+    fpn = FusionFPN(TimmBackbone('resnet18', norm='BN'), ['res2', 'res3', 'res4', 'res5'], 32,
+                    top_block=LastLevelMaxPool(), fusion=neck, fine_head_dim=8).eval()
+    keys = sorted(fpn.state_dict())
+    scripted = _quiet(torch.jit.script, fpn)
+    assert sorted(fpn.state_dict()) == keys
+    for h, w in [(64, 96), (160, 64)]:
+        x = torch.randn(1, 3, h, w)
+        eager, got = fpn(x), scripted(x)
+        assert list(got) == list(eager)
+        assert _max_diff([got[k] for k in eager], list(eager.values())) == 0
+
+
+# --------------------------------------------------------------------------- the CLI and API
+
+def _cli():
+    spec = importlib.util.spec_from_file_location(
+        'export_detector', os.path.join(REPO, 'scripts', 'export_detector.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cli_refuses_non_empty_output(tmp_path, capsys):
+    """An existing, non-empty --output folder is refused with one line before anything is built
+    (no other run's folder is rewritten). Mutation caught: dropping the check (the config
+    would be built and the old file overwritten)."""
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'model.ts').write_bytes(b'old')
+    code = _cli().main(['--config-file', DEMO, '--sample-image', str(tmp_path / 'x.png'),
+                        '--output', str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and 'not empty' in err
+    assert (out / 'model.ts').read_bytes() == b'old'
+
+
+def test_cli_refuses_missing_weights(tmp_path, capsys):
+    """A --weights path that is no file is refused with one line (detectron2's checkpointer would
+    silently start from random weights). Mutation caught: dropping the file check."""
+    code = _cli().main(['--config-file', DEMO, '--weights', str(tmp_path / 'none.pth'),
+                        '--sample-image', str(tmp_path / 'x.png'), '--output', str(tmp_path / 'o')])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and 'none.pth' in err
+
+
+# ------------------------------------------------------------- whole detectors (slow, heavy)
+
+@pytest.fixture(scope='module')
+def demo_weights(tmp_path_factory):
+    """``weights(*overrides)``: the demo's Mask R-CNN with those config overrides after 0
+    iterations with the demo's fixed seed, saved as a detectron2 checkpoint (one per overrides,
+    so that every key of the exported and the compared model comes from the file); and a
+    sample image. The class logits are scaled by 20 so that the 50 kept detections have
+    distinct scores: at random init all scores are within 1e-4 of 1/4, and float rounding would
+    reorder ties (a swap of two boxes is no export error)."""
+    from PIL import Image
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+    from detectron2_ext.config_file import load_config
+    folder = tmp_path_factory.mktemp('demo_export')
+    image = (np.random.RandomState(0).rand(150, 200, 3) * 255).astype('uint8')
+    Image.fromarray(image).save(folder / 'sample.png')
+    saved = {}
+
+    def weights(*overrides):
+        if overrides not in saved:
+            torch.manual_seed(0)
+            model = build_model(load_config(DEMO, list(overrides)))
+            with torch.no_grad():
+                model.roi_heads.box_predictor.cls_score.weight.mul_(20)
+            name = f'model_{len(saved)}'
+            DetectionCheckpointer(model, save_dir=str(folder)).save(name)
+            saved[overrides] = str(folder / f'{name}.pth')
+        return saved[overrides]
+    return weights, str(folder / 'sample.png')
+
+
+def _export_and_check(tmp_path, demo_weights, fmt, method, neck, *opts):
+    """scripts/export_detector.py, then the saved program against eager on the sample and the 5
+    other sizes; returns the largest difference."""
+    from detectron2_ext.export import build_detector, load_exported, load_sample
+    from detectron2_ext.export import max_difference, resize_sample
+    out = tmp_path / f'{fmt}-{method}-{neck}'
+    # every detection kept: the comparison then covers 50 boxes, scores and masks per image
+    overrides = ['MODEL.FPN.FUSION', neck, 'MODEL.ROI_HEADS.SCORE_THRESH_TEST', '0.0', *opts]
+    weights, sample = demo_weights[0](*overrides), demo_weights[1]
+    argv = ['--config-file', DEMO, '--weights', weights, '--format', fmt, '--export-method',
+            method, '--sample-image', sample, '--output', str(out), *overrides]
+    if method == 'scripting':
+        # its own process, as a user runs it: torch.jit.script of a FusionFPN in a process that
+        # has already traced or ONNX-exported one failed to compile _NoAlignment (torch's
+        # TorchScript type cache; not investigated further)
+        env = dict(os.environ, PYTHONPATH=REPO)
+        run = subprocess.run([sys.executable, os.path.join(REPO, 'scripts', 'export_detector.py'),
+                              *argv], capture_output=True, text=True, env=env)
+        assert run.returncode == 0, run.stderr[-2000:]
+    else:
+        assert _quiet(_cli().main, argv) == 0
+    cfg, model = build_detector(DEMO, weights, overrides)
+    image = load_sample(cfg, sample)
+    exported = load_exported(model, image, str(out), fmt, method)
+    diffs = [max_difference(exported, x)
+             for x in [image] + [resize_sample(image, h, w) for h, w in OTHER_SIZES]]
+    assert max(diffs) <= 1e-3, diffs
+    return diffs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('neck', NECKS)
+@pytest.mark.parametrize('fmt', ['torchscript', 'onnx'])
+def test_demo_mask_rcnn_tracing(demo_weights, tmp_path, fmt, neck):
+    """The demo's Mask R-CNN (resnet18_mscsa) traced to TorchScript and to ONNX (opset 17) by
+    scripts/export_detector.py equals eager within 1e-3 on the sample and 5 other sizes, for
+    every neck (detectron2's testMaskRCNNFPN tracing and ONNX tests, our backbone and necks).
+    Mutations caught: FINE's ``H % rk`` branch (the trace fails at 131x77), MSCSA's adaptive
+    pooling under tracing (the ONNX export fails)."""
+    _export_and_check(tmp_path, demo_weights, fmt, 'tracing', neck)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('neck', NECKS)
+def test_mask_rcnn_scripting(demo_weights, tmp_path, neck):
+    """detectron2's ``scripting_with_instances`` on the demo's Mask R-CNN with timm's
+    ``resnet18`` as backbone equals eager on the sample and 5 other sizes, for every neck. Our own ``features_only``
+    models script once models/mscsa.py and models/maformer.py do (issue 23, item 2).
+    Mutation caught: FusionFPN without ``__prepare_scriptable__`` (script fails)."""
+    _export_and_check(tmp_path, demo_weights, 'torchscript', 'scripting', neck,
+                      'MODEL.TIMM.NAME', 'resnet18')
+
+
+def test_check_exportable_refuses_paths_that_do_not_exist():
+    """One-line refusals: scripting to ONNX, scripting a semantic segmentor (only R-CNNs
+    script), unknown formats. Mutation caught: dropping a check (the
+    export would start and fail deep inside TorchScript)."""
+    from detectron2.modeling import GeneralizedRCNN, SemanticSegmentor
+    from detectron2_ext.export import check_exportable
+    rcnn = object.__new__(GeneralizedRCNN)  # isinstance is all the check reads
+    with pytest.raises(ValueError, match='TorchScript only'):
+        check_exportable(rcnn, 'onnx', 'scripting')
+    with pytest.raises(ValueError, match='tracing for SemanticSegmentor'):
+        check_exportable(object.__new__(SemanticSegmentor), 'torchscript', 'scripting')
+    with pytest.raises(ValueError, match='choose one of'):
+        check_exportable(rcnn, 'caffe2', 'tracing')
+    check_exportable(rcnn, 'torchscript', 'scripting')
+
+
+# detectron2's export tests (testMaskRCNNFPN, testCascadeRCNN, testPanopticFPN, testRetinaNet,
+# semantic) with our backbone and FINE-FPN: config of the grid, random init, tracing
+_ARCHITECTURES = {
+    'cascade': 'COCO-InstanceSegmentation/cascade_mask_rcnn_resnet18_mscsa_fine_fpn_3x.yaml',
+    'panoptic': 'COCO-PanopticSegmentation/panoptic_fpn_resnet18_mscsa_fine_fpn_1x.yaml',
+    'semantic_fpn': 'ADE20K-SemanticSegmentation/semantic_fpn_resnet18_mscsa_fine_fpn_40k.yaml',
+    'upernet': 'ADE20K-SemanticSegmentation/upernet_resnet18_mscsa_fine_fpn_160k.yaml',
+    'retinanet': 'COCO-Detection/retinanet_R_50_fine_fpn_1x.yaml',
+}
+_UPERNET_ONNX = pytest.mark.xfail(
+    strict=True, reason="UPerNet's pyramid pooling (detectron2_ext/modeling/semantic.py) calls "
+    "adaptive_avg_pool2d on a map whose size ONNX export cannot read (issue 23)")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('fmt', ['torchscript', 'onnx'])
+@pytest.mark.parametrize('arch', list(_ARCHITECTURES))
+def test_architectures_export(tmp_path, arch, fmt, request):
+    """Every architecture of the grid with FINE-FPN, traced to TorchScript and ONNX (opset 17),
+    equals eager at the traced 128x160 and at 96x200 within 1e-3 (detectron2's own R-50 Cascade
+    differs by up to 2e-2 at random init; ours by less). UPerNet to ONNX fails (xfail)."""
+    if arch == 'upernet' and fmt == 'onnx':
+        request.applymarker(_UPERNET_ONNX)
+    from detectron2_ext.export import build_detector, export_detector, max_difference
+    from detectron2_ext.export import resize_sample
+    torch.manual_seed(0)
+    opts = ['MODEL.DEVICE', 'cpu', 'MODEL.WEIGHTS', '']
+    if arch != 'retinanet':
+        opts += ['MODEL.TIMM.PRETRAINED', 'False', 'MODEL.TIMM.PRETRAINED_BASE', 'False']
+    _, model = build_detector(os.path.join(REPO, 'configs', _ARCHITECTURES[arch]), '', opts)
+    image = torch.rand(3, 128, 160) * 255
+    exported = _quiet(export_detector, model, image, str(tmp_path / 'out'), fmt, 'tracing', 17)
+    for x in (image, resize_sample(image, 96, 200)):
+        assert max_difference(exported, x) <= 1e-3
