@@ -290,20 +290,16 @@ _ARCHITECTURES = {
     'upernet': 'ADE20K-SemanticSegmentation/upernet_resnet18_mscsa_fine_fpn_160k.yaml',
     'retinanet': 'COCO-Detection/retinanet_R_50_fine_fpn_1x.yaml',
 }
-_UPERNET_ONNX = pytest.mark.xfail(
-    strict=True, reason="UPerNet's pyramid pooling (detectron2_ext/modeling/semantic.py) calls "
-    "adaptive_avg_pool2d on a map whose size ONNX export cannot read (issue 23)")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize('fmt', ['torchscript', 'onnx'])
 @pytest.mark.parametrize('arch', list(_ARCHITECTURES))
-def test_architectures_export(tmp_path, arch, fmt, request):
+def test_architectures_export(tmp_path, arch, fmt):
     """Every architecture of the grid with FINE-FPN, traced to TorchScript and ONNX (opset 17),
     equals eager at the traced 128x160 and at 96x200 within 1e-3 (detectron2's own R-50 Cascade
-    differs by up to 2e-2 at random init; ours by less). UPerNet to ONNX fails (xfail)."""
-    if arch == 'upernet' and fmt == 'onnx':
-        request.applymarker(_UPERNET_ONNX)
+    differs by up to 2e-2 at random init; ours by less). UPerNet's pyramid pooling exports through
+    ``pool_to`` (mutation: ``F.adaptive_avg_pool2d`` there fails the ONNX case)."""
     from detectron2_ext.export import build_detector, export_detector, max_difference
     from detectron2_ext.export import resize_sample
     torch.manual_seed(0)

@@ -26,6 +26,7 @@ import fvcore.nn.weight_init as weight_init
 
 from maformer_zoo.layers.asff import ASFF
 from maformer_zoo.layers.fine import FINE
+from maformer_zoo.layers.mscsa import pool_to
 
 __all__ = ['PyramidPoolingModule', 'FCNAuxHead', 'UPerNetHead', 'SemanticFPNHead', 'UPERNET_FUSIONS']
 
@@ -79,7 +80,7 @@ class PyramidPoolingModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-2:]
-        pooled = [x] + [_upsample(branch(F.adaptive_avg_pool2d(x, scale)), size)
+        pooled = [x] + [_upsample(branch(pool_to(x, (scale, scale))), size)  # pool_to: ONNX-exportable
                         for scale, branch in zip(self.pool_scales, self.branches)]
         return self.bottleneck(torch.cat(pooled, dim=1))
 
