@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -62,7 +63,8 @@ MUTATIONS: List[Mutation] = [
     Mutation('config-fpn-channels-ignored', 'detectron2_ext/modeling/fpn_variants.py',
              'out_channels=cfg.MODEL.FPN.OUT_CHANNELS,', 'out_channels=cfg.MODEL.FPN.OUT_CHANNELS // 2,',
              (f'{D2}::test_every_config_builds[COCO-InstanceSegmentation/mask_rcnn_pvt_v2_b0_mscsa_asff_fpn_1x.yaml]',
-              f'{D2}::test_retinanet_builders[fine]'),
+              f'{D2}::test_retinanet_builders[fine]',
+              'tests/test_claims_coverage.py::test_every_config_loads_and_each_kind_builds'),
              'the FPN builders halve MODEL.FPN.OUT_CHANNELS'),
     Mutation('fine-neck-output-detached', 'detectron2_ext/modeling/fpn_variants.py',
              'results = self.pyramid(self.bottom_up(x))',
@@ -106,6 +108,10 @@ MUTATIONS: List[Mutation] = [
              'torch.set_num_threads(1 if _busy() else args.threads)',
              ('tests/test_demo.py::test_demo_gives_the_same_result_on_a_busy_machine',),
              'the demo picks its thread count from how busy the machine is'),
+    Mutation('demo-no-gradient-clipping', 'configs/demo/mask_rcnn_resnet18_mscsa_fine_fpn_demo.yaml',
+             'CLIP_GRADIENTS:\n    ENABLED: True', 'CLIP_GRADIENTS:\n    ENABLED: False',
+             ('tests/test_demo.py::test_demo_runs_end_to_end',),
+             'the demo trains without gradient clipping (the recorded values move)'),
     Mutation('readme-params-stale', 'README.md',
              '| `maformer_b` | 54.58 |', '| `maformer_b` | 54.59 |',
              ('tests/test_claims_coverage.py::test_readme_model_table_matches_the_code',),
@@ -116,7 +122,7 @@ MUTATIONS: List[Mutation] = [
              'a committed model card is out of date'),
 ]
 
-# Extra text some mutations need (added after the replacement, at the end of the file).
+# Extra code some mutations need (added before the file's `if __name__ == '__main__':`).
 SUPPORT: Dict[str, str] = {
     'demo-threads-follow-load': '''
 
@@ -159,7 +165,11 @@ def _apply(mutation: Mutation, tree: str) -> Optional[str]:
     count = text.count(mutation.old)
     if count != 1:
         return f'{count} occurrences of the old text in {mutation.path} (expected 1)'
-    text = text.replace(mutation.old, mutation.new) + SUPPORT.get(mutation.name, '')
+    text = text.replace(mutation.old, mutation.new)
+    support = SUPPORT.get(mutation.name, '')
+    if support:  # before the script's entry point, so that it exists when main() runs
+        head, sep, tail = text.rpartition("\nif __name__ == '__main__':")
+        text = head + support + sep + tail if sep else text + support
     with open(path, 'w', encoding='utf-8') as f:
         f.write(text)
     return None
@@ -208,6 +218,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--baseline', action='store_true',
                         help='also run every test on the unmutated copy (they must pass)')
     parser.add_argument('--timeout', type=int, default=1800, help='seconds per mutation')
+    parser.add_argument('--jobs', type=int, default=1, help='mutations tested at once (each in its own copy)')
     parser.add_argument('--json', default='', help='also write the rows to this file')
     args = parser.parse_args(argv)
 
@@ -222,18 +233,19 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f'{m.name}: {m.path}: {m.what}\n    ' + '\n    '.join(m.tests))
         return 0
 
-    rows = []
     with tempfile.TemporaryDirectory(prefix='mutations-') as scratch:
         clean = os.path.join(scratch, 'clean')
         _copy_tree(clean)
         _check_copy_is_used(clean)
-        if args.baseline:
+        baseline = {}
+
+        def run_baseline() -> None:
             tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
-            outcomes = _run_tests(clean, tests, args.timeout)
-            broken = {t: o for t, o in outcomes.items() if o != 'passed'}
-            print(f'baseline: {len(outcomes) - len(broken)} of {len(outcomes)} tests pass'
+            baseline.update(_run_tests(clean, tests, args.timeout))
+            broken = {t: o for t, o in baseline.items() if o != 'passed'}
+            print(f'baseline: {len(baseline) - len(broken)} of {len(baseline)} tests pass unmutated'
                   + (f'; not passing: {broken}' if broken else ''), flush=True)
-        for m in chosen:
+        def one(m: Mutation) -> dict:
             tree = os.path.join(scratch, m.name)
             shutil.copytree(clean, tree, symlinks=True)
             start = time.perf_counter()
@@ -246,11 +258,24 @@ def main(argv: Optional[List[str]] = None) -> int:
                 row = dict(mutation=m.name, status='caught' if caught else 'NOT CAUGHT',
                            detail=m.what, caught_by=caught, outcomes=outcomes)
             row['seconds'] = round(time.perf_counter() - start, 1)
-            rows.append(row)
             print(f"{row['mutation']}: {row['status']} ({row['seconds']} s) "
                   f"{', '.join(row['caught_by']) or row['detail']}", flush=True)
             shutil.rmtree(tree, ignore_errors=True)
+            return row
 
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            base_job = pool.submit(run_baseline) if args.baseline else None
+            rows = list(pool.map(one, chosen))
+            if base_job is not None:
+                base_job.result()
+
+    if baseline:
+        # a test that fails without the mutation proves nothing about it
+        for row in rows:
+            row['caught_by'] = [t for t in row['caught_by'] if baseline.get(t) == 'passed']
+            if row['status'] == 'caught' and not row['caught_by']:
+                row['status'] = 'NOT CAUGHT (its tests fail unmutated)'
+        print('\nunmutated: ' + ', '.join(f'{t} {o}' for t, o in sorted(baseline.items())))
     print('\n| mutation | file | status | caught by |\n| --- | --- | --- | --- |')
     paths = {m.name: m.path for m in MUTATIONS}
     for row in rows:
@@ -258,7 +283,7 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"{'<br>'.join(row['caught_by']) or row['detail']} |")
     if args.json:
         with open(args.json, 'w') as f:
-            json.dump(rows, f, indent=2)
+            json.dump(dict(rows=rows, baseline=baseline), f, indent=2)
     return 0 if all(r['status'] == 'caught' for r in rows) else 1
 
 

@@ -83,9 +83,8 @@ def test_demo_runs_end_to_end(demo_run):
     """Data, 2 training iterations, AP, the picture, the summary; the numbers are the seeded run's
     recorded ones (tolerance: printing and summation order only, see RECORDED).
 
-    Mutation caught (dev/mutations.py): ``no-gradient-clipping`` changes the trained model, and so
-    the recorded score sum (the demo's config clips; the mutation is in the tests' helper, so it
-    is listed under the integration test).
+    Mutation caught (dev/mutations.py): ``demo-no-gradient-clipping`` (the demo config's clipping
+    off: another trained model, so other recorded values).
     """
     out, proc = demo_run
     assert 'box  AP' in proc.stdout and 'mask AP' in proc.stdout

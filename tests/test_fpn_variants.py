@@ -252,6 +252,11 @@ def synthetic(tmp_path_factory):
 @pytest.mark.parametrize('model', ['mask_rcnn', 'panoptic_fpn'])
 @pytest.mark.parametrize('neck', ['fpn', 'fine_fpn', 'asff_fpn'])
 def test_two_training_iterations_and_inference(synthetic, model, neck):
+    """Two training steps give the neck's own parameters a gradient; inference on the trained
+    model always detects (so its checks always run) at the input's size, with a mask per detection.
+
+    Mutation caught (dev/mutations.py): ``fine-neck-output-detached``.
+    """
     from detectron2.data import build_detection_test_loader, build_detection_train_loader
     from detectron2.solver import build_optimizer
     from detectron2.utils.events import EventStorage
