@@ -227,3 +227,20 @@ def test_fashion_mnist_benchmark_tiny(tmp_path):
     assert report['optimizer_steps'] == 40 // 8
     assert 0 <= report['test_top1'] <= 100  # random images: no accuracy value is known
     assert os.path.isfile(report['checkpoint'])
+
+
+def test_profile_maformer_tiny(tmp_path):
+    """benchmarks/profile_maformer.py --tiny (the op shares of docs/maformer.md): both settings,
+    both models; each share is its group's seconds over the profiled total, and the groups do
+    not overlap (their sum is at most the total)."""
+    out = tmp_path / 'profile.json'
+    _script(os.path.join(ROOT, 'benchmarks', 'profile_maformer.py'), '--tiny', '--json', out)
+    rows = json.loads(out.read_text())
+    assert [(r['setting'], r['model']) for r in rows] == [
+        (s, m) for s in ('cls', 'det') for m in ('maformer_s', 'swin_tiny_patch4_window7_224')]
+    groups = ('linear', 'attention', 'copy', 'gelu', 'convolution', 'layer_norm')
+    for r in rows:
+        assert r['linear_s'] > 0 and r['attention_s'] > 0
+        for g in groups:
+            assert r[f'{g}_share'] == pytest.approx(r[f'{g}_s'] / r['total_s'], rel=1e-9)
+        assert sum(r[f'{g}_s'] for g in groups) <= r['total_s'] * (1 + 1e-9)

@@ -186,7 +186,8 @@ def test_two_process_torchrun_matches_one_process(image_folder, tmp_path):
     averages two half-batch means). Plain SGD moves each weight by lr x gradient, so a gradient
     scaled by the number of processes (a sum where the mean belongs) doubles every step and shows
     as a difference the size of the training movement itself; round-off is ~1e-7 of it, and the
-    bound, 1e-4 of the movement, sits between the two.
+    bound, 1e-4 of the movement, sits between the two. (timm's ``sgd`` is Nesterov SGD, which
+    refuses momentum 0; ``momentum`` is plain SGD.)
 
     Mutation caught (dev/mutations.py): ``ddp-gradient-sum`` (the loss, and so the all-reduced
     gradient, multiplied by the number of processes: a sum instead of a mean).
@@ -194,7 +195,7 @@ def test_two_process_torchrun_matches_one_process(image_folder, tmp_path):
     common = ['--model', 'test_vit', '--data-dir', image_folder, '--img-size', '32', '--epochs', '2',
               '--warmup-epochs', '0', '--num-workers', '0', '--output', str(tmp_path), '--no-progress',
               '--no-augment', '--device', 'cpu', '--dist-backend', 'gloo', '--seed', '5',
-              '--opt', 'sgd', '--momentum', '0', '--weight-decay', '0', '--lr', '0.05',
+              '--opt', 'momentum', '--momentum', '0', '--weight-decay', '0', '--lr', '0.05',
               '--sched', 'step', '--decay-epochs', '100', '--smoothing', '0']
     torchrun = os.path.join(os.path.dirname(sys.executable), 'torchrun')
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO)
