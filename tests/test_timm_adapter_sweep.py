@@ -154,6 +154,29 @@ def test_family(name):
         assert torch.equal(value, stats[n]), n
 
 
+def test_every_family_builds_its_declared_pyramid():
+    """Every family of the sweep (the slow ones included) builds in the adapter, with FrozenBN and
+    freeze_at=2, on the meta device (milliseconds each: nothing allocated), and declares the
+    channels and strides of timm's own ``features_only`` model for the levels it returns (stride
+    4-32; a single-scale model's one map). The full check per family is ``test_family``; this
+    runs every family in the fast suite.
+    """
+    for name, extra in FAMILIES.items():
+        facts = _model_facts(name)
+        with torch.device('meta'):
+            backbone = TimmBackbone(name, norm='FrozenBN', freeze_at=2, img_size=max(facts.native_size),
+                                    model_kwargs=extra)
+            info = timm.create_model(name, features_only=True, pretrained=False, **extra,
+                                     **({'out_indices': (len(facts.reductions) - 1,)}
+                                        if len(set(facts.reductions)) == 1 else {})).feature_info
+        channels, reductions = info.channels(), info.reduction()
+        shapes = backbone.output_shape()
+        assert len(shapes) == len(backbone._selected) > 0, name
+        for index, shape in zip(backbone._selected, shapes.values()):
+            assert (shape.channels, shape.stride) == (channels[index], reductions[index]), name
+        assert any(not p.requires_grad for p in backbone.parameters()), name
+
+
 def _detector_cfg(name: str, builder: str, fusion: str, mask_on: bool):
     import os
     from detectron2.config import get_cfg
