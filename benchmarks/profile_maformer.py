@@ -39,9 +39,10 @@ GROUPS = {
 }
 
 
-def _build(name: str, setting: str):
-    if setting == 'cls':
-        return timm.create_model(name, pretrained=False).eval()
+def _build(name: str, setting: str, img_size: int):
+    if setting == 'cls':  # timm's Swin is built for its input size (224: the default model)
+        extra = {} if name.startswith('maformer') else {'img_size': img_size}
+        return timm.create_model(name, pretrained=False, **extra).eval()
     # timm's Swin fixes its input size unless told otherwise (as benchmarks/maformer.py builds it)
     extra = {} if name.startswith('maformer') else {'strict_img_size': False}
     return timm.create_model(name, pretrained=False, features_only=True, **extra).eval()
@@ -91,7 +92,7 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
         else:
             shape = (1, 3, *args.det_size)
         x = torch.randn(*shape)
-        measured = {name: profile_model(_build(name, setting), x, args.warmup)
+        measured = {name: profile_model(_build(name, setting, args.img_size), x, args.warmup)
                     for name in MODELS}
         print(f'\n{setting}: input {list(shape)}, {args.threads} thread(s), self CPU time of one '
               f'forward (torch {torch.__version__})\n')
