@@ -16,6 +16,7 @@ import timm  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from torchvision.ops.misc import FrozenBatchNorm2d  # noqa: E402  (what timm.layers.freeze_batch_norm_2d makes)
 from detectron2.modeling import build_model  # noqa: E402
+from detectron2.utils.env import seed_all_rng  # noqa: E402
 
 import detectron2_ext  # noqa: E402
 from detectron2_ext import add_maformer_zoo_config  # noqa: E402
@@ -57,6 +58,9 @@ def _run(config: str, output_dir: str, panoptic: bool, *extra: str, max_iter: in
                           image_size=64)
     cfg = load_config(os.path.join(CONFIGS, config), opts + [e for e in extra if not e.startswith('--')])
     cfg.freeze()
+    # as train_net's default_setup does: weights, data order and augmentation from cfg.SEED alone
+    # (otherwise they follow whatever ran before in the process)
+    seed_all_rng(cfg.SEED)
     if '--eval-only' in extra:
         model = Trainer.build_model(cfg)
         SafeDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
@@ -180,6 +184,7 @@ def test_train_evaluate_resume_eval_only(synthetic, tmp_path, arch, neck):
     assert set(results) == expected_tasks
     trained = _predictions(out)
     _same_results(results, _logged_evaluation(out))  # what the log says is what was returned
+    print('SUMMARY', (arch, neck), _summary(results, trained))
     _check_recorded(arch, neck, _summary(results, trained))
     final = os.path.join(out, 'model_final.pth')
     assert os.path.isfile(final)
