@@ -175,7 +175,8 @@ def test_train_evaluate_resume_eval_only(synthetic, tmp_path, arch, neck):
     them it gives other detections; ``--resume`` continues.
 
     Mutations caught (dev/mutations.py): ``skip-weight-load`` (the checkpointer loads nothing, so
-    eval-only evaluates the seeded initialisation), ``no-gradient-clipping`` (the recorded values).
+    eval-only evaluates the seeded initialisation), ``optimizer-lr-scaled`` (the recorded values).
+    Gradient clipping switched off is not caught: in 2 warm-up iterations it never engages.
     """
     config = CONFIG_OF[arch].format(backbone=SMALL_BACKBONE, neck=neck)
     panoptic = arch == 'panoptic_fpn'
