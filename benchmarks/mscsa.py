@@ -30,6 +30,7 @@ Usage::
 
     python benchmarks/mscsa.py                      # all seven pairs
     python benchmarks/mscsa.py --models resnet50 pvt_v2_b0 --iters 3 --warmup 1
+    python benchmarks/mscsa.py --tiny               # every code path in seconds (CI)
 """
 import argparse
 import json
@@ -173,7 +174,13 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory measurement')
     parser.add_argument('--memory-only', action='store_true', help='only params, FLOPs and peak memory')
     parser.add_argument('--json', default='', help='also write the rows to this file')
+    parser.add_argument('--tiny', action='store_true',
+                        help='a seconds-long run of every code path (CI): resnet18 only, batch 1, '
+                             '64x64, one round, a 64x96 memory input; the numbers mean nothing')
     args = parser.parse_args(argv)
+    if args.tiny:
+        args.models, args.batch_size, args.img_size = ['resnet18'], 1, 64
+        args.iters, args.warmup, args.det_size = 1, 0, (64, 96)
     if args.memory_only and args.no_memory:
         parser.error('--memory-only and --no-memory exclude each other')
 

@@ -16,6 +16,7 @@ import timm  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from torchvision.ops.misc import FrozenBatchNorm2d  # noqa: E402  (what timm.layers.freeze_batch_norm_2d makes)
 from detectron2.modeling import build_model  # noqa: E402
+from detectron2.utils.env import seed_all_rng  # noqa: E402
 
 import detectron2_ext  # noqa: E402
 from detectron2_ext import add_maformer_zoo_config  # noqa: E402
@@ -57,6 +58,9 @@ def _run(config: str, output_dir: str, panoptic: bool, *extra: str, max_iter: in
                           image_size=64)
     cfg = load_config(os.path.join(CONFIGS, config), opts + [e for e in extra if not e.startswith('--')])
     cfg.freeze()
+    # as train_net's default_setup does: weights, data order and augmentation from cfg.SEED alone
+    # (otherwise they follow whatever ran before in the process)
+    seed_all_rng(cfg.SEED)
     if '--eval-only' in extra:
         model = Trainer.build_model(cfg)
         SafeDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
@@ -91,25 +95,111 @@ COMBINATIONS = [
 ]
 
 
+def _predictions(output_dir):
+    """The final evaluation's detections, as COCOEvaluator wrote them (boxes, scores, masks)."""
+    files = glob.glob(os.path.join(output_dir, 'inference', '*', 'coco_instances_results.json'))
+    assert len(files) == 1, files
+    with open(files[0]) as f:
+        return json.load(f)
+
+
+def _logged_evaluation(output_dir):
+    """The last evaluation row of metrics.json, as ``{task: {metric: value}}``."""
+    with open(os.path.join(output_dir, 'metrics.json')) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    row = [r for r in rows if 'bbox/AP' in r][-1]
+    logged = {}
+    for key, value in row.items():
+        task, _, metric = key.partition('/')
+        if metric:
+            logged.setdefault(task, {})[metric] = value
+    return logged
+
+
+def _scores(predictions):
+    return sorted(p['score'] for p in predictions)
+
+
+# The fast combinations' results, recorded from the seeded 2-iteration run on the CI machine kind
+# (x86_64, 2 cores, torch 2.14.1, the test's thread count). Seeded CPU runs there repeat bit for bit
+# (two processes gave identical values),
+# so the tolerance only absorbs printing (metrics, in percent) and float summation order (score sum).
+# After 2 iterations box and mask AP are near 0 on these images; the mIoU and the detections'
+# scores are what moves when the training step or the model changes. A deliberate change of either
+# re-records them: run this test and copy the values from its failure message.
+RECORDED = {
+    ('mask_rcnn', 'fine_fpn'): {
+        'bbox/AP': 0.07650765076507653, 'bbox/AP50': 0.7650765076507653, 'segm/AP': 0.0, 'segm/AP50': 0.0,
+        'detections': 100, 'score_sum': 25.11491633951664},
+    ('cascade_mask_rcnn', 'asff_fpn'): {
+        'bbox/AP': 0.04429390307451797, 'bbox/AP50': 0.44293903074517976, 'segm/AP': 0.0, 'segm/AP50': 0.0,
+        'detections': 100, 'score_sum': 24.96004730463028},
+    ('panoptic_fpn', 'fpn'): {
+        'sem_seg/mIoU': 9.020744226736538, 'sem_seg/pACC': 20.30029296875, 'bbox/AP': 0.07013201320132013,
+        'bbox/AP50': 0.3506600660066006, 'segm/AP': 0.0, 'segm/AP50': 0.0, 'panoptic_seg/PQ': 0.0,
+        'panoptic_seg/SQ': 0.0, 'panoptic_seg/RQ': 0.0, 'detections': 100, 'score_sum': 25.116831213235855},
+}
+METRIC_TOLERANCE = 1e-4  # absolute, in percent points
+SCORE_SUM_TOLERANCE = 1e-5  # relative
+
+
+def _summary(results, predictions):
+    keys = {'bbox': ('AP', 'AP50'), 'segm': ('AP', 'AP50'), 'panoptic_seg': ('PQ', 'SQ', 'RQ'),
+            'sem_seg': ('mIoU', 'pACC')}
+    out = {f'{task}/{k}': results[task][k] for task in results for k in keys[task]}
+    out['detections'] = len(predictions)
+    out['score_sum'] = sum(p['score'] for p in predictions)
+    return out
+
+
+def _check_recorded(arch, neck, summary):
+    recorded = RECORDED.get((arch, neck))
+    if recorded is None:
+        return
+    assert set(summary) == set(recorded), summary
+    message = f'recorded {recorded}, now {summary}'
+    for key, value in recorded.items():
+        now = summary[key]
+        if key == 'score_sum':
+            assert now == pytest.approx(value, rel=SCORE_SUM_TOLERANCE), message
+        elif isinstance(value, float) and math.isnan(value):
+            assert math.isnan(now), message
+        else:
+            assert now == pytest.approx(value, abs=METRIC_TOLERANCE), message
+
+
 @pytest.mark.parametrize('arch,neck', COMBINATIONS)
 def test_train_evaluate_resume_eval_only(synthetic, tmp_path, arch, neck):
-    """2 iterations + evaluation; --eval-only reproduces the numbers; --resume continues."""
+    """2 iterations + evaluation (the fast combinations' values recorded); ``--eval-only`` with
+    the trained weights reproduces training's final evaluation and its detections exactly, without
+    them it gives other detections; ``--resume`` continues.
+
+    Mutations caught (dev/mutations.py): ``skip-weight-load`` (the checkpointer loads nothing, so
+    eval-only evaluates the seeded initialisation), ``optimizer-lr-scaled`` (the recorded values).
+    Gradient clipping switched off is not caught: in 2 warm-up iterations it never engages.
+    """
     config = CONFIG_OF[arch].format(backbone=SMALL_BACKBONE, neck=neck)
     panoptic = arch == 'panoptic_fpn'
     out = str(tmp_path / 'run')
     results = _run(config, out, panoptic)
     expected_tasks = {'bbox', 'segm'} | ({'sem_seg', 'panoptic_seg'} if panoptic else set())
     assert set(results) == expected_tasks
-    assert 0 <= results['bbox']['AP'] <= 100 and 0 <= results['segm']['AP'] <= 100
-    if panoptic:
-        assert 0 <= results['panoptic_seg']['PQ'] <= 100
-        assert 0 <= results['sem_seg']['mIoU'] <= 100
+    trained = _predictions(out)
+    _same_results(results, _logged_evaluation(out))  # what the log says is what was returned
+    _check_recorded(arch, neck, _summary(results, trained))
     final = os.path.join(out, 'model_final.pth')
     assert os.path.isfile(final)
     assert _training_iterations(out) == [1]
 
     again = _run(config, str(tmp_path / 'eval'), panoptic, '--eval-only', 'MODEL.WEIGHTS', final)
     _same_results(results, again)
+    assert trained and _predictions(str(tmp_path / 'eval')) == trained  # every box, score and mask
+
+    # The seeded initialisation (what a skipped load leaves) predicts clearly different scores.
+    _run(config, str(tmp_path / 'init'), panoptic, '--eval-only', 'MODEL.WEIGHTS', '')
+    init = _predictions(str(tmp_path / 'init'))
+    assert len(init) != len(trained) or max(
+        abs(a - b) for a, b in zip(_scores(init), _scores(trained))) > 1e-3
 
     _run(config, out, panoptic, '--resume', max_iter=3)
     assert _training_iterations(out) == [1, 2]  # only the new iteration ran
@@ -201,24 +291,62 @@ def test_output_contract_and_norms():
 
 def test_channels_last_models_are_permuted():
     """The layout comes from timm's declared output_fmt: at 384x512 Swin's stride-4 map is
-    96 high with 96 channels, which a guess from shapes would leave channels-last."""
-    backbone = TimmBackbone('swin_tiny_patch4_window7_224', norm='')
+    96 high with 96 channels, which a guess from shapes would leave channels-last. The values are
+    timm's own NHWC output permuted to NCHW, element for element (a square input, so a permute
+    that swaps height and width keeps the shape and only the values show it).
+
+    Mutation caught (dev/mutations.py): ``nhwc-transposed-permute`` (permute(0, 3, 2, 1)).
+    """
+    backbone = TimmBackbone('swin_tiny_patch4_window7_224', norm='').eval()
     assert backbone._channels_last
-    out = backbone(torch.randn(1, 3, 384, 512))
+    with torch.no_grad():
+        out = backbone(torch.randn(1, 3, 384, 512))
     assert tuple(out['res2'].shape) == (1, 96, 96, 128)
     assert tuple(out['res5'].shape) == (1, 768, 12, 16)
-    with torch.no_grad():  # the same values as timm's own NHWC output
-        timm_out = backbone.model(torch.randn(1, 3, 64, 64))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        got = backbone(x)
+        timm_out = backbone.model(x)  # timm's features_only model: NHWC
     assert tuple(timm_out[0].shape) == (1, 16, 16, 96)
+    assert list(got) == ['res2', 'res3', 'res4', 'res5']
+    for level, nhwc in zip(got, timm_out):
+        assert torch.equal(got[level], nhwc.permute(0, 3, 1, 2)), level
 
 
 def test_drop_path_and_grad_checkpointing():
+    """Drop path reaches the model; gradient checkpointing gives the same loss and the same
+    gradient for every parameter (and the input) as the run without it, drop path included
+    (checkpointing replays the random state).
+
+    Mutation caught (dev/mutations.py): ``mscsa-checkpoint-detached`` (the checkpointed MSCSA
+    blocks get a detached input, so no gradient flows back through them).
+    """
+    torch.manual_seed(0)
+    plain = TimmBackbone('pvt_v2_b0_mscsa', drop_path_rate=0.1, norm='BN')
     backbone = TimmBackbone('pvt_v2_b0_mscsa', drop_path_rate=0.1, grad_ckpt=True, norm='BN')
+    backbone.load_state_dict(plain.state_dict())
     rates = [m.drop_prob for m in backbone.modules() if type(m).__name__ == 'DropPath']
     assert rates and max(rates) == pytest.approx(0.1)
-    assert backbone.model.model.grad_checkpointing
-    out = backbone(torch.randn(1, 3, 64, 64, requires_grad=True))
-    out['res5'].sum().backward()  # checkpointed backward works
+    assert backbone.model.model.grad_checkpointing and not plain.model.model.grad_checkpointing
+    x = torch.randn(1, 3, 64, 64)
+    runs = []
+    for model in (plain, backbone):
+        model.train()
+        image = x.clone().requires_grad_(True)
+        torch.manual_seed(1)  # the same drop-path draws
+        out = model(image)
+        loss = sum(f.float().pow(2).mean() for f in out.values())
+        loss.backward()
+        runs.append((loss.detach(), image.grad, {n: p.grad for n, p in model.named_parameters()}))
+    (loss_a, dx_a, grads_a), (loss_b, dx_b, grads_b) = runs
+    torch.testing.assert_close(loss_b, loss_a, rtol=0, atol=0)
+    # Recomputation repeats the same kernels on the same values; 1e-6 allows for reduction order.
+    torch.testing.assert_close(dx_b, dx_a, rtol=1e-5, atol=1e-7)
+    assert grads_a.keys() == grads_b.keys()
+    for name, grad in grads_a.items():
+        assert (grad is None) == (grads_b[name] is None), name
+        if grad is not None:
+            torch.testing.assert_close(grads_b[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_weight_sources(tmp_path):
@@ -450,7 +578,11 @@ _SMALL_BUILDS = {
 @pytest.mark.parametrize('rel', [pytest.param(r, marks=() if r in _SMALL_BUILDS else
                                               pytest.mark.slow) for r in GRID + R50])
 def test_every_config_builds(rel):
-    """Every config path of the grid and the R-50 paper configs builds and runs."""
+    """Every config path of the grid and the R-50 paper configs builds the model it describes
+    (backbone, neck, widths, classes, heads) and runs it on one image.
+
+    Mutation caught (dev/mutations.py): ``config-fpn-channels-ignored``.
+    """
     cfg = _load(rel, **{'MODEL.TIMM.PRETRAINED': False, 'MODEL.DEVICE': 'cpu', 'MODEL.WEIGHTS': ''})
     model = build_model(cfg)
     bottom_up = model.backbone.bottom_up
@@ -464,11 +596,43 @@ def test_every_config_builds(rel):
     names = [n for n, _ in model.backbone.named_modules()]
     assert any('fine' in n for n in names) == (fusion == 'fine')
     assert any('asff' in n for n in names) == (fusion == 'asff')
+    _check_built_as_configured(model, cfg)
     # A forward pass in eval mode on one small image.
     model.eval()
     with torch.no_grad():
         out = model([{'image': torch.randint(0, 255, (3, 64, 96), dtype=torch.uint8)}])
-    assert 'instances' in out[0]
+    _check_output(out, cfg, (64, 96))
+
+
+def _check_built_as_configured(model, cfg):
+    """The built model's pieces have the values the config states."""
+    shapes = model.backbone.output_shape()
+    assert {s.channels for s in shapes.values()} == {cfg.MODEL.FPN.OUT_CHANNELS}
+    if cfg.MODEL.META_ARCHITECTURE == 'RetinaNet':
+        assert model.num_classes == cfg.MODEL.RETINANET.NUM_CLASSES
+        return
+    predictors = getattr(model.roi_heads, 'box_predictor')
+    predictors = list(predictors) if isinstance(predictors, torch.nn.ModuleList) else [predictors]
+    assert len(predictors) == (len(cfg.MODEL.ROI_BOX_CASCADE_HEAD.IOUS)
+                               if cfg.MODEL.ROI_HEADS.NAME == 'CascadeROIHeads' else 1)
+    assert all(p.num_classes == cfg.MODEL.ROI_HEADS.NUM_CLASSES for p in predictors)
+    assert model.roi_heads.mask_on == cfg.MODEL.MASK_ON
+
+
+def _check_output(out, cfg, size):
+    """One image's output: instances at the input's size, with the configured heads' fields."""
+    assert len(out) == 1
+    instances = out[0]['instances']
+    assert instances.image_size == size
+    assert len(instances) <= cfg.TEST.DETECTIONS_PER_IMAGE
+    fields = {'pred_boxes', 'scores', 'pred_classes'} | ({'pred_masks'} if cfg.MODEL.MASK_ON else set())
+    assert set(instances.get_fields()) == fields
+    num_classes = (cfg.MODEL.RETINANET.NUM_CLASSES if cfg.MODEL.META_ARCHITECTURE == 'RetinaNet'
+                   else cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+    assert bool((instances.pred_classes < num_classes).all())
+    if cfg.MODEL.META_ARCHITECTURE == 'PanopticFPN':
+        assert tuple(out[0]['sem_seg'].shape) == (cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, *size)
+        assert tuple(out[0]['panoptic_seg'][0].shape) == size
 
 
 def test_register_instances_and_panoptic(synthetic):
@@ -487,6 +651,10 @@ def test_register_instances_and_panoptic(synthetic):
 @pytest.mark.parametrize('fusion', ['fine', pytest.param('sum', marks=pytest.mark.slow),
                                     pytest.param('asff', marks=pytest.mark.slow)])
 def test_retinanet_builders(fusion):
+    """The RetinaNet builders: P3-P7 with the configured width, and detections at the input size.
+
+    Mutation caught (dev/mutations.py): ``config-fpn-channels-ignored``.
+    """
     cfg = add_maformer_zoo_config(get_cfg())
     cfg.merge_from_file(os.path.join(CONFIGS, 'Base-RetinaNet.yaml'))
     cfg.MODEL.BACKBONE.NAME = 'build_retinanet_timm_fpn_backbone'
@@ -498,16 +666,17 @@ def test_retinanet_builders(fusion):
     shapes = model.backbone.output_shape()
     assert list(shapes) == ['p3', 'p4', 'p5', 'p6', 'p7']
     assert [s.stride for s in shapes.values()] == [8, 16, 32, 64, 128]
+    _check_built_as_configured(model, cfg)
     model.eval()
     with torch.no_grad():
         out = model([{'image': torch.randint(0, 255, (3, 64, 96), dtype=torch.uint8)}])
-    assert 'instances' in out[0]
+    _check_output(out, cfg, (64, 96))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize('boxes_only', [False, True])
+@pytest.mark.parametrize('boxes_only', [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_finetune_script(synthetic, tmp_path, boxes_only):
-    """The real-data benchmark script on a COCO json (RLE masks -> bitmask; --boxes-only)."""
+    """The real-data benchmark script (scripts/finetune_coco.py) on a COCO json (RLE masks ->
+    bitmask; --boxes-only): 2 iterations, evaluated; the report's numbers are the evaluation's."""
     train, val = synthetic['train'], os.path.join(synthetic['root'], 'val')
     cmd = [sys.executable, os.path.join(ROOT, 'scripts', 'finetune_coco.py'),
            '--train-json', train['instances_json'], '--train-images', train['image_dir'],
@@ -520,3 +689,5 @@ def test_finetune_script(synthetic, tmp_path, boxes_only):
     report = json.loads((tmp_path / 'results.json').read_text())
     assert report['iterations'] == 2
     assert set(report['results']) == ({'bbox'} if boxes_only else {'bbox', 'segm'})
+    assert _training_iterations(str(tmp_path)) == [1]
+    _same_results(report['results'], _logged_evaluation(str(tmp_path)))

@@ -252,6 +252,11 @@ def synthetic(tmp_path_factory):
 @pytest.mark.parametrize('model', ['mask_rcnn', 'panoptic_fpn'])
 @pytest.mark.parametrize('neck', ['fpn', 'fine_fpn', 'asff_fpn'])
 def test_two_training_iterations_and_inference(synthetic, model, neck):
+    """Two training steps give the neck's own parameters a gradient; inference on the trained
+    model always detects (so its checks always run) at the input's size, with a mask per detection.
+
+    Mutation caught (dev/mutations.py): ``fine-neck-output-detached``.
+    """
     from detectron2.data import build_detection_test_loader, build_detection_train_loader
     from detectron2.solver import build_optimizer
     from detectron2.utils.events import EventStorage
@@ -297,9 +302,16 @@ def test_two_training_iterations_and_inference(synthetic, model, neck):
     out, inp = outputs[0], batch[0]
     instances = out['instances']
     assert instances.image_size == (inp['height'], inp['width'])
-    assert math.isfinite(float(instances.scores.sum())) if len(instances) else True
+    # the seeded 2-iteration model detects (TEST.DETECTIONS_PER_IMAGE caps it), so every check
+    # below runs: finite scores, boxes inside the image, one mask per detection at image size
+    assert 0 < len(instances) <= cfg.TEST.DETECTIONS_PER_IMAGE
+    assert torch.isfinite(instances.scores).all()
+    boxes = instances.pred_boxes.tensor
+    assert (boxes[:, 0::2] >= 0).all() and (boxes[:, 0::2] <= inp['width']).all()
+    assert (boxes[:, 1::2] >= 0).all() and (boxes[:, 1::2] <= inp['height']).all()
+    assert (instances.pred_classes < counts['things']).all()
     if model == 'mask_rcnn':
-        assert instances.has('pred_masks') or len(instances) == 0
+        assert tuple(instances.pred_masks.shape) == (len(instances), inp['height'], inp['width'])
     else:
         assert out['sem_seg'].shape == (counts['stuff'], inp['height'], inp['width'])
         panoptic, segments = out['panoptic_seg']
@@ -307,7 +319,10 @@ def test_two_training_iterations_and_inference(synthetic, model, neck):
 
 
 def test_neck_benchmark_writes_json_rows(tmp_path):
-    """benchmarks/necks.py --json: a list of flat dicts, one per neck, with ratios to fpn."""
+    """benchmarks/necks.py --json: a list of flat dicts, one per neck, with ratios to fpn.
+
+    Mutation caught (dev/mutations.py): ``necks-ratio-inverted`` (fpn over the neck).
+    """
     import json
     import subprocess
     import sys
@@ -321,5 +336,8 @@ def test_neck_benchmark_writes_json_rows(tmp_path):
     rows = json.loads(out.read_text())
     assert [r['neck'] for r in rows] == ['fpn', 'asff']
     assert all(not isinstance(v, (dict, list)) for r in rows for v in r.values())
-    assert rows[0]['latency_s_model_ratio'] == 1.0 and rows[1]['params_neck'] > rows[0]['params_neck']
+    # each ratio is the neck's value over fpn's, from the same rows; ASFF adds parameters
+    for key in ('latency_s_model', 'latency_s_neck', 'params_neck'):
+        assert rows[1][f'{key}_ratio'] == pytest.approx(rows[1][key] / rows[0][key], rel=1e-9), key
+    assert rows[1]['params_neck'] > rows[0]['params_neck']
     assert 'necks: 100%' in proc.stderr  # the progress bar, on stderr

@@ -120,10 +120,17 @@ def test_stochastic_depth_grows_linearly():
 # ---------------------------------------------------------------------------- training behaviour
 
 def test_eval_is_deterministic():
-    model = _tiny(drop_path_rate=0.2, drop_rate=0.3).eval()
+    """In eval mode every dropout and drop path is off: the output equals, bit for bit, that of
+    the same weights built with all rates 0 (an independent model, not a second call).
+
+    Mutation caught (dev/mutations.py): ``maformer-attn-dropout-in-eval``.
+    """
+    model = _tiny(drop_path_rate=0.2, drop_rate=0.3, attn_drop_rate=0.3, proj_drop_rate=0.3).eval()
+    plain = _tiny().eval()
+    plain.load_state_dict(model.state_dict())
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)
+        torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
 
 
 def test_gradient_checkpointing_gives_identical_results():
@@ -140,13 +147,42 @@ def test_gradient_checkpointing_gives_identical_results():
         torch.testing.assert_close(grad, results[1][1][name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_bf16_autocast_forward_is_finite():
+# bfloat16 keeps 8 significant bits (unit round-off 2**-8 = 0.4%); through the tiny model the
+# relative L2 error against float32 measures 0.6-0.9% (autocast and a bfloat16 model alike), so 3%
+# leaves room for other inputs and still fails on a wrong value (a wrong weight or cast is >10%).
+BF16_REL_L2 = 0.03
+
+
+def _rel_l2(a, b):
+    return float((a.float() - b).norm() / b.norm())
+
+
+def test_bf16_matches_float32():
+    """bfloat16 autocast and a bfloat16 model give float32's logits and features within
+    BF16_REL_L2; the 48x56 input is below the reference size, so the half-precision resize of
+    the global mixing weights runs.
+
+    Mutation caught (dev/mutations.py): ``maformer-float32-only`` (a bfloat16 model refuses its
+    own dtype). A mutation of the half-precision resize alone (no cast back, nearest instead of
+    anti-aliased bilinear) is not caught: its result is cast again or changes the output by less
+    than bfloat16's own error on this model (0.91% against 0.78%).
+    """
+    import copy
     model = _tiny().eval()
-    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
-        out = model(torch.randn(2, 3, 64, 96))
-        feats = model.forward_intermediates(torch.randn(1, 3, 72, 100), intermediates_only=True)
-    assert torch.isfinite(out.float()).all()
-    assert all(torch.isfinite(f.float()).all() for f in feats)
+    x, y = torch.randn(2, 3, 64, 96), torch.randn(1, 3, 72, 100)
+    small = torch.randn(2, 3, 48, 56)
+    with torch.no_grad():
+        ref, ref_feats, ref_small = model(x), model.forward_intermediates(y, intermediates_only=True), model(small)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = model(x)
+            feats = model.forward_intermediates(y, intermediates_only=True)
+        pure = copy.deepcopy(model).to(torch.bfloat16)(small.bfloat16())
+    assert out.dtype == torch.bfloat16 and pure.dtype == torch.bfloat16
+    assert _rel_l2(out, ref) < BF16_REL_L2
+    assert _rel_l2(pure, ref_small) < BF16_REL_L2
+    assert len(feats) == len(ref_feats) == 4
+    for f, r in zip(feats, ref_feats):
+        assert f.shape == r.shape and _rel_l2(f, r) < BF16_REL_L2
 
 
 def test_checkpoint_round_trip_and_errors(tmp_path):
@@ -383,7 +419,10 @@ def test_windows_bound_the_cost_at_detection_sizes():
 
 def test_benchmark_script_runs_every_speed_table(tmp_path):
     """benchmarks/maformer.py end to end, one image per table: the 224 throughput and the detection-size
-    features_only table (timm's Swin-T baseline built for any size), as --json rows."""
+    features_only table (timm's Swin-T baseline built for any size), as --json rows.
+
+    Mutation caught (dev/mutations.py): ``bench-ratio-inverted`` (baseline over model).
+    """
     script = pathlib.Path(__file__).resolve().parents[1] / 'benchmarks' / 'maformer.py'
     out = tmp_path / 'maformer.json'
     subprocess.run(
@@ -394,4 +433,10 @@ def test_benchmark_script_runs_every_speed_table(tmp_path):
     assert set(rows) == {'maformer_s', 'swin_tiny_patch4_window7_224'}
     for row in rows.values():
         assert row['images_per_s'] > 0 and row['det_images_per_s'] > 0
-    assert rows['swin_tiny_patch4_window7_224']['det_ratio_to_swin_tiny_patch4_window7_224'] == 1.0
+    # each ratio is the model's speed over the baseline's, from the same rows
+    base = rows['swin_tiny_patch4_window7_224']
+    mine = rows['maformer_s']
+    assert mine['det_ratio_to_swin_tiny_patch4_window7_224'] == pytest.approx(
+        mine['det_images_per_s'] / base['det_images_per_s'], rel=1e-9)
+    assert mine['ratio_to_swin_tiny_patch4_window7_224'] == pytest.approx(
+        mine['images_per_s'] / base['images_per_s'], rel=1e-9)

@@ -337,11 +337,21 @@ def test_minimum_input_size(name):
 
 
 def test_eval_is_deterministic_and_batch_independent():
-    model = timm.create_model('pvt_v2_b0_mscsa', drop_path_rate=0.2, drop_rate=0.2).eval()
+    """In eval mode dropout, attention dropout and drop path are off: the output equals, bit for
+    bit, the same weights built with all rates 0 (an independent model, not a second call), and
+    one image alone gives its row of the batch.
+
+    Mutation caught (dev/mutations.py): ``mscsa-attn-dropout-in-eval``.
+    """
+    torch.manual_seed(0)
+    model = timm.create_model('pvt_v2_b0_mscsa', drop_path_rate=0.2, drop_rate=0.2,
+                              attn_drop_rate=0.3, proj_drop_rate=0.3).eval()
     _randomize_bn(model)
+    plain = timm.create_model('pvt_v2_b0_mscsa').eval()
+    plain.load_state_dict(model.state_dict())
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
-        a, b = model(x), model(x)
+        a, b = model(x), plain(x)
         single = model(x[1:2])
     assert torch.equal(a, b)
     assert torch.allclose(a[1:2], single, atol=1e-4)

@@ -9,7 +9,10 @@ For each family, with random weights (``pretrained=False``) and ``MODEL.TIMM.NOR
    (``size_divisibility`` / ``padding_constraints``), it returns the channels and strides
    ``output_shape()`` declares;
 3. one SGD step in training mode with ``freeze_at=2`` changes no frozen parameter and no
-   BatchNorm statistic, and does train the rest.
+   BatchNorm statistic, and does train the rest: every parameter outside the stem and the first
+   stage is trainable, and each that gets a gradient takes exactly the SGD step.
+
+Mutation caught (dev/mutations.py): ``freeze-one-stage-too-many`` (``freeze_at + 1`` groups).
 
 A handful of families run in ``make test``; the rest are ``slow``.
 """
@@ -130,9 +133,50 @@ def test_family(name):
     after = dict(backbone.named_parameters())
     for n, value in frozen.items():
         assert after[n].grad is None and torch.equal(after[n], value), n
-    assert any(not torch.equal(after[n], v) for n, v in trainable.items())
+    # "the rest" is every parameter outside the stem and the first stage (freeze_at=2): all of
+    # them train, and each one that got a gradient took exactly the SGD step
+    groups = backbone._parameter_groups()
+    frozen_ids = set().union(*groups[:2])
+    rest = {n for n, p in backbone.named_parameters() if id(p) not in frozen_ids}
+    assert set(trainable) == rest
+    stepped = 0
+    for n, value in trainable.items():
+        grad = after[n].grad
+        if grad is not None and grad.any():
+            torch.testing.assert_close(after[n].detach(), value - 0.1 * grad, rtol=0, atol=1e-6, msg=n)
+            stepped += 1
+    # the first trainable stage's parameters are among those that moved
+    assert len(groups) > 2 and any(
+        after[n].grad is not None and after[n].grad.any() for n, p in backbone.named_parameters()
+        if id(p) in groups[2]), 'the first unfrozen stage did not train'
+    assert stepped > 0
     for n, value in _stats(backbone).items():
         assert torch.equal(value, stats[n]), n
+
+
+def test_every_family_builds_its_declared_pyramid():
+    """Every family of the sweep that the fast suite does not run in full builds in the adapter, with FrozenBN and
+    freeze_at=2, on the meta device (milliseconds each: nothing allocated), and declares the
+    channels and strides of timm's own ``features_only`` model for the levels it returns (stride
+    4-32; a single-scale model's one map). The full check per family is ``test_family``; this
+    runs every family in the fast suite.
+    """
+    for name, extra in FAMILIES.items():
+        if name in FAST:  # test_family runs these in full
+            continue
+        native = timm.get_pretrained_cfg(name).input_size[-2:]
+        with torch.device('meta'):
+            backbone = TimmBackbone(name, norm='FrozenBN', freeze_at=2, img_size=max(native),
+                                    model_kwargs=extra)
+            # timm's own features_only model, with the levels the adapter asked timm for
+            info = timm.create_model(name, features_only=True, pretrained=False, **extra,
+                                     out_indices=backbone.model.feature_info.out_indices).feature_info
+        channels, reductions = info.channels(), info.reduction()
+        shapes = backbone.output_shape()
+        assert len(shapes) == len(backbone._selected) > 0, name
+        for index, shape in zip(backbone._selected, shapes.values()):
+            assert (shape.channels, shape.stride) == (channels[index], reductions[index]), name
+        assert any(not p.requires_grad for p in backbone.parameters()), name
 
 
 def _detector_cfg(name: str, builder: str, fusion: str, mask_on: bool):

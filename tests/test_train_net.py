@@ -184,8 +184,7 @@ def test_rerun_into_a_run_folder_refused(coco, tmp_path):
     assert (out / 'model_final.pth').read_bytes() == b'an earlier run'
 
 
-@pytest.mark.slow
-def test_train_then_resume(coco, tmp_path):
+def test_train_then_resume(coco, tmp_path):  # fast: CI runs train_net's --resume once (issue 22)
     out = tmp_path / 'run'
     proc = train_net(coco, '--config-file', CONFIG, *small_run(out, max_iter=1))
     assert 'copypaste: Task: bbox' in proc.stdout + proc.stderr
