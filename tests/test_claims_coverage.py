@@ -111,7 +111,7 @@ def _build_and_check(rel, cfg):
     from detectron2_ext.modeling.timm_backbone import TimmBackbone
     with torch.device('meta'):
         model = build_model(cfg)
-    names = {n for n, _ in model.backbone.named_modules()}
+    names = {n for n, _ in model.named_modules()}  # the neck, or UPerHead's own fusion
     assert any('fine' in n for n in names) == (cfg.MODEL.FPN.FUSION == 'fine'), rel
     assert any('asff' in n for n in names) == (cfg.MODEL.FPN.FUSION == 'asff'), rel
     timm_backbones = [m for m in model.backbone.modules() if isinstance(m, TimmBackbone)]

@@ -103,16 +103,17 @@ def pool_to(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     """Average-pool ``x`` to ``size`` (a no-op when it already has it), as
     ``adaptive_avg_pool2d``.
 
-    Under ``torch.jit.trace`` and the ONNX exporter, which records through it, the pooling is two
-    products with window-averaging matrices built from the traced sizes: ONNX has no adaptive
-    pooling whose output size is computed in the graph, and one trace then serves every size.
-    Same windows; the sums differ from eager in float rounding only (docs/detectron2.md,
-    "Deploying detectors").
+    Under the ONNX exporter the pooling is two products with window-averaging matrices built from
+    the traced sizes: ONNX has no adaptive pooling whose output size is computed in the graph, and
+    one export then serves every size. Same windows; the sums differ from eager in float rounding
+    only (docs/detectron2.md, "Deploying detectors"). A TorchScript trace keeps
+    ``adaptive_avg_pool2d`` (its size arithmetic is traced), and so FLOP counters count eager's op.
     """
-    if torch.jit.is_tracing():
-        rows = _adaptive_pool_matrix(x.shape[-2], size[0], x)
-        cols = _adaptive_pool_matrix(x.shape[-1], size[1], x)
-        return torch.matmul(torch.matmul(rows, x), cols.transpose(0, 1))
+    if not torch.jit.is_scripting():  # the ONNX check does not script; scripted code never exports
+        if torch.jit.is_tracing() and torch.onnx.is_in_onnx_export():
+            rows = _adaptive_pool_matrix(x.shape[-2], size[0], x)
+            cols = _adaptive_pool_matrix(x.shape[-1], size[1], x)
+            return torch.matmul(torch.matmul(rows, x), cols.transpose(0, 1))
     if x.shape[-2] == size[0] and x.shape[-1] == size[1]:
         return x
     return F.adaptive_avg_pool2d(x, [size[0], size[1]])
