@@ -204,6 +204,19 @@ def test_torchscript_equals_eager(name):
 
 
 @pytest.mark.parametrize('name', MODELS)
+def test_torchscript_features_only_equals_eager(name):
+    """``features_only`` scripts too (timm's getter wrapper compiles our ``forward_intermediates``).
+    Mutation: an f-string in its ``output_fmt`` error, or MSCSA's stage count read from a module
+    global, fails to compile."""
+    with set_scriptable(True):
+        model = _small(name, features_only=True).eval()
+        scripted = torch.jit.script(model)
+    x = _input()
+    with torch.no_grad():
+        _assert_close(scripted(x), model(x))
+
+
+@pytest.mark.parametrize('name', MODELS)
 def test_fx_equals_eager(name):
     """The model traced by timm's FX machinery, and ``features_only`` with ``feature_cls='fx'``."""
     model = _small(name).eval()

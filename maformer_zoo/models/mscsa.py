@@ -185,6 +185,7 @@ class MscsaNet(nn.Module):
         self.input_multiple = input_multiple
         self.min_input_size = min_input_size
         self.grad_checkpointing = False
+        self.num_stages = len(_STAGE_STRIDES)  # an attribute: TorchScript reads no module globals
 
         self.base = self._create_base(
             base_model, in_chans, pretrained_base, base_pretrained_cfg_overlay,
@@ -354,12 +355,13 @@ class MscsaNet(nn.Module):
             features), or a tuple of the final features (``forward_features``) and them.
         """
         if output_fmt not in ('NCHW', 'NHWC'):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC'; got {output_fmt!r}.")
+            # concatenation, not an f-string: TorchScript compiles this method (features_only)
+            raise ValueError("output_fmt must be 'NCHW' or 'NHWC'; got '" + output_fmt + "'.")
         if norm:
             raise ValueError(
-                f'{self.model_name} has no final norm for its stage features (MSCSA replaces the base\'s '
-                f'norm; forward_features is normalised already): call forward_intermediates with norm=False.')
-        take_indices, _ = feature_take_indices(len(_STAGE_STRIDES), indices)
+                self.model_name + " has no final norm for its stage features (MSCSA replaces the base's "
+                'norm; forward_features is normalised already): call forward_intermediates with norm=False.')
+        take_indices, _ = feature_take_indices(self.num_stages, indices)
         if self.fusion is None and stop_early:
             intermediates = self._base_features(x, take_indices, stop_early=True)
             x = intermediates[-1]
@@ -388,7 +390,7 @@ class MscsaNet(nn.Module):
 
         The base's stages all stay: MSCSA reads every one of them.
         """
-        take_indices, _ = feature_take_indices(len(_STAGE_STRIDES), indices)
+        take_indices, _ = feature_take_indices(self.num_stages, indices)
         if prune_head:
             self.reset_classifier(0, '')
         if prune_norm:
