@@ -269,7 +269,8 @@ def _timm_fx_model(model):
 @pytest.mark.parametrize('name', MODELS)
 def test_timm_forward_fx(name, depth):
     """timm's ``test_model_forward_fx``: the traced model's output is exactly the eager output.
-    Mutation: Swin-MSCSA traced through timm's dynamic mask (item assignment on a Proxy) fails."""
+    Mutations: Swin-MSCSA traced through timm's dynamic mask (item assignment on a Proxy) fails;
+    ``swin_shift_mask`` returning zeros (no mask) differs from eager by 8e-3."""
     model = _model_at(name, depth).eval()
     x = _timm_test_input(model, 1)
     with torch.inference_mode():
@@ -378,10 +379,9 @@ def test_export_features_dynamic_detection_sizes(name):
     """One program from the plain call for every multiple of 32 from 512 to 2048 (guards checked at
     331 sizes on the meta device), equal to eager at ``COMPARE_SIZES``.
 
-    Mutations: MAFormer's window crop as a slice + ``clone`` (or timm Swin's slice +
-    ``contiguous()`` in the Swin-MSCSA export path) makes the program refuse every size padded
-    differently from the example (e.g. 512x800); the Swin mask built with the wrong region order
-    differs from eager at 640x1024."""
+    Mutations: MAFormer's window crop as a slice + ``clone`` makes the program refuse 127 probed
+    sizes (e.g. 512x800); a slice + ``contiguous()`` crop in the Swin-MSCSA traced path (timm's)
+    refuses the sizes whose window padding differs from the example's."""
     model = _small(name, features_only=True).eval()
     _check_detection_export(model, (512, 576))
 
