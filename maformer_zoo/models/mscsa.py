@@ -361,7 +361,7 @@ class MscsaNet(nn.Module):
         :func:`swin_shift_mask` (timm fills it by item assignment, which FX cannot trace) and the
         window padding is cropped by a copy (timm's crop makes torch.export specialise the program on
         whether its example was padded). Eager and TorchScript run timm's own code; the tests compare
-        both (docs/mscsa.md, "Deploy paths").
+        both (docs/maformer.md, "Deploy paths per model").
         """
         base = self.base
         last = max(base_indices) if stop_early else len(base.layers) - 1
