@@ -2,7 +2,7 @@
 
 What timm checks of its own families: forward/backward, default cfgs, classifier handling,
 features and intermediates, TorchScript, FX, torch.compile, torch.export and ONNX. The models are
-built with one block per stage (``_small``) and run on small inputs, so the whole suite stays
+built with one block per stage (``_small``, plus a shifted-window block where a family has one) and run on small inputs, so the whole suite stays
 fast; the full-depth models differ only in how many identical blocks they repeat. What pins the
 papers (params, FLOPs, layers) lives in test_maformer.py and test_mscsa.py.
 """
@@ -13,18 +13,21 @@ import onnxruntime
 import pytest
 import timm
 import torch
-from torch.fx.experimental import _config as fx_config
 from timm.layers import set_scriptable
+from timm.models import get_notrace_functions, get_notrace_modules
 from timm.models._features_fx import create_feature_extractor, get_graph_node_names
+from torchvision.models.feature_extraction import create_feature_extractor as tv_feature_extractor
+from torchvision.models.feature_extraction import get_graph_node_names as tv_graph_node_names
 
 import maformer_zoo
 
 MODELS = maformer_zoo.list_models()
-# the shallowest base of each MSCSA family, one block per stage of the base
+# the shallowest base of each MSCSA family, one block per stage of the base; Swin keeps a second
+# (shifted-window) block in stage 2, MAFormer one in stage 3, so the shifted-window code is covered
 _BASE_SMALL = {
     'resnet': dict(layers=(1, 1, 1, 1)),
     'pvt_v2': dict(depths=(1, 1, 1, 1)),
-    'swin': dict(depths=(1, 1, 1, 1)),
+    'swin': dict(depths=(1, 2, 1, 1)),
     'convnext': dict(depths=(1, 1, 1, 1)),
 }
 INPUT = (2, 3, 64, 96)  # two images, not square, every side a multiple of 32
@@ -43,7 +46,7 @@ def test_zoo_lists_all_ten_models():
 
 def _small_kwargs(name: str) -> dict:
     if name.startswith('maformer'):
-        return dict(depths=(1, 1, 1, 1))
+        return dict(depths=(1, 1, 2, 1))
     family = next(f for f in _BASE_SMALL if name.startswith(f))
     return dict(base_kwargs=dict(_BASE_SMALL[family]))
 
@@ -204,6 +207,19 @@ def test_torchscript_equals_eager(name):
 
 
 @pytest.mark.parametrize('name', MODELS)
+def test_torchscript_features_only_equals_eager(name):
+    """``features_only`` scripts too (timm's getter wrapper compiles our ``forward_intermediates``).
+    Mutation: an f-string in its ``output_fmt`` error, or MSCSA's stage count read from a module
+    global, fails to compile."""
+    with set_scriptable(True):
+        model = _small(name, features_only=True).eval()
+        scripted = torch.jit.script(model)
+    x = _input()
+    with torch.no_grad():
+        _assert_close(scripted(x), model(x))
+
+
+@pytest.mark.parametrize('name', MODELS)
 def test_fx_equals_eager(name):
     """The model traced by timm's FX machinery, and ``features_only`` with ``feature_cls='fx'``."""
     model = _small(name).eval()
@@ -214,6 +230,95 @@ def test_fx_equals_eager(name):
     with torch.no_grad():
         _assert_close(graph(x)['out'], model(x))
         _assert_close(fx_features(x), getter_features(x))
+
+
+# timm's own tests/test_models.py FX and TorchScript checks, the same things the same way: the
+# model at timm's test size (the default input size capped at 128 per side, as our cfgs allow any
+# size), FX through torchvision's feature extractor with timm's notrace modules and functions as
+# leaves. Small models in the fast suite, the full-depth models in the slow one.
+DEPTHS = ['small', pytest.param('full', marks=pytest.mark.slow)]
+_TIMM_TEST_SIDE = 128
+
+
+def _model_at(name: str, depth: str, **kwargs):
+    if depth == 'small':
+        return _small(name, **kwargs)
+    torch.manual_seed(0)
+    return timm.create_model(name, **kwargs)
+
+
+def _timm_test_input(model, batch_size: int) -> torch.Tensor:
+    cfg = model.pretrained_cfg
+    assert not cfg.get('fixed_input_size') and not cfg.get('min_input_size')
+    size = tuple(min(s, _TIMM_TEST_SIDE) for s in cfg['input_size'])
+    return _input((batch_size,) + size, seed=5)
+
+
+def _timm_fx_model(model):
+    """The model as a torchvision FX feature extractor returning its output node in both modes
+    (our models have one output, so the last node of each mode's graph is it)."""
+    tracer_kwargs = dict(
+        leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(), param_shapes_constant=True)
+    train_nodes, eval_nodes = tv_graph_node_names(model, tracer_kwargs=tracer_kwargs)
+    return tv_feature_extractor(
+        model, train_return_nodes=[train_nodes[-1]], eval_return_nodes=[eval_nodes[-1]],
+        tracer_kwargs=tracer_kwargs)
+
+
+@pytest.mark.parametrize('depth', DEPTHS)
+@pytest.mark.parametrize('name', MODELS)
+def test_timm_forward_fx(name, depth):
+    """timm's ``test_model_forward_fx``: the traced model's output is exactly the eager output.
+    Mutations: Swin-MSCSA traced through timm's dynamic mask (item assignment on a Proxy) fails;
+    ``swin_shift_mask`` returning zeros (no mask) differs from eager by 8e-3."""
+    model = _model_at(name, depth).eval()
+    x = _timm_test_input(model, 1)
+    with torch.inference_mode():
+        expected = model(x)
+        (got,) = _timm_fx_model(model)(x).values()
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize('depth', DEPTHS)
+@pytest.mark.parametrize('name', MODELS)
+def test_timm_backward_fx(name, depth):
+    """timm's ``test_model_backward_fx``: the training-mode graph (42 classes, batch 2) gives every
+    parameter a gradient, and the output is finite."""
+    model = _model_at(name, depth, num_classes=42).train()
+    fx_model = _timm_fx_model(model)
+    (out,) = fx_model(_timm_test_input(model, 2)).values()
+    out.mean().backward()
+    missing = [n for n, p in fx_model.named_parameters() if p.grad is None]
+    assert not missing, missing
+    assert sum(p.grad.numel() for p in fx_model.parameters()) == sum(p.numel() for p in model.parameters())
+    assert out.shape == (2, 42) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize('depth', DEPTHS)
+@pytest.mark.parametrize('name', MODELS)
+def test_timm_forward_fx_torchscript(name, depth):
+    """timm's ``test_model_forward_fx_torchscript``: the FX graph of the scriptable model scripts;
+    here it must also equal eager. Mutation: a notrace helper that TorchScript cannot compile
+    (e.g. an f-string in ``swin_shift_mask``) fails."""
+    with set_scriptable(True):
+        model = _model_at(name, depth).eval()
+    scripted = torch.jit.script(_timm_fx_model(model))
+    x = _timm_test_input(model, 1)
+    with torch.inference_mode():
+        (got,) = scripted(x).values()
+        _assert_close(got, model(x))
+
+
+@pytest.mark.parametrize('depth', DEPTHS)
+@pytest.mark.parametrize('name', MODELS)
+def test_timm_forward_torchscript(name, depth):
+    """timm's ``test_model_forward_torchscript`` (scripted with ``set_scriptable``), equal to eager."""
+    with set_scriptable(True):
+        model = _model_at(name, depth).eval()
+    scripted = torch.jit.script(model)
+    x = _timm_test_input(model, 1)
+    with torch.no_grad():
+        _assert_close(scripted(x), model(x))
 
 
 @pytest.mark.parametrize('name', HEAVY)
@@ -229,14 +334,16 @@ def test_compile_fullgraph(name):
 
 # Detection sizes: every multiple of 32 from 512 to 2048 on each side.
 DETECTION_SIDES = range(512, 2049, 32)
+# the sizes at which the exported program is compared with eager: square, the most common
+# detection aspect ratio, and the longest side against the shortest
+COMPARE_SIZES = ((512, 512), (640, 1024), (2048, 544))
 
 
 def export_detection_sizes(model: torch.nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
-    """The documented recipe (docs/maformer.md, "Deploy paths per model"): ``32 * Dim(16..64)`` per
-    side, traced with size-oblivious reasoning so the program is not specialised to its example."""
+    """The documented call (docs/maformer.md, "Deploy paths per model"): ``32 * Dim(16..64)`` per
+    side, no torch setting and no function mode."""
     h, w = torch.export.Dim('h', min=16, max=64), torch.export.Dim('w', min=16, max=64)
-    with fx_config.patch(backed_size_oblivious=True):
-        return torch.export.export(model, (example,), dynamic_shapes=({2: 32 * h, 3: 32 * w},))
+    return torch.export.export(model, (example,), dynamic_shapes=({2: 32 * h, 3: 32 * w},))
 
 
 def _probe_sizes() -> list:
@@ -258,17 +365,25 @@ def _sizes_refused(program: torch.export.ExportedProgram) -> list:
     return refused
 
 
-@pytest.mark.parametrize('name', HEAVY)
-def test_export_features_dynamic_detection_sizes(name):
-    """One exported program for every multiple of 32 from 512 to 2048 (guards checked at 331 sizes
-    on the meta device), equal to eager at two other sizes, one of them extreme."""
-    model = _small(name, features_only=True).eval()
-    program = export_detection_sizes(model, _input((1, 3, 512, 576)))
+def _check_detection_export(model: torch.nn.Module, example_size: tuple) -> None:
+    program = export_detection_sizes(model, _input((1, 3) + tuple(example_size)))
     assert _sizes_refused(program) == []
-    for second in ((1, 3, 640, 512), (1, 3, 544, 2048)):
-        x = _input(second, seed=3)
+    for size in COMPARE_SIZES:
+        x = _input((1, 3) + size, seed=3)
         with torch.no_grad():
             _assert_close(program.module()(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize('name', HEAVY)
+def test_export_features_dynamic_detection_sizes(name):
+    """One program from the plain call for every multiple of 32 from 512 to 2048 (guards checked at
+    331 sizes on the meta device), equal to eager at ``COMPARE_SIZES``.
+
+    Mutations: MAFormer's window crop as a slice + ``clone`` makes the program refuse 127 probed
+    sizes (e.g. 512x800); a slice + ``contiguous()`` crop in the Swin-MSCSA traced path (timm's)
+    refuses the sizes whose window padding differs from the example's."""
+    model = _small(name, features_only=True).eval()
+    _check_detection_export(model, (512, 576))
 
 
 @pytest.mark.parametrize('name', HEAVY)
@@ -290,13 +405,9 @@ def test_onnx_runs_in_onnxruntime(name, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize('name', ['maformer_s', 'resnet50_mscsa', 'swin_tiny_patch4_window7_224_mscsa'])
 def test_full_depth_export_and_inductor(name):
-    """The full-depth models: dynamic export at detection sizes and an inductor build."""
+    """The full-depth models: the plain dynamic export at detection sizes and an inductor build."""
     model = timm.create_model(name, features_only=True).eval()
-    program = export_detection_sizes(model, _input((1, 3, 800, 1216)))
-    assert _sizes_refused(program) == []
-    x = _input((1, 3, 608, 1024), seed=3)
-    with torch.no_grad():
-        _assert_close(program.module()(x), model(x), atol=1e-4, rtol=1e-4)
+    _check_detection_export(model, (800, 1216))
     torch._dynamo.reset()
     classifier = timm.create_model(name).eval()
     compiled = torch.compile(classifier, fullgraph=True)

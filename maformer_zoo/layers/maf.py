@@ -152,8 +152,9 @@ def window_self_attention(
     if shifted:
         out = torch.roll(out, (shift_h, shift_w), dims=(1, 2))
     if padded:
-        # clone, not contiguous(): traced, contiguous() would guard on the padding (see _compile.py)
-        out = out[:, :H, :W].clone(memory_format=torch.contiguous_format)
+        # crop by negative padding: a copy with symbolic sizes; copying a cropped view instead makes
+        # torch.export decide whether the crop removed anything (docs/maformer.md, "Deploy paths")
+        out = F.pad(out, (0, 0, 0, -pad_w, 0, -pad_h))
     return out
 
 

@@ -376,10 +376,14 @@ class MAFormer(nn.Module):
             intermediates_only: return only the list of intermediates.
         """
         if output_fmt not in ('NCHW', 'NHWC'):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC'; got {output_fmt!r}.")
+            # concatenation, not an f-string: TorchScript compiles this method (features_only)
+            raise ValueError("output_fmt must be 'NCHW' or 'NHWC'; got '" + output_fmt + "'.")
         self._check_input(x)
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
+        if torch.jit.is_scripting() or not stop_early:  # TorchScript cannot slice a Sequential
+            stages = self.stages
+        else:
+            stages = self.stages[:max_index + 1]
         last_index = len(self.stages) - 1
         intermediates = []
         x = self.stem(x)

@@ -43,7 +43,6 @@ Choices the paper leaves open (see also README, "MSCSA"):
 * ``drop_path_rate`` applies to the MSCSA blocks and, unless ``base_drop_path_rate`` is given, to
   the base as well (App. C.1 trains both with stochastic depth).
 """
-import contextlib
 import re
 from typing import Any, Dict, List, Optional, Set, Tuple, Type, Union
 
@@ -55,10 +54,11 @@ from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, register_notrace_function, trunc_normal_
-from timm.models import generate_default_cfgs, register_model
+from timm.models import SwinTransformer, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from timm.models.swin_transformer import window_partition, window_reverse
 
-from ..layers._compile import CopyingContiguous
+from ..layers._compile import is_compiling
 from ..layers.mscsa import DenseFusion, MultiStageCrossScaleAttention
 from ..hub import published_hub_id
 from ..weights import unwrap_state_dict
@@ -107,6 +107,50 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     pad_w = -x.shape[-1] % multiple
     if pad_h > 0 or pad_w > 0:
         x = F.pad(x, [0, pad_w, 0, pad_h])
+    return x
+
+
+@register_notrace_function  # sizes are Proxies under FX: a leaf
+def swin_shift_mask(x: torch.Tensor, window: Tuple[int, int], shift: Tuple[int, int]) -> torch.Tensor:
+    """Additive mask ``(num_windows, N, N)`` of timm's shifted Swin windows on the padded, shifted map
+    ``x (B, Hp, Wp, C)``: 0 between tokens of one region, -100 across regions.
+
+    The values of timm's ``SwinTransformerBlock.get_attn_mask(x)``; built from comparisons of
+    ``arange`` instead of item assignment, so FX keeps it as a leaf and export keeps sizes symbolic.
+    """
+    labels: List[torch.Tensor] = []
+    for axis in range(2):
+        size = x.shape[axis + 1]
+        pos = torch.arange(size, device=x.device)
+        if shift[axis] > 0:
+            # regions [0, P - w), [P - w, P - s), [P - s, P)
+            labels.append((pos >= size - window[axis]).long() + (pos >= size - shift[axis]).long())
+        else:
+            labels.append(torch.zeros_like(pos))  # timm's last region then covers the whole axis
+    label = labels[0][:, None] * 3 + labels[1][None, :]
+    rows, cols = label.shape[0] // window[0], label.shape[1] // window[1]
+    label = label.reshape(rows, window[0], cols, window[1]).permute(0, 2, 1, 3).reshape(rows * cols, -1)
+    across = label[:, None, :] != label[:, :, None]
+    return torch.zeros(across.shape, dtype=x.dtype, device=x.device).masked_fill(across, -100.)
+
+
+def _swin_window_attention(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm's ``SwinTransformerBlock._attn`` with sizes kept symbolic (see :meth:`MscsaNet._swin_features`)."""
+    B, H, W, C = x.shape
+    (win_h, win_w), (shift_h, shift_w) = block.window_size, block.shift_size
+    if shift_h or shift_w:
+        x = torch.roll(x, shifts=(-shift_h, -shift_w), dims=(1, 2))
+    # padded sizes as ceil-multiples: window_partition's view then needs no divisibility decision
+    pad_h, pad_w = -(-H // win_h) * win_h - H, -(-W // win_w) * win_w - W
+    x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    mask = swin_shift_mask(x, block.window_size, block.shift_size) if shift_h or shift_w else None
+    windows = block.attn(window_partition(x, block.window_size).view(-1, win_h * win_w, C), mask=mask)
+    x = window_reverse(windows.view(-1, win_h, win_w, C), block.window_size, H + pad_h, W + pad_w)
+    # crop by negative padding: a copy with symbolic sizes (timm's contiguous() of a cropped view makes
+    # torch.export decide whether the crop removed anything)
+    x = F.pad(x, (0, 0, 0, -pad_w, 0, -pad_h))
+    if shift_h or shift_w:
+        x = torch.roll(x, shifts=(shift_h, shift_w), dims=(1, 2))
     return x
 
 
@@ -185,6 +229,7 @@ class MscsaNet(nn.Module):
         self.input_multiple = input_multiple
         self.min_input_size = min_input_size
         self.grad_checkpointing = False
+        self.num_stages = len(_STAGE_STRIDES)  # an attribute: TorchScript reads no module globals
 
         self.base = self._create_base(
             base_model, in_chans, pretrained_base, base_pretrained_cfg_overlay,
@@ -303,11 +348,38 @@ class MscsaNet(nn.Module):
                     x, indices=base_indices, stop_early=stop_early, intermediates_only=True)
                 assert torch.jit.isinstance(feats, List[torch.Tensor])
                 return feats
+        elif isinstance(self.base, SwinTransformer) and (is_fx_symbolic_tracing() or is_compiling()):
+            return self._swin_features(x, base_indices, stop_early)
         else:
-            # under torch.export the base's contiguous() calls copy, so one program serves every size
-            with CopyingContiguous() if torch.compiler.is_exporting() else contextlib.nullcontext():
-                return self.base.forward_intermediates(
-                    x, indices=base_indices, stop_early=stop_early, intermediates_only=True)
+            return self.base.forward_intermediates(
+                x, indices=base_indices, stop_early=stop_early, intermediates_only=True)
+
+    def _swin_features(self, x: torch.Tensor, base_indices: List[int], stop_early: bool) -> List[torch.Tensor]:
+        """timm Swin's ``forward_intermediates`` with its blocks' own modules, for FX and compile/export.
+
+        The same operations as timm's blocks, except that the shifted-window mask is built by
+        :func:`swin_shift_mask` (timm fills it by item assignment, which FX cannot trace) and the
+        window padding is cropped by a copy (timm's crop makes torch.export specialise the program on
+        whether its example was padded). Eager and TorchScript run timm's own code; the tests compare
+        both (docs/maformer.md, "Deploy paths per model").
+        """
+        base = self.base
+        last = max(base_indices) if stop_early else len(base.layers) - 1
+        x = base.patch_embed(x)
+        out: List[torch.Tensor] = []
+        for i, stage in enumerate(base.layers):
+            if i > last:
+                break
+            x = stage.downsample(x)
+            for block in stage.blocks:
+                B, H, W, C = x.shape
+                x = x + block.drop_path1(_swin_window_attention(block, block.norm1(x)))
+                x = x.reshape(B, -1, C)
+                x = x + block.drop_path2(block.mlp(block.norm2(x)))
+                x = x.reshape(B, H, W, C)
+            if i in base_indices:
+                out.append(x.permute(0, 3, 1, 2).contiguous())
+        return out
 
     def _scripted_resnet_stages(self, x: torch.Tensor, base_indices: List[int]) -> List[torch.Tensor]:
         """timm ResNet's feature indices 1-4 (``layer1``-``layer4``), for TorchScript only."""
@@ -354,12 +426,13 @@ class MscsaNet(nn.Module):
             features), or a tuple of the final features (``forward_features``) and them.
         """
         if output_fmt not in ('NCHW', 'NHWC'):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC'; got {output_fmt!r}.")
+            # concatenation, not an f-string: TorchScript compiles this method (features_only)
+            raise ValueError("output_fmt must be 'NCHW' or 'NHWC'; got '" + output_fmt + "'.")
         if norm:
             raise ValueError(
-                f'{self.model_name} has no final norm for its stage features (MSCSA replaces the base\'s '
-                f'norm; forward_features is normalised already): call forward_intermediates with norm=False.')
-        take_indices, _ = feature_take_indices(len(_STAGE_STRIDES), indices)
+                self.model_name + " has no final norm for its stage features (MSCSA replaces the base's "
+                'norm; forward_features is normalised already): call forward_intermediates with norm=False.')
+        take_indices, _ = feature_take_indices(self.num_stages, indices)
         if self.fusion is None and stop_early:
             intermediates = self._base_features(x, take_indices, stop_early=True)
             x = intermediates[-1]
@@ -388,7 +461,7 @@ class MscsaNet(nn.Module):
 
         The base's stages all stay: MSCSA reads every one of them.
         """
-        take_indices, _ = feature_take_indices(len(_STAGE_STRIDES), indices)
+        take_indices, _ = feature_take_indices(self.num_stages, indices)
         if prune_head:
             self.reset_classifier(0, '')
         if prune_norm:
