@@ -42,8 +42,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    torch.set_grad_enabled(False)
+    with torch.no_grad():  # scoped: main() is also called in-process (tests)
+        return _export(parse_args(argv))
+
+
+def _export(args: argparse.Namespace) -> int:
     try:  # bad input: one line that says what to do
         check_output_dir(args.output)
         cfg, model = build_detector(args.config_file, args.weights, args.opts)
