@@ -212,8 +212,7 @@ def _coco(tmp_path):
 
 
 def _small(out, max_iter=2, **extra):
-    sys.path.insert(0, str(ROOT / 'tests'))
-    from test_train_net import small_run
+    from test_train_net import small_run  # tests/ is on sys.path under pytest's rootdir import
     opts = small_run(out, max_iter=max_iter)
     opts[opts.index('DATASETS.TEST') + 1] = '()'  # no evaluation: these tests are about files
     for key, value in extra.items():

@@ -270,13 +270,20 @@ def test_check_names_the_fix(tmp_path, values, options, num_classes, advice):
 
 
 def test_check_accepts_what_the_fix_says(tmp_path):
-    """After the advised fix the same files pass."""
+    """After the advised fix the same files pass (no error), and the training labels are the fix's:
+    reduce_zero_label maps 0 to 255 and shifts the rest down; ignore_label=65535 becomes 255.
+    Mutation caught: the flag not stored with the dataset (labels read as the raw values)."""
+    from detectron2_ext.data.sem_seg import label_format_of
     a = _dataset(tmp_path, 'ok_rzl', [0, 1, 2, 3, 4])
     register_sem_seg_dataset('ok_rzl', *a, 'reduce_zero_label')
     set_sem_seg_num_classes('ok_rzl', 4)
     b = _dataset(tmp_path, 'ok_ign', [0, 1, 2, 65535])
     register_sem_seg_dataset('ok_ign', *b, 'ignore_label=65535')
     set_sem_seg_num_classes('ok_ign', 4)
+    rzl = read_label(os.path.join(a[1], 'a.png'), label_format_of('ok_rzl'))
+    assert rzl.ravel()[:5].tolist() == [255, 0, 1, 2, 3]
+    ign = read_label(os.path.join(b[1], 'a.png'), label_format_of('ok_ign'))
+    assert ign.ravel()[:4].tolist() == [0, 1, 2, 255]
 
 
 def test_size_mismatch_is_one_line_at_start_up(tmp_path):
