@@ -18,9 +18,11 @@ threads, so a busy machine makes it slower but not different. docs/demo.md has t
 """
 import os
 
-# Before torch is imported: OpenMP threads that busy-wait for work steal the cores a neighbouring
-# process needs, and then both crawl (4x slower here: docs/demo.md); passive threads sleep instead.
-os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+# Before torch is imported: OpenMP threads that spin while they wait steal the cores a neighbouring
+# process needs (6x slower next to one, docs/demo.md); a short spin (libgomp's count) keeps nearly
+# all of spinning's idle speed and sleeps soon enough. A user's own OpenMP setting wins.
+if 'OMP_WAIT_POLICY' not in os.environ:
+    os.environ.setdefault('GOMP_SPINCOUNT', '1000')
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
