@@ -133,7 +133,7 @@ def parse_config(cls: Type[C], argv: Optional[Sequence[str]] = None, description
     value exits with argparse's usage message.
     """
     first = argparse.ArgumentParser(add_help=False)
-    first.add_argument('-c', '--config', default='')
+    first.add_argument('-c', '--config', default='', help='YAML recipe (may name another under _BASE_)')
     known, rest = first.parse_known_args(argv)
     parser = argparse.ArgumentParser(description=description, parents=[first])
     for name, (tp, f) in _fields(cls).items():
