@@ -285,8 +285,8 @@ def test_nesterov_sgd_without_momentum_is_one_line(image_folder, tmp_path):
     """timm's ``sgd`` is Nesterov SGD, which torch refuses with momentum 0 (a traceback after the data scan);
     decided from timm's optimizer registry before anything runs. ``momentum`` 0 is plain SGD and trains.
     Mutation: no check in _check_options -> torch's ValueError traceback, exit 1."""
-    args = ['--model', 'test_vit', '--data-dir', image_folder, '--output', tmp_path, '--device', 'cpu',
-            '--opt', 'sgd', '--momentum', '0']
+    args = ['--model', 'test_vit', '--data-dir', image_folder, '--img-size', '32', '--batch-size', '4',
+            '--num-workers', '0', '--output', tmp_path, '--device', 'cpu', '--opt', 'sgd', '--momentum', '0']
     proc = _script('train_imagenet', *args, check=False)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
     assert '--opt momentum' in proc.stderr and not os.listdir(tmp_path)

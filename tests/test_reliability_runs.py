@@ -335,8 +335,8 @@ def _imagenet_kill_points():
 def test_sigkill_at_every_imagenet_write_point_then_resume_matches(image_folder, tmp_path, kill_at):
     """train_imagenet killed (SIGKILL) at each write of its first epoch, then ``--resume auto``: the
     result is bit for bit the uninterrupted run's. Mutation caught: ``torch.save`` onto ``last.pth``
-    in place (resume fails on a truncated file); timm's own ``_replace`` (unlinks last.pth before the rename);
-    no repair of a checkpoint-1.pth / model_best missing after a kill (best_epoch None after resume)."""
+    in place (resume fails on a truncated file); no re-link of a checkpoint-1.pth missing after a kill in
+    ``RunSaver.resume`` (best_epoch None after resume at ``replace:checkpoint-1.pth:1``)."""
     reference = train(_tiny(image_folder, tmp_path / 'ref', 'run'))
     args = _tiny_args(image_folder, tmp_path / 'out', 'run')
     proc = _run([ROOT / 'scripts' / 'train_imagenet.py', *args], kill_at=kill_at)
