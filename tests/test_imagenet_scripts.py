@@ -77,7 +77,7 @@ def _weights(path, key='state_dict'):
 
 def test_yaml_base_inheritance_and_command_line_overrides(tmp_path):
     (tmp_path / 'parent.yaml').write_text('lr: 1e-3\nepochs: 10\nscale: [0.5, 1.0]\nmodel_kwargs: {a: 1}\n')
-    (tmp_path / 'child.yaml').write_text('base: parent.yaml\nepochs: 20\nmodel: test_vit\n')
+    (tmp_path / 'child.yaml').write_text('_BASE_: parent.yaml\nepochs: 20\nmodel: test_vit\n')
     cfg = parse_config(TrainConfig, ['-c', str(tmp_path / 'child.yaml'), '--epochs', '30', '--no-augment',
                                      '--scale', '0.2', '1.0', '--clip-grad', 'none', '--model-kwargs', '{b: 2}'])
     assert cfg.lr == 1e-3 and isinstance(cfg.lr, float)  # YAML 1.1 reads '1e-3' as a string
@@ -128,8 +128,10 @@ def test_train_two_epochs_then_validate_script_agrees(image_folder, tmp_path):
     steps = _steps(run)
     assert len(steps) == 8  # 18 images // batch 4 = 4 steps per epoch
     assert float(rows[1]['train_loss']) < float(steps[0]['loss'])  # it learns
-    for name in ('last.pth', 'checkpoint-2.pth', 'model_best.pth', 'model_best.safetensors', 'summary.json'):
+    best = json.loads((run / 'summary.json').read_text())['best_epoch']  # timm's CheckpointSaver keeps the best
+    for name in ('last.pth', f'checkpoint-{best}.pth', 'model_best.pth', 'model_best.safetensors'):
         assert (run / name).is_file(), name
+    assert torch.load(run / 'model_best.pth', weights_only=True)['epoch'] == best
     # validate.py on the last checkpoint = the training run's own evaluation of epoch 2
     results = json.loads(_script('validate', '--model', 'test_vit', '--checkpoint', run / 'last.pth', '--data-dir',
                                  image_folder, '--split', 'validation', '--num-workers', '0', '--no-progress',
@@ -276,7 +278,18 @@ def test_resume_refuses_a_weights_only_file(image_folder, tmp_path):
     train(_tiny(image_folder, tmp_path, 'w', epochs=1))
     from maformer_zoo.errors import CorruptCheckpointError
     with pytest.raises(CorruptCheckpointError, match='not a training checkpoint'):
-        train(_tiny(image_folder, tmp_path, 'w2', resume=str(tmp_path / 'w' / 'model_best.pth')))
+        train(_tiny(image_folder, tmp_path, 'w2', resume=str(tmp_path / 'w' / 'model_best.safetensors')))
+
+
+def test_nesterov_sgd_without_momentum_is_one_line(image_folder, tmp_path):
+    """timm's ``sgd`` is Nesterov SGD, which torch refuses with momentum 0 (a traceback after the data scan);
+    decided from timm's optimizer registry before anything runs. ``momentum`` 0 is plain SGD and trains.
+    Mutation: no check in _check_options -> torch's ValueError traceback, exit 1."""
+    args = ['--model', 'test_vit', '--data-dir', image_folder, '--img-size', '32', '--batch-size', '4',
+            '--num-workers', '0', '--output', tmp_path, '--device', 'cpu', '--opt', 'sgd', '--momentum', '0']
+    proc = _script('train_imagenet', *args, check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+    assert '--opt momentum' in proc.stderr and not os.listdir(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,7 +323,7 @@ def test_resume_auto_continues_the_plain_command_without_experiment(image_folder
 
 def test_kill_mid_save_leaves_best_and_summary_consistent(image_folder, tmp_path):
     """Kills are simulated by putting the files back in the state a kill between two writes leaves."""
-    from maformer_zoo.training.run_folder import best_weights_epoch
+    from maformer_zoo.training.checkpoint import best_weights_epoch
     run = tmp_path / 'run'
     train(_tiny(image_folder, tmp_path, 'run', epochs=2, stop_epoch=1, eval_metric='loss'))
     saved = {n: (run / n).read_bytes() for n in ('last.pth', 'model_best.pth', 'model_best.safetensors')}

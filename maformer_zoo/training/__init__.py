@@ -1,7 +1,7 @@
-"""Training, fine-tuning and validation of classification models, built from timm's components.
+"""Training, fine-tuning and validation of classification models on timm's parts (docs/training.md).
 
-``scripts/train_imagenet.py`` and ``scripts/validate.py`` are thin command-line wrappers around
-:func:`train` and :func:`validate`; recipes live in ``configs/imagenet/``.
+``scripts/train_imagenet.py`` and ``scripts/validate.py`` wrap :func:`train` and :func:`validate`;
+recipes live in ``configs/imagenet/``.
 """
 from .config import ConfigError, config_from_dict, load_yaml_config, parse_config
 from .data import DatasetError

@@ -1,42 +1,38 @@
-"""Training checkpoints that resume exactly.
+"""Training checkpoints that resume exactly, kept by timm's ``CheckpointSaver`` and written atomically.
 
-A checkpoint holds everything the next step depends on: model, EMA, optimizer, scheduler and
-loss-scaler states, epoch and optimizer-step counters, the run config, the class map, and the
-random-number states (Python, NumPy, torch CPU and CUDA) of *every* process, gathered to the
-primary one. The data order needs no state: samplers derive it from ``(seed, epoch)``.
-
-Checkpoints are plain tensors and built-in types only, so they load with
-``torch.load(weights_only=True)``; the model weights sit under ``state_dict`` /
-``state_dict_ema``, the keys timm's ``load_checkpoint`` and ``load_state_dict`` read, so a
-checkpoint is also a weight file for fine-tuning and validation.
+A checkpoint holds what timm's holds (model, EMA, optimizer, loss scaler, epoch, the saver's history)
+plus the scheduler, the step counter, the run config, the class map and the random-number states of
+*every* process; plain tensors and built-in types, so it loads with ``weights_only=True``. Every file
+lands by rename of a complete, fsynced temporary file (docs/training.md, "Run folders").
 """
+import json
 import os
 import random
-from typing import Any, Dict, List
+import secrets
+import shutil
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
+from timm.utils import CheckpointSaver
 
 from ..errors import CorruptCheckpointError
-from ..utils.atomic import atomic_write
-from ..weights import load_checkpoint_file
+from ..utils.atomic import atomic_write, write_atomic
+from ..weights import label_names_of, load_checkpoint_file
 
-__all__ = ['CHECKPOINT_VERSION', 'capture_rng_state', 'restore_rng_state', 'save_checkpoint',
-           'load_training_checkpoint',
-           'prune_checkpoints']
+__all__ = ['capture_rng_state', 'restore_rng_state', 'save_checkpoint', 'load_training_checkpoint', 'RunSaver',
+           'best_weights_epoch']
 
+# timm's meaning of version 1: 'epoch' is the number of epochs done, the epoch a resume starts at.
 CHECKPOINT_VERSION = 1
 
 
 def capture_rng_state() -> Dict[str, Any]:
     """This process's random-number states, as weights_only-loadable objects."""
-    np_state = np.random.get_state()
-    state = {
-        'python': random.getstate(),
-        'numpy': {'algo': np_state[0], 'keys': torch.from_numpy(np_state[1].astype(np.int64)),
-                  'pos': int(np_state[2]), 'has_gauss': int(np_state[3]), 'cached_gaussian': float(np_state[4])},
-        'torch': torch.get_rng_state(),
-    }
+    algo, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {'python': random.getstate(), 'torch': torch.get_rng_state(),
+             'numpy': {'algo': algo, 'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos),
+                       'has_gauss': int(has_gauss), 'cached_gaussian': float(gauss)}}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state['cuda'] = torch.cuda.get_rng_state_all()
     return state
@@ -61,7 +57,7 @@ def save_checkpoint(path: str, state: Dict[str, Any]) -> None:
 
 
 def load_training_checkpoint(path: str) -> Dict[str, Any]:
-    """A training checkpoint written by :func:`save_checkpoint`, read by the one weight reader."""
+    """A training checkpoint of ours, read by the one weight reader."""
     checkpoint = load_checkpoint_file(path)
     if not isinstance(checkpoint, dict) or 'optimizer' not in checkpoint or 'epoch' not in checkpoint:
         raise CorruptCheckpointError(
@@ -70,16 +66,89 @@ def load_training_checkpoint(path: str) -> Dict[str, Any]:
     return checkpoint
 
 
-def prune_checkpoints(folder: str, keep: int, prefix: str = 'checkpoint-', suffix: str = '.pth') -> List[str]:
-    """Delete all but the ``keep`` newest per-epoch checkpoints; returns the deleted paths."""
-    found = []
-    for name in os.listdir(folder):
-        if name.startswith(prefix) and name.endswith(suffix):
-            stem = name[len(prefix):-len(suffix)]
-            if stem.isdigit():
-                found.append((int(stem), os.path.join(folder, name)))
-    found.sort()
-    doomed = [p for _, p in found[:max(0, len(found) - keep)]]
-    for p in doomed:
-        os.remove(p)
-    return doomed
+def _export_safetensors(path: str, state: Dict[str, Any]) -> None:
+    """``model_best.safetensors``: EMA weights if any, the epoch and the class names as metadata."""
+    from safetensors.torch import save
+    weights = state.get('state_dict_ema') or state['state_dict']
+    metadata = {'epoch': str(state['epoch'])}
+    names = label_names_of(state, int(state.get('num_classes') or 0))
+    if names:  # so validate.py maps class folders to outputs as training did
+        metadata['label_names'] = json.dumps(names)
+    write_atomic(path, save({k: v.detach().cpu().contiguous().clone() for k, v in weights.items()}, metadata))
+
+
+def best_weights_epoch(run_dir: str) -> Dict[str, Optional[int]]:
+    """The epoch each ``model_best`` file holds (None: missing)."""
+    epochs: Dict[str, Optional[int]] = {'model_best.pth': None, 'model_best.safetensors': None}
+    if os.path.isfile(os.path.join(run_dir, 'model_best.pth')):
+        epochs['model_best.pth'] = load_checkpoint_file(os.path.join(run_dir, 'model_best.pth')).get('epoch')
+    if os.path.isfile(os.path.join(run_dir, 'model_best.safetensors')):
+        from safetensors import safe_open
+        with safe_open(os.path.join(run_dir, 'model_best.safetensors'), framework='pt') as f:
+            epoch = (f.metadata() or {}).get('epoch')
+        epochs['model_best.safetensors'] = int(epoch) if epoch is not None else None
+    return epochs
+
+
+class RunSaver(CheckpointSaver):
+    """timm's ``CheckpointSaver`` (``last.pth``, the best ``max_history`` ``checkpoint-N.pth``,
+    ``model_best.pth``) writing our state, each file atomically, plus ``model_best.safetensors``.
+
+    Args:
+        run_dir: the run folder.
+        decreasing: a lower metric is better (loss).
+        max_history: ``checkpoint-N.pth`` files kept.
+    """
+
+    def __init__(self, run_dir: str, decreasing: bool, max_history: int):
+        super().__init__(None, None, checkpoint_dir=run_dir, decreasing=decreasing, max_history=max_history)
+        self.extension = '.pth'
+        self.state: Dict[str, Any] = {}
+
+    def _save(self, save_path, epoch, metric=None):
+        save_checkpoint(save_path, {**self.state, 'metric': metric, 'saver': self.state_dict(epoch, metric)})
+
+    def _replace(self, src, dst):  # timm unlinks dst first (for Windows): a kill there would lose last.pth
+        os.replace(src, dst)
+
+    def _duplicate(self, src, dst):  # a hard link (or copy) under a random name, renamed over dst
+        tmp = os.path.join(os.path.dirname(dst), f'.{os.path.basename(dst)}.{secrets.token_hex(8)}.tmp')
+        try:
+            os.link(src, tmp)
+        except OSError:
+            with open(src, 'rb') as source, atomic_write(dst) as target:
+                shutil.copyfileobj(source, target)
+            return
+        os.replace(tmp, dst)
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.checkpoint_dir, name + self.extension)
+
+    def save_epoch(self, state: Dict[str, Any], metric: Optional[float]) -> None:
+        """``last.pth`` and its copies (timm), then ``model_best.safetensors`` when ``state['epoch']`` is the
+        best (without validation, every epoch: the newest weights)."""
+        self.state = state
+        self.save_checkpoint(state['epoch'], metric)
+        if metric is None:
+            self._duplicate(self._path('last'), self._path('model_best'))
+        if metric is None or self.best_epoch == state['epoch']:
+            _export_safetensors(os.path.join(self.checkpoint_dir, 'model_best.safetensors'), state)
+
+    def resume(self, path: str, checkpoint: Dict[str, Any]) -> None:
+        """The saver's history from ``checkpoint``, and ``model_best.*`` of its best epoch, repairing what a
+        kill between ``last.pth`` and its copies left."""
+        saved = checkpoint.get('saver') or {}
+        epoch, metric = saved.get('pending', (None, None))
+        own = os.path.realpath(os.path.dirname(os.path.abspath(path))) == os.path.realpath(self.checkpoint_dir)
+        if own and epoch is not None and not os.path.exists(self._checkpoint_path(epoch)):
+            self._duplicate(path, self._checkpoint_path(epoch))
+        self.load_state_dict(saved)
+        best = self.best_epoch if metric is not None else epoch
+        if best is None or not own or set(best_weights_epoch(self.checkpoint_dir).values()) == {best}:
+            return
+        source = next((p for p in (self._checkpoint_path(best), path)
+                       if os.path.isfile(p) and load_checkpoint_file(p).get('epoch') == best), None)
+        if source is not None:
+            self._duplicate(source, self._path('model_best'))
+            _export_safetensors(os.path.join(self.checkpoint_dir, 'model_best.safetensors'),
+                                load_checkpoint_file(source))

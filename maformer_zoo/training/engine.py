@@ -1,99 +1,76 @@
-"""The training and evaluation loops, assembled from timm's components.
+"""The training and evaluation loops, wired from timm's parts as timm's ``train.py`` wires them.
 
-``timm.data`` (datasets, transforms, ``Mixup``), ``timm.optim.create_optimizer_v2``,
-``timm.scheduler.create_scheduler_v2``, ``timm.utils.ModelEmaV3`` / ``NativeScaler`` /
-``distribute_bn`` / ``update_summary``, ``timm.loss`` and PyTorch DDP do the work; this module wires
-them together the way timm's ``train.py`` does, and adds exact resumption (see
-:mod:`.checkpoint`), world-size-independent data order (see :mod:`.data`), a per-step CSV log and a
-final summary.
-
-Multi-GPU / multi-node: launch with ``torchrun``; the environment it sets (``RANK``,
-``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``...) is read by timm's
-``init_distributed_device_so``. ``batch_size`` is per process, so the global batch is
-``batch_size * grad_accum_steps * world_size``.
+``create_optimizer_v2``, ``create_scheduler_v2``, ``Mixup``, ``timm.loss``, ``ModelEmaV3``, ``NativeScaler``,
+``distribute_bn``, ``resume_checkpoint`` and ``CheckpointSaver`` (:mod:`.checkpoint`) do the work; ours are
+the exact per-rank resume, the run-folder rules (:mod:`.run_folder`) and the logs. Launch several
+processes with ``torchrun`` (timm's ``init_distributed_device_so`` reads its environment);
+``batch_size`` is per process: the global batch is ``batch_size * grad_accum_steps * world_size``.
 """
 import contextlib
-import csv
 import dataclasses
+import json
 import logging
 import math
 import os
 import time
-from dataclasses import dataclass
 from functools import partial
+from types import SimpleNamespace
 from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-import yaml
 from timm.data import Mixup, resolve_data_config
 from timm.data.loader import adapt_to_chs
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
+from timm.models import resume_checkpoint
+from timm.optim import create_optimizer_v2, get_optimizer_info
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, NativeScaler, accuracy, dispatch_clip_grad, distribute_bn, random_seed
-from timm.utils import update_summary, unwrap_model
+from timm.utils import unwrap_model
 from timm.utils.distributed import init_distributed_device_so
+from tqdm import tqdm
 
 from ..utils.atomic import write_atomic
-from .checkpoint import (capture_rng_state, load_training_checkpoint, prune_checkpoints, restore_rng_state,
-                         save_checkpoint)
+from .checkpoint import RunSaver, capture_rng_state, load_training_checkpoint, restore_rng_state
 from .config import ConfigError
-from .run_folder import (check_resume_changes, check_run_folder, default_run_name, find_resumable_run, recover_best,
-                         save_best, truncate_csv, write_json_atomic)
-from .data import (
-    DatasetError, build_dataset, build_eval_loader, build_train_loader, dataset_classes, is_folder_dataset)
+from .data import DatasetError, build_dataset, build_eval_loader, build_train_loader, dataset_classes, \
+    is_folder_dataset
 from .modeling import check_model_name, create_model_for_run
 from .options import RESUME_MAY_CHANGE, TrainConfig
+from .run_folder import check_resume_changes, check_run_folder, default_run_name, find_resumable_run, rewrite_csv
 
-__all__ = ['RunContext', 'setup_distributed', 'resolve_run_data_config', 'amp_context', 'train_one_epoch',
-           'evaluate', 'train']
+__all__ = ['setup_distributed', 'resolve_run_data_config', 'amp_context', 'train_one_epoch', 'evaluate', 'train']
 
 _logger = logging.getLogger(__name__)
 
 
-@dataclass
-class RunContext:
-    """Where this process runs and its place among the processes of the run."""
-    device: torch.device
-    distributed: bool = False
-    world_size: int = 1
-    rank: int = 0
-    local_rank: int = 0
-
-    @property
-    def is_primary(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device: str = '', backend: Optional[str] = None, url: str = 'env://') -> RunContext:
-    """Join the process group when launched by torchrun (timm's ``init_distributed_device_so``)."""
-    device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    info = init_distributed_device_so(device=device, dist_backend=backend, dist_url=url)
-    return RunContext(torch.device(info['device']), info['distributed'], info['world_size'],
-                      info['global_rank'], info['local_rank'])
+def setup_distributed(device: str = '', backend: Optional[str] = None, url: str = 'env://') -> SimpleNamespace:
+    """Join the process group when launched by torchrun; where this process runs and its rank."""
+    info = init_distributed_device_so(device=device or ('cuda' if torch.cuda.is_available() else 'cpu'),
+                                      dist_backend=backend, dist_url=url)
+    return SimpleNamespace(device=torch.device(info['device']), distributed=info['distributed'],
+                           world_size=info['world_size'], rank=info['global_rank'], is_primary=info['global_rank'] == 0)
 
 
 def resolve_run_data_config(cfg: Any, model: nn.Module) -> Dict[str, Any]:
-    """timm's data config (input size, crop_pct, interpolation, mean/std) with ``cfg`` overrides."""
+    """timm's data config (input size, crop_pct, interpolation, mean/std) with ``cfg``'s overrides."""
     args = {k: getattr(cfg, k) for k in ('interpolation', 'mean', 'std', 'crop_pct', 'crop_mode', 'img_size')}
-    in_chans = getattr(model, 'in_chans', None) or cfg.in_chans or 3
-    args['in_chans'] = in_chans
+    args['in_chans'] = in_chans = getattr(model, 'in_chans', None) or cfg.in_chans or 3
     if cfg.input_size:
         args['input_size'] = tuple(cfg.input_size)
     data_config = resolve_data_config(args, model=model)
-    if data_config['input_size'][0] != in_chans:  # pretrained_cfg assumes 3 channels
-        data_config['input_size'] = (in_chans, *data_config['input_size'][1:])
+    data_config['input_size'] = (in_chans, *data_config['input_size'][1:])  # pretrained_cfg assumes 3 channels
     data_config['mean'] = adapt_to_chs(data_config['mean'], in_chans)
     data_config['std'] = adapt_to_chs(data_config['std'], in_chans)
     return data_config
 
 
 def amp_context(device: torch.device, enabled: bool, dtype: str) -> Callable[[], Any]:
-    """A factory of autocast contexts (or null contexts when AMP is off)."""
+    """A factory of autocast contexts (null contexts when AMP is off)."""
     if not enabled:
         return contextlib.nullcontext
     if dtype not in ('float16', 'bfloat16'):
@@ -101,128 +78,84 @@ def amp_context(device: torch.device, enabled: bool, dtype: str) -> Callable[[],
     return partial(torch.autocast, device_type=device.type, dtype=getattr(torch, dtype))
 
 
-def _train_loss(cfg: TrainConfig, mixing: bool) -> nn.Module:
-    if cfg.bce_loss:
-        return BinaryCrossEntropy(smoothing=0.0 if mixing else cfg.smoothing)
-    if mixing:  # Mixup applies the label smoothing to its soft targets
-        return SoftTargetCrossEntropy()
-    if cfg.smoothing:
-        return LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
-    return nn.CrossEntropyLoss()
+def train_one_epoch(run: SimpleNamespace, epoch: int, progress: Optional[Any] = None) -> Dict[str, float]:
+    """One epoch of optimizer steps over ``run``'s parts (see :class:`_Run`); returns its metrics.
 
-
-def train_one_epoch(
-        model: nn.Module,
-        loader: torch.utils.data.DataLoader,
-        optimizer: torch.optim.Optimizer,
-        loss_fn: nn.Module,
-        cfg: TrainConfig,
-        ctx: RunContext,
-        epoch: int,
-        num_updates: int,
-        scheduler: Any,
-        autocast: Callable[[], Any],
-        loss_scaler: Optional[NativeScaler] = None,
-        ema: Optional[ModelEmaV3] = None,
-        mixup_fn: Optional[Mixup] = None,
-        step_log: Optional[Callable[[Dict[str, Any]], None]] = None,
-        progress: Optional[Any] = None,
-):
-    """One epoch of optimizer steps; returns ``(metrics, num_updates)``.
-
-    A step averages ``grad_accum_steps`` micro-batches (fewer for the remainder at the end of the
-    epoch, as timm does); DDP synchronises gradients only on the last micro-batch of a step.
+    A step averages ``grad_accum_steps`` micro-batches (fewer for the remainder at the end of the epoch,
+    as timm does); DDP synchronises gradients only on the last micro-batch of a step.
     """
+    cfg, ctx, model, optimizer = run.cfg, run.ctx, run.model, run.optimizer
     model.train()
-    accum = cfg.grad_accum_steps
-    num_batches = len(loader)
+    accum, num_batches = cfg.grad_accum_steps, len(run.train_loader)
     last_window_start = num_batches - (num_batches % accum or accum)
-    clip_params = list(unwrap_model(model).parameters())
-    loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
-    seen = torch.zeros((), dtype=torch.float64, device=ctx.device)
-    window_loss = 0.0
-    start = time.perf_counter()
-    optimizer.zero_grad(set_to_none=True)
-    for index, (images, targets) in enumerate(loader):
+    totals = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # loss sum, images
+    window_loss, start = 0.0, time.perf_counter()
+    for index, (images, targets) in enumerate(run.train_loader):
         need_update = index == num_batches - 1 or (index + 1) % accum == 0
         window = accum if index < last_window_start else num_batches - last_window_start
-        images = images.to(ctx.device, non_blocking=True)
-        targets = targets.to(ctx.device, non_blocking=True)
-        if mixup_fn is not None:
-            images, targets = mixup_fn(images, targets)
+        images, targets = images.to(ctx.device), targets.to(ctx.device)
+        if run.mixup is not None:
+            images, targets = run.mixup(images, targets)
         if cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        no_sync = model.no_sync if ctx.distributed and not need_update else contextlib.nullcontext
-        with no_sync():
-            with autocast():
-                loss = loss_fn(model(images), targets)
-            if loss_scaler is not None:
-                loss_scaler(loss / window, optimizer, clip_grad=cfg.clip_grad, clip_mode=cfg.clip_mode,
-                            parameters=clip_params, need_update=need_update)
+        with model.no_sync() if ctx.distributed and not need_update else contextlib.nullcontext():
+            with run.autocast():
+                loss = run.loss_fn(model(images), targets)
+            if run.loss_scaler is not None:
+                run.loss_scaler(loss / window, optimizer, clip_grad=cfg.clip_grad, clip_mode=cfg.clip_mode,
+                                parameters=run.clip_params, need_update=need_update)
             else:
                 (loss / window).backward()
+                if need_update and cfg.clip_grad:
+                    dispatch_clip_grad(run.clip_params, cfg.clip_grad, mode=cfg.clip_mode)
                 if need_update:
-                    if cfg.clip_grad:
-                        dispatch_clip_grad(clip_params, cfg.clip_grad, mode=cfg.clip_mode)
                     optimizer.step()
-        loss = loss.detach().float()
-        loss_sum += loss * images.size(0)
-        seen += images.size(0)
+        totals += torch.stack([loss.detach().double() * images.size(0), totals.new_tensor(images.size(0))])
         window_loss += loss.item() / window
-        if not need_update:
-            continue
-        optimizer.zero_grad(set_to_none=True)
-        num_updates += 1
-        if ema is not None:
-            ema.update(unwrap_model(model), step=num_updates)
-        scheduler.step_update(num_updates=num_updates)
-        lr = optimizer.param_groups[0]['lr']
-        if step_log is not None:
-            step_log({'epoch': epoch, 'step': num_updates, 'loss': window_loss, 'lr': lr})
-        if progress is not None:
-            progress.set_postfix(loss=f'{window_loss:.4f}', lr=f'{lr:.3g}', refresh=False)
-            progress.update(1)
-        elif ctx.is_primary and cfg.log_interval and num_updates % cfg.log_interval == 0:
-            _logger.info('epoch %d step %d loss %.4f lr %.3g', epoch, num_updates, window_loss, lr)
-        window_loss = 0.0
+        if need_update:
+            run.num_updates += 1
+            _after_step(run, epoch, window_loss, progress)
+            window_loss = 0.0
     if ctx.distributed:
-        totals = torch.stack([loss_sum, seen])
         dist.all_reduce(totals)
-        loss_sum, seen = totals[0], totals[1]
-    elapsed = time.perf_counter() - start
-    metrics = {'loss': (loss_sum / seen.clamp(min=1)).item(), 'img_per_s': seen.item() / max(elapsed, 1e-9),
-               'lr': optimizer.param_groups[0]['lr']}
-    return metrics, num_updates
+    return {'loss': (totals[0] / totals[1].clamp(min=1)).item(),
+            'img_per_s': totals[1].item() / max(time.perf_counter() - start, 1e-9),
+            'lr': optimizer.param_groups[0]['lr']}
+
+
+def _after_step(run: SimpleNamespace, epoch: int, loss: float, progress: Optional[Any]) -> None:
+    """EMA, schedule and the step's log (``train_steps.csv``, progress bar or log line)."""
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.update(unwrap_model(run.model), step=run.num_updates)
+    run.scheduler.step_update(num_updates=run.num_updates)
+    lr = run.optimizer.param_groups[0]['lr']
+    if run.steps_csv:  # an append per step: a row cut by a kill is removed on resume (docs/training.md)
+        with open(run.steps_csv, 'a') as f:
+            f.write(f'{epoch},{run.num_updates},{loss!r},{lr!r}\n')
+    if progress is not None:
+        progress.set_postfix(loss=f'{loss:.4f}', lr=f'{lr:.3g}', refresh=False)
+        progress.update(1)
+    elif run.ctx.is_primary and run.cfg.log_interval and run.num_updates % run.cfg.log_interval == 0:
+        _logger.info('epoch %d step %d loss %.4f lr %.3g', epoch, run.num_updates, loss, lr)
 
 
 @torch.no_grad()
-def evaluate(
-        model: nn.Module,
-        loader: torch.utils.data.DataLoader,
-        ctx: RunContext,
-        autocast: Callable[[], Any] = contextlib.nullcontext,
-        channels_last: bool = False,
-        progress: bool = False,
-) -> Dict[str, float]:
-    """Loss, top-1 and top-5 accuracy (in %) over the loader; summed over all processes."""
-    from tqdm import tqdm
+def evaluate(model: nn.Module, loader: Any, ctx: SimpleNamespace, autocast: Callable[[], Any] = contextlib.nullcontext,
+             channels_last: bool = False, progress: bool = False) -> Dict[str, float]:
+    """Loss, top-1 and top-5 accuracy (in %) over the loader, summed over all processes."""
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=ctx.device)  # loss, top1, top5, images
-    batches = tqdm(loader, desc='eval', leave=False, disable=not (progress and ctx.is_primary))
-    for images, targets in batches:
-        images = images.to(ctx.device, non_blocking=True)
-        targets = targets.to(ctx.device, non_blocking=True)
+    for images, targets in tqdm(loader, desc='eval', leave=False, disable=not (progress and ctx.is_primary)):
+        images, targets = images.to(ctx.device), targets.to(ctx.device)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast():
-            logits = model(images)
-        logits = logits.float()
+            logits = model(images).float()
         n = targets.size(0)
         top1, top5 = accuracy(logits, targets, topk=(1, 5))
-        totals += torch.stack([
-            F.cross_entropy(logits, targets, reduction='sum').double(),
-            top1.double() * n / 100.0, top5.double() * n / 100.0,
-            torch.tensor(float(n), dtype=torch.float64, device=ctx.device)])
+        totals += torch.stack([F.cross_entropy(logits, targets, reduction='sum').double(), top1.double() * n / 100,
+                               top5.double() * n / 100, totals.new_tensor(n)])
     if ctx.distributed:
         dist.all_reduce(totals)
     count = max(totals[3].item(), 1.0)
@@ -230,42 +163,41 @@ def evaluate(
             'top5': 100.0 * round(totals[2].item()) / count, 'count': int(totals[3].item())}
 
 
-class _CsvAppender:
-    def __init__(self, path: str, fields):
-        self.path, self.fields = path, list(fields)
-
-    def __call__(self, row: Dict[str, Any]) -> None:
-        new = not os.path.exists(self.path) or os.path.getsize(self.path) == 0
-        with open(self.path, 'a', newline='') as f:
-            writer = csv.DictWriter(f, fieldnames=self.fields)
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
-
-
-def _run_dir(cfg: TrainConfig, ctx: RunContext) -> str:
-    """``<output>/<experiment>``; without one, the run ``--resume auto`` continues, else a new dated folder."""
-    if cfg.experiment:
-        return os.path.join(cfg.output, cfg.experiment)
-    found = find_resumable_run(cfg.output, cfg.model) if cfg.resume == 'auto' else None
-    run_dir = [found or os.path.join(cfg.output, default_run_name(cfg.model, time.strftime('%Y%m%d-%H%M%S')))]
-    if ctx.distributed:  # one folder for all processes, whatever their clocks say
-        dist.broadcast_object_list(run_dir, src=0)
-    return run_dir[0]
+def _check_options(cfg: TrainConfig) -> None:
+    """Options timm would take and fail on later, or never."""
+    if cfg.grad_accum_steps < 1 or cfg.checkpoint_hist < 1:
+        raise ConfigError('grad_accum_steps and checkpoint_hist must be >= 1.')
+    if cfg.eval_metric not in ('top1', 'top5', 'loss'):
+        raise ConfigError(f"eval_metric must be 'top1', 'top5' or 'loss', not {cfg.eval_metric!r}.")
+    try:
+        info = get_optimizer_info(cfg.opt.lower().split('_')[-1])
+    except ValueError:
+        raise ConfigError(f"--opt {cfg.opt!r} is not an optimizer of timm.optim.list_optimizers().") from None
+    if (info.defaults or {}).get('nesterov') and cfg.momentum <= 0:
+        raise ConfigError(f"--opt {cfg.opt} is SGD with Nesterov momentum, which needs --momentum > 0; for plain "
+                          f"SGD use --opt momentum (with --momentum 0: no momentum).")
+    check_model_name(cfg.model)  # before the (possibly slow) dataset scan
 
 
-def _resume_file(cfg: TrainConfig, run_dir: str) -> str:
-    """The checkpoint this run continues ('' for a new run), once ``run_dir`` may be written (run_folder)."""
-    if cfg.resume == 'auto':  # continue the run folder's last checkpoint if there is one (preemptible jobs)
+def _run_folder(cfg: TrainConfig, ctx: SimpleNamespace):
+    """The run folder and the checkpoint to continue ('' for a new run), the run-folder rule checked."""
+    run_dir = os.path.join(cfg.output, cfg.experiment) if cfg.experiment else None
+    if run_dir is None:  # without one, the run --resume auto continues, else a new dated folder
+        found = find_resumable_run(cfg.output, cfg.model) if cfg.resume == 'auto' else None
+        run_dir = [found or os.path.join(cfg.output, default_run_name(cfg.model, time.strftime('%Y%m%d-%H%M%S')))]
+        if ctx.distributed:  # one folder for all processes, whatever their clocks say
+            dist.broadcast_object_list(run_dir, src=0)
+        run_dir = run_dir[0]
+    if cfg.resume == 'auto':  # continue the folder's last checkpoint if there is one (preemptible jobs)
         check_run_folder(run_dir, f"Run folder '{run_dir}'", resuming=True)
         last = os.path.join(run_dir, 'last.pth')
-        return last if os.path.isfile(last) else ''
+        return run_dir, last if os.path.isfile(last) else ''
     same_run = bool(cfg.resume) and os.path.realpath(os.path.dirname(os.path.abspath(cfg.resume))) == \
         os.path.realpath(run_dir)
     check_run_folder(run_dir, f"Run folder '{run_dir}'", resuming=same_run,
                      hint='continue it with --resume auto, or choose another --experiment'
                           + (f" for a new run from '{cfg.resume}'" if cfg.resume else ''))
-    return cfg.resume
+    return run_dir, cfg.resume
 
 
 def _saved_config(cfg: TrainConfig, run_dir: str, checkpoint: Optional[Dict[str, Any]]) -> Dict[str, Any]:
@@ -280,24 +212,112 @@ def _saved_config(cfg: TrainConfig, run_dir: str, checkpoint: Optional[Dict[str,
     return saved if isinstance(saved, dict) else {}
 
 
-def _metric_better(metric: str, new: float, best: Optional[float]) -> bool:
-    if best is None:
-        return True
-    return new < best if metric == 'loss' else new > best
+def _datasets(cfg: TrainConfig):
+    """Training and validation sets (validation labelled with training's class map) and the class count."""
+    common = dict(input_img_mode=cfg.input_img_mode, seed=cfg.seed, batch_size=cfg.batch_size)
+    train_set = build_dataset(cfg.dataset, cfg.data_dir, cfg.train_split, True, cfg.class_map, **common)
+    class_to_idx = dataset_classes(train_set)
+    val_set = build_dataset(cfg.dataset, cfg.data_dir, cfg.val_split, False, class_to_idx if is_folder_dataset(
+        cfg.dataset) else cfg.class_map, **common) if cfg.val_split else None
+    num_classes = cfg.num_classes or (max(class_to_idx.values()) + 1 if class_to_idx else None)
+    if num_classes is None:
+        raise DatasetError(f"Cannot tell the number of classes of dataset '{cfg.dataset}': set --num-classes.")
+    if class_to_idx and max(class_to_idx.values()) >= num_classes:
+        raise ConfigError(f'num_classes={num_classes} but the data has {len(class_to_idx)} classes.')
+    return train_set, val_set, class_to_idx, num_classes
 
 
-def _export_weights(path: str, state_dict: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> None:
-    from safetensors.torch import save
-    write_atomic(path, save({k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}, metadata))
+def _model(cfg: TrainConfig, ctx: SimpleNamespace, num_classes: int, resuming: bool) -> nn.Module:
+    random_seed(cfg.seed, 0)  # the same initial weights on every process
+    model = create_model_for_run(
+        cfg.model, num_classes=num_classes, in_chans=cfg.in_chans or (1 if cfg.input_img_mode == 'L' else None),
+        pretrained=cfg.pretrained and not resuming and not cfg.pretrained_file,  # a given file wins
+        weights_file=cfg.pretrained_file if not resuming else '',
+        drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate, **cfg.model_kwargs)
+    if cfg.grad_checkpointing:
+        if not hasattr(model, 'set_grad_checkpointing'):
+            raise ConfigError(f"Model '{cfg.model}' does not support gradient checkpointing.")
+        model.set_grad_checkpointing(True)
+    model.to(ctx.device)
+    return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
 
 
-def _gather_rng_states(ctx: RunContext):
-    state = capture_rng_state()
-    if not ctx.distributed:
-        return [state]
-    gathered = [None] * ctx.world_size
-    dist.all_gather_object(gathered, state)
-    return gathered
+def _build(cfg: TrainConfig, ctx: SimpleNamespace, resuming: bool) -> SimpleNamespace:
+    """Data, model, optimizer, schedule, loss, EMA and mixing of a run, as timm's train.py builds them."""
+    train_set, val_set, class_to_idx, num_classes = _datasets(cfg)
+    model = _model(cfg, ctx, num_classes, resuming)
+    in_chans = cfg.in_chans or (1 if cfg.input_img_mode == 'L' else None)
+    data_config = resolve_run_data_config(dataclasses.replace(cfg, in_chans=in_chans), model)
+    random_seed(cfg.seed, ctx.rank)  # augmentation randomness differs per process, as in timm
+    train_loader = build_train_loader(train_set, data_config, cfg, ctx.world_size, ctx.rank)
+    val_loader = None if val_set is None else build_eval_loader(
+        val_set, data_config, cfg.batch_size, cfg.num_workers, ctx.world_size, ctx.rank, cfg.pin_memory)
+    global_batch = cfg.batch_size * cfg.grad_accum_steps * ctx.world_size
+    lr = cfg.lr * global_batch / cfg.lr_base_batch_size if cfg.lr_base_batch_size else cfg.lr
+    opt_kwargs = {k: v for k, v in (('eps', cfg.opt_eps), ('betas', cfg.opt_betas)) if v is not None}
+    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+                                    layer_decay=cfg.layer_decay, **opt_kwargs)
+    updates_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
+    scheduler, num_epochs = create_scheduler_v2(
+        optimizer, sched=cfg.sched, num_epochs=cfg.epochs, decay_epochs=cfg.decay_epochs,
+        decay_milestones=cfg.decay_milestones, cooldown_epochs=cfg.cooldown_epochs, decay_rate=cfg.decay_rate,
+        min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs,
+        plateau_mode='min' if cfg.eval_metric == 'loss' else 'max',
+        step_on_epochs=not cfg.sched_on_updates, updates_per_epoch=updates_per_epoch)
+    mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, cutmix_minmax=cfg.cutmix_minmax,
+                  prob=cfg.mixup_prob, switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode,
+                  label_smoothing=cfg.smoothing, num_classes=num_classes) \
+        if cfg.mixup > 0 or cfg.cutmix > 0 or cfg.cutmix_minmax is not None else None
+    if cfg.bce_loss:
+        loss_fn = BinaryCrossEntropy(smoothing=0.0 if mixup else cfg.smoothing)
+    else:  # Mixup applies the label smoothing to its soft targets
+        loss_fn = SoftTargetCrossEntropy() if mixup else LabelSmoothingCrossEntropy(cfg.smoothing) \
+            if cfg.smoothing else nn.CrossEntropyLoss()
+    return SimpleNamespace(
+        cfg=cfg, ctx=ctx, model=model, optimizer=optimizer, scheduler=scheduler, num_epochs=num_epochs, lr=lr,
+        train_loader=train_loader, val_loader=val_loader, mixup=mixup, loss_fn=loss_fn.to(ctx.device),
+        ema=ModelEmaV3(model, decay=cfg.model_ema_decay, use_warmup=cfg.model_ema_warmup) if cfg.model_ema else None,
+        loss_scaler=NativeScaler(device=ctx.device.type) if cfg.amp and cfg.amp_dtype == 'float16' else None,
+        autocast=amp_context(ctx.device, cfg.amp, cfg.amp_dtype), clip_params=list(model.parameters()),
+        num_classes=num_classes, class_to_idx=class_to_idx, data_config=data_config, global_batch=global_batch,
+        updates_per_epoch=updates_per_epoch, num_updates=0, start_epoch=0, steps_csv='', rng_state=None)
+
+
+def _resume(run: SimpleNamespace, path: str, checkpoint: Dict[str, Any]) -> None:
+    """timm's ``resume_checkpoint`` (model, optimizer, loss scaler, epoch), then what it leaves to us:
+    scheduler, EMA, step counter and this process's random-number states."""
+    if checkpoint.get('arch') != run.cfg.model:
+        raise ConfigError(f"Checkpoint '{path}' is of model '{checkpoint.get('arch')}', not '{run.cfg.model}'.")
+    run.start_epoch = resume_checkpoint(run.model, path, run.optimizer, run.loss_scaler, log_info=run.ctx.is_primary)
+    run.scheduler.load_state_dict(checkpoint['scheduler'])
+    if run.ema is not None and checkpoint.get('state_dict_ema') is not None:
+        run.ema.module.load_state_dict(checkpoint['state_dict_ema'])
+    run.num_updates = checkpoint['num_updates']
+    states = checkpoint.get('rng') or []
+    if len(states) == run.ctx.world_size:
+        run.rng_state = states[run.ctx.rank]
+    elif run.ctx.is_primary:
+        _logger.warning('Checkpoint was written by %d processes, this run has %d: data order is the same, '
+                        'augmentation randomness is not.', len(states), run.ctx.world_size)
+
+
+def _prepare_folder(run: SimpleNamespace, run_dir: str, saved: Dict[str, Any]) -> None:
+    """On the primary process: the logs cut back to the checkpoint (a killed process wrote past it), the
+    settings' changes recorded, ``config.yaml`` as the run started."""
+    cfg = run.cfg
+    os.makedirs(run_dir, exist_ok=True)
+    rewrite_csv(os.path.join(run_dir, 'summary.csv'), lambda row: int(row['epoch']) <= run.start_epoch)
+    run.steps_csv = os.path.join(run_dir, 'train_steps.csv')
+    rewrite_csv(run.steps_csv, lambda row: int(row['step']) <= run.num_updates)
+    if not os.path.isfile(run.steps_csv):
+        write_atomic(run.steps_csv, 'epoch,step,loss,lr\n')
+    check_resume_changes(saved, dataclasses.asdict(cfg), RESUME_MAY_CHANGE, cfg.allow_changes, run_dir,
+                         f'epoch {run.start_epoch}')
+    if not os.path.isfile(os.path.join(run_dir, 'config.yaml')):
+        write_atomic(os.path.join(run_dir, 'config.yaml'), yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    _logger.info('%s: %.2fM params, %d classes, input %s, global batch %d, lr %.3g, %d steps/epoch, %d processes',
+                 cfg.model, sum(p.numel() for p in run.model.parameters()) / 1e6, run.num_classes,
+                 run.data_config['input_size'], run.global_batch, run.lr, run.updates_per_epoch, run.ctx.world_size)
 
 
 def train(cfg: TrainConfig) -> Dict[str, Any]:
@@ -310,216 +330,88 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, ctx: RunContext) -> Dict[str, Any]:
-    if cfg.grad_accum_steps < 1:
-        raise ConfigError('grad_accum_steps must be >= 1.')
-    if cfg.eval_metric not in ('top1', 'top5', 'loss'):
-        raise ConfigError(f"eval_metric must be 'top1', 'top5' or 'loss', not {cfg.eval_metric!r}.")
-    check_model_name(cfg.model)  # before the (possibly slow) dataset scan
-    run_dir = _run_dir(cfg, ctx)
-    resume = _resume_file(cfg, run_dir)  # the run-folder rule, checked before anything is written
+def _train(cfg: TrainConfig, ctx: SimpleNamespace) -> Dict[str, Any]:
+    _check_options(cfg)
+    run_dir, resume = _run_folder(cfg, ctx)  # the run-folder rule, checked before anything is written
     checkpoint = load_training_checkpoint(resume) if resume else None
-    saved_config = _saved_config(cfg, run_dir, checkpoint)
-    check_resume_changes(saved_config, dataclasses.asdict(cfg), RESUME_MAY_CHANGE, cfg.allow_changes, run_dir,
+    saved = _saved_config(cfg, run_dir, checkpoint)
+    check_resume_changes(saved, dataclasses.asdict(cfg), RESUME_MAY_CHANGE, cfg.allow_changes, run_dir,
                          f"epoch {checkpoint['epoch'] if checkpoint else 0}", record=False)
-
-    train_set = build_dataset(cfg.dataset, cfg.data_dir, cfg.train_split, is_training=True,
-                              class_map=cfg.class_map, input_img_mode=cfg.input_img_mode,
-                              seed=cfg.seed, batch_size=cfg.batch_size)
-    class_to_idx = dataset_classes(train_set)
-    val_set = None
-    if cfg.val_split:
-        val_set = build_dataset(cfg.dataset, cfg.data_dir, cfg.val_split, is_training=False,
-                                class_map=class_to_idx if is_folder_dataset(cfg.dataset) else cfg.class_map,
-                                input_img_mode=cfg.input_img_mode, seed=cfg.seed, batch_size=cfg.batch_size)
-    num_classes = cfg.num_classes or (max(class_to_idx.values()) + 1 if class_to_idx else None)
-    if num_classes is None:
-        raise DatasetError(f"Cannot tell the number of classes of dataset '{cfg.dataset}': set --num-classes.")
-    if class_to_idx and max(class_to_idx.values()) >= num_classes:
-        raise ConfigError(f'num_classes={num_classes} but the data has {len(class_to_idx)} classes.')
-
-    # Same initial weights on every process (DDP would broadcast rank 0's anyway).
-    random_seed(cfg.seed, 0)
-    in_chans = cfg.in_chans or (1 if cfg.input_img_mode == 'L' else None)
-    model = create_model_for_run(
-        cfg.model, num_classes=num_classes, in_chans=in_chans,
-        pretrained=cfg.pretrained and checkpoint is None and not cfg.pretrained_file,  # a given file wins
-        weights_file=cfg.pretrained_file if checkpoint is None else '',
-        drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate, **cfg.model_kwargs)
-    if cfg.grad_checkpointing:
-        if not hasattr(model, 'set_grad_checkpointing'):
-            raise ConfigError(f"Model '{cfg.model}' does not support gradient checkpointing.")
-        model.set_grad_checkpointing(True)
-    model.to(ctx.device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    data_config = resolve_run_data_config(dataclasses.replace(cfg, in_chans=in_chans), model)
-    # Augmentation randomness differs per process (seed + rank), as in timm.
-    random_seed(cfg.seed, ctx.rank)
-
-    train_loader = build_train_loader(train_set, data_config, cfg, ctx.world_size, ctx.rank)
-    val_loader = None
-    if val_set is not None:
-        val_loader = build_eval_loader(val_set, data_config, cfg.batch_size, cfg.num_workers,
-                                       ctx.world_size, ctx.rank, cfg.pin_memory)
-
-    global_batch = cfg.batch_size * cfg.grad_accum_steps * ctx.world_size
-    lr = cfg.lr * global_batch / cfg.lr_base_batch_size if cfg.lr_base_batch_size else cfg.lr
-    opt_kwargs = {}
-    if cfg.opt_eps is not None:
-        opt_kwargs['eps'] = cfg.opt_eps
-    if cfg.opt_betas is not None:
-        opt_kwargs['betas'] = tuple(cfg.opt_betas)
-    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay,
-                                    momentum=cfg.momentum, layer_decay=cfg.layer_decay, **opt_kwargs)
-    autocast = amp_context(ctx.device, cfg.amp, cfg.amp_dtype)
-    loss_scaler = NativeScaler(device=ctx.device.type) if cfg.amp and cfg.amp_dtype == 'float16' else None
-    ema = ModelEmaV3(model, decay=cfg.model_ema_decay, use_warmup=cfg.model_ema_warmup) if cfg.model_ema else None
-
-    updates_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
-    scheduler, num_epochs = create_scheduler_v2(
-        optimizer, sched=cfg.sched, num_epochs=cfg.epochs, decay_epochs=cfg.decay_epochs,
-        decay_milestones=cfg.decay_milestones, cooldown_epochs=cfg.cooldown_epochs, decay_rate=cfg.decay_rate,
-        min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs,
-        plateau_mode='min' if cfg.eval_metric == 'loss' else 'max',
-        step_on_epochs=not cfg.sched_on_updates, updates_per_epoch=updates_per_epoch)
-
-    start_epoch, num_updates, best_metric, best_epoch = 0, 0, None, None
-    rng_state = None
+    run = _build(cfg, ctx, resuming=checkpoint is not None)
+    saver = RunSaver(run_dir, decreasing=cfg.eval_metric == 'loss', max_history=cfg.checkpoint_hist) \
+        if ctx.is_primary else None
     if checkpoint is not None:
-        if checkpoint.get('arch') != cfg.model:
-            raise ConfigError(f"Checkpoint '{resume}' is of model '{checkpoint.get('arch')}', not '{cfg.model}'.")
-        model.load_state_dict(checkpoint['state_dict'])
-        optimizer.load_state_dict(checkpoint['optimizer'])
-        scheduler.load_state_dict(checkpoint['scheduler'])
-        if loss_scaler is not None and checkpoint.get('amp_scaler'):
-            loss_scaler.load_state_dict(checkpoint['amp_scaler'])
-        if ema is not None and checkpoint.get('state_dict_ema') is not None:
-            ema.module.load_state_dict(checkpoint['state_dict_ema'])
-        start_epoch, num_updates = checkpoint['epoch'], checkpoint['num_updates']
-        best_metric, best_epoch = checkpoint.get('best_metric'), checkpoint.get('best_epoch')
-        states = checkpoint.get('rng') or []
-        if len(states) == ctx.world_size:
-            rng_state = states[ctx.rank]
-        elif ctx.is_primary:
-            _logger.warning('Checkpoint was written by %d processes, this run has %d: data order is the same, '
-                            'augmentation randomness is not.', len(states), ctx.world_size)
-        if ctx.is_primary:
-            _logger.info("Resumed '%s' after epoch %d (%d optimizer steps)", resume, start_epoch, num_updates)
-
-    if ctx.distributed:
-        model = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == 'cuda' else None)
-
-    mixup_fn = None
-    if cfg.mixup > 0 or cfg.cutmix > 0 or cfg.cutmix_minmax is not None:
-        mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, cutmix_minmax=cfg.cutmix_minmax,
-                         prob=cfg.mixup_prob, switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode,
-                         label_smoothing=cfg.smoothing, num_classes=num_classes)
-    train_loss_fn = _train_loss(cfg, mixing=mixup_fn is not None).to(ctx.device)
-
-    summary_csv = os.path.join(run_dir, 'summary.csv')
-    step_log = None
-    if ctx.is_primary:
-        os.makedirs(run_dir, exist_ok=True)
-        # rows past the checkpoint were logged by the interrupted process; they are logged again below
-        truncate_csv(summary_csv, lambda row: int(row['epoch']) <= start_epoch)
-        truncate_csv(os.path.join(run_dir, 'train_steps.csv'), lambda row: int(row['step']) <= num_updates)
+        _resume(run, resume, checkpoint)
+    if saver is not None:
+        _prepare_folder(run, run_dir, saved)
         if checkpoint is not None:
-            recover_best(run_dir, best_epoch, lambda state: save_best(run_dir, state, _export_weights))
-        check_resume_changes(saved_config, dataclasses.asdict(cfg), RESUME_MAY_CHANGE, cfg.allow_changes, run_dir,
-                             f"epoch {start_epoch}")
-        if not os.path.isfile(os.path.join(run_dir, 'config.yaml')):  # the run's settings as it started
-            write_atomic(os.path.join(run_dir, 'config.yaml'), yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-        step_log = _CsvAppender(os.path.join(run_dir, 'train_steps.csv'), ['epoch', 'step', 'loss', 'lr'])
-        _logger.info('%s: %.2fM params, %d classes, input %s, global batch %d, lr %.3g, %d steps/epoch, '
-                     '%d processes', cfg.model, sum(p.numel() for p in model.parameters()) / 1e6, num_classes,
-                     data_config['input_size'], global_batch, lr, updates_per_epoch, ctx.world_size)
-
-    if start_epoch > 0:  # each call acts only in its own mode (per-epoch or per-update)
-        scheduler.step(start_epoch)
-        scheduler.step_update(num_updates)
-    if rng_state is not None:  # last, so that nothing above consumes the restored streams
-        restore_rng_state(rng_state)
-
-    from tqdm import tqdm
-    train_sampler = train_loader.sampler
-    eval_metrics, ema_metrics, train_metrics = {}, {}, {}
-    started = time.perf_counter()
-    last_epoch = start_epoch
-    for epoch in range(start_epoch, num_epochs):
-        if cfg.stop_epoch is not None and epoch >= cfg.stop_epoch:
-            break
-        train_sampler.set_epoch(epoch)
-        if mixup_fn is not None and cfg.mixup_off_epoch and epoch >= cfg.mixup_off_epoch:
-            mixup_fn.mixup_enabled = False
-        progress = tqdm(total=updates_per_epoch, desc=f'epoch {epoch + 1}/{num_epochs}',
-                        disable=not (cfg.progress and ctx.is_primary), leave=False)
-        train_metrics, num_updates = train_one_epoch(
-            model, train_loader, optimizer, train_loss_fn, cfg, ctx, epoch, num_updates, scheduler, autocast,
-            loss_scaler=loss_scaler, ema=ema, mixup_fn=mixup_fn, step_log=step_log,
-            progress=progress if not progress.disable else None)
-        progress.close()
-        if ctx.distributed:
-            distribute_bn(model, ctx.world_size, reduce=True)
-        if val_loader is not None:
-            eval_metrics = evaluate(unwrap_model(model), val_loader, ctx, autocast, cfg.channels_last, cfg.progress)
-            if ema is not None:
-                ema_metrics = evaluate(ema.module, val_loader, ctx, autocast, cfg.channels_last, cfg.progress)
-        chosen = ema_metrics or eval_metrics
-        scheduler.step(epoch + 1, chosen.get(cfg.eval_metric) if chosen else None)
-        last_epoch = epoch + 1
-        is_best = bool(chosen) and _metric_better(cfg.eval_metric, chosen[cfg.eval_metric], best_metric)
-        if is_best:
-            best_metric, best_epoch = chosen[cfg.eval_metric], last_epoch
-        rng_states = _gather_rng_states(ctx)
-        if not ctx.is_primary:
-            continue
-        row_eval = dict(eval_metrics)
-        row_eval.update({f'ema_{k}': v for k, v in ema_metrics.items()})
-        update_summary(last_epoch, {k: v for k, v in train_metrics.items() if k != 'lr'}, row_eval,
-                       summary_csv, lr=train_metrics['lr'])
-        _logger.info('epoch %d/%d: train loss %.4f (%.1f img/s)%s', last_epoch, num_epochs, train_metrics['loss'],
-                     train_metrics['img_per_s'],
-                     ''.join(f", {'EMA ' if m is ema_metrics else ''}val top1 {m['top1']:.2f} top5 {m['top5']:.2f} "
-                             f"loss {m['loss']:.4f}" for m in (eval_metrics, ema_metrics) if m))
-        state = {
-            'arch': cfg.model, 'epoch': last_epoch, 'num_updates': num_updates,
-            'state_dict': unwrap_model(model).state_dict(),
-            'state_dict_ema': ema.module.state_dict() if ema is not None else None,
-            'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
-            'amp_scaler': loss_scaler.state_dict() if loss_scaler is not None else None,
-            'rng': rng_states, 'config': dataclasses.asdict(cfg), 'num_classes': num_classes,
-            'class_to_idx': class_to_idx, 'data_config': {k: list(v) if isinstance(v, tuple) else v
-                                                          for k, v in data_config.items()},
-            'metrics': {'train': train_metrics, 'eval': eval_metrics, 'ema': ema_metrics},
-            'best_metric': best_metric, 'best_epoch': best_epoch,
-        }
-        if is_best or not chosen:  # before last.pth, which records best_epoch (see run_folder)
-            save_best(run_dir, state, _export_weights)
-        if cfg.checkpoint_hist > 0:
-            save_checkpoint(os.path.join(run_dir, f'checkpoint-{last_epoch}.pth'), state)
-            prune_checkpoints(run_dir, cfg.checkpoint_hist)
-        save_checkpoint(os.path.join(run_dir, 'last.pth'), state)
-
+            saver.resume(resume, checkpoint)
+    if ctx.distributed:
+        run.model = DistributedDataParallel(run.model, device_ids=[ctx.device.index] if ctx.device.type == 'cuda'
+                                            else None)
+    if run.start_epoch > 0:  # each call acts only in its own mode (per-epoch or per-update)
+        run.scheduler.step(run.start_epoch)
+        run.scheduler.step_update(run.num_updates)
+    if run.rng_state is not None:  # last, so that nothing above consumes the restored streams
+        restore_rng_state(run.rng_state)
+    started, metrics = time.perf_counter(), {}
+    end = min(run.num_epochs, cfg.stop_epoch if cfg.stop_epoch is not None else run.num_epochs)
+    for epoch in range(run.start_epoch, end):
+        metrics = _epoch(run, epoch, saver)
     summary = {
-        'model': cfg.model, 'run_dir': run_dir, 'epochs_done': last_epoch, 'epochs_total': num_epochs,
-        'optimizer_steps': num_updates, 'global_batch': global_batch, 'lr': lr, 'world_size': ctx.world_size,
-        'num_classes': num_classes, 'train': train_metrics, 'eval': eval_metrics, 'ema_eval': ema_metrics,
-        'best_metric': best_metric, 'best_epoch': best_epoch, 'eval_metric': cfg.eval_metric,
-        'seconds': time.perf_counter() - started,
-    }
-    if ctx.is_primary:
-        write_json_atomic(os.path.join(run_dir, 'summary.json'), summary)
-        _logger.info('Done: %s', _format_summary(summary))
+        'model': cfg.model, 'run_dir': run_dir, 'epochs_done': max(end, run.start_epoch),
+        'epochs_total': run.num_epochs, 'optimizer_steps': run.num_updates, 'global_batch': run.global_batch,
+        'lr': run.lr, 'world_size': ctx.world_size, 'num_classes': run.num_classes, 'train': metrics.get('train', {}),
+        'eval': metrics.get('eval', {}), 'ema_eval': metrics.get('ema', {}), 'eval_metric': cfg.eval_metric,
+        'best_metric': saver and saver.best_metric, 'best_epoch': saver and saver.best_epoch,
+        'seconds': time.perf_counter() - started}
+    if ctx.distributed:  # the primary's best, on every process
+        best = [summary['best_metric'], summary['best_epoch']]
+        dist.broadcast_object_list(best, src=0)
+        summary['best_metric'], summary['best_epoch'] = best
+    if saver is not None:
+        write_atomic(os.path.join(run_dir, 'summary.json'), json.dumps(summary, indent=2))
+        _logger.info('Done: %d/%d epochs, %d steps, best %s %s (epoch %s); run folder %s', summary['epochs_done'],
+                     run.num_epochs, run.num_updates, cfg.eval_metric, summary['best_metric'], summary['best_epoch'],
+                     run_dir)
     return summary
 
 
-def _format_summary(summary: Dict[str, Any]) -> str:
-    parts = [f"{summary['epochs_done']}/{summary['epochs_total']} epochs, {summary['optimizer_steps']} steps, "
-             f"{summary['seconds']:.0f} s"]
-    if summary['eval']:
-        parts.append(f"last val top1 {summary['eval']['top1']:.2f}")
-    if summary['best_metric'] is not None:
-        parts.append(f"best {summary['eval_metric']} {summary['best_metric']:.4g} (epoch {summary['best_epoch']})")
-    parts.append(f"run folder {summary['run_dir']}")
-    return '; '.join(parts)
+def _epoch(run: SimpleNamespace, epoch: int, saver: Optional[RunSaver]) -> Dict[str, Dict[str, float]]:
+    """Train one epoch, evaluate, and (primary process) log and save; returns the epoch's metrics."""
+    cfg, ctx = run.cfg, run.ctx
+    run.train_loader.sampler.set_epoch(epoch)
+    if run.mixup is not None and cfg.mixup_off_epoch and epoch >= cfg.mixup_off_epoch:
+        run.mixup.mixup_enabled = False
+    with tqdm(total=run.updates_per_epoch, desc=f'epoch {epoch + 1}/{run.num_epochs}', leave=False,
+              disable=not (cfg.progress and ctx.is_primary)) as progress:
+        metrics = {'train': train_one_epoch(run, epoch, progress if not progress.disable else None)}
+    if ctx.distributed:
+        distribute_bn(run.model, ctx.world_size, reduce=True)
+    for key, model in (('eval', unwrap_model(run.model)), ('ema', run.ema and run.ema.module)):
+        metrics[key] = evaluate(model, run.val_loader, ctx, run.autocast, cfg.channels_last, cfg.progress) \
+            if run.val_loader is not None and model is not None else {}
+    chosen = metrics['ema'] or metrics['eval']
+    run.scheduler.step(epoch + 1, chosen.get(cfg.eval_metric))
+    rng = [capture_rng_state()] * ctx.world_size
+    if ctx.distributed:  # every process's random-number states, for the primary's checkpoint
+        dist.all_gather_object(rng, rng[0])
+    if saver is None:
+        return metrics
+    row = {'epoch': epoch + 1, **{f'train_{k}': v for k, v in metrics['train'].items() if k != 'lr'},
+           **{f'eval_{m}': v for m, v in metrics['eval'].items()}, **{f'eval_ema_{m}': v for m, v in
+                                                                       metrics['ema'].items()},
+           'lr': metrics['train']['lr']}
+    rewrite_csv(os.path.join(saver.checkpoint_dir, 'summary.csv'), add=row)
+    _logger.info('epoch %d/%d: %s', epoch + 1, run.num_epochs, ', '.join(f'{k} {v:.4g}' for k, v in row.items()))
+    model = unwrap_model(run.model)
+    saver.save_epoch({
+        'arch': cfg.model, 'epoch': epoch + 1, 'num_updates': run.num_updates, 'state_dict': model.state_dict(),
+        'state_dict_ema': run.ema.module.state_dict() if run.ema is not None else None,
+        'optimizer': run.optimizer.state_dict(), 'scheduler': run.scheduler.state_dict(),
+        **({'amp_scaler': run.loss_scaler.state_dict()} if run.loss_scaler is not None else {}),
+        'rng': rng, 'config': dataclasses.asdict(cfg), 'num_classes': run.num_classes,
+        'class_to_idx': run.class_to_idx, 'metrics': metrics,
+        'data_config': {k: list(v) if isinstance(v, tuple) else v for k, v in run.data_config.items()},
+    }, chosen.get(cfg.eval_metric))
+    return metrics

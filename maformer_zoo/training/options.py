@@ -1,16 +1,13 @@
-"""The fields of a training run and of a validation run.
+"""The fields of a training run and of a validation run; each is also a ``--field-name`` option.
 
-Names follow timm's ``train.py`` / ``validate.py`` options where one exists (``opt``, ``sched``,
-``reprob``, ``aa``, ``smoothing``...), so timm's documentation of a setting applies here too.
-Every field is also a command-line option (``--field-name``), see :mod:`.config`.
+Names follow timm's ``train.py`` / ``validate.py`` (``opt``, ``sched``, ``reprob``, ``aa``, ``smoothing``...).
 """
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 __all__ = ['TrainConfig', 'EvalConfig', 'RESUME_MAY_CHANGE']
 
-# TrainConfig fields a resumed run may change without --allow-changes: where things are and how the
-# run is watched, not what it computes.
+# Fields a resumed run may change without --allow-changes: where things are and how the run is watched.
 RESUME_MAY_CHANGE = ('data_dir', 'num_workers', 'pin_memory', 'device', 'dist_backend', 'dist_url', 'output',
                      'experiment', 'resume', 'allow_changes', 'stop_epoch', 'checkpoint_hist', 'log_interval',
                      'progress', 'pretrained', 'pretrained_file')
@@ -23,11 +20,9 @@ def _help(text: str, default: Any = None, factory=None):
 
 
 @dataclass
-class DataOptions:
+class CommonOptions:
     data_dir: str = _help('dataset root; for folders: <root>/train/<class>/* and <root>/val/<class>/*', '')
     dataset: str = _help("timm create_dataset name ('' = image folder, 'torch/cifar10', 'hfds/...')", '')
-    train_split: str = _help('training split (sub-folder name for image folders)', 'train')
-    val_split: str = _help("validation split ('' = no validation)", 'validation')
     class_map: str = _help('text file with one class folder name per line, fixing the label order', '')
     input_img_mode: str = _help("PIL mode images are read in ('RGB', or 'L' for one channel)", 'RGB')
     img_size: Optional[int] = _help("square input size (overrides the model's pretrained_cfg)", None)
@@ -38,25 +33,28 @@ class DataOptions:
     std: Optional[List[float]] = _help("normalisation std (default: model's pretrained_cfg)", None)
     crop_pct: Optional[float] = _help("eval center-crop fraction (default: model's pretrained_cfg)", None)
     crop_mode: str = _help("eval crop mode: 'center', 'squash' or 'border' ('' = pretrained_cfg)", '')
-    num_workers: int = _help('data loading processes per training process', 4)
+    num_workers: int = _help('data loading processes per process', 4)
     pin_memory: bool = _help('pin host memory for faster GPU copies', False)
+    model: str = _help('timm model name (any registered name, hf-hub:..., local-dir:...)', 'resnet18_mscsa')
+    pretrained: bool = _help("use the model's pretrained weights (Hub or timm cache)", False)
+    num_classes: Optional[int] = _help("classes of the head (default: the data's / the checkpoint's)", None)
+    model_kwargs: Dict[str, Any] = _help('extra keyword arguments for timm.create_model', factory=dict)
+    channels_last: bool = _help('channels-last memory format', False)
+    batch_size: int = _help('images per process per (micro-)step', 128)
+    device: str = _help("'cuda', 'cpu', ... ('' = cuda if available)", '')
+    amp: bool = _help('automatic mixed precision', False)
+    amp_dtype: str = _help("'float16' (with loss scaling when training) or 'bfloat16'", 'float16')
+    progress: bool = _help('tqdm progress bars', True)
 
 
 @dataclass
-class ModelOptions:
-    model: str = _help('timm model name (any registered name, hf-hub:..., local-dir:...)', 'resnet18_mscsa')
-    pretrained: bool = _help("start from the model's pretrained weights (Hub or timm cache)", False)
+class TrainConfig(CommonOptions):
+    train_split: str = _help('training split (sub-folder name for image folders)', 'train')
+    val_split: str = _help("validation split ('' = no validation)", 'validation')
     pretrained_file: str = _help('start from a weight file (.safetensors or a checkpoint; wins over pretrained)', '')
-    num_classes: Optional[int] = _help('classes of the new head (default: number of class folders)', None)
     drop_rate: float = _help('dropout before the classifier', 0.0)
     drop_path_rate: Optional[float] = _help("stochastic depth rate (default: the model's own)", None)
-    model_kwargs: Dict[str, Any] = _help('extra keyword arguments for timm.create_model', factory=dict)
     grad_checkpointing: bool = _help('activation checkpointing (less memory, ~30%% slower)', False)
-    channels_last: bool = _help('channels-last memory format', False)
-
-
-@dataclass
-class TrainConfig(DataOptions, ModelOptions):
     # optimiser (timm.optim.create_optimizer_v2)
     opt: str = _help('optimizer name known to timm.optim.create_optimizer_v2', 'adamw')
     lr: float = _help('peak learning rate (for lr_base_batch_size images per step, if set)', 1e-3)
@@ -69,8 +67,6 @@ class TrainConfig(DataOptions, ModelOptions):
     layer_decay: Optional[float] = _help('layer-wise learning-rate decay (fine-tuning)', None)
     clip_grad: Optional[float] = _help('gradient clipping threshold', None)
     clip_mode: str = _help("'norm', 'value' or 'agc'", 'norm')
-    # batch
-    batch_size: int = _help('images per process per micro-step', 128)
     grad_accum_steps: int = _help('micro-steps per optimizer step', 1)
     # schedule (timm.scheduler.create_scheduler_v2)
     sched: str = _help("'cosine', 'step', 'multistep', 'plateau', 'poly', 'tanh'", 'cosine')
@@ -111,9 +107,6 @@ class TrainConfig(DataOptions, ModelOptions):
     model_ema_decay: float = _help('EMA decay per optimizer step', 0.9998)
     model_ema_warmup: bool = _help('EMA decay warm-up', False)
     # runtime
-    device: str = _help("'cuda', 'cpu', ... ('' = cuda if available)", '')
-    amp: bool = _help('automatic mixed precision', False)
-    amp_dtype: str = _help("'float16' (with loss scaling) or 'bfloat16'", 'float16')
     dist_backend: Optional[str] = _help("torch.distributed backend (default: nccl on cuda, gloo on cpu)", None)
     dist_url: str = _help('torch.distributed init method', 'env://')
     seed: int = _help('seed: data order is a function of (seed, epoch), model init of seed', 42)
@@ -121,27 +114,17 @@ class TrainConfig(DataOptions, ModelOptions):
     experiment: str = _help("run folder name ('' = <model>-<date>)", '')
     resume: str = _help("checkpoint to continue from exactly ('auto' = <run folder>/last.pth)", '')
     allow_changes: bool = _help('let --resume change hyper-parameters (recorded in config_changes.yaml)', False)
-    checkpoint_hist: int = _help('per-epoch checkpoints to keep besides last.pth and model_best.pth', 1)
+    checkpoint_hist: int = _help('checkpoint-N.pth files kept (the best by eval_metric) besides last.pth', 1)
     eval_metric: str = _help("metric that picks model_best: 'top1', 'top5' or 'loss'", 'top1')
     log_interval: int = _help('optimizer steps between log lines', 50)
-    progress: bool = _help('tqdm progress bars', True)
 
 
 @dataclass
-class EvalConfig(DataOptions):
-    model: str = _help('timm model name (any registered name, hf-hub:..., local-dir:...)', 'resnet18_mscsa')
-    pretrained: bool = _help("evaluate the model's pretrained weights (Hub or timm cache)", False)
+class EvalConfig(CommonOptions):
     checkpoint: str = _help('weights to evaluate: .safetensors or a checkpoint of ours / timm', '')
-    num_classes: Optional[int] = _help("classes of the head (default: the checkpoint's / the model's)", None)
-    model_kwargs: Dict[str, Any] = _help('extra keyword arguments for timm.create_model', factory=dict)
-    channels_last: bool = _help('channels-last memory format', False)
     use_ema: bool = _help("use a checkpoint's EMA weights when it has them", True)
     split: str = _help('split to evaluate', 'validation')
     batch_size: int = _help('images per batch', 256)
-    device: str = _help("'cuda', 'cpu', ... ('' = cuda if available)", '')
-    amp: bool = _help('automatic mixed precision', False)
-    amp_dtype: str = _help("'float16' or 'bfloat16'", 'float16')
     results_file: str = _help('write the metrics to this JSON file', '')
-    progress: bool = _help('tqdm progress bar', True)
     skip_bad_images: bool = _help("leave out images that cannot be decoded (counted in 'skipped') instead of stopping",
                                   False)

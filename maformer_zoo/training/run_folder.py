@@ -1,33 +1,24 @@
-"""One run folder per run: choosing it, refusing to overwrite it, resuming it under the same settings,
-and keeping ``model_best`` consistent with the run's record after a kill (docs/training.md, "Run folders").
+"""One run folder per run: choosing it, refusing to overwrite it, resuming it under the same settings
+(docs/training.md, "Run folders").
 
 * :func:`check_run_folder` is THE rule of every command that writes (train_imagenet, validate,
   train_net, demo, visualize): a folder holding any :data:`RUN_ARTIFACTS` is refused unless the
   command resumes that same run; nothing is written before the check.
 * :func:`check_resume_changes`: a resumed run keeps its hyper-parameters; with ``allow_changes`` a
   change is recorded in ``config_changes.yaml`` with the epoch (or iteration) it starts at.
-* Files are written atomically (``maformer_zoo.utils.atomic``), each epoch in the order
-  ``model_best.*`` -> ``checkpoint-N.pth`` -> ``last.pth``: ``last.pth`` never records a best epoch
-  whose ``model_best`` files are not yet written; :func:`recover_best` repairs the other order.
 """
 import csv
 import fnmatch
 import glob
-import json
 import os
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
-
-import torch
 
 import yaml
 
 from ..utils.atomic import atomic_write, write_atomic
-from ..weights import label_names_of, load_checkpoint_file
-from .checkpoint import load_training_checkpoint, save_checkpoint
 
 __all__ = ['RUN_ARTIFACTS', 'RunFolderError', 'run_artifacts', 'check_run_folder', 'check_resume_changes',
-           'default_run_name', 'find_resumable_run', 'truncate_csv', 'write_json_atomic', 'best_weights_epoch',
-           'recover_best']
+           'default_run_name', 'find_resumable_run', 'rewrite_csv']
 
 # What marks a folder as a run's (ours, timm's and detectron2's names): configs, logs, metrics,
 # checkpoints, weights, results, evaluation outputs.
@@ -124,60 +115,22 @@ def _keeps(keep: Callable[[Dict[str, str]], bool], row: Dict[str, str]) -> bool:
         return False
 
 
-def truncate_csv(path: str, keep: Callable[[Dict[str, str]], bool]) -> None:
-    """Keep only the rows of a CSV log for which ``keep(row)`` holds (atomically; no file: nothing)."""
-    if not os.path.isfile(path):
+def rewrite_csv(path: str, keep: Callable[[Dict[str, str]], bool] = lambda row: True,
+                add: Optional[Dict[str, Any]] = None) -> None:
+    """Rewrite a CSV log atomically with the rows for which ``keep(row)`` holds, then ``add`` (a new row;
+    new columns are added). No file and nothing to add: nothing is written."""
+    rows: List[Dict[str, Any]] = []
+    fields: List[str] = []
+    if os.path.isfile(path):
+        with open(path, newline='') as f:
+            reader = csv.DictReader(f)
+            fields, rows = list(reader.fieldnames or []), [r for r in reader if _keeps(keep, r)]
+    elif add is None:
         return
-    with open(path, newline='') as f:
-        reader = csv.DictReader(f)
-        fields, rows = reader.fieldnames, [r for r in reader if _keeps(keep, r)]
+    if add is not None:
+        rows.append(add)
+        fields += [k for k in add if k not in fields]
     with atomic_write(path, 'w', newline='') as f:
-        if fields:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
-
-
-def write_json_atomic(path: str, data: Any) -> None:
-    write_atomic(path, json.dumps(data, indent=2))
-
-
-def best_weights_epoch(run_dir: str) -> Dict[str, Optional[int]]:
-    """The epoch each ``model_best`` file holds (None: missing)."""
-    epochs: Dict[str, Optional[int]] = {'model_best.pth': None, 'model_best.safetensors': None}
-    pth = os.path.join(run_dir, 'model_best.pth')
-    if os.path.isfile(pth):
-        epochs['model_best.pth'] = load_checkpoint_file(pth).get('epoch')
-    st = os.path.join(run_dir, 'model_best.safetensors')
-    if os.path.isfile(st):
-        from safetensors import safe_open
-        with safe_open(st, framework='pt') as f:
-            epoch = (f.metadata() or {}).get('epoch')
-        epochs['model_best.safetensors'] = int(epoch) if epoch is not None else None
-    return epochs
-
-
-def recover_best(run_dir: str, best_epoch: Optional[int], write_best: Callable[[Dict[str, Any]], None]) -> bool:
-    """Rewrite ``model_best.*`` from the checkpoint of ``best_epoch`` if they hold another epoch; True if rewritten."""
-    if best_epoch is None or set(best_weights_epoch(run_dir).values()) == {best_epoch}:
-        return False
-    for name in (f'checkpoint-{best_epoch}.pth', 'last.pth'):
-        path = os.path.join(run_dir, name)
-        if os.path.isfile(path):
-            state = load_training_checkpoint(path)
-            if state.get('epoch') == best_epoch:
-                write_best(state)
-                return True
-    return False
-
-
-def save_best(run_dir: str, state: Dict[str, Any], export: Callable[[str, Dict[str, torch.Tensor], Dict[str, str]], None]) -> None:
-    """``model_best.pth`` (weights + run metadata) and ``model_best.safetensors`` (EMA weights if any)."""
-    weights = {k: state[k] for k in ('arch', 'epoch', 'state_dict', 'state_dict_ema', 'num_classes', 'class_to_idx',
-                                     'data_config', 'metrics') if k in state}
-    save_checkpoint(os.path.join(run_dir, 'model_best.pth'), weights)
-    metadata = {'epoch': str(state['epoch'])}
-    names = label_names_of(state, int(state.get('num_classes') or 0))
-    if names:  # so validate.py maps class folders to outputs as training did
-        metadata['label_names'] = json.dumps(names)
-    export(os.path.join(run_dir, 'model_best.safetensors'), state.get('state_dict_ema') or state['state_dict'], metadata)
+        writer = csv.DictWriter(f, fieldnames=fields, restval='')
+        writer.writeheader()
+        writer.writerows(rows)

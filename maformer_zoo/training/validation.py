@@ -1,16 +1,12 @@
 """Top-1 / top-5 / loss of a model on a dataset split (``scripts/validate.py``).
 
-The weights come from the model's pretrained source (``pretrained=True``), a file (``checkpoint``:
-``.safetensors`` or a checkpoint of ours / timm's, read with ``weights_only=True``), or neither
-(random init, for smoke tests). The data pipeline is timm's: ``resolve_data_config`` takes the
-input size, crop_pct, interpolation and mean/std from the model's ``pretrained_cfg``, then from the
-data config a training run of ours stored in its checkpoint, then from explicit options (highest).
-A checkpoint of ours also supplies ``num_classes`` and the class-folder -> index map it was trained
-with, so a validation folder is labelled exactly as the training folder was.
+Weights: the model's pretrained source, a file (``checkpoint``, read by the one weight reader) or neither
+(random init). Preprocessing is timm's ``resolve_data_config``: the model's ``pretrained_cfg``, then the
+data config a training run of ours stored in its checkpoint, then explicit options. A checkpoint of ours
+(or an export's ``label_names``) also gives ``num_classes`` and the class-folder -> index map.
 """
 import dataclasses
 import json
-import logging
 import os
 import time
 from typing import Any, Dict, List, Optional
@@ -30,19 +26,6 @@ from .run_folder import RunFolderError, check_run_folder
 
 __all__ = ['validate']
 
-_logger = logging.getLogger(__name__)
-
-
-def _checkpoint_meta(checkpoint: Any, path: str) -> Dict[str, Any]:
-    """``num_classes``, ``class_to_idx``, ``data_config`` and ``arch`` a checkpoint of ours carries, or the
-    class names an export records in its ``config.json`` (``label_names``)."""
-    meta = {k: checkpoint[k] for k in ('num_classes', 'class_to_idx', 'data_config', 'arch') if k in checkpoint}
-    if 'class_to_idx' not in meta:
-        names = read_label_names(path)
-        if names:
-            meta['class_to_idx'] = {name: i for i, name in enumerate(names)}
-    return meta
-
 
 def _label_names(pretrained_cfg: Dict[str, Any]) -> Optional[List[str]]:
     """Class names by output index from a pretrained cfg's ``label_names`` (a list, or {index: name})."""
@@ -55,86 +38,85 @@ def _label_names(pretrained_cfg: Dict[str, Any]) -> Optional[List[str]]:
 def _head_classes(model_name: str, state_dict: Dict[str, torch.Tensor]) -> Optional[int]:
     classifier = get_pretrained_cfg_value(model_name, 'classifier') or 'head'
     classifier = classifier if isinstance(classifier, str) else classifier[0]
-    for key in (f'{classifier}.weight', f'{classifier}.fc.weight'):
-        if key in state_dict:
-            return int(state_dict[key].shape[0])
-    return None
+    shapes = [state_dict[k].shape[0] for k in (f'{classifier}.weight', f'{classifier}.fc.weight') if k in state_dict]
+    return int(shapes[0]) if shapes else None
 
 
-def validate(cfg: EvalConfig) -> Dict[str, Any]:
-    """Evaluate as configured; returns the metrics (also written to ``cfg.results_file``)."""
-    check_model_name(cfg.model)
-    if cfg.results_file:  # checked before the (long) evaluation; never replaces a file
-        check_run_folder(os.path.dirname(os.path.abspath(cfg.results_file)), f"--results-file's folder", resuming=True)
-        if os.path.lexists(cfg.results_file):
-            raise RunFolderError(f"--results-file '{cfg.results_file}' exists: give a new file name (nothing was "
-                                 f"changed).")
-    ctx = setup_distributed(cfg.device)
-    meta, state_dict = {}, None
-    if cfg.checkpoint:
-        if not os.path.isfile(cfg.checkpoint):
-            raise FileNotFoundError(f"Checkpoint '{cfg.checkpoint}' does not exist.")
-        checkpoint = load_checkpoint_file(cfg.checkpoint)
-        meta = _checkpoint_meta(checkpoint, cfg.checkpoint)
-        if meta.get('arch') and meta['arch'] != cfg.model:
-            raise CheckpointMismatchError(
-                f"'{cfg.checkpoint}' holds a '{meta['arch']}', not a '{cfg.model}': pass --model {meta['arch']}.")
-        state_dict, _ = unwrap_state_dict(checkpoint, 'auto' if cfg.use_ema else 'model')
-        if is_folder_dataset(cfg.dataset) and not cfg.class_map and 'class_to_idx' not in meta:
-            raise ConfigError(
-                f"'{cfg.checkpoint}' does not record which class each output is, so the folders of '{cfg.data_dir}' "
-                f"cannot be mapped to its labels: pass --class-map FILE (the training class folders, one per line, "
-                f"in order), or use a checkpoint of ours or a push_to_hub.py export (config.json label_names).")
+def _read_checkpoint(cfg: EvalConfig):
+    """The weights of ``cfg.checkpoint`` and what a checkpoint of ours / an export records about them."""
+    if not os.path.isfile(cfg.checkpoint):
+        raise FileNotFoundError(f"Checkpoint '{cfg.checkpoint}' does not exist.")
+    checkpoint = load_checkpoint_file(cfg.checkpoint)
+    meta = {k: checkpoint[k] for k in ('num_classes', 'class_to_idx', 'data_config', 'arch') if k in checkpoint}
+    names = read_label_names(cfg.checkpoint) if 'class_to_idx' not in meta else None
+    if names:
+        meta['class_to_idx'] = {name: i for i, name in enumerate(names)}
+    if meta.get('arch') and meta['arch'] != cfg.model:
+        raise CheckpointMismatchError(
+            f"'{cfg.checkpoint}' holds a '{meta['arch']}', not a '{cfg.model}': pass --model {meta['arch']}.")
+    if is_folder_dataset(cfg.dataset) and not cfg.class_map and 'class_to_idx' not in meta:
+        raise ConfigError(
+            f"'{cfg.checkpoint}' does not record which class each output is, so the folders of '{cfg.data_dir}' "
+            f"cannot be mapped to its labels: pass --class-map FILE (the training class folders, one per line, "
+            f"in order), or use a checkpoint of ours or a push_to_hub.py export (config.json label_names).")
+    return unwrap_state_dict(checkpoint, 'auto' if cfg.use_ema else 'model')[0], meta
+
+
+def _model(cfg: EvalConfig, state_dict: Optional[Dict[str, torch.Tensor]], meta: Dict[str, Any]):
     num_classes = cfg.num_classes or meta.get('num_classes') or (
         _head_classes(cfg.model, state_dict) if state_dict is not None else None)
     in_chans = cfg.in_chans or (1 if cfg.input_img_mode == 'L' else None)
-    model = create_model_for_run(cfg.model, num_classes=num_classes, pretrained=cfg.pretrained,
-                                 in_chans=in_chans, **cfg.model_kwargs)
+    model = create_model_for_run(cfg.model, num_classes=num_classes, pretrained=cfg.pretrained, in_chans=in_chans,
+                                 **cfg.model_kwargs)
     if state_dict is not None:
         try:
             model.load_state_dict(state_dict)
         except RuntimeError as err:
             raise CheckpointMismatchError(
                 f"'{cfg.checkpoint}' does not fit '{cfg.model}' with {num_classes} classes: {err}") from err
-    if cfg.pretrained and 'class_to_idx' not in meta:  # an export's config.json label_names (timm reads them)
-        names = _label_names(getattr(model, 'pretrained_cfg', None) or {})
-        if names:
-            meta['class_to_idx'] = {name: i for i, name in enumerate(names)}
+    names = _label_names(getattr(model, 'pretrained_cfg', None) or {}) if cfg.pretrained else None
+    if names and 'class_to_idx' not in meta:  # an export's config.json label_names (timm reads them)
+        meta['class_to_idx'] = {name: i for i, name in enumerate(names)}
+    stored = meta.get('data_config') or {}  # the training run's preprocessing, unless an option says otherwise
+    given = {'input_size': cfg.input_size or cfg.img_size, 'interpolation': cfg.interpolation, 'mean': cfg.mean,
+             'std': cfg.std, 'crop_pct': cfg.crop_pct, 'crop_mode': cfg.crop_mode}
+    fill = {k: stored[k] for k, v in given.items() if stored.get(k) is not None and v in (None, '')}
+    data_config = resolve_run_data_config(dataclasses.replace(cfg, in_chans=in_chans, **fill), model)
+    return model, data_config
+
+
+def validate(cfg: EvalConfig) -> Dict[str, Any]:
+    """Evaluate as configured; returns the metrics (also written to ``cfg.results_file``)."""
+    check_model_name(cfg.model)
+    if cfg.results_file:  # checked before the (long) evaluation; never replaces a file
+        check_run_folder(os.path.dirname(os.path.abspath(cfg.results_file)), "--results-file's folder", resuming=True)
+        if os.path.lexists(cfg.results_file):
+            raise RunFolderError(f"--results-file '{cfg.results_file}' exists: give a new file name (nothing was "
+                                 f"changed).")
+    ctx = setup_distributed(cfg.device)
+    state_dict, meta = _read_checkpoint(cfg) if cfg.checkpoint else (None, {})
+    model, data_config = _model(cfg, state_dict, meta)
     model.to(ctx.device).eval()
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-
-    stored = meta.get('data_config') or {}
-    overrides = cfg
-    if stored:  # the training run's preprocessing, unless the command line says otherwise
-        fill = {'input_size': stored.get('input_size') if cfg.input_size is None and cfg.img_size is None else None,
-                'interpolation': stored.get('interpolation') if not cfg.interpolation else None,
-                'mean': stored.get('mean') if cfg.mean is None else None,
-                'std': stored.get('std') if cfg.std is None else None,
-                'crop_pct': stored.get('crop_pct') if cfg.crop_pct is None else None,
-                'crop_mode': stored.get('crop_mode') if not cfg.crop_mode else None}
-        overrides = dataclasses.replace(cfg, in_chans=in_chans, **{k: v for k, v in fill.items() if v is not None})
-    data_config = resolve_run_data_config(overrides, model)
-
     class_map = cfg.class_map or (meta.get('class_to_idx') if is_folder_dataset(cfg.dataset) else None)
     dataset = build_dataset(cfg.dataset, cfg.data_dir, cfg.split, is_training=False, class_map=class_map,
                             input_img_mode=cfg.input_img_mode, batch_size=cfg.batch_size)
     loader = build_eval_loader(dataset, data_config, cfg.batch_size, cfg.num_workers, ctx.world_size,
                                ctx.rank, cfg.pin_memory, skip_bad=cfg.skip_bad_images)
     start = time.perf_counter()
-    metrics = evaluate(model, loader, ctx, amp_context(ctx.device, cfg.amp, cfg.amp_dtype),
-                       cfg.channels_last, cfg.progress)
-    elapsed = time.perf_counter() - start
+    metrics = evaluate(model, loader, ctx, amp_context(ctx.device, cfg.amp, cfg.amp_dtype), cfg.channels_last,
+                       cfg.progress)
     results = {
         'model': cfg.model, 'checkpoint': cfg.checkpoint, 'pretrained': cfg.pretrained, 'split': cfg.split,
         'top1': round(metrics['top1'], 3), 'top5': round(metrics['top5'], 3), 'loss': round(metrics['loss'], 5),
         'count': metrics['count'], 'param_count_m': round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
         'input_size': list(data_config['input_size']), 'crop_pct': data_config['crop_pct'],
-        'interpolation': data_config['interpolation'], 'img_per_s': round(metrics['count'] / max(elapsed, 1e-9), 1),
+        'interpolation': data_config['interpolation'],
+        'img_per_s': round(metrics['count'] / max(time.perf_counter() - start, 1e-9), 1),
     }
     if cfg.skip_bad_images:  # over all processes: every image is either counted or skipped
-        results['skipped'] = len(dataset) - metrics['count']
-        results['skipped_files'] = loader.skipped[:20]
+        results.update(skipped=len(dataset) - metrics['count'], skipped_files=loader.skipped[:20])
     if cfg.results_file and ctx.is_primary:
         write_atomic(cfg.results_file, json.dumps(results, indent=2))
     return results
