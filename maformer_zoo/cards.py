@@ -24,7 +24,8 @@ _BASES = {'resnet': ('Deep Residual Learning for Image Recognition (CVPR 2016)',
                      '; base code: https://github.com/whai362/PVT'),
           'swin': ('Swin Transformer: Hierarchical Vision Transformer using Shifted Windows (ICCV 2021)',
                    '; base code: https://github.com/microsoft/Swin-Transformer'),
-          'convnext': ('A ConvNet for the 2020s (CVPR 2022)', '; base code: https://github.com/facebookresearch/ConvNeXt')}
+          'convnext': ('A ConvNet for the 2020s (CVPR 2022)',
+                       '; base code: https://github.com/facebookresearch/ConvNeXt')}
 _ABOUT = {'maformer': 'A MAFormer image classifier and multi-scale feature backbone: a dual-stream transformer with '
                       'local window attention and Global Learning with Down-sampling, fused by Multi-scale Attention '
                       'Fusion.',
@@ -47,8 +48,9 @@ with torch.no_grad():
 '''
 _USES = (('Image Classification', '', '    top5_probabilities, top5_class_indices = torch.topk(model(x).softmax(dim=1) '
                                       '* 100, k=5)  # {num_classes} classes'),
-         ('Feature Map Extraction', ', features_only=True', '    for reduction, o in zip(model.feature_info.reduction(), '
-                                                            'model(x)):\n        print(reduction, o.shape)  # strides 4-32'),
+         ('Feature Map Extraction', ', features_only=True',
+          '    for reduction, o in zip(model.feature_info.reduction(), model(x)):\n'
+          '        print(reduction, o.shape)  # strides 4-32'),
          ('Image Embeddings', ', num_classes=0', '    embedding = model(x)  # (1, num_features); unpooled: '
                                                  'model.forward_features(x)'))
 _LOCAL = '''### Loading from a local folder or file (offline)
@@ -69,7 +71,8 @@ def hub_id(model_name: str, tag: str = 'in1k') -> str:
 
 def describe_checkpoint(source: str, checkpoint: Any, key: str) -> str:
     """One sentence on where exported weights come from, from what the checkpoint records."""
-    parts = [f'exported from `{source}`'] + ([f"entry `{key}`" + (' (EMA weights)' if 'ema' in key else '')] if key else [])
+    parts = [f'exported from `{source}`'] + ([f"entry `{key}`" + (' (EMA weights)' if 'ema' in key else '')]
+                                              if key else [])
     record = checkpoint if isinstance(checkpoint, dict) else {}
     if isinstance(record.get('epoch'), int):
         parts.append(f"saved after epoch {record['epoch']}")

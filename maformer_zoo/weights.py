@@ -29,8 +29,8 @@ from .utils.atomic import write_atomic
 EMA_KEYS, MODEL_KEYS = ('state_dict_ema', 'model_ema'), ('state_dict', 'model')
 # What a Detectron-format .pkl may reference: numpy arrays, dtypes and scalars (numpy 1 and 2 paths),
 # OrderedDict, and the bytes codec of Python 2 pickles.
-_PICKLE_ALLOWED = {(m, n) for m in ('numpy.core.multiarray', 'numpy._core.multiarray') for n in ('_reconstruct', 'scalar')
-                   } | {('numpy', 'ndarray'), ('numpy', 'dtype'), ('collections', 'OrderedDict'), ('_codecs', 'encode')}
+_PICKLE_ALLOWED = {(m, n) for m in ('numpy.core.multiarray', 'numpy._core.multiarray') for n in ('_reconstruct', 'scalar')}
+_PICKLE_ALLOWED |= {('numpy', 'ndarray'), ('numpy', 'dtype'), ('collections', 'OrderedDict'), ('_codecs', 'encode')}
 _TORCH_MAGIC = (b'PK\x03\x04', b'\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19')  # torch.save's zip, its legacy format
 _UNREADABLE = {'safetensors': 'is not a readable safetensors file', 'torch': 'is not a readable PyTorch checkpoint',
                'pickle': 'is not a weight file: neither safetensors, nor a PyTorch checkpoint, nor a readable pickle'}

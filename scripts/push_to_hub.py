@@ -45,7 +45,8 @@ def _check_model(model_name: str, model_args: dict) -> None:
         raise SystemExit(f"error: '{model_name}' is a timm model, not one of maformer-zoo's ("
                          f"{', '.join(maformer_zoo.list_models()[:3])}, ...): publish it with "
                          f"timm.models.push_to_hf_hub instead. Nothing was written." if timm.is_model(model_name) else
-                         f"error: unknown model '{model_name}'{close_names_hint(model_name, maformer_zoo.list_models())}.")
+                         f"error: unknown model '{model_name}'"
+                         f"{close_names_hint(model_name, maformer_zoo.list_models())}.")
     params = inspect.signature(type(timm.create_model(model_name)).__init__).parameters if model_args else {}
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):  # else the model forwards unknown keys itself
         for key in set(model_args) - set(params):

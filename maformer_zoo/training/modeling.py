@@ -61,7 +61,8 @@ def create_model_for_run(
             raise
         raise PretrainedWeightsNotFoundError(
             f"Could not download the pretrained weights of '{name}' ({type(err).__name__}): offline? Download them "
-            f"on a machine with internet into the Hugging Face cache, or pass the file with --pretrained-file.") from err
+            f"on a machine with internet into the Hugging Face cache, or pass the file with --pretrained-file."
+        ) from err
     if weights_file:
         state_dict, own = read_state_dict(weights_file)[0], model.state_dict()
         classifier = model.pretrained_cfg.get('classifier') or ()
