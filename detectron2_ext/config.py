@@ -55,7 +55,7 @@ def _add_timm_backbone_config(cfg: CN) -> None:
       ``hf_hub_id`` of its pretrained cfg, unless ``CHECKPOINT`` names another source).
     * ``MODEL.TIMM.CHECKPOINT``: a weight source: ``''`` (the default source), a local
       ``.safetensors`` / ``.pth`` file, ``'hf-hub:<repo id>'`` or ``'local-dir:<folder>'``. Setting
-      it implies ``PRETRAINED``. Resolved by ``maformer_zoo.hub.pretrained_overlay`` and loaded by
+      it implies ``PRETRAINED``. Resolved by ``maformer_zoo.weights.pretrained_overlay`` and loaded by
       timm (safetensors or ``weights_only=True``).
     * ``MODEL.TIMM.PRETRAINED_BASE``: MSCSA models: start the base network from timm's ImageNet
       weights (their ``pretrained_base`` argument) while MSCSA is randomly initialised.

@@ -1,98 +1,56 @@
 #!/usr/bin/env python3
-"""Write ``hub_cards/<model>.md`` for every registered maformer-zoo model, from data.
+"""Write ``hub_cards/<model>.md`` for every registered maformer-zoo model, and ``hub_cards/stats.json``.
 
-Each card is rendered by ``maformer_zoo.hub.render_model_card`` from the model's measured
-numbers (params, GMACs and activations counted with fvcore the way timm's benchmark.py counts
-them, at the model's default input size), its paper/family data and ``PUBLISHED_HUB_IDS``
-(which repos hold trained weights; none yet). The measurements also go to
-``hub_cards/stats.json`` and the model table for the README to ``hub_cards/README.md``.
+Each card is ``maformer_zoo.cards.render_model_card`` of the model's numbers, measured by
+``maformer_zoo.utils.flops.measure_model_stats`` (fvcore as timm's benchmark.py counts, at the model's
+default input size, random weights on the CPU: the big models take a minute each).
 
-    python dev/make_hub_cards.py                  # all models
-    python dev/make_hub_cards.py --models maformer_s resnet18_mscsa
-    python dev/make_hub_cards.py --check          # exit 1 if a committed card is out of date
-
-Models are built on CPU with random weights; the big ones take a minute each to trace.
+    python dev/make_hub_cards.py [--models maformer_s ...] [--check]   # --check: exit 1 if a card is stale
 """
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def measure(model_name: str) -> Dict[str, Any]:
-    import timm
-    from maformer_zoo.utils.flops import measure_model_stats
-    model = timm.create_model(model_name, pretrained=False)
-    return measure_model_stats(model)
-
-
-def model_table(stats: Dict[str, Dict[str, Any]]) -> str:
-    """The README's model table: measured numbers and whether trained weights exist."""
-    from maformer_zoo.hub import hub_id, weights_published
-    lines = [
-        '| model | params (M) | GMACs | activations (M) | image size | Hub id | trained weights |',
-        '| --- | ---: | ---: | ---: | --- | --- | --- |',
-    ]
-    for name, s in sorted(stats.items()):
-        size = 'x'.join(str(v) for v in s['img_size'])
-        published = 'published' if weights_published(name) else 'none yet'
-        lines.append(f"| `{name}` | {s['params_m']:.2f} | {s['gmacs']:.2f} | {s['macts']:.2f} | {size} "
-                     f"| `{hub_id(name)}` | {published} |")
-    return '\n'.join(lines) + '\n'
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--models', nargs='*', default=None, help="default: maformer_zoo.list_models()")
     parser.add_argument('--out', default=str(ROOT / 'hub_cards'))
-    parser.add_argument('--check', action='store_true',
-                        help="re-measure and compare with the committed cards instead of writing")
+    parser.add_argument('--check', action='store_true', help="re-measure and compare with the committed cards")
     args = parser.parse_args(argv)
-
+    import timm
     import maformer_zoo
     from maformer_zoo.cards import render_model_card
-
+    from maformer_zoo.utils.atomic import write_atomic
+    from maformer_zoo.utils.flops import measure_model_stats
     names = args.models or maformer_zoo.list_models()
-    unknown = sorted(set(names) - set(maformer_zoo.list_models()))
-    if unknown:
-        parser.error(f"not maformer-zoo models: {', '.join(unknown)}")
+    if set(names) - set(maformer_zoo.list_models()):
+        parser.error(f"not maformer-zoo models: {', '.join(sorted(set(names) - set(maformer_zoo.list_models())))}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stats_file = out / 'stats.json'
-    all_stats: Dict[str, Dict[str, Any]] = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
-    # models no longer registered drop out of the table
-    all_stats = {k: v for k, v in all_stats.items() if k in maformer_zoo.list_models()}
-
-    from tqdm import tqdm
+    all_stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
     stale = []
-    for name in tqdm(names, desc='cards', unit='model'):  # the big models take a minute each: show the ETA
-        start = time.perf_counter()
-        stats = measure(name)
-        card = render_model_card(name, stats)
-        card_file = out / f'{name}.md'
-        tqdm.write(f"{name}: params {stats['params_m']} M, {stats['gmacs']} GMACs, {stats['macts']} M activations "
-              f"at {stats['img_size']}, uncounted ops {stats['uncounted_ops']} ({time.perf_counter() - start:.1f} s)")
-        if args.check:
-            if not card_file.is_file() or card_file.read_text(encoding='utf-8') != card:
-                stale.append(name)
-            continue
-        card_file.write_text(card, encoding='utf-8')
-        all_stats[name] = dict(stats, img_size=list(stats['img_size']))
+    for name in names:
+        stats = measure_model_stats(timm.create_model(name))
+        print(f"{name}: {stats}", flush=True)  # the big models take a minute each
+        card, card_file = render_model_card(name, stats), out / f'{name}.md'
+        if not card_file.is_file() or card_file.read_text(encoding='utf-8') != card:
+            stale.append(name)
+        if not args.check:
+            write_atomic(card_file, card)
+            all_stats[name] = dict(stats, img_size=list(stats['img_size']))
     if args.check:
         if stale:
             print(f"out of date: {', '.join(stale)}; run dev/make_hub_cards.py", file=sys.stderr)
-            return 1
-        return 0
-    stats_file.write_text(json.dumps(all_stats, indent=2, sort_keys=True) + '\n')
-    (out / 'README.md').write_text(
-        '# Model cards\n\nGenerated by `dev/make_hub_cards.py` (do not edit by hand). Numbers are '
-        'measured with fvcore as timm counts them (batch 1, default input size, MACs).\n\n'
-        + model_table(all_stats), encoding='utf-8')
-    print(f"wrote {len(names)} cards, {stats_file} and {out / 'README.md'}")
+        return 1 if stale else 0
+    registered = set(maformer_zoo.list_models())  # models no longer registered drop out
+    write_atomic(stats_file, json.dumps({k: v for k, v in all_stats.items() if k in registered}, indent=2,
+                                        sort_keys=True) + '\n')
     return 0
 
 

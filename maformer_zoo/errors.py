@@ -1,13 +1,7 @@
-"""Errors of maformer-zoo's weight handling (a leaf module: it imports nothing of ours)."""
-
-__all__ = [
-    'PretrainedWeightsNotFoundError', 'CheckpointMismatchError', 'UnsafeCheckpointError',
-    'CorruptCheckpointError',
-]
-
+"""The errors of maformer-zoo's weight handling, all ``RuntimeError`` (a leaf: it imports nothing of ours)."""
 
 class PretrainedWeightsNotFoundError(RuntimeError):
-    """No usable weight file: the model has no published weights, or a given file/folder/repo is missing."""
+    """No usable weights: none are published, or a given file, folder or repo is missing."""
 
 
 class CheckpointMismatchError(RuntimeError):

@@ -380,7 +380,7 @@ def test_weight_sources(tmp_path):
     save_for_hf(reference, str(tmp_path / 'hub_folder'), safe_serialization=True)
     check(TimmBackbone(SMALL_BACKBONE, checkpoint=f'local-dir:{tmp_path / "hub_folder"}', norm=''))
 
-    from maformer_zoo.hub import CheckpointMismatchError, PretrainedWeightsNotFoundError
+    from maformer_zoo.errors import CheckpointMismatchError, PretrainedWeightsNotFoundError
     with pytest.raises(PretrainedWeightsNotFoundError, match='nope.safetensors'):
         TimmBackbone(SMALL_BACKBONE, checkpoint=str(tmp_path / 'nope.safetensors'))
     with pytest.raises(PretrainedWeightsNotFoundError, match='not a folder'):

@@ -21,7 +21,7 @@ import torch
 import timm
 
 import maformer_zoo
-from maformer_zoo import cards, hub, weights
+from maformer_zoo import cards, weights
 from maformer_zoo.errors import (
     CheckpointMismatchError, CorruptCheckpointError, PretrainedWeightsNotFoundError, UnsafeCheckpointError)
 from maformer_zoo.utils.flops import measure_model_stats, sdpa_flop_jit
@@ -138,8 +138,8 @@ def test_no_weights_claimed_while_unpublished(name):
     """timm's convention for models without weights: no source in the cfg, so not listed as pretrained."""
     cfg = timm.models.get_pretrained_cfg(f'{name}.in1k')
     assert cfg is not None, f"'{name}' has no '.in1k' pretrained cfg"
-    assert hub.hub_id(name) == f'maformer-zoo/{name}.in1k' and not hub.weights_published(name)
-    assert not cfg.has_weights and hub.published_hub_id(name) is None
+    assert cards.hub_id(name) == f'maformer-zoo/{name}.in1k'
+    assert not cfg.has_weights and cfg.hf_hub_id is None
     assert not any(m.split('.')[0] == name for m in timm.list_models(pretrained=True))
 
 
@@ -158,7 +158,7 @@ def test_pretrained_true_fails_fast_without_network(monkeypatch):
             timm.create_model(name, pretrained=True)
         assert time.perf_counter() - start < 5
         message = str(info.value)
-        for needle in ('none are published', 'pretrained_cfg_overlay=dict(file=', 'local-dir:', hub.hub_id(name)):
+        for needle in ('none are published', 'pretrained_cfg_overlay=dict(file=', 'local-dir:', cards.hub_id(name)):
             assert needle in message, (needle, message)
 
 
@@ -259,12 +259,12 @@ def test_local_dir_file_overlay_and_helpers(exported, offline_cache):
     place_in_cache(offline_cache, OTHER_REPO, folder)
     expected = {k: v for k, v in exported['model'].state_dict().items()}
     for source in (f'hf-hub:{OTHER_REPO}', f'local-dir:{folder}', folder, folder / 'model.safetensors'):
-        state_dict = hub.load_weights(source, model_name=SMALL)
+        state_dict = weights.load_weights(source, model_name=SMALL)
         assert state_dict.keys() == expected.keys()
         assert all(torch.equal(state_dict[k], expected[k]) for k in expected)
     features = timm.create_model(
         SMALL, pretrained=True, features_only=True,
-        pretrained_cfg_overlay=hub.pretrained_overlay(f'hf-hub:{OTHER_REPO}', SMALL))
+        pretrained_cfg_overlay=weights.pretrained_overlay(f'hf-hub:{OTHER_REPO}', SMALL))
     # FeatureGetterNet keeps the model as `.model`; everything but the new dense-fusion layers loaded
     loaded = {k[len('model.'):]: v for k, v in features.state_dict().items()}
     shared = [k for k in loaded if k in expected]
@@ -278,9 +278,9 @@ def test_local_dir_file_overlay_and_helpers(exported, offline_cache):
 def test_unpublished_and_uncached_repos(offline_cache):
     from huggingface_hub.errors import LocalEntryNotFoundError
     with pytest.raises(PretrainedWeightsNotFoundError, match='none are published'):
-        hub.resolve_weight_file(f'hf-hub:{hub.hub_id(SMALL)}', SMALL)  # decided without a lookup
+        weights.resolve_weight_file(f'hf-hub:{cards.hub_id(SMALL)}', SMALL)  # decided without a lookup
     with pytest.raises(PretrainedWeightsNotFoundError, match=f"'{OTHER_REPO}'.*hf download") as info:
-        hub.resolve_weight_file(f'hf-hub:{OTHER_REPO}', SMALL)  # offline, not cached
+        weights.resolve_weight_file(f'hf-hub:{OTHER_REPO}', SMALL)  # offline, not cached
     assert isinstance(info.value.__cause__, LocalEntryNotFoundError)
     with pytest.raises(LocalEntryNotFoundError):  # timm's own error for timm's own factory path
         timm.create_model('hf-hub:timm/resnet18.a1_in1k', pretrained=True)
@@ -293,11 +293,11 @@ def test_missing_file_and_folder(tmp_path):
     with pytest.raises(CorruptCheckpointError, match='empty'):
         timm.create_model(SMALL, pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / 'empty.pth')))
     with pytest.raises(PretrainedWeightsNotFoundError, match='not a folder'):
-        hub.resolve_weight_file(f'local-dir:{tmp_path / "nothing"}', SMALL)
+        weights.resolve_weight_file(f'local-dir:{tmp_path / "nothing"}', SMALL)
     empty = tmp_path / 'empty'
     empty.mkdir()
     with pytest.raises(PretrainedWeightsNotFoundError, match='No weight file'):
-        hub.resolve_weight_file(empty)
+        weights.resolve_weight_file(empty)
 
 
 class _RunsCode:
@@ -319,7 +319,7 @@ def test_pickle_carrying_code_is_refused(exported, tmp_path):
     with pytest.raises(UnsafeCheckpointError, match='pickle that needs code'):
         export(SMALL, evil, tmp_path / 'out')
     with pytest.raises(UnsafeCheckpointError):
-        hub.load_weights(evil)
+        weights.load_weights(evil)
     assert not marker.exists() and not (tmp_path / 'out').exists()
     # the command line: a one-line error and exit status 2, still nothing run
     out = push_to_hub('--model', SMALL, '--checkpoint', evil, '--out', tmp_path / 'out', '--dry-run', '--no-measure',
@@ -327,6 +327,27 @@ def test_pickle_carrying_code_is_refused(exported, tmp_path):
     assert out.returncode == 2 and 'error: Refused' in out.stderr, out.stderr[-2000:]
     assert not marker.exists() and not (tmp_path / 'out').exists()
 
+
+
+def test_refused_local_dir_file_says_what_is_wrong(exported, tmp_path):
+    """Issue 20: a refused ``local-dir:`` file on the training / validation route said "Offline? Download
+    them". It now names the file, what is wrong and what to do. Mutation caught: create_model_for_run
+    wrapping every RuntimeError in the download hint (PretrainedWeightsNotFoundError, 'Offline?')."""
+    from maformer_zoo.training.modeling import create_model_for_run
+    folder = tmp_path / 'export'
+    shutil.copytree(exported['folder'], folder)
+    marker = tmp_path / 'code_ran'
+    torch.save({'state_dict': exported['model'].state_dict(), 'payload': _RunsCode(marker)}, folder / 'model.safetensors')
+    with pytest.raises(UnsafeCheckpointError) as info:
+        create_model_for_run(f'local-dir:{folder}', pretrained=True)
+    message = str(info.value)
+    assert message.startswith(f"Refused '{folder / 'model.safetensors'}': it is a pickle that needs code")
+    assert 'save model.state_dict() with safetensors' in message and 'Offline' not in message and '\n' not in message
+    (folder / 'model.safetensors').write_bytes(b'\x00' * 64)  # damaged: says so, and to export it again
+    with pytest.raises(CorruptCheckpointError, match="model.safetensors' is not a weight file") as info:
+        create_model_for_run(f'local-dir:{folder}', pretrained=True)
+    assert 'Offline' not in str(info.value) and 'save or download it again' in str(info.value)
+    assert not marker.exists()
 
 def test_corrupted_safetensors(exported, tmp_path, offline_cache):
     folder = tmp_path / 'corrupt'
@@ -341,7 +362,7 @@ def test_corrupted_safetensors(exported, tmp_path, offline_cache):
         export(SMALL, folder / 'model.safetensors', tmp_path / 'out')
     (folder / 'model.safetensors').write_bytes(b'not a checkpoint at all')
     with pytest.raises(CorruptCheckpointError):
-        hub.load_weights(folder)
+        weights.load_weights(folder)
 
 
 def test_wrong_architecture_in_config(exported, tmp_path):
@@ -352,13 +373,14 @@ def test_wrong_architecture_in_config(exported, tmp_path):
     (folder / 'config.json').write_text(json.dumps(config))
     with pytest.raises(CheckpointMismatchError, match="do not fit 'pvt_v2_b0_mscsa'") as info:
         timm.create_model(f'local-dir:{folder}', pretrained=True)
-    assert 'missing' in str(info.value) and 'base.conv1.weight' in str(info.value)
+    assert re.search(r'\(\d+ of its \d+ parameters matched, \d+ missing, \d+ keys of the file unused, [1-9]\d* mis-shaped; ',
+                     str(info.value)), str(info.value)
     # an exported file loaded into another architecture: the error says what its config.json names
     with pytest.raises(CheckpointMismatchError, match=f"holds weights of '{SMALL}'"):
         timm.create_model('pvt_v2_b0_mscsa', pretrained=True, features_only=True,
                           pretrained_cfg_overlay=dict(file=str(exported['folder'] / 'model.safetensors')))
     with pytest.raises(CheckpointMismatchError, match="holds weights of 'pvt_v2_b0_mscsa'"):
-        hub.resolve_weight_file(f'local-dir:{folder}', SMALL)
+        weights.resolve_weight_file(f'local-dir:{folder}', SMALL)
     config['architecture'] = 'no_such_model'
     (folder / 'config.json').write_text(json.dumps(config))
     with pytest.raises(RuntimeError, match='no_such_model'):
@@ -410,12 +432,11 @@ def test_card_for_every_model(name):
         assert section in card
     code_blocks = re.findall(r'```python\n(.*?)```', card, flags=re.S)
     assert len(code_blocks) == 4 and all('import maformer_zoo' in block for block in code_blocks)
-    assert 'no trained weights are published' in card and not hub.weights_published(name)
-    assert f'`{hub.hub_id(name)}`' in card
+    assert 'no trained weights are published' in card and timm.models.get_pretrained_cfg(f'{name}.in1k').hf_hub_id is None
+    assert f'`{cards.hub_id(name)}`' in card
     assert _stat(card, 'Params (M)') == round(_param_count(name) / 1e6, 2)  # card matches the model
     stats = json.loads((ROOT / 'hub_cards' / 'stats.json').read_text())[name]
     assert _stat(card, 'GMACs') == stats['gmacs'] > 0 and _stat(card, 'Activations (M)') == stats['macts'] > 0
-    assert name in (ROOT / 'hub_cards' / 'README.md').read_text()
 
 
 def test_card_numbers_are_measured():
@@ -458,20 +479,25 @@ def test_card_usage_code_runs(exported, offline_cache, tmp_path, monkeypatch):
     card = (exported['folder'] / 'README.md').read_text()
     blocks = re.findall(r'```python\n(.*?)```', card, flags=re.S)
     for block in blocks[:3]:  # classification, feature maps, embeddings (the 4th shows placeholder paths)
-        block = block.replace(f"'{SMALL}.in1k', pretrained=True", f"'local-dir:{exported['folder']}', pretrained=True")
+        block = block.replace(f"'hf-hub:{cards.hub_id(SMALL)}', pretrained=True",
+                              f"'local-dir:{exported['folder']}', pretrained=True")
         namespace = {}
         exec(compile(block, 'card', 'exec'), namespace)  # noqa: S102 - our own generated card
     assert namespace['embedding'].shape == (1, exported['model'].num_features)
 
 
 def test_card_states_weight_status(monkeypatch):
+    """Published or not follows timm's convention (an ``hf_hub_id`` in the pretrained cfg) unless told.
+    Mutation caught: a card that ignores the cfg's hf_hub_id (still 'no trained weights' when published)."""
     stats = dict(params_m=1.0, gmacs=0.5, macts=1.5, img_size=(224, 224))
     unpublished = cards.render_model_card(SMALL, stats)
-    assert 'no trained weights are published' in unpublished and 'intended; no weights yet' in unpublished
-    monkeypatch.setattr(hub, 'PUBLISHED_HUB_IDS', frozenset({hub.hub_id(SMALL)}))
-    published = cards.render_model_card(SMALL, stats, cards.WeightsInfo(published=hub.weights_published(SMALL)))
-    assert 'no trained weights' not in published and 'published in' in published
-    assert 'No trained weights' not in hub.weight_sources_help(SMALL)
+    assert 'no trained weights are published' in unpublished and 'published in' not in unpublished
+    told = cards.render_model_card(SMALL, stats, published=True)
+    assert 'no trained weights' not in told and f'published in `{cards.hub_id(SMALL)}`' in told
+    cfg = timm.models.get_pretrained_cfg(f'{SMALL}.in1k')
+    cfg.hf_hub_id = cards.hub_id(SMALL)
+    monkeypatch.setattr(cards, 'get_pretrained_cfg', lambda name: cfg)  # as if its weights were published
+    assert cards.render_model_card(SMALL, stats) == told
 
 
 def test_export_card_describes_checkpoint(exported):
@@ -531,8 +557,8 @@ huggingface_hub.HfApi = RecordingApi
         env=dict(os.environ, PYTHONPATH=f"{tmp_path / 'fake'}{os.pathsep}{ROOT}", OMP_NUM_THREADS='1'))
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads((tmp_path / 'calls.json').read_text()) == [
-        ['create_repo', hub.hub_id(SMALL), False, True],
-        ['upload_folder', hub.hub_id(SMALL), ['README.md', 'config.json', 'model.safetensors'], True]]
+        ['create_repo', cards.hub_id(SMALL), False, True],
+        ['upload_folder', cards.hub_id(SMALL), ['README.md', 'config.json', 'model.safetensors'], True]]
 
 
 def test_model_args_unknown_key(exported, tmp_path):

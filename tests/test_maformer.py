@@ -14,7 +14,7 @@ import maformer_zoo  # noqa: F401  (registers the models)
 from maformer_zoo.layers.maf import (
     GlobalLearningDownsample, balanced_split, window_self_attention,
 )
-from maformer_zoo.models._builder import CheckpointMismatchError, PretrainedWeightsNotFoundError
+from maformer_zoo.errors import CheckpointMismatchError, PretrainedWeightsNotFoundError
 from maformer_zoo.models.maformer import MafBlock, TransformerBlock
 from maformer_zoo.utils import count_flops, count_params
 

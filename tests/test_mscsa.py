@@ -16,7 +16,7 @@ import maformer_zoo
 from maformer_zoo.layers.mscsa import (
     ConvFFN, CrossScaleAttention, DenseFusion, InjectionFusion, IntraFFN, MultiStageCrossScaleAttention,
     MultiStageGather, squeezed_channels)
-from maformer_zoo.models._builder import CheckpointMismatchError, PretrainedWeightsNotFoundError
+from maformer_zoo.errors import CheckpointMismatchError, PretrainedWeightsNotFoundError
 from maformer_zoo.models.mscsa import MscsaNet
 from maformer_zoo.utils import count_flops, count_params
 from maformer_zoo.utils.flops import sdpa_flop_jit

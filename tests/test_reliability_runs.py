@@ -103,7 +103,7 @@ def test_every_library_route_refuses_code_by_content(tmp_path, monkeypatch, forc
     monkeypatch.setenv(FORCE, force)
     import timm
     from detectron2_ext.checkpoint import SafeDetectionCheckpointer
-    from maformer_zoo.hub import load_weights, pretrained_overlay
+    from maformer_zoo.weights import load_weights, pretrained_overlay
     from maformer_zoo.training.checkpoint import load_training_checkpoint
     marker, files = _evil_files(tmp_path)
     routes = {

@@ -69,14 +69,14 @@ def _check_model_name(name: str) -> None:
 def _weight_source(name: str, pretrained: bool, checkpoint: str) -> Dict[str, Any]:
     """timm ``create_model`` kwargs selecting the initial weights (see the module docstring).
 
-    A ``checkpoint`` goes through :func:`maformer_zoo.hub.pretrained_overlay`, the one resolver of
+    A ``checkpoint`` goes through :func:`maformer_zoo.weights.pretrained_overlay`, the one resolver of
     weight sources in this project: it finds the local file (Hugging Face cache for ``hf-hub:``),
     checks that a ``config.json`` beside it names ``name``, and raises errors that list the ways
     to provide missing weights. timm then loads the file as any pretrained weights.
     """
     if not checkpoint:
         return dict(pretrained=bool(pretrained))
-    from maformer_zoo.hub import pretrained_overlay
+    from maformer_zoo.weights import pretrained_overlay
     return dict(pretrained=True, pretrained_cfg_overlay=pretrained_overlay(checkpoint, name))
 
 

@@ -1,68 +1,46 @@
-"""Model construction shared by every maformer-zoo family: timm's ``build_model_with_cfg``, plus
+"""Construction shared by the maformer-zoo families: timm's ``build_model_with_cfg``, plus
 
-* ``features_only`` defaulting to timm's *getter* feature class (our models are not sequential
-  chains; the wrapper calls ``forward_intermediates``) at strides 4/8/16/32;
-* weight errors decided from our own state before timm loads anything: a model without any
-  weight source (nothing is published yet) fails at once, a weight file is read here safely
-  (:func:`maformer_zoo.weights.load_checkpoint_file`) and its head size becomes the pretrained
-  cfg's ``num_classes``, so timm keeps a trained head whenever the requested class count matches;
-* a key check of the (filtered) weights against the model even where timm loads non-strictly
-  (``features_only``, a new ``num_classes``), so weights of another architecture never half-load.
+* ``features_only`` with timm's *getter* feature class at strides 4/8/16/32 (the models are not chains);
+* ``pretrained=True`` with no weight source fails at once (timm's convention: no ``hf_hub_id``, no weights);
+* a ``file`` or ``local-dir:`` source is read by :func:`maformer_zoo.weights.load_checkpoint_file` (by
+  content, one-line errors) and handed to timm as its ``state_dict`` source, because timm's file route picks
+  its reader by the file name; the file's head size becomes ``num_classes`` (a trained head is kept when the
+  counts match, else timm drops it) and its ``label_names`` come along;
+* :func:`maformer_zoo.weights.check_fit` after the family's filter, also where timm loads non-strictly.
 """
-import inspect
+from functools import partial
 from typing import Any, Callable, Dict, Optional, Sequence, Type
 
+import timm
 import torch
 from torch import nn
-from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 from timm.layers import register_notrace_function
+from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 
-from ..errors import CheckpointMismatchError, CorruptCheckpointError, PretrainedWeightsNotFoundError, \
-    UnsafeCheckpointError  # noqa: F401 (re-exported)
-from ..hub import missing_weights_error, resolve_weight_file
-from ..weights import format_mismatch, read_label_names, read_state_dict, state_dict_mismatch
+from ..errors import PretrainedWeightsNotFoundError
+from ..weights import check_fit, missing_weights_error, read_label_names, read_state_dict, resolve_weight_file
 
 
 def _names(value: Any) -> tuple:
     return (value,) if isinstance(value, str) else tuple(value or ())
 
 
-def _checked_filter(filter_fn: Optional[Callable], variant: str, cfg: Dict[str, Any], source: str) -> Callable:
-    """``filter_fn``, then a key check against the model (the classifier and the input conv's shape are timm's)."""
-    takes_model = filter_fn is not None and len(inspect.signature(filter_fn).parameters) >= 2
-
-    def filter_and_check(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, Any]:
-        if filter_fn is not None:
-            state_dict = filter_fn(state_dict, model) if takes_model else filter_fn(state_dict)
-        problems = state_dict_mismatch(model, state_dict, ignore=_names(cfg.get('classifier')),
-                                       ignore_shape=tuple(f'{c}.weight' for c in _names(cfg.get('first_conv'))))
-        if any(problems.values()):
-            raise CheckpointMismatchError(
-                f"The pretrained weights ({source}) do not fit '{variant}':\n{format_mismatch(problems)}\nUse the "
-                f"architecture, num_classes and in_chans they were saved with, or load them with "
-                f"model.load_state_dict(..., strict=False) if a partial load is intended.")
-        return state_dict
-
-    return filter_and_check
+def _filter_and_check(filter_fn: Optional[Callable], cfg: Dict[str, Any], variant: str,
+                      state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, Any]:
+    state_dict = filter_fn(state_dict, model) if filter_fn else state_dict
+    # timm itself adapts the input conv to in_chans and drops a classifier of another size
+    skip = _names(cfg.get('classifier')) + tuple(f'{c}.weight' for c in _names(cfg.get('first_conv')))
+    check_fit(model, state_dict, f"'{cfg.get('file') or cfg.get('hf_hub_id') or variant}'", skip)
+    return state_dict
 
 
-def _weights_overlay(variant: str, cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """What to add to the pretrained cfg overlay so timm loads what the user gave (see the module docstring)."""
-    if cfg.get('state_dict') is None and cfg.get('file') and cfg.get('source') != 'hf-hub':
-        prefix = 'local-dir:' if cfg.get('source') == 'local-dir' else ''
-        file = resolve_weight_file(prefix + cfg['file'], variant)  # also: does a config.json beside it name variant
-        state_dict, _ = read_state_dict(file)  # our errors: missing, empty, unsafe, corrupt
-        heads = [state_dict[f'{c}.weight'] for c in _names(cfg.get('classifier')) if f'{c}.weight' in state_dict]
-        overlay = dict(state_dict=state_dict, file=None, source=None)
-        if heads and heads[0].ndim >= 1:
-            overlay['num_classes'] = int(heads[0].shape[0])
-        names = read_label_names(file)  # as timm reads a local-dir's config.json: in pretrained_cfg
-        if names:
-            overlay['label_names'] = names
-        return overlay
-    if not any(cfg.get(k) for k in ('state_dict', 'hf_hub_id', 'url')):
-        raise missing_weights_error(variant)
-    return {}
+def _file_overlay(variant: str, cfg: Dict[str, Any]) -> Dict[str, Any]:
+    file = resolve_weight_file(('local-dir:' if cfg.get('source') == 'local-dir' else '') + cfg['file'], variant)
+    state_dict = read_state_dict(file)[0]
+    heads = [state_dict[f'{c}.weight'] for c in _names(cfg.get('classifier')) if f'{c}.weight' in state_dict]
+    overlay = dict(state_dict=state_dict, source=None, num_classes=int(heads[0].shape[0]) if heads else None,
+                   label_names=read_label_names(file))  # as timm reads a local-dir's config.json
+    return {k: v for k, v in overlay.items() if v is not None or k == 'source'}
 
 
 def build_zoo_model(
@@ -76,22 +54,34 @@ def build_zoo_model(
     """Build ``model_cls`` for timm entrypoint ``variant`` (see the module docstring)."""
     kwargs.setdefault('feature_cfg', dict(flatten_sequential=True, feature_cls='getter'))
     kwargs['feature_cfg'].setdefault('out_indices', kwargs.pop('out_indices', tuple(default_out_indices)))
-    file = None
     if pretrained:
         overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
         cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
                                      pretrained_cfg_overlay=overlay).to_dict()
-        file = cfg.get('file')
-        source = f"file '{file}'" if file else f"'{cfg.get('hf_hub_id') or cfg.get('url') or 'state_dict'}'"
-        kwargs['pretrained_cfg_overlay'] = dict(overlay, **_weights_overlay(variant, cfg))
-        pretrained_filter_fn = _checked_filter(pretrained_filter_fn, variant, cfg, source)
+        if cfg.get('file') and cfg.get('state_dict') is None and cfg.get('source') != 'hf-hub':
+            overlay.update(_file_overlay(variant, cfg))
+        elif not any(cfg.get(k) for k in ('state_dict', 'hf_hub_id', 'url')):
+            raise missing_weights_error(variant)
+        kwargs['pretrained_cfg_overlay'] = overlay
+        pretrained_filter_fn = partial(_filter_and_check, pretrained_filter_fn, cfg, variant)
     model = build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=pretrained_filter_fn, **kwargs)
-    cfg = getattr(model, 'pretrained_cfg', None)
-    if isinstance(cfg, dict) and cfg.get('state_dict') is not None:  # do not keep a second copy of the weights
-        model.pretrained_cfg = dict({k: v for k, v in cfg.items() if k != 'state_dict'}, file=file)
-        if hasattr(model, 'default_cfg'):
-            model.default_cfg = model.pretrained_cfg
+    for built in (model, getattr(model, 'model', None)):  # FeatureGetterNet keeps the model as .model
+        (getattr(built, 'pretrained_cfg', None) or {}).pop('state_dict', None)  # no second copy of the weights
     return model
+
+
+def create_base(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
+    """``timm.create_model`` for a family's base network, with one line where its weights cannot be had."""
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except OSError as err:  # a missing file, or the Hub unreachable (huggingface_hub's errors are OSErrors)
+        if not pretrained:
+            raise
+        raise PretrainedWeightsNotFoundError(
+            f"pretrained_base=True could not load timm's weights for the base '{name}' ({type(err).__name__}): give "
+            f"a file, base_pretrained_cfg_overlay=dict(file='/path/{name}.safetensors'), download them where there is "
+            f"internet (timm.create_model('{name}', pretrained=True) fills the Hugging Face cache), or use "
+            f"pretrained_base=False.") from err
 
 
 @register_notrace_function  # Python control flow on sizes: an FX leaf, still run by the traced graph

@@ -34,8 +34,6 @@ from timm.models._manipulate import checkpoint
 from ..layers.maf import (
     CrossShapedWindowAttention, GlobalLearningDownsample, MultiScaleAttentionFusion, WindowSelfAttention,
 )
-from ..hub import published_hub_id
-from ..weights import unwrap_state_dict
 from ._builder import build_zoo_model, check_input
 
 __all__ = ['MAFormer', 'MafBlock', 'TransformerBlock']
@@ -444,14 +442,8 @@ def _per_block_rates(drop_path_rate: float, depths: Sequence[int]) -> List[List[
     return out
 
 
-def checkpoint_filter_fn(state_dict: dict, model: MAFormer) -> dict:
-    """The model weights of a checkpoint (``maformer_zoo.weights.unwrap_state_dict``: EMA first, prefixes stripped)."""
-    return unwrap_state_dict(state_dict)[0]
-
-
 def _create_maformer(variant: str, pretrained: bool = False, **kwargs) -> MAFormer:
-    return build_zoo_model(
-        MAFormer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+    return build_zoo_model(MAFormer, variant, pretrained, **kwargs)  # our checkpoints need no key conversion
 
 
 def _cfg(**kwargs) -> dict:
@@ -475,9 +467,9 @@ def _cfg(**kwargs) -> dict:
 
 
 default_cfgs = generate_default_cfgs({
-    'maformer_s.in1k': _cfg(hf_hub_id=published_hub_id('maformer_s')),
-    'maformer_b.in1k': _cfg(hf_hub_id=published_hub_id('maformer_b')),
-    'maformer_l.in1k': _cfg(hf_hub_id=published_hub_id('maformer_l')),
+    'maformer_s.in1k': _cfg(),
+    'maformer_b.in1k': _cfg(),
+    'maformer_l.in1k': _cfg(),
 })
 
 

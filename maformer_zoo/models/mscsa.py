@@ -25,7 +25,7 @@ is timm's own model, created with ``timm.create_model`` and read through its pub
   4/8/16/32 are the base's stage features fused with the MSCSA output (base channel widths).
 * ``pretrained_base=True``: timm's pretrained weights for the base part only (pick the tag with
   ``base_model='resnet50.tv_in1k'``, a local file with ``base_pretrained_cfg_overlay=dict(file=...)``).
-  ``pretrained=True``: our full checkpoint (once published, see maformer_zoo.hub).
+  ``pretrained=True``: our full checkpoint (once published, see docs/weights.md).
 
 Choices the paper leaves open (see also README, "MSCSA"):
 
@@ -51,7 +51,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
-import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, register_notrace_function, trunc_normal_
 from timm.models import SwinTransformer, generate_default_cfgs, register_model
@@ -60,9 +59,7 @@ from timm.models.swin_transformer import window_partition, window_reverse
 
 from ..layers._compile import is_compiling
 from ..layers.mscsa import DenseFusion, MultiStageCrossScaleAttention
-from ..hub import published_hub_id
-from ..weights import unwrap_state_dict
-from ._builder import PretrainedWeightsNotFoundError, build_zoo_model, check_input
+from ._builder import build_zoo_model, check_input, create_base
 
 __all__ = ['MscsaNet']
 
@@ -286,18 +283,7 @@ class MscsaNet(nn.Module):
         kwargs = dict(in_chans=in_chans, drop_path_rate=drop_path_rate, **base_kwargs)
         if pretrained_cfg_overlay:
             kwargs['pretrained_cfg_overlay'] = pretrained_cfg_overlay
-        try:
-            return timm.create_model(base_model, pretrained=pretrained, **kwargs)
-        except OSError as err:  # a missing file, or the Hub unreachable / offline (huggingface_hub's errors are OSErrors)
-            if not pretrained:
-                raise
-            raise PretrainedWeightsNotFoundError(
-                f"pretrained_base=True could not load timm's weights for the base '{base_model}' "
-                f"({type(err).__name__}).\n"
-                f"Give it a local file: base_pretrained_cfg_overlay=dict(file='/path/{base_model}.safetensors'),\n"
-                f"or a state dict: base_pretrained_cfg_overlay=dict(state_dict=sd), or download the base "
-                f"weights on a machine with internet (timm.create_model('{base_model}', pretrained=True) "
-                f"fills the Hugging Face cache), or use pretrained_base=False.") from err
+        return create_base(base_model, pretrained, **kwargs)
 
     def _init_mscsa_weights(self) -> None:
         if isinstance(self.head.fc, nn.Linear):
@@ -490,13 +476,11 @@ class MscsaNet(nn.Module):
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: MscsaNet) -> Dict[str, torch.Tensor]:
     """Prepare a checkpoint for ``model``.
 
-    * unwraps training checkpoints (``maformer_zoo.weights.unwrap_state_dict``: EMA first);
     * refuses a checkpoint of the bare base model with a pointer to ``pretrained_base``;
     * keeps the model's own initialisation of fusion layers the checkpoint lacks (a classification
       checkpoint loaded into the dense variant, Fig. 5: those layers are trained on the dense task),
       and drops the fusion layers of a dense checkpoint loaded into the classification variant.
     """
-    state_dict = unwrap_state_dict(state_dict)[0]
     if state_dict and not any(k.startswith(('base.', 'mscsa.')) for k in state_dict):
         raise ValueError(
             f"This checkpoint has no 'base.' or 'mscsa.' keys (first keys: {list(state_dict)[:3]}): it looks "
@@ -520,7 +504,6 @@ def _create_mscsa(variant: str, pretrained: bool = False, **kwargs: Any) -> Mscs
 
 def _cfg(variant: str, **kwargs: Any) -> Dict[str, Any]:
     return {
-        'hf_hub_id': published_hub_id(variant),
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
         'crop_pct': 0.9, 'interpolation': 'bicubic', 'fixed_input_size': False,
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
