@@ -179,7 +179,8 @@ def test_configs_are_hand_written_bases_under_generated_leaves(tmp_path):
     make_configs = _make_configs()
     generated = make_configs.generate()
     assert len(generated) == 192 and not any(os.path.basename(rel).startswith('Base-') for rel in generated)
-    for rel in MODEL_CONFIGS + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, 'configs', '*.yaml'))):
+    bases = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, 'configs', '*.yaml')))
+    for rel in MODEL_CONFIGS + bases:
         path = os.path.join(ROOT, rel)
         while True:
             data = read_yaml_file(path)[0]

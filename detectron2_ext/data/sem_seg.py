@@ -108,10 +108,10 @@ def _check_labels(name: str, pairs: Sequence[Tuple[str, str]], num_classes: int,
             f"{'out-of-range ' + shown + ': ' if len(bad) > 1 or fmt.reduce_zero_label else ''}"
             f"{_advice(values, bad, fmt, num_classes)}")
     if all(lab == fmt.ignore_value for lab in labels.tolist()):
+        flags = f"ignore_label {fmt.ignore_label}" + (' and reduce_zero_label' if fmt.reduce_zero_label else '')
         raise ValueError(
             f"Dataset '{name}': no pixel of its {len(pairs)} label file(s) is labelled (values {values}, read "
-            f"as ignored with ignore_label {fmt.ignore_label}{' and reduce_zero_label' if fmt.reduce_zero_label else ''}"
-            f"): nothing to train or evaluate; check the label files and the {_OPTION} options.")
+            f"as ignored with {flags}): nothing to train or evaluate; check the label files and the {_OPTION} options.")
 
 
 def parse_sem_seg_options(options: Sequence[str]) -> Dict:
