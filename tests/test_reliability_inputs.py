@@ -162,8 +162,8 @@ D2_CASES = {
 @pytest.mark.detectron2
 @pytest.mark.parametrize('case', list(D2_CASES))
 def test_detectron2_config_errors_are_one_line(tmp_path, case):
-    """load_config's errors (ours and yacs' values), one line with the file and line. Mutation: the
-    per-key merge retry removed -> yacs' message without file or line (the match fails)."""
+    """load_config's errors (ours and yacs' values), one line with the file and line. Mutation: load_config's
+    per-key merge without its except -> yacs' message without file or line (the match fails)."""
     pytest.importorskip('detectron2')
     from detectron2_ext.config_file import UnknownConfigKeyError, load_config
     files, opts, expected = D2_CASES[case]
