@@ -110,8 +110,8 @@ def _check_annotations(data: Dict, json_file: str, image_ids: Dict) -> Dict:
             raise ValueError(f"{where} is {short_repr(ann)}, not an object; re-export the json.")
         bbox = ann.get('bbox')
         if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
-            raise ValueError(f"{where}: 'bbox' is {short_repr(bbox)}; COCO boxes are [x, y, width, height], "
-                             f"4 numbers: fix or remove the annotation.")
+            raise ValueError(f"{where}: 'bbox' is {short_repr(bbox) if 'bbox' in ann else 'missing'}; COCO boxes "
+                             f"are [x, y, width, height], 4 numbers: fix or remove the annotation.")
         if bbox[2] < 0 or bbox[3] < 0:
             raise ValueError(f"{where}: 'bbox' {short_repr(bbox)} has a negative width or height; COCO boxes are "
                              f"[x, y, width, height], not corners: fix the box.")

@@ -1,17 +1,14 @@
 """Semantic segmentation data: the user's images + label PNGs, ADE20K as mmseg reads it, and
 generated scenes for tests.
 
-* :func:`register_sem_seg_dataset`: a directory of images and a directory of same-named ``.png``
-  label maps (class ids ``0..K-1``; palette, 8- or 16-bit; 255 = ignore unless ``ignore_label``
-  says otherwise; ``reduce_zero_label`` for 0 = "other"), what ``train_net.py --sem-seg-dataset``
-  calls. ``K`` comes from the model config through :func:`set_sem_seg_num_classes`, which reads
-  every label file with the one reader (:mod:`.sem_seg_labels`) and stops with one line naming
-  the fix (ignore value, ``reduce_zero_label`` or ``NUM_CLASSES``) or the mismatched image/label
-  pair, before the model is built.
+* :func:`register_sem_seg_dataset` (``train_net.py --sem-seg-dataset``): images and same-named
+  ``.png`` label maps; :func:`set_sem_seg_num_classes` then checks, before the model is built,
+  what training would trip over (missing labels, images that do not open, sizes after EXIF
+  orientation, values outside the classes, no labelled pixel), one line naming file and fix.
 * ``ade20k_raw_sem_seg_train`` / ``_val``: ``$DETECTRON2_DATASETS/ADEChallengeData2016``'s
-  ``images/`` and raw ``annotations/`` (mmseg's layout; the ADE configs read them with
-  ``reduce_zero_label``). detectron2's own ``ade20k_sem_seg_*`` read ``annotations_detectron2``.
+  ``images/`` and raw ``annotations/`` (mmseg's layout, read with ``reduce_zero_label``).
 * :func:`write_synthetic_sem_seg`: the procedural scenes of :mod:`.synthetic` with labels.
+Label values and formats: :mod:`.sem_seg_labels`; docs/segmentation.md.
 """
 import logging
 import os
@@ -23,8 +20,10 @@ from PIL import Image
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.builtin_meta import ADE20K_SEM_SEG_CATEGORIES
 
+from maformer_zoo.data.images import ImageDecodeError, read_image_header
+
 from .register import _check_exists, _register_once
-from .sem_seg_labels import LabelFormat, image_size, read_raw_label
+from .sem_seg_labels import LabelFormat, read_raw_label
 from .synthetic import CATEGORIES, _split_rng, render_scene
 
 __all__ = ['register_sem_seg_dataset', 'set_sem_seg_num_classes', 'write_synthetic_sem_seg',
@@ -40,16 +39,16 @@ def _pairs(image_dir: str, label_dir: str) -> List[Tuple[str, str]]:
     """(image, label) paths matched by file stem; an image without a label is an error."""
     images = sorted(f for f in os.listdir(image_dir) if f.lower().endswith(_IMAGE_EXTENSIONS))
     if not images:
-        raise FileNotFoundError(f"No images ({', '.join(_IMAGE_EXTENSIONS)}) in '{image_dir}' "
-                                f"(given to {_OPTION}).")
-    pairs, missing = [], []
-    for name in images:
-        label = os.path.join(label_dir, os.path.splitext(name)[0] + '.png')
-        (pairs if os.path.isfile(label) else missing).append((os.path.join(image_dir, name), label))
+        raise FileNotFoundError(f"No images ({', '.join(_IMAGE_EXTENSIONS)}) in '{image_dir}' (given to "
+                                f"{_OPTION}): the dataset would be empty; check IMAGE_DIR.")
+    pairs = [(os.path.join(image_dir, name), os.path.join(label_dir, os.path.splitext(name)[0] + '.png'))
+             for name in images]
+    missing = [label for _, label in pairs if not os.path.isfile(label)]
     if missing:
         raise FileNotFoundError(
             f"{len(missing)} image(s) in '{image_dir}' have no label PNG of the same name in "
-            f"'{label_dir}', e.g. '{missing[0][1]}' is missing (given to {_OPTION}).")
+            f"'{label_dir}', e.g. '{missing[0]}' is missing (given to {_OPTION}); add the labels or "
+            f"move those images out.")
     return pairs
 
 
@@ -69,20 +68,33 @@ def _advice(values: Sequence[int], bad: Sequence[int], fmt: LabelFormat, num_cla
             f"(labels must be 0..{k - 1} or the ignore value {fmt.ignore_label}).")
 
 
+def _check_pair(name: str, image_file: str, label_file: str) -> np.ndarray:
+    """The label's file values, after checking that the image decodes (header) and has its size."""
+    try:
+        stored, (width, height), orientation = read_image_header(image_file)
+    except ImageDecodeError as err:
+        raise ValueError(f"Dataset '{name}': {err}") from None
+    raw = read_raw_label(label_file)
+    if raw.shape == (height, width):
+        return raw
+    label = f"its label '{label_file}' is {raw.shape[1]}x{raw.shape[0]} (width x height)"
+    if raw.shape == stored[::-1]:
+        raise ValueError(
+            f"Dataset '{name}': image '{image_file}' is stored as {stored[0]}x{stored[1]}, as {label}, but "
+            f"its EXIF orientation ({orientation}) turns it to {width}x{height}, which is how it is read: save "
+            f"the image upright without the EXIF orientation (PIL.ImageOps.exif_transpose).")
+    raise ValueError(f"Dataset '{name}': image '{image_file}' is {width}x{height} but {label}; labels must be "
+                     f"the size of their image.")
+
+
 def _check_labels(name: str, pairs: Sequence[Tuple[str, str]], num_classes: int,
                   fmt: LabelFormat) -> None:
-    """Every label is the size of its image and holds classes ``0..num_classes-1`` (or ignore)
-    after ``fmt``; one line naming the file and the fix otherwise."""
+    """Every image decodes and its label is its size (EXIF orientation applied) and holds classes
+    ``0..num_classes-1`` (or ignore) after ``fmt``, and some pixel is labelled; one line naming the
+    file and the fix otherwise."""
     first_file: Dict[int, str] = {}
     for image_file, label_file in pairs:
-        raw = read_raw_label(label_file)
-        size = image_size(image_file)
-        if raw.shape != size:
-            raise ValueError(
-                f"Dataset '{name}': image '{image_file}' is {size[1]}x{size[0]} but its label "
-                f"'{label_file}' is {raw.shape[1]}x{raw.shape[0]} (width x height); labels must "
-                f"be the size of their image.")
-        for value in np.unique(raw).tolist():
+        for value in np.unique(_check_pair(name, image_file, label_file)).tolist():
             first_file.setdefault(int(value), label_file)
     values = sorted(first_file)
     labels = fmt.apply(np.asarray(values, dtype=np.int64))
@@ -95,6 +107,11 @@ def _check_labels(name: str, pairs: Sequence[Tuple[str, str]], num_classes: int,
             f"model has {num_classes} classes (MODEL.SEM_SEG_HEAD.NUM_CLASSES); "
             f"{'out-of-range ' + shown + ': ' if len(bad) > 1 or fmt.reduce_zero_label else ''}"
             f"{_advice(values, bad, fmt, num_classes)}")
+    if all(lab == fmt.ignore_value for lab in labels.tolist()):
+        flags = f"ignore_label {fmt.ignore_label}" + (' and reduce_zero_label' if fmt.reduce_zero_label else '')
+        raise ValueError(
+            f"Dataset '{name}': no pixel of its {len(pairs)} label file(s) is labelled (values {values}, read "
+            f"as ignored with {flags}): nothing to train or evaluate; check the label files and the {_OPTION} options.")
 
 
 def parse_sem_seg_options(options: Sequence[str]) -> Dict:

@@ -8,12 +8,12 @@ makes 0 ignored and shifts every other class down by one. Everything that reads 
 :func:`read_label`, so what the check accepts is what the model trains on and what is evaluated.
 """
 from dataclasses import asdict, dataclass
-from typing import Dict, Tuple
+from typing import Dict
 
 import numpy as np
 from PIL import Image
 
-__all__ = ['LabelFormat', 'read_raw_label', 'read_label', 'label_size', 'image_size']
+__all__ = ['LabelFormat', 'read_raw_label', 'read_label']
 
 _SINGLE_CHANNEL_MODES = ('P', 'L', '1', 'I;16', 'I;16L', 'I;16B', 'I')
 
@@ -46,13 +46,21 @@ class LabelFormat:
 
 
 def read_raw_label(path: str) -> np.ndarray:
-    """The values stored in a label PNG: palette indices, or the 8-/16-bit values (2-D array)."""
-    with Image.open(path) as image:
-        if image.mode not in _SINGLE_CHANNEL_MODES:
-            raise ValueError(
-                f"Label file '{path}' is a {image.mode} image: labels must be single-channel "
-                f"(8- or 16-bit) or palette PNGs holding one class index per pixel.")
-        values = np.asarray(image)
+    """The values stored in a label PNG: palette indices, or the 8-/16-bit values (2-D array).
+
+    Raises:
+        ValueError: one line naming the file: it does not decode, or it is not single-channel.
+    """
+    try:
+        with Image.open(path) as image:
+            if image.mode not in _SINGLE_CHANNEL_MODES:
+                raise ValueError(
+                    f"Label file '{path}' is a {image.mode} image: labels must be single-channel "
+                    f"(8- or 16-bit) or palette PNGs holding one class index per pixel.")
+            values = np.asarray(image)
+    except (OSError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
+        raise ValueError(f"Cannot decode label file '{path}' ({type(err).__name__}): it is missing, not a "
+                         f"PNG or damaged; replace it, or remove it with its image.") from None
     return values.astype(np.uint8) if values.dtype == bool else values
 
 
@@ -62,24 +70,3 @@ def read_label(path: str, label_format: LabelFormat = LabelFormat(), dtype=np.in
     ``dtype=int`` gives what detectron2's ``SemSegEvaluator`` asks its ``sem_seg_loading_fn`` for.
     """
     return label_format.apply(read_raw_label(path)).astype(dtype, copy=False)
-
-
-def label_size(path: str) -> Tuple[int, int]:
-    """``(height, width)`` of a label file, from its header."""
-    with Image.open(path) as image:
-        return image.height, image.width
-
-
-# EXIF orientations that swap width and height (detectron2's read_image applies them)
-_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
-
-
-def image_size(path: str) -> Tuple[int, int]:
-    """``(height, width)`` of an image as detectron2's ``read_image`` returns it (after its EXIF
-    orientation), from the file header."""
-    with Image.open(path) as image:
-        width, height = image.size
-        if image.getexif().get(0x0112) in _TRANSPOSING_ORIENTATIONS:
-            width, height = height, width
-    return height, width
-

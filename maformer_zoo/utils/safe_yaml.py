@@ -49,40 +49,29 @@ def _refuse_tag(loader: _Loader, suffix: str, node: yaml.Node) -> Any:
 _Loader.add_multi_constructor('', _refuse_tag)  # every tag SafeLoader does not know
 
 
-def _check_size(root: yaml.Node, path: str) -> None:
-    """Refuse a node graph that expands past ``MAX_NODES`` nodes or refers to itself.
+def _check_size(node: yaml.Node, path: str, sizes: Dict[int, int], active: set) -> int:
+    """The number of values ``node`` expands to (each node counted once: linear in the composed graph).
 
-    Each node's expanded size is computed once (memo by identity), so the check itself is linear
-    in the composed graph, however large the expansion.
+    Recursion is safe: PyYAML's composer already recursed deeper than this to build the graph.
     """
-    sizes: Dict[int, int] = {}
-    active = set()
-    # an explicit stack: a deeply nested file must not exhaust Python's recursion limit here
-    stack = [(root, False)]
-    while stack:
-        node, children_done = stack.pop()
-        key = id(node)
-        if key in sizes:
-            continue
-        if isinstance(node, yaml.ScalarNode):
-            sizes[key] = 1
-            continue
-        children = [c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else node.value
-        if not children_done:
-            if key in active:
-                raise YAMLFileError(
-                    f"Config '{path}' (line {node.start_mark.line + 1}): an alias refers to the value that "
-                    f"contains it (a recursive structure); write the values out.")
-            active.add(key)
-            stack.append((node, True))
-            stack.extend((child, False) for child in children if id(child) not in sizes)
-            continue
+    key = id(node)
+    if key not in sizes:
+        if key in active:
+            raise YAMLFileError(f"Config '{path}' (line {node.start_mark.line + 1}): an alias refers to the value "
+                                f"that contains it (a recursive structure); write the values out.")
+        active.add(key)
+        size = 1
+        if not isinstance(node, yaml.ScalarNode):
+            for child in ([c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode)
+                          else node.value):
+                size += _check_size(child, path, sizes, active)
         active.discard(key)
-        sizes[key] = 1 + sum(sizes[id(child)] for child in children)
-        if sizes[key] > MAX_NODES:
+        if size > MAX_NODES:
             raise YAMLFileError(
                 f"Refused config '{path}' (line {node.start_mark.line + 1}): its aliases (*name) expand to more "
                 f"than {MAX_NODES:,} values (an anchor bomb?); a config needs far fewer, so write the values out.")
+        sizes[key] = size
+    return sizes[key]
 
 
 def _key_lines(root: yaml.Node) -> KeyLines:
@@ -137,7 +126,7 @@ def read_yaml_text(text: str, path: str) -> Tuple[Any, KeyLines]:
         node = loader.get_single_node()
         if node is None:
             return {}, {}
-        _check_size(node, path)
+        _check_size(node, path, {}, set())
         data = loader.construct_document(node)
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
