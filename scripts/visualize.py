@@ -1,17 +1,13 @@
 #!/usr/bin/env python
-"""Draw what the fusion modules of a model do, as PNG files (docs/segmentation.md, "visualize.py").
+"""Draw what the fusion modules of a model do, as PNG files (docs/segmentation.md#scriptsvisualizepy).
 
     scripts/visualize.py --config-file configs/ADE20K-SemanticSegmentation/semantic_fpn_maformer_s_fine_fpn_80k.yaml \
         [--weights output/model_final.pth] --input photo.jpg [more.jpg ...] --output figures/ [KEY VALUE ...]
     scripts/visualize.py --model maformer_s [--weights maformer_s.safetensors] --input photo.jpg --output figures/
 
-With a detectron2 config: FINE neck -> ``fine_*.png`` (F_high, F_low, M, aligned F_low of every
-fusion; ``fine_backbone_fpn_fine3.png`` is the l = 3 fusion of FINE's Fig. 8); ASFF neck ->
-``asff_weights.png`` (per-source weights of every output level);
-MAFormer backbone -> ``maf_attention.png``; MSCSA backbone -> ``mscsa_*.png``; and ``erf.png``
-(effective receptive field per stage, averaged over all --input images). With ``--model NAME``:
-the backbone figures and ``erf.png`` of a bare timm model. Without ``--weights`` the weights are
-random (the backbone's pretrained weights are not fetched unless an override asks for them).
+Writes ``fine_*.png`` (FINE neck), ``asff_weights.png`` (ASFF neck), ``maf_attention.png``
+(MAFormer), ``mscsa_*.png`` (MSCSA) and ``erf.png``, whichever the model allows. Without
+``--weights`` the weights are random (no pretrained weights are fetched unless an override asks).
 """
 import argparse
 import os
@@ -108,7 +104,7 @@ def main(argv=None) -> int:
     if args.model:
         import timm
         import maformer_zoo  # noqa: F401  (registers our models)
-        from maformer_zoo.utils.visualize import draw_timm_model
+        from detectron2_ext.visualize import draw_timm_model
         if not timm.is_model(args.model):
             _fail(f"--model {args.model!r} is not a timm model name (see maformer_zoo.list_models()).")
         model = timm.create_model(args.model, pretrained=False)

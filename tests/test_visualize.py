@@ -1,4 +1,4 @@
-"""scripts/visualize.py and maformer_zoo.utils.visualize: the attention the visualiser recomputes is
+"""scripts/visualize.py and detectron2_ext.visualize: the attention the visualiser recomputes is
 the modules' own, and the script writes non-blank figures for FINE, ASFF, MAFormer and MSCSA."""
 import os
 import subprocess
@@ -10,12 +10,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import maformer_zoo  # noqa: F401
-from maformer_zoo.layers.asff import ASFF
-from maformer_zoo.layers.fine import FINE
-from maformer_zoo.layers.maf import MultiScaleAttentionFusion
-from maformer_zoo.layers.mscsa import CrossScaleAttention
-from maformer_zoo.utils.visualize import (
+pytest.importorskip('detectron2')
+
+import maformer_zoo  # noqa: F401,E402
+from maformer_zoo.layers.asff import ASFF  # noqa: E402
+from maformer_zoo.layers.fine import FINE  # noqa: E402
+from maformer_zoo.layers.maf import MultiScaleAttentionFusion  # noqa: E402
+from maformer_zoo.layers.mscsa import CrossScaleAttention  # noqa: E402
+from detectron2_ext.visualize import (  # noqa: E402
     ASFF_LIMITS, ATTENTION_FLOOR, MODULATION_FLOOR, asff_weights, capture, csa_attention, draw_erf,
     erf_maps, fine_maps, maf_attention, relative_attention, shared_limits, symmetric_limits,
 )
@@ -145,7 +147,6 @@ def test_erf_is_local_for_a_convolution(tmp_path):
 
 
 def test_fine_and_mscsa_figures_from_a_config(image, tmp_path):
-    pytest.importorskip('detectron2')
     paths = _visualize('--config-file', os.path.join(SEMANTIC_DIR,
                                                      'semantic_fpn_resnet18_mscsa_fine_fpn_40k.yaml'),
                        '--input', image, image, '--output', str(tmp_path), '--size', '128')
@@ -160,7 +161,6 @@ def test_fine_and_mscsa_figures_from_a_config(image, tmp_path):
 def test_asff_figure_with_weights(image, tmp_path):
     """Random init gives ASFF's uniform 1/n start; a --weights file with trained-looking weight
     convs gives maps that vary."""
-    pytest.importorskip('detectron2')
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model
     from detectron2_ext import add_maformer_zoo_config

@@ -1,20 +1,10 @@
 """mmsegmentation's ADE20K data pipeline as detectron2 augmentations and a dataset mapper.
 
-``INPUT.SEM_SEG_PIPELINE: "mmseg"`` (the semantic configs) selects :class:`SemSegDatasetMapper`
-in our trainer; other configs keep detectron2's ``DatasetMapper``. Training, in mmseg's order:
-
-1. :class:`RatioRangeResize`: a ratio ``r`` uniform in ``INPUT.SEM_SEG_RATIO_RANGE`` (0.5-2.0)
-   scales ``INPUT.SEM_SEG_SCALE`` (2048, 512); the image is resized, keeping its aspect ratio, to
-   the largest size whose long side fits the long side and short side the short side.
-2. detectron2's ``RandomCrop_CategoryAreaConstraint``: ``INPUT.CROP.SIZE`` (512x512), redrawn up
-   to 10 times while one class covers ``INPUT.CROP.SINGLE_CATEGORY_MAX_AREA`` (0.75) or more of
-   the labelled pixels (mmseg's ``cat_max_ratio``).
-3. Horizontal flip with probability 0.5; 4. :class:`PhotometricDistortion` as mmseg's;
-5. pad to the crop size: image with the pixel mean (0 after normalisation, as mmseg pads the
-   normalised image with 0), label with the ignore value.
-
-Test: the same resize with ratio 1 (the image fits 2048x512), no crop, flip or padding.
-Images and labels are resized with OpenCV's bilinear / nearest interpolation, as mmcv.
+``INPUT.SEM_SEG_PIPELINE: "mmseg"`` (the semantic configs) selects :class:`SemSegDatasetMapper` in
+our trainer. Training, in mmseg's order: :class:`RatioRangeResize`, detectron2's
+``RandomCrop_CategoryAreaConstraint``, horizontal flip, :class:`PhotometricDistortion`, padding to
+the crop size; test: the resize at ratio 1. The rules and their config keys:
+docs/segmentation.md#data-pipeline-mmsegs-ade20k.
 """
 import copy
 from typing import Dict, List, Optional, Sequence, Tuple

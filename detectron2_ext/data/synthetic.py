@@ -4,8 +4,8 @@ Tests and ``make demo`` need detection, instance and panoptic ground truth witho
 anything: :func:`write_synthetic_coco` paints stuff (sky, ground, water) with things on top
 (circles, squares, triangles) and writes, from one label map per image so that they agree pixel
 for pixel, COCO instances (visible masks as RLE, since occluded objects have holes), COCO
-panoptic PNGs + json, and Panoptic FPN's separated semantic PNGs. Details: docs/detectron2.md,
-"The generated dataset". This module does not import detectron2.
+panoptic PNGs + json, and Panoptic FPN's separated semantic PNGs. Details:
+docs/detectron2.md#the-generated-dataset-detectron2_extdata. This module does not import detectron2.
 """
 import json
 import os
@@ -14,11 +14,12 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
+from panopticapi.utils import id2rgb, rgb2id  # noqa: F401  (rgb2id: data/register.py imports it from here)
 from pycocotools import mask as mask_util
 
 __all__ = [
     'THING_CATEGORIES', 'STUFF_CATEGORIES', 'CATEGORIES',
-    'write_synthetic_coco', 'render_scene', 'id2rgb', 'rgb2id', 'panoptic_to_semantic',
+    'write_synthetic_coco', 'render_scene', 'panoptic_to_semantic',
 ]
 
 THING_CATEGORIES: List[Dict] = [
@@ -34,18 +35,6 @@ STUFF_CATEGORIES: List[Dict] = [
 CATEGORIES: List[Dict] = THING_CATEGORIES + STUFF_CATEGORIES
 _SKY, _GROUND, _WATER = (c['id'] for c in STUFF_CATEGORIES)
 _SEMSEG_IGNORE = 255
-
-
-def id2rgb(ids: np.ndarray) -> np.ndarray:
-    """COCO panoptic encoding of an (H, W) segment-id map as an (H, W, 3) uint8 image."""
-    ids = ids.astype(np.int64)
-    return np.stack([ids % 256, ids // 256 % 256, ids // 256 ** 2 % 256], axis=-1).astype(np.uint8)
-
-
-def rgb2id(rgb: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`id2rgb`: segment id = R + 256 G + 256^2 B."""
-    rgb = rgb.astype(np.int64)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 256 ** 2 * rgb[..., 2]
 
 
 def panoptic_to_semantic(

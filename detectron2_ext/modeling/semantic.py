@@ -1,15 +1,12 @@
 """Semantic segmentation heads as mmsegmentation builds them, for detectron2's ``SemanticSegmentor``.
 
-* :class:`UPerNetHead` (``MODEL.SEM_SEG_HEAD.NAME: "UPerNetHead"``): mmseg's ``UPerHead`` on the
-  backbone stages ``res2..res5`` (Xiao et al., UPerNet, ECCV 2018): a pyramid pooling module (PPM,
-  PSPNet) on the last stage is the top of a top-down path over 1x1 laterals, 3x3 FPN convs, every
-  level upsampled to stride 4, concatenated, a 3x3 bottleneck, dropout and the classifier; plus
-  mmseg's auxiliary FCN head on ``res4`` (training only). ``MODEL.FPN.FUSION`` ``'fine'`` /
-  ``'asff'`` puts FINE / ASFF in place of the top-down sums.
+* :class:`UPerNetHead` (``MODEL.SEM_SEG_HEAD.NAME: "UPerNetHead"``): mmseg's ``UPerHead`` (Xiao et
+  al., UPerNet, ECCV 2018) on ``res2..res5`` plus its auxiliary FCN head on ``res4`` (training
+  only); ``MODEL.FPN.FUSION`` ``'fine'`` / ``'asff'`` puts FINE / ASFF in place of the top-down sums.
 * :class:`SemanticFPNHead` (``"SemanticFPNHead"``): detectron2's ``SemSegFPNHead`` (Kirillov et
-  al.'s design, the same layers as mmseg's ``FPNHead``) with mmseg's dropout before the classifier.
+  al., the layers of mmseg's ``FPNHead``) with mmseg's dropout before the classifier.
 
-Design and what still differs from mmseg: docs/segmentation.md, "Heads".
+Design and what still differs from mmseg: docs/segmentation.md#heads.
 """
 import math
 from typing import Dict, List, Optional, Sequence, Tuple

@@ -3,7 +3,7 @@
 PIL's ``convert('RGB')`` clips 16-bit and 32-bit pixel values at 255, so a 16-bit PNG becomes a
 white image; :func:`to_rgb8` scales them instead, and converts palette, grey+alpha, RGBA and CMYK
 images with PIL. The scaling rules (integer modes are 16-bit, float mode is [0, 1], alpha is dropped)
-and why: docs/training.md, "Image decoding". :func:`decode_image` also applies the EXIF orientation
+and why: docs/training.md#image-decoding. :func:`decode_image` also applies the EXIF orientation
 (as detectron2's ``read_image`` does) and turns every failure to read a file into one
 :class:`ImageDecodeError` line naming the file and what to do. Used by ``maformer_zoo.training.data``
 (timm datasets) and ``detectron2_ext.data`` (the dataset mapper and registration checks).

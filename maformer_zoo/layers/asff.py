@@ -1,32 +1,12 @@
 """ASFF: Adaptively Spatial Feature Fusion of a feature pyramid.
 
 Paper: Liu, Huang and Wang, "Learning Spatial Fusion for Single-Shot Object Detection" (ASFF).
-For every output level ``l`` each source level ``n`` is resized to level ``l`` (``x^{n->l}``), a
-1x1 convolution turns each resized map into a one-channel weight logit ``lambda^l_n``, a softmax
-across the source levels gives per-pixel weights ``alpha^l_n`` that sum to 1, and the output is
-``y^l = sum_n alpha^l_n * x^{n->l}``.
-
-Resizing, as the paper describes it: a coarser source is upsampled by a 1x1 convolution (to the
-target's channels) followed by interpolation; a finer source by a 3x3 stride-2 convolution, with a
-stride-2 max pooling in front for a 1/4 ratio. The paper has three levels; for any number of
-levels (detectron2's P2-P5 has four) we generalise the 1/4 rule: a ratio of ``1 / 2^s`` is a
-``2^(s-1)`` max pooling followed by the 3x3 stride-2 convolution, so every down path has exactly
-one learned convolution. The same level enters as is.
-
-Choices left open, and why:
-
-* Upsampling interpolation is nearest by default (the mode of FPN's top-down path); bilinear is
-  an option.
-* The resize convolutions have a bias and no normalisation/activation unless ``norm_layer`` /
-  ``act_layer`` are given, so that the module stays linear in its inputs like detectron2's FPN
-  convolutions (``norm=""``); the detectron2 neck passes ``MODEL.ASFF.NORM`` here.
-* The weight convolutions are zero-initialised: every level then starts with weight ``1/n`` at
-  every pixel (a plain average), and learns where to deviate.
-* Odd sizes: an upsampled source is interpolated to the target's exact size; a strided conv gives
-  ``ceil`` sizes, cropped/padded to the target where pyramids are not exact halvings.
-
-Every resizer takes ``(x, size)`` and no branch depends on a size that a trace would freeze, so the
-module scripts (``torch.jit.script``) and a trace serves other sizes (docs/necks.md, "Export").
+For every output level ``l`` each source level ``n`` is resized to level ``l`` (a coarser one by a
+1x1 convolution and interpolation, a finer one by max pooling and a 3x3 stride-2 convolution), a
+1x1 convolution turns it into a weight logit, a softmax across the sources gives per-pixel weights
+that sum to 1, and the output is the weighted sum. How it generalises to any number of levels and
+sizes, the initialisation and the export rules, with the reasons:
+docs/necks.md#design-choices-where-the-papers-leave-room.
 """
 from typing import Callable, List, Optional, Sequence
 

@@ -1,40 +1,13 @@
 """FINE: Feature Interaction Network, a semantic alignment module applied before FPN fusion.
 
-Paper: Lee, Lee and Kang, "Context-Guided Semantic Alignment for Feature Fusion Networks"
-(FINE). ``FINE(F_low, F_high)`` returns ``F_low^aligned`` which replaces ``F_low`` in the
-top-down fusion ``f(F_low^aligned, Up(F_high))`` (Eq. 3). Its three steps:
-
-1. Alignment-Aware Token Sampling (AATS, Sec. 4.2, Eq. 4): average-pool ``F_high`` with kernel
-   ``k`` and ``F_low`` with kernel ``r * k`` (non-overlapping, stride = kernel), so that one token of
-   each level covers the same image region (``r = 2`` is the stride ratio of adjacent levels).
-2. Bottleneck multi-head cross-level attention (Sec. 4.3, Eq. 5-7): queries from the pooled
-   ``F_low``, keys/values from the pooled ``F_high``, projections ``W_Q, W_K, W_V, W_O`` of size
-   ``C x C``, heads of dimension ``d = 16`` (Table 4) so ``h = C / 16``. The result is the coarse
-   modulation map ``M_hat``.
-3. Residual spatial-channel modulation (Sec. 4.4, Eq. 8-9): ``M = Up(M_hat, r * k)`` (nearest, so
-   each token's context is broadcast over its ``rk x rk`` region) and
-   ``F_low^aligned = F_low * M + F_low``.
-
-Choices the paper leaves open, and why:
-
-* Sizes that are not multiples of ``r * k`` (any input size must work): pooling uses
-  ``ceil_mode=True``, so the last, partial window is averaged over its in-bounds pixels only
-  (no zero padding biasing border tokens), and ``M`` is cropped back to ``F_low``'s exact size
-  after upsampling. With ``H_high = ceil(H_low / r)`` (any stride-2 backbone) both levels then
-  give the same token grid ``ceil(H_low / (r * k))``, as with divisible sizes. Eq. 8-9 are
-  computed as ``F_low * (1 + M_hat)`` broadcast over ``rk x rk`` blocks of ``F_low`` zero-padded
-  to the token grid, then cropped: one pass over the map and one code path for every size, so
-  a trace serves other sizes (docs/necks.md, "Any size").
-* Projections are ``nn.Linear`` layers with bias on the flattened tokens (Eq. 5 writes bias-free
-  matrices; biases add 4C parameters and let ``M`` have a learned offset). ``qkv_bias=False``
-  removes them. K and V share one ``C -> 2C`` linear (same parameters as two ``C x C``).
-* Initialisation: truncated normal (std 0.02) weights and zero biases, as timm's attention layers.
-  ``zero_init_out=True`` zeroes ``W_O`` so ``M = 0`` and FINE starts as the exact identity
-  (Eq. 9), useful when inserting FINE into an already trained FPN.
-* Different channel counts (Appendix C, Eq. 10): when ``high_channels != low_channels`` a 1x1
-  convolution projects ``F_high`` to ``low_channels`` first; ``F_low`` is used as is.
-* ``ratio=1, kernel_size=1`` disables token sampling: that is the dense "Vanilla" attention of
-  Table 3, kept for benchmarks of the AATS saving.
+Paper: Lee, Lee and Kang, "Context-Guided Semantic Alignment for Feature Fusion Networks" (FINE).
+``FINE(F_low, F_high)`` returns ``F_low^aligned``, which replaces ``F_low`` in the top-down fusion
+(Eq. 3): Alignment-Aware Token Sampling pools ``F_high`` by ``k`` and ``F_low`` by ``r * k`` (Sec.
+4.2, Eq. 4), bottleneck cross-level attention gives the modulation ``M_hat`` (Sec. 4.3, Eq. 5-7, head
+dim 16 after Table 4), and ``F_low^aligned = F_low * Up(M_hat) + F_low`` (Sec. 4.4, Eq. 8-9). The
+choices the paper leaves open (any size, biases, init, channel projection), with the reasons:
+docs/necks.md#design-choices-where-the-papers-leave-room; the detectron2 neck is
+``detectron2_ext/modeling/fpn_variants.py``.
 """
 from typing import Optional
 
@@ -57,13 +30,9 @@ def _pool_tokens(x: torch.Tensor, kernel: int, pool_type: str) -> torch.Tensor:
 
 
 def _modulate_blocks(low: torch.Tensor, scale: torch.Tensor, block: int) -> torch.Tensor:
-    """``low * Up(scale, block)`` cropped to ``low``'s size (Eq. 8-9 with ``scale = 1 + M_hat``).
-
-    ``low`` is zero-padded at the bottom/right to the token grid times ``block`` (the padding is
-    cropped away again), so one program serves every size: no branch on ``H % block`` that a trace
-    would freeze. Broadcasting each token over its ``block x block`` cell is the nearest upsampling
-    of Eq. 8 without materialising ``M``, so the full-resolution map is read and written once.
-    """
+    """``low * Up(scale, block)`` cropped to ``low``'s size (Eq. 8-9 with ``scale = 1 + M_hat``), on
+    ``low`` zero-padded to the token grid: one traced program serves every size, and ``M`` is never
+    materialised (docs/necks.md#design-choices-where-the-papers-leave-room, Any size)."""
     B, C, H, W = low.shape[0], low.shape[1], low.shape[2], low.shape[3]
     h, w = scale.shape[2], scale.shape[3]
     # eager and scripted code skip the pad when there is none; a trace always records it

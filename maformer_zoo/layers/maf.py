@@ -1,17 +1,11 @@
 """Attention pieces of the MAFormer Multi-scale Attention Fusion (MAF) block, on ``(B, H, W, C)`` maps.
 
 Paper: MAFormer (arXiv:2209.01620), Sec. 3.2, Fig. 1-2, Eq. 1-4; the model is
-:mod:`maformer_zoo.models.maformer`, the reasons for every choice are in docs/maformer.md.
-
-* :func:`window_self_attention`: attention in rectangular windows with padding, Swin shifts and
-  key masks, so any input size works; an axis is cut into the fewest equal windows
-  (:func:`balanced_split`), keeping cost linear in pixels. Branch-free under compile/export.
-* :class:`CrossShapedWindowAttention`: CSWin stripes with LePE (Eq. 1, Table 2's default).
-* :class:`WindowSelfAttention`: the stage 3-4 attention, global or in (shifted) windows.
-* :class:`GlobalLearningDownsample` (Eq. 2): one token-axis FC to a fixed grid of global tokens plus
-  the bilinear *Pos* term, folded into one matrix product; weights defined at the 224x224 maps and
-  resampled at other sizes.
-* :class:`MultiScaleAttentionFusion` (Eq. 3-4): local tokens query the global tokens.
+:mod:`maformer_zoo.models.maformer`. :func:`window_self_attention` (windows of any size, padded,
+shifted and masked) serves :class:`CrossShapedWindowAttention` (CSWin stripes with LePE, Eq. 1) and
+:class:`WindowSelfAttention` (stages 3-4); :class:`GlobalLearningDownsample` is GLD (Eq. 2) and
+:class:`MultiScaleAttentionFusion` the local-to-global attention (Eq. 3-4). The reason for every
+choice: docs/maformer.md#design-decisions-what-the-paper-leaves-open-and-why.
 """
 from typing import List, Optional, Tuple
 
@@ -153,7 +147,7 @@ def window_self_attention(
         out = torch.roll(out, (shift_h, shift_w), dims=(1, 2))
     if padded:
         # crop by negative padding: a copy with symbolic sizes; copying a cropped view instead makes
-        # torch.export decide whether the crop removed anything (docs/maformer.md, "Deploy paths")
+        # torch.export decide whether the crop removed anything (docs/maformer.md#deploy-paths-per-model-issue-11)
         out = F.pad(out, (0, 0, 0, -pad_w, 0, -pad_h))
     return out
 
@@ -166,15 +160,9 @@ class LocallyEnhancedPositionalEncoding(nn.Conv2d):
 
 
 class CrossShapedWindowAttention(nn.Module):
-    """Local aggregation by cross-shaped window self-attention (Eq. 1, Table 2 default).
-
-    Half of the heads attend within horizontal stripes (``stripe_width`` rows, at most
-    ``stripe_len`` columns), the other half within vertical stripes (``stripe_width`` columns, at
-    most ``stripe_len`` rows); the halves are concatenated and projected. With ``stripe_len`` equal
-    to the stage's map size at the 224x224 reference input, classification-size inputs see CSWin's
-    full-length stripes, while at detection sizes stripes are cut into equal segments, so the cost
-    stays linear in the number of pixels (long-range context is the GLD branch's job).
-    """
+    """Local aggregation by cross-shaped window self-attention (Eq. 1, Table 2 default): half of the
+    heads in horizontal stripes (``stripe_width`` rows, at most ``stripe_len`` columns), half in
+    vertical ones; the halves are concatenated and projected."""
 
     def __init__(
             self,
@@ -283,12 +271,9 @@ def _bilinear_resize(x: torch.Tensor, size: List[int]) -> torch.Tensor:
 class GlobalLearningDownsample(nn.Module):
     """GLD (Eq. 2): ``X_G = Pos(X) + FC(X)`` with a fixed grid of global tokens.
 
-    ``FC`` is one dense layer along the token axis (weight ``(g*g, h_ref*w_ref)``) shared by all
-    channels; ``Pos`` is a bilinear (anti-aliased) down-sampling of the input to the ``g x g`` grid,
-    which anchors every global token to its location in the image. The FC has no bias: a bias per
-    global token adds the same value to all its channels, which the fusion's pre-norm LayerNorm
-    removes (docs/maformer.md, "GLD"). See the module docstring for how the weights follow the
-    input resolution.
+    ``FC`` is one dense layer along the token axis (weight ``(g*g, h_ref*w_ref)``, no bias) shared by
+    all channels, resampled to other map sizes; ``Pos`` an anti-aliased bilinear down-sampling to the
+    ``g x g`` grid (docs/maformer.md#design-decisions-what-the-paper-leaves-open-and-why).
     """
 
     def __init__(self, ref_size: Tuple[int, int], grid_size: Tuple[int, int]):

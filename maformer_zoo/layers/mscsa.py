@@ -1,52 +1,10 @@
-"""Multi-Stage Cross-Scale Attention (MSCSA), the backbone add-on module, in plain PyTorch.
+"""Multi-Stage Cross-Scale Attention (MSCSA), the backbone add-on module, in plain PyTorch (BCHW).
 
-Paper: L. Shang, Y. Liu, Z. Lou, S. Quan, N. Adluru, B. Guan, W. A. Sethares, "Vision Backbone
-Enhancement via Multi-Stage Cross-Scale Attention", arXiv:2308.05872 (2023).
-
-Everything works on BCHW tensors (paper, App. D.1): BatchNorm instead of LayerNorm, 1x1 convolutions
-as the linear layers, no class token. The pieces:
-
-* :class:`MultiStageGather` - every backbone stage average-pooled to one target size (Table 7
-  "Pooling Size", 1/32 of the input by default), optionally squeezed by a 1x1 convolution (Table 7
-  "Squeeze Ratio"), and concatenated along channels (Sec. 3.4, Fig. 4).
-* :class:`CrossScaleAttention` (CSA, Sec. 3.2, Eq. 1-7, App. D.2) - queries from the full-scale map;
-  keys and values from three scales (identity, depthwise conv 2x and 3x down-sampling, Eq. 2-3),
-  each scale with its own projections (Eq. 4), concatenated along the token axis (Eq. 5); value
-  heads twice as wide as query/key heads (LeViT); the parallel convolution path (PCP, Eq. 8-9)
-  added to the attention output, then Hardswish and the output projection.
-* :class:`ConvFFN` and :class:`IntraFFN` (Sec. 3.3, Fig. 3): 1x1 -> 3x3 depthwise -> 1x1, the latter
-  applied separately to every stage's channel slice.
-* :class:`MscsaBlock`: pre-norm residual sub-layers CSA -> Intra-FFN -> CSA -> FFN (Sec. 3.4).
-* :class:`MultiStageCrossScaleAttention`: gather + ``depth`` blocks: the classification variant's
-  trunk (Fig. 4).
-* :class:`InjectionFusion` / :class:`DenseFusion`: the dense-prediction variant (Fig. 5): the
-  MSCSA output split back per stage, upsampled to the stage's resolution, turned into injection
-  weights and biases and fused into the backbone's own feature as ``feat * weight + bias``.
-
-Choices the paper leaves open (also in README, "MSCSA"):
-
-* Down-sampling convolutions of CSA: 3x3 depthwise, padding 1, stride 2 and 3. Eq. 3 fixes the output
-  size ``floor((h - 1) / s + 1)``, which any odd kernel ``2p + 1`` with padding ``p`` satisfies; 3x3
-  is the smallest kernel that covers every input pixel at both strides (at stride 3 it tiles the
-  map like the 3x3 average pooling of the Fig. 6b ablation, but learned per channel).
-* Q, K, V projections are plain 1x1 convolutions with bias on the pre-normalised input (the sub-layer
-  norm is the BatchNorm of App. D.1); the output projection is Hardswish -> 1x1 convolution.
-  Q, K0 and V0 come from one 1x1 convolution, K_i and V_i of each down-sampled scale from one each
-  (the same arithmetic as separate projections, fewer kernel launches).
-* Squeeze: 1x1 convolution + BatchNorm per stage, after pooling (pooling first is cheaper and is
-  the order of Fig. 4). Squeezed widths are ``round(c * ratio)``.
-* FFN activation: GELU after the depthwise convolution (the PVTv2 / Segformer Mix-FFN order the
-  paper's FFN follows [65]).
-* Stochastic depth: the four residual sub-layers of block ``i`` (of ``depth``) share the rate
-  ``drop_path_rate * (i + 1) / depth``, so the last block (the only one at Table 7's depth 1) gets
-  ``drop_path_rate``.
-* Fusion layer: one 1x1 convolution + BatchNorm maps the stage's MSCSA slice to ``2 * c`` channels
-  (weights and biases); weights go through a sigmoid. Training follows Fig. 5b (upsample, then
-  convolve: BatchNorm sees the full-resolution map); inference convolves at the pooled resolution
-  and upsamples after, the same function there at a fraction of the cost (docs/mscsa.md).
-* Attention memory: queries are processed in chunks when ``heads * N * M`` would exceed
-  ``attn_chunk_elems`` per image, so the attention matrix stays bounded at any input size (exact,
-  softmax is per query row); under compile/export one call, so a traced program serves every size.
+Paper: L. Shang et al., "Vision Backbone Enhancement via Multi-Stage Cross-Scale Attention",
+arXiv:2308.05872 (2023): gathering (Sec. 3.4, Fig. 4), Cross-Scale Attention (Sec. 3.2, Eq. 1-9,
+App. D), Intra-FFN and FFN (Sec. 3.3), the dense variant's fusion (Fig. 5), settings (Table 7).
+The timm models built on it are in :mod:`maformer_zoo.models.mscsa`. What the paper fixes, and
+each choice it leaves open with the reason: docs/mscsa.md#choices-the-paper-leaves-open.
 """
 from typing import Dict, List, Optional, Sequence, Tuple, Type
 
@@ -100,14 +58,11 @@ def _adaptive_pool_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Te
 
 @register_notrace_function  # branches on sizes: an FX leaf
 def pool_to(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """Average-pool ``x`` to ``size`` (a no-op when it already has it), as
-    ``adaptive_avg_pool2d``.
+    """``adaptive_avg_pool2d`` of ``x`` to ``size`` (a no-op when it already has it).
 
-    Under the ONNX exporter the pooling is two products with window-averaging matrices built from
-    the traced sizes: ONNX has no adaptive pooling whose output size is computed in the graph, and
-    one export then serves every size. Same windows; the sums differ from eager in float rounding
-    only (docs/detectron2.md, "Deploying detectors"). A TorchScript trace keeps
-    ``adaptive_avg_pool2d`` (its size arithmetic is traced), and so FLOP counters count eager's op.
+    Under the ONNX exporter only, two products with window-averaging matrices: ONNX has no adaptive
+    pooling with a computed output size, and one export must serve every size
+    (docs/detectron2.md#deploying-detectors-scriptsexport_detectorpy-detectron2_extexportpy).
     """
     if not torch.jit.is_scripting():  # the ONNX check does not script; scripted code never exports
         if torch.jit.is_tracing() and torch.onnx.is_in_onnx_export():
@@ -132,8 +87,8 @@ def chunked_attention(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_elems: int, dropout_p: float = 0.,
 ) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` over query chunks of at most ``chunk_elems`` matrix elements
-    per image (exact: softmax is per query row). Under compile/export one call at every size: the
-    chunk count depends on the size, and a traced program must serve all sizes (docs/mscsa.md)."""
+    per image (exact: softmax is per query row); one call under compile/export, so a traced program
+    serves every size (docs/mscsa.md#deploy-paths-issue-11)."""
     if is_compiling():
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
     n, m = q.shape[-2], k.shape[-2]
@@ -189,12 +144,8 @@ class MultiStageGather(nn.Module):
                 for c, o in zip(in_chs, self.out_chs)
             ])
 
-    def target_size(self, features: List[torch.Tensor]) -> Tuple[int, int]:
-        """Pooled size: the deepest stage's size scaled to ``pool_stride`` (rounded up)."""
-        return pooled_size(features[-1], self.in_strides[-1], self.pool_stride)
-
     def forward(self, features: List[torch.Tensor]) -> torch.Tensor:
-        size = self.target_size(features)
+        size = pooled_size(features[-1], self.in_strides[-1], self.pool_stride)
         pooled = [pool_to(x, size) for x in features]
         if self.squeeze is not None:
             for i, squeeze in enumerate(self.squeeze):
@@ -255,9 +206,6 @@ class CrossScaleAttention(nn.Module):
         b = x.shape[0]
         return x.reshape(b, self.num_heads, head_dim, -1)
 
-    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return chunked_attention(q, k, v, self.attn_chunk_elems, self.attn_drop if self.training else 0.)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
         q, k0, v0 = self.qkv(x).split(self.split_qkv, dim=1)
@@ -274,7 +222,7 @@ class CrossScaleAttention(nn.Module):
         q = self._heads(q, self.key_dim).transpose(-1, -2)
         k = torch.cat(keys, dim=-1).transpose(-1, -2)
         v = torch.cat(values, dim=-1).transpose(-1, -2)
-        out = self._attention(q, k, v)  # Eq. 6
+        out = chunked_attention(q, k, v, self.attn_chunk_elems, self.attn_drop if self.training else 0.)  # Eq. 6
         out = out.transpose(-1, -2).reshape(b, -1, h, w)
         out = out + self.pcp(self.pcp_act(v0))  # Eq. 7 / 9
         return self.proj(out)

@@ -1,22 +1,13 @@
 """MAFormer: a transformer network with Multi-scale Attention Fusion for visual recognition.
 
-Paper: "MAFormer: A Transformer Network with Multi-scale Attention Fusion for Visual Recognition",
-ICLR 2023 submission (Y. Wang et al., arXiv:2209.01620). No official code exists; this is the
-reference implementation. Design notes, choices and measurements: docs/maformer.md.
+Paper: `MAFormer: A Transformer Network with Multi-scale Attention Fusion for Visual Recognition`
+(Y. Wang et al., 2022) - https://arxiv.org/abs/2209.01620. No official code exists.
 
-* Layout (Sec. 3.1, Table 1): convolutional stem to H/4, four stages joined by 3x3 stride-2 merging;
-  MAF blocks (:class:`MafBlock`, Sec. 3.2) in stages 1-2, pre-norm ViT blocks in stages 3-4.
-  S ``[64,128,320,512] / [3,5,8,3]``, B ``[64,128,320,512] / [3,8,20,7]``, L ``[128,192,448,640] / [3,8,24,7]``.
-* MAF block: ``X_L = X + CSWin(LN X)``, ``X_L += MLP(LN X_L)``, ``out = X_L + Attn(Q=LN X_L, KV=LN GLD(LN X))``.
-* GLD: fixed grid of global tokens (7x7 for S, 14x14 for B/L, as Table 1's budgets force), weights
-  resampled with the input size so cost stays linear; no bias (a LayerNorm would remove it).
-* Window policy: full-length stripes and global stage-3/4 attention up to 384x384 inputs,
-  bounded windows (24x24, shifted in odd blocks) and stripe segments beyond, so detection cost is
-  linear in pixels.
-* Stochastic depth linear over all blocks; Sec. 4.2's "dropout rate" 0.1/0.3/0.4 is its rate.
-
-Params / GFLOPs at 224x224 (fvcore): S 23.96M / 4.64, B 54.59M / 9.75, L 105.35M / 21.87 against
-Table 1's 23 / 4.5, 53 / 9.8, 104 / 22.6 (pinned within 5% by tests/test_maformer.py).
+Layout (Sec. 3.1, Table 1): convolutional stem to H/4, four stages joined by stride-2 merging,
+MAF blocks (Sec. 3.2; attention in :mod:`maformer_zoo.layers.maf`) in stages 1-2, ViT blocks in 3-4.
+Every choice the paper leaves open, with the reason:
+docs/maformer.md#design-decisions-what-the-paper-leaves-open-and-why; parameters and FLOPs against
+Table 1: docs/maformer.md#measured-against-the-paper.
 """
 from typing import List, Optional, Sequence, Tuple, Type, Union
 
@@ -42,7 +33,7 @@ __all__ = ['MAFormer', 'MafBlock', 'TransformerBlock']
 _MIN_INPUT_SIZE = 32
 # Stage map sizes at the 224x224 input fix GLD's reference grid.
 _REF_IMG_SIZE = 224
-# Largest input side with full-length stripes and global stage-3 attention (docs/maformer.md, "Window policy").
+# Largest input side with full-length stripes and global stage-3 attention (docs/maformer.md#window-policy-issue-11)
 _FULL_ATTN_IMG_SIZE = 384
 
 

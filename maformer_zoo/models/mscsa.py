@@ -1,47 +1,13 @@
 """ MSCSA-augmented backbones: ResNet, PVTv2, Swin and ConvNeXt with Multi-Stage Cross-Scale Attention
 
-Paper: `Vision Backbone Enhancement via Multi-Stage Cross-Scale Attention`
+Paper: `Vision Backbone Enhancement via Multi-Stage Cross-Scale Attention` (Shang et al., 2023)
     - https://arxiv.org/abs/2308.05872
 
-@misc{shang2023mscsa,
-      title={Vision Backbone Enhancement via Multi-Stage Cross-Scale Attention},
-      author={Liang Shang and Yanli Liu and Zhengyang Lou and Shuxue Quan and Nagesh Adluru and
-        Bochen Guan and William A. Sethares},
-      year={2023},
-      eprint={2308.05872},
-      archivePrefix={arXiv},
-      primaryClass={cs.CV}
-}
-
-MSCSA is an add-on branch: it takes the four stage outputs of a backbone, lets them interact
-(:mod:`maformer_zoo.layers.mscsa`), and feeds either a classifier (Fig. 4) or, for dense
-prediction, fuses its result back into every stage's feature (Fig. 5). Here the backbone ("base")
-is timm's own model, created with ``timm.create_model`` and read through its public
-``forward_intermediates``, so any timm weights of the base can be used.
-
-* ``timm.create_model('resnet50_mscsa')``: the classification variant; ``forward_features`` returns
-  the normalised MSCSA map at 1/32, ``forward_head`` pools and classifies it.
-* ``features_only=True`` (or ``dense_fusion=True``): the dense variant; the features at strides
-  4/8/16/32 are the base's stage features fused with the MSCSA output (base channel widths).
-* ``pretrained_base=True``: timm's pretrained weights for the base part only (pick the tag with
-  ``base_model='resnet50.tv_in1k'``, a local file with ``base_pretrained_cfg_overlay=dict(file=...)``).
-  ``pretrained=True``: our full checkpoint (once published, see docs/weights.md).
-
-Choices the paper leaves open (see also README, "MSCSA"):
-
-* The classifier of Fig. 4 reads the MSCSA output only: BatchNorm -> global average pool -> linear.
-  Fig. 1c / Sec. 3.4 feed "the output of MSCSA" to the task head; the base's deepest stage reaches
-  it through the gather (squeezed, like the other stages). The base's own head and final norm are
-  pruned away (timm ``prune_intermediate_layers``), so every parameter is used.
-* Without fusion layers (the classification model), ``forward_intermediates`` returns the base's
-  stage outputs, which are that network's intermediate features; with them (``features_only`` /
-  ``dense_fusion=True``) it returns the fused features of Fig. 5. The fusion layers are new for dense
-  prediction (the paper fine-tunes classification-pretrained models on COCO/ADE20k), so loading a
-  classification checkpoint into a dense model keeps their initialisation.
-* Swin is built with ``strict_img_size=False`` (attention masks computed for any size), and inputs
-  whose sides are not a multiple of its patch size (4) are zero-padded at the bottom/right.
-* ``drop_path_rate`` applies to the MSCSA blocks and, unless ``base_drop_path_rate`` is given, to
-  the base as well (App. C.1 trains both with stochastic depth).
+The base is timm's own model (``timm.create_model``, read through ``forward_intermediates``), so
+timm's weights of it load (``pretrained_base=True``). The classification variant feeds the MSCSA
+map (:mod:`maformer_zoo.layers.mscsa`) to the classifier (Fig. 4); ``features_only=True`` or
+``dense_fusion=True`` fuses it into every stage (Fig. 5). Settings: Table 7. Usage, the choices the
+paper leaves open and measurements: docs/mscsa.md#choices-the-paper-leaves-open.
 """
 import re
 from typing import Any, Dict, List, Optional, Set, Tuple, Type, Union
@@ -237,22 +203,10 @@ class MscsaNet(nn.Module):
         base_chs = [info['num_chs'] for info in base_info]
 
         self.mscsa = MultiStageCrossScaleAttention(
-            base_chs,
-            in_strides=_STAGE_STRIDES,
-            pool_stride=pool_stride,
-            squeeze_ratio=squeeze_ratio,
-            depth=depth,
-            num_heads=num_heads,
-            key_dim=key_dim,
-            mlp_ratio=mlp_ratio,
-            attn_ratio=attn_ratio,
-            proj_drop=proj_drop_rate,
-            attn_drop=attn_drop_rate,
-            drop_path_rate=drop_path_rate,
-            norm_layer=norm_layer,
-            attn_act_layer=attn_act_layer,
-            mlp_act_layer=mlp_act_layer,
-        )
+            base_chs, in_strides=_STAGE_STRIDES, pool_stride=pool_stride, squeeze_ratio=squeeze_ratio,
+            depth=depth, num_heads=num_heads, key_dim=key_dim, mlp_ratio=mlp_ratio, attn_ratio=attn_ratio,
+            proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, drop_path_rate=drop_path_rate,
+            norm_layer=norm_layer, attn_act_layer=attn_act_layer, mlp_act_layer=mlp_act_layer)
         self.num_features = self.head_hidden_size = self.mscsa.num_features
         self.fusion = DenseFusion(self.mscsa.stage_chs, base_chs, norm_layer=norm_layer) if dense_fusion else None
         self.norm = norm_layer(self.num_features)
@@ -341,13 +295,10 @@ class MscsaNet(nn.Module):
                 x, indices=base_indices, stop_early=stop_early, intermediates_only=True)
 
     def _swin_features(self, x: torch.Tensor, base_indices: List[int], stop_early: bool) -> List[torch.Tensor]:
-        """timm Swin's ``forward_intermediates`` with its blocks' own modules, for FX and compile/export.
-
-        The same operations as timm's blocks, except that the shifted-window mask is built by
-        :func:`swin_shift_mask` (timm fills it by item assignment, which FX cannot trace) and the
-        window padding is cropped by a copy (timm's crop makes torch.export specialise the program on
-        whether its example was padded). Eager and TorchScript run timm's own code; the tests compare
-        both (docs/maformer.md, "Deploy paths per model").
+        """timm Swin's ``forward_intermediates`` with its blocks' own modules, for FX and compile/export:
+        the mask comes from :func:`swin_shift_mask` (timm's item assignment does not trace) and the
+        window padding is cropped by a copy (timm's crop makes torch.export specialise on it).
+        Eager and TorchScript run timm's code (docs/maformer.md#deploy-paths-per-model-issue-11).
         """
         base = self.base
         last = max(base_indices) if stop_early else len(base.layers) - 1
@@ -395,7 +346,7 @@ class MscsaNet(nn.Module):
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Forward features that returns intermediates (docs/mscsa.md, "Intermediates").
+        """Forward features that returns intermediates (docs/mscsa.md#choices-the-paper-leaves-open).
 
         Args:
             x: input images.
@@ -529,42 +480,42 @@ default_cfgs = generate_default_cfgs({
 # Table 7 (App. B) configurations
 @register_model
 def resnet18_mscsa(pretrained: bool = False, **kwargs: Any) -> MscsaNet:
-    """ResNet-18 + MSCSA (Table 7: pool 1/32, squeeze 5/8, depth 1, 8 heads of 24, MLP ratio 2)."""
+    """ResNet-18 + MSCSA (Table 7)."""
     model_args = dict(base_model='resnet18', squeeze_ratio=5 / 8, depth=1, num_heads=8, key_dim=24, mlp_ratio=2.)
     return _create_mscsa('resnet18_mscsa', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def resnet50_mscsa(pretrained: bool = False, **kwargs: Any) -> MscsaNet:
-    """ResNet-50 + MSCSA (Table 7: pool 1/32, squeeze 1/4, depth 1, 8 heads of 32, MLP ratio 2)."""
+    """ResNet-50 + MSCSA (Table 7)."""
     model_args = dict(base_model='resnet50', squeeze_ratio=1 / 4, depth=1, num_heads=8, key_dim=32, mlp_ratio=2.)
     return _create_mscsa('resnet50_mscsa', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def pvt_v2_b0_mscsa(pretrained: bool = False, **kwargs: Any) -> MscsaNet:
-    """PVTv2-B0 + MSCSA (Table 7: pool 1/32, squeeze 3/4, depth 1, 8 heads of 15, MLP ratio 2)."""
+    """PVTv2-B0 + MSCSA (Table 7)."""
     model_args = dict(base_model='pvt_v2_b0', squeeze_ratio=3 / 4, depth=1, num_heads=8, key_dim=15, mlp_ratio=2.)
     return _create_mscsa('pvt_v2_b0_mscsa', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def pvt_v2_b1_mscsa(pretrained: bool = False, **kwargs: Any) -> MscsaNet:
-    """PVTv2-B1 + MSCSA (Table 7: pool 1/32, squeeze 5/8, depth 1, 8 heads of 24, MLP ratio 2)."""
+    """PVTv2-B1 + MSCSA (Table 7)."""
     model_args = dict(base_model='pvt_v2_b1', squeeze_ratio=5 / 8, depth=1, num_heads=8, key_dim=24, mlp_ratio=2.)
     return _create_mscsa('pvt_v2_b1_mscsa', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def pvt_v2_b2_mscsa(pretrained: bool = False, **kwargs: Any) -> MscsaNet:
-    """PVTv2-B2 + MSCSA (Table 7: pool 1/32, no squeeze, depth 1, 8 heads of 35, MLP ratio 2)."""
+    """PVTv2-B2 + MSCSA (Table 7)."""
     model_args = dict(base_model='pvt_v2_b2', squeeze_ratio=None, depth=1, num_heads=8, key_dim=35, mlp_ratio=2.)
     return _create_mscsa('pvt_v2_b2_mscsa', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def swin_tiny_patch4_window7_224_mscsa(pretrained: bool = False, **kwargs: Any) -> MscsaNet:
-    """Swin-T + MSCSA (Table 7: pool 1/32, squeeze 3/4, depth 1, 12 heads of 28, MLP ratio 2); any input size."""
+    """Swin-T + MSCSA (Table 7); any input size."""
     model_args = dict(
         base_model='swin_tiny_patch4_window7_224', squeeze_ratio=3 / 4, depth=1, num_heads=12, key_dim=28,
         mlp_ratio=2., input_multiple=4, base_kwargs=dict(strict_img_size=False, **kwargs.pop('base_kwargs', {})))
@@ -573,6 +524,6 @@ def swin_tiny_patch4_window7_224_mscsa(pretrained: bool = False, **kwargs: Any) 
 
 @register_model
 def convnext_tiny_mscsa(pretrained: bool = False, **kwargs: Any) -> MscsaNet:
-    """ConvNeXt-T + MSCSA (Table 7: pool 1/32, squeeze 3/4, depth 1, 12 heads of 28, MLP ratio 2)."""
+    """ConvNeXt-T + MSCSA (Table 7)."""
     model_args = dict(base_model='convnext_tiny', squeeze_ratio=3 / 4, depth=1, num_heads=12, key_dim=28, mlp_ratio=2.)
     return _create_mscsa('convnext_tiny_mscsa', pretrained=pretrained, **dict(model_args, **kwargs))
