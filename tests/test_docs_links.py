@@ -173,12 +173,12 @@ def test_pointer_checker_catches_stale_pointers(tmp_path):
     page.write_text('`docs/mscsa.md#choices-the-paper-leaves-open` `docs/mscsa.md#no-such-section`\n'
                     '`maformer_zoo/layers/nosuch.py` `layers/fine.py` `output/demo/` (generated)\n'
                     '`configs/imagenet/maformer_{s,b,l}.yaml` `maformer_zoo.layers.fine.FINE`\n'
-                    '`maformer_zoo.hub.no_such_function`\n'
+                    '`maformer_zoo.weights.no_such_function`\n'
                     'see docs/necks.md, "Export"\n', encoding='utf-8')
     problems = _stale_pointers(str(page))
     assert len(problems) == 4, problems
     assert 'docs/mscsa.md#no-such-section: no heading with anchor #no-such-section' in problems
-    assert "maformer_zoo.hub.no_such_function: maformer_zoo.hub has no 'no_such_function'" in problems
+    assert "maformer_zoo.weights.no_such_function: maformer_zoo.weights has no 'no_such_function'" in problems
     assert 'maformer_zoo/layers/nosuch.py: no such file' in problems
     assert any(p.endswith('necks.md, "Export"...: name the section as file.md#anchor') for p in problems)
 
