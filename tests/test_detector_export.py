@@ -137,17 +137,18 @@ def _fusions(neck, channels):
 
 @pytest.mark.parametrize('neck', [pytest.param('sum', marks=pytest.mark.slow), 'fine',
                                   pytest.param('asff', marks=pytest.mark.slow)])
-def test_fusion_fpn_scripts_on_our_backbone(neck):
-    """FusionFPN on our ``resnet18_mscsa`` (the timm adapter) scripts as detectron2's FPN does and
+def test_fusion_fpn_scripts_on_timm_backbone(neck):
+    """FusionFPN on timm's ``resnet18`` (the adapter) scripts as detectron2's FPN does and
     equals eager at two sizes; the scripted copy leaves the eager module's keys alone. Mutations
     caught: indexing ``lateral_convs`` by a loop variable, dropping ``__prepare_scriptable__``
     (the fusions are then deleted or fail to compile), computing the padding properties with
-    ``math.lcm`` at call time (uncompilable), testing a fusion string in ``pyramid``."""
+    ``math.lcm`` at call time (uncompilable). Whole detectors on our backbones:
+    ``test_scripting_with_instances_on_our_backbones``."""
     from detectron2.modeling.backbone.fpn import LastLevelMaxPool
     from detectron2_ext.modeling.fpn_variants import FusionFPN
     from detectron2_ext.modeling.timm_backbone import TimmBackbone
     torch.manual_seed(0)
-    fpn = FusionFPN(TimmBackbone('resnet18_mscsa', norm='BN'), ['res2', 'res3', 'res4', 'res5'], 32,
+    fpn = FusionFPN(TimmBackbone('resnet18', norm='BN'), ['res2', 'res3', 'res4', 'res5'], 32,
                     top_block=LastLevelMaxPool(), fusions=_fusions(neck, 32)).eval()
     keys = sorted(fpn.state_dict())
     scripted = _quiet(torch.jit.script, fpn)
@@ -323,8 +324,8 @@ def test_scripting_with_instances_on_our_backbones(backbone, neck):
     """detectron2's own scripting test (tests/test_export_torchscript.py, testMaskRCNNFPN) with our
     backbones and necks: ``scripting_with_instances`` of Mask R-CNN gives eager's boxes, scores,
     classes and masks within 1e-3 on a batch of two images of different sizes
-    (50 detections each). Mutations caught: a ``features_only`` model or a neck that does not
-    script (an f-string raise, a loop-indexed ModuleList, a fusion string in ``forward``)."""
+    (50 detections each). Mutation caught: FusionFPN without ``__prepare_scriptable__`` (its
+    module lists do not compile)."""
     from detectron2.export import scripting_with_instances
     from detectron2_ext.export import SCRIPTED_FIELDS
     model = _demo_detector(backbone, neck)

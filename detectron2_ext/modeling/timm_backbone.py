@@ -164,6 +164,7 @@ class TimmBackbone(Backbone):
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """``{res{k}: (B, C_k, H / 2**k, W / 2**k)}`` for the selected stages."""
         features = self.model(x)
+        assert torch.jit.isinstance(features, List[torch.Tensor])  # timm's getter declares a Union
         out = {}
         for i, name in zip(self._selected, self._out_features):
             feature = features[i]
