@@ -355,7 +355,7 @@ def test_retinanet_scripting_on_our_backbone():
     cfg = load_config(os.path.join(REPO, 'configs', _ARCHITECTURES['retinanet']), [
         'MODEL.BACKBONE.NAME', 'build_retinanet_timm_fpn_backbone', 'MODEL.TIMM.NAME',
         'resnet18_mscsa', 'MODEL.TIMM.PRETRAINED', 'False', 'MODEL.WEIGHTS', '',
-        'MODEL.FPN.OUT_CHANNELS', '64', 'MODEL.RETINANET.SCORE_THRESH_TEST', '0.0'])
+        'MODEL.FPN.OUT_CHANNELS', '64', 'MODEL.RETINANET.SCORE_THRESH_TEST', '0.0', 'MODEL.DEVICE', 'cpu'])
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     scripted = _quiet(scripting_with_instances, model, SCRIPTED_FIELDS)
