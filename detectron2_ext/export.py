@@ -1,13 +1,11 @@
 """Deploying detectors with detectron2's own export tools, for our backbones and necks.
 
 :func:`export_detector` writes a built detector as TorchScript (``tracing`` through detectron2's
-``TracingAdapter``, or ``scripting`` through ``scripting_with_instances``) or ONNX (tracing,
-``torch.onnx.export(dynamo=False)`` as detectron2's ``tools/deploy/export_model.py``), with the
-image height and width left dynamic. The returned :class:`ExportedDetector` runs the saved file
-and the eager model on the same image, so :func:`max_difference` says how far they differ.
-Architectures: GeneralizedRCNN (Mask / Cascade Mask R-CNN, Faster R-CNN; outputs before the final
-resize, as detectron2's tracing export), PanopticFPN (instances and semantic logits before the
-panoptic merge), SemanticSegmentor (Semantic FPN, UPerNet) and RetinaNet. What works where and
+``TracingAdapter``, or ``scripting`` through ``scripting_with_instances``: R-CNNs)
+or ONNX (tracing, ``torch.onnx.export(dynamo=False)`` as detectron2's
+``tools/deploy/export_model.py``), with the image height and width left dynamic. The returned
+:class:`ExportedDetector` runs the saved file and the eager model on one image, so
+:func:`max_difference` says how far they differ. Outputs, architectures, what works where and
 why: docs/detectron2.md, "Deploying detectors".
 """
 import os
@@ -24,16 +22,15 @@ from detectron2.modeling import GeneralizedRCNN, PanopticFPN, build_model
 from detectron2.structures import Boxes
 
 __all__ = [
-    'FORMATS', 'METHODS', 'OutputFolderError', 'ExportedDetector', 'check_output_dir',
-    'check_exportable', 'build_detector', 'load_sample', 'resize_sample', 'second_size', 'export_detector',
-    'load_exported',
-    'max_difference',
+    'FORMATS', 'METHODS', 'SCRIPTED_FIELDS', 'OutputFolderError', 'ExportedDetector',
+    'check_output_dir', 'check_exportable', 'build_detector', 'load_sample', 'resize_sample',
+    'second_size', 'export_detector', 'load_exported', 'max_difference',
 ]
 
 FORMATS = ('torchscript', 'onnx')
 METHODS = ('tracing', 'scripting')
 # Instances fields a scripted detector may carry, with their types (detectron2's deploy list)
-_SCRIPTED_FIELDS = {
+SCRIPTED_FIELDS = {
     'proposal_boxes': Boxes, 'objectness_logits': Tensor, 'pred_boxes': Boxes, 'scores': Tensor,
     'pred_classes': Tensor, 'pred_masks': Tensor, 'pred_keypoints': Tensor,
     'pred_keypoint_heatmaps': Tensor,
@@ -131,7 +128,6 @@ class _ScriptableRCNN(nn.Module):
         instances = self.model.inference(inputs, do_postprocess=False)
         return [i.get_fields() for i in instances]
 
-
 class ExportedDetector(NamedTuple):
     """An exported detector on disk, and how to run it and its eager original on one image."""
     path: str
@@ -210,7 +206,7 @@ def _file_name(fmt: str) -> str:
 def _write(adapter: nn.Module, image: Tensor, path: str, fmt: str, method: str,
            opset: int) -> None:
     if method == 'scripting':
-        scripted = scripting_with_instances(adapter, _SCRIPTED_FIELDS)
+        scripted = scripting_with_instances(adapter, SCRIPTED_FIELDS)
         _atomic_save(path, lambda p: torch.jit.save(scripted, p))
         return
     with torch.no_grad():
@@ -233,12 +229,8 @@ def load_exported(model: nn.Module, image: Tensor, output_dir: str, fmt: str = '
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No exported model at '{path}'; run the export first.")
     adapter = _adapter(model.eval(), image, method)
-    if method == 'scripting':
-        def call(module, x):
-            return module([{'image': x}])
-    else:
-        def call(module, x):
-            return module(x)
+    def call(module, x):
+        return module([{'image': x}]) if method == 'scripting' else module(x)
 
     def eager(x: Tensor) -> List[Tensor]:
         with torch.no_grad():

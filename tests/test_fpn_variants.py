@@ -15,7 +15,7 @@ from detectron2.modeling import build_backbone, build_model  # noqa: E402
 from detectron2.modeling.backbone import FPN  # noqa: E402
 
 import detectron2_ext  # noqa: E402
-from detectron2_ext.modeling.fpn_variants import FINE, ASFF, FusionFPN  # noqa: E402
+from detectron2_ext.modeling.fpn_variants import FINE, ASFF, FPNFusions, FusionFPN  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, 'configs', 'COCO-*', '*_R_50_*_1x.yaml')))
@@ -180,13 +180,14 @@ def test_extra_levels_placement_and_contract(retina):
     eq3 = build().eval()
     extra = build('MODEL.FINE.EXTRA_LEVELS', True).eval()
     new_keys = ('fpn_fine5', 'fpn_fine6') if retina else ('fpn_fine5',)
-    assert [m.kernel_size for m in extra.fine_extra_modules] == [1] * len(new_keys)
+    assert [m.kernel_size for m in extra.top_fusions] == [1] * len(new_keys)
     assert extra.output_shape() == eq3.output_shape()
     result = extra.load_state_dict(eq3.state_dict(), strict=False)
     assert not result.unexpected_keys
     assert {k.split('.')[0] for k in result.missing_keys} == set(new_keys)
-    with pytest.raises(ValueError, match='no top_block'):
-        FusionFPN(eq3.bottom_up, list(eq3.in_features), 64, fusion='fine', fine_extra_levels=True)
+    with pytest.raises(ValueError, match='1 top fusions for 0 top-block levels'):
+        FusionFPN(eq3.bottom_up, list(eq3.in_features), 64,
+                  fusions=lambda: FPNFusions('fine', top=[('fpn_fine5', FINE(64))]))
     plain_fpn = {k: v for k, v in eq3.state_dict().items() if not k.startswith('fpn_fine')}
     result = build('MODEL.FINE.EXTRA_LEVELS', True).load_state_dict(plain_fpn, strict=False)
     assert not result.unexpected_keys and all(k.startswith('fpn_fine') for k in result.missing_keys)
@@ -201,7 +202,7 @@ def test_extra_levels_placement_and_contract(retina):
         top, *lower = reversed(list(want))  # coarsest level unchanged, the next ones modulated
         torch.testing.assert_close(got[top], want[top], rtol=0, atol=0)
         context = want[top]
-        for name, fine in zip(lower, extra.fine_extra_modules):
+        for name, fine in zip(lower, extra.top_fusions):
             expected = fine(want[name], context)
             torch.testing.assert_close(got[name], expected)
             assert not torch.allclose(got[name], want[name])
@@ -210,7 +211,7 @@ def test_extra_levels_placement_and_contract(retina):
             torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
     extra(x)['p5'].sum().backward()  # P5 reaches every extra FINE (through its context)
     assert all(p.grad is not None and p.grad.abs().sum() > 0
-               for fine in extra.fine_extra_modules for p in fine.parameters())
+               for fine in extra.top_fusions for p in fine.parameters())
 
 
 def test_config_errors_are_clear():
@@ -234,8 +235,10 @@ def test_add_config_is_idempotent_and_fusion_builder_follows_it():
     assert cfg.MODEL.FINE.HEAD_DIM == 32 and cfg.MODEL.FPN.FUSION == 'fine'
     backbone = build_backbone(cfg)
     assert isinstance(backbone, FusionFPN) and backbone.fusion == 'fine'
-    assert [m.num_heads for m in backbone.fine_modules] == [8, 8, 8]
-    assert [m.kernel_size for m in backbone.fine_modules] == [1, 2, 8]  # p4, p3, p2 fusions
+    fines = backbone.lateral_fusions[1:]  # the coarsest lateral has no level above it
+    assert [m.num_heads for m in fines] == [8, 8, 8]
+    assert [m.kernel_size for m in fines] == [1, 2, 8]  # p4, p3, p2 fusions
+    assert fines == [backbone.fpn_fine4, backbone.fpn_fine3, backbone.fpn_fine2]
 
 
 @pytest.fixture(scope='module')

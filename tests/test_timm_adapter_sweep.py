@@ -28,7 +28,7 @@ import timm  # noqa: E402
 from detectron2.structures import ImageList  # noqa: E402
 
 import maformer_zoo  # noqa: E402,F401  (registers our models)
-from detectron2_ext.modeling.timm_backbone import TimmBackbone, _model_facts  # noqa: E402
+from detectron2_ext.modeling.timm_backbone import TimmBackbone  # noqa: E402
 
 DETECTION_SIZE = (512, 768)
 FAST = {'efficientnet_b0', 'swin_tiny_patch4_window7_224', 'deit_tiny_patch16_224',
@@ -79,17 +79,14 @@ def _stats(module):
                                   for n in FAMILIES])
 def test_family(name):
     extra = FAMILIES[name]
-    facts = _model_facts(name)
-    native = facts.native_size
-    torch.manual_seed(0)
-    single_scale = len(set(facts.reductions)) == 1
-    reference = timm.create_model(name, features_only=True, pretrained=False, **extra,
-                                  **({'out_indices': (len(facts.reductions) - 1,)}
-                                     if single_scale else {})).eval()
-    with torch.no_grad():
-        _randomise_batchnorms(reference)
+    native = timm.get_pretrained_cfg(name).input_size[-2:]
     backbone = TimmBackbone(name, norm='FrozenBN', freeze_at=2, img_size=max(native),
                             model_kwargs=extra)
+    torch.manual_seed(0)  # timm's own features_only model, with the stages the adapter asked for
+    reference = timm.create_model(name, features_only=True, pretrained=False, **extra,
+                                  out_indices=backbone.model.feature_info.out_indices).eval()
+    with torch.no_grad():
+        _randomise_batchnorms(reference)
     backbone.model.load_state_dict(reference.state_dict())
     backbone.eval()
 
@@ -206,14 +203,14 @@ def test_single_scale_backbones_under_rcnn(name, fusion, mask_on):
     from detectron2.modeling import build_model
     from detectron2.structures import Boxes, Instances
     from detectron2.utils.events import EventStorage
-    from detectron2_ext.modeling.fpn_variants import FusionSimpleFeaturePyramid
+    from detectron2_ext.modeling.fpn_variants import ASFF, FusionSimpleFeaturePyramid
 
     torch.manual_seed(0)
     model = build_model(_detector_cfg(name, 'build_timm_simple_fpn_backbone', fusion, mask_on))
     assert isinstance(model.backbone, FusionSimpleFeaturePyramid)
     assert {k: v.stride for k, v in model.backbone.output_shape().items()} == {
         'p2': 4, 'p3': 8, 'p4': 16, 'p5': 32, 'p6': 64}
-    assert (model.backbone.fpn_asff is not None) == (fusion == 'asff')
+    assert [type(m) for m in model.backbone.output_fusions] == ([ASFF] if fusion == 'asff' else [])
     image = torch.randint(0, 255, (3, *DETECTION_SIZE), dtype=torch.uint8)
     instances = Instances(DETECTION_SIZE, gt_boxes=Boxes(torch.tensor([[40., 60., 300., 400.]])),
                           gt_classes=torch.tensor([1]))
