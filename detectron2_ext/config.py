@@ -39,7 +39,8 @@ def add_timm_backbone_config(cfg: CN) -> None:
 
 def add_semantic_config(cfg: CN) -> None:
     """Semantic segmentation: DeepLab's poly schedule and crop keys (its names and defaults: ``SOLVER.POLY_LR_*``,
-    ``INPUT.CROP.SINGLE_CATEGORY_MAX_AREA``), ``MODEL.UPERNET.*``, ``MODEL.SEMANTIC_FPN.*``, mmseg's pipeline."""
+    ``INPUT.CROP.SINGLE_CATEGORY_MAX_AREA``), ``MODEL.UPERNET.*``, ``MODEL.SEMANTIC_FPN.*``, mmseg's pipeline
+    (``INPUT.SEM_SEG_*``; ``SEM_SEG_PHOTOMETRIC`` switches its photometric distortion)."""
     _set_defaults(cfg.SOLVER, POLY_LR_POWER=0.9, POLY_LR_CONSTANT_ENDING=0.0)
     _set_defaults(cfg.MODEL, UPERNET=CN(), SEMANTIC_FPN=CN())
     _set_defaults(cfg.MODEL.UPERNET, POOL_SCALES=[1, 2, 3, 6], DROPOUT=0.1, AUX_IN_FEATURE='res4', AUX_CHANNELS=256,
