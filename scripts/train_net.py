@@ -194,8 +194,9 @@ def _check_resume(cfg: CfgNode, args: argparse.Namespace, record: bool) -> None:
     checkpoint = _last_checkpoint(cfg.OUTPUT_DIR)
     saved_file = os.path.join(cfg.OUTPUT_DIR, 'config.yaml')
     if not os.path.isfile(saved_file):
-        check_run_folder(cfg.OUTPUT_DIR, f"OUTPUT_DIR '{cfg.OUTPUT_DIR}'",
-                         hint="it has no config.yaml of a run to --resume; give a new `OUTPUT_DIR <folder>`")
+        if not record:  # record: in a launched process, where the others may have begun writing
+            check_run_folder(cfg.OUTPUT_DIR, f"OUTPUT_DIR '{cfg.OUTPUT_DIR}'",
+                             hint="it has no config.yaml of a run to --resume; give a new `OUTPUT_DIR <folder>`")
         return
     with open(saved_file, encoding='utf-8') as f:  # written by setup() of the run
         saved = yaml.safe_load(f)
@@ -229,12 +230,17 @@ def build_config(args: argparse.Namespace) -> CfgNode:
                          "`SOLVER.AMP.ENABLED False` to train on the CPU.")
     check_datasets(cfg)
     resuming = args.resume and _last_checkpoint(cfg.OUTPUT_DIR) is not None
+    # The folder is checked once, before any process is launched: in the launched ones another process
+    # may already have written into it (log.txt.rank1 refused rank 0's own run).
+    checked, args.folder_checked = getattr(args, 'folder_checked', False), True
     if args.eval_only:  # the run's folder is read, never written: the evaluation gets its own subfolder
         check_run_folder(cfg.OUTPUT_DIR, f"OUTPUT_DIR '{cfg.OUTPUT_DIR}'", resuming=True)
         if resuming:
             cfg.MODEL.WEIGHTS = _last_checkpoint(cfg.OUTPUT_DIR)
         cfg.OUTPUT_DIR = getattr(args, 'eval_dir', None) or _fresh_subfolder(cfg.OUTPUT_DIR, 'eval-')
         args.eval_dir = cfg.OUTPUT_DIR  # the same subfolder in the launched processes
+    elif checked:
+        pass
     elif args.resume:
         _check_resume(cfg, args, record=False)
     else:
