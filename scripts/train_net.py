@@ -20,9 +20,12 @@ import torch
 import yaml
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
+from detectron2.utils.collect_env import collect_env_info
+from detectron2.utils.env import seed_all_rng
+from detectron2.utils.logger import setup_logger
 
 from detectron2_ext.checkpoint import SafeDetectionCheckpointer
 from detectron2_ext.config_file import load_config
@@ -186,24 +189,22 @@ def _flat(node, prefix: str = '') -> Dict[str, object]:
 
 
 def _check_resume(cfg: CfgNode, args: argparse.Namespace, record: bool) -> None:
-    """``--resume`` continues the run in OUTPUT_DIR under its own settings (run_folder's rules); a run
-    killed before its first checkpoint starts again, its metrics rows of that attempt dropped."""
+    """``--resume`` continues the run in OUTPUT_DIR under its own settings (run_folder's rules); the
+    trainer cuts its metrics back to the checkpoint (a run killed before its first one starts again)."""
     checkpoint = _last_checkpoint(cfg.OUTPUT_DIR)
     saved_file = os.path.join(cfg.OUTPUT_DIR, 'config.yaml')
     if not os.path.isfile(saved_file):
-        check_run_folder(cfg.OUTPUT_DIR, f"OUTPUT_DIR '{cfg.OUTPUT_DIR}'",
-                         hint="it has no config.yaml of a run to --resume; give a new `OUTPUT_DIR <folder>`")
+        if not record:  # record: in a launched process, where the others may have begun writing
+            check_run_folder(cfg.OUTPUT_DIR, f"OUTPUT_DIR '{cfg.OUTPUT_DIR}'",
+                             hint="it has no config.yaml of a run to --resume; give a new `OUTPUT_DIR <folder>`")
         return
-    with open(saved_file, encoding='utf-8') as f:  # written by default_setup of the run
+    with open(saved_file, encoding='utf-8') as f:  # written by setup() of the run
         saved = yaml.safe_load(f)
     if not isinstance(saved, dict):
         raise ValueError(f"'{saved_file}' is not the run's config: restore it, or start a new `OUTPUT_DIR <folder>`.")
     check_resume_changes(_flat(saved), _flat(yaml.safe_load(cfg.dump())), RESUME_MAY_CHANGE, args.allow_changes,
                          cfg.OUTPUT_DIR, f"checkpoint {os.path.basename(checkpoint) if checkpoint else '(none)'}",
                          record=record)
-    metrics = os.path.join(cfg.OUTPUT_DIR, 'metrics.json')
-    if checkpoint is None and record and os.path.isfile(metrics):
-        write_atomic(metrics, '')
 
 
 def _fresh_subfolder(folder: str, prefix: str) -> str:
@@ -229,12 +230,17 @@ def build_config(args: argparse.Namespace) -> CfgNode:
                          "`SOLVER.AMP.ENABLED False` to train on the CPU.")
     check_datasets(cfg)
     resuming = args.resume and _last_checkpoint(cfg.OUTPUT_DIR) is not None
+    # The folder is checked once, before any process is launched: in the launched ones another process
+    # may already have written into it (log.txt.rank1 refused rank 0's own run).
+    checked, args.folder_checked = getattr(args, 'folder_checked', False), True
     if args.eval_only:  # the run's folder is read, never written: the evaluation gets its own subfolder
         check_run_folder(cfg.OUTPUT_DIR, f"OUTPUT_DIR '{cfg.OUTPUT_DIR}'", resuming=True)
         if resuming:
             cfg.MODEL.WEIGHTS = _last_checkpoint(cfg.OUTPUT_DIR)
         cfg.OUTPUT_DIR = getattr(args, 'eval_dir', None) or _fresh_subfolder(cfg.OUTPUT_DIR, 'eval-')
         args.eval_dir = cfg.OUTPUT_DIR  # the same subfolder in the launched processes
+    elif checked:
+        pass
     elif args.resume:
         _check_resume(cfg, args, record=False)
     else:
@@ -250,12 +256,32 @@ def build_config(args: argparse.Namespace) -> CfgNode:
     return cfg
 
 
+def setup(cfg: CfgNode, args: argparse.Namespace) -> None:
+    """detectron2's ``default_setup`` from its parts (loggers, environment, seeds, cudnn), with
+    ``config.yaml`` written atomically: ``default_setup`` rewrites it in place (truncate, then
+    write), so a kill there, also on ``--resume``, left a run without its config."""
+    rank = comm.get_rank()
+    if comm.is_main_process():
+        os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=rank, name='fvcore')
+    logger = setup_logger(cfg.OUTPUT_DIR, distributed_rank=rank)
+    logger.info(f'Rank of current process: {rank}. World size: {comm.get_world_size()}')
+    logger.info('Environment info:\n' + collect_env_info())
+    logger.info(f'Command line arguments: {args}')
+    if comm.is_main_process():
+        write_atomic(os.path.join(cfg.OUTPUT_DIR, 'config.yaml'), cfg.dump())
+        logger.info(f'Running with full config:\n{cfg.dump()}')
+    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + rank)  # each process its own, deterministic seed
+    if not args.eval_only:
+        torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
+
+
 def main(args: argparse.Namespace) -> Optional[Dict]:
     """Train (``trainer.train()``) or evaluate (``--eval-only``) in one process; returns the evaluation results."""
     cfg = build_config(args)
     if args.resume and not args.eval_only and comm.is_main_process():
-        _check_resume(cfg, args, record=True)  # before default_setup writes config.yaml anew
-    default_setup(cfg, args)
+        _check_resume(cfg, args, record=True)  # before setup writes config.yaml anew
+    setup(cfg, args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
         SafeDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
@@ -268,13 +294,22 @@ def main(args: argparse.Namespace) -> Optional[Dict]:
     return trainer.train()
 
 
+def run(args: argparse.Namespace) -> Optional[Dict]:
+    """:func:`main` in every process (detectron2's ``launch``); bad input fails first, before any process
+    starts. Returns the results of a single-process run (``launch`` would drop them)."""
+    build_config(args)
+    if args.num_gpus * args.num_machines == 1:
+        return main(args)
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,))
+    return None
+
+
 def cli(argv: Optional[List[str]] = None) -> int:
     args = build_argument_parser().parse_args(argv)
     print('Command Line Args:', args)
     try:
-        build_config(args)  # bad input fails here, before any process is launched
-        launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-               dist_url=args.dist_url, args=(args,))
+        run(args)
     except USER_ERRORS as err:  # one line; in the single-process case also for weights refused while loading
         print(f'error: {err.args[0] if isinstance(err, KeyError) and err.args else err}', file=sys.stderr)
         return 2

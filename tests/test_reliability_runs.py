@@ -8,6 +8,7 @@
   symlink is never followed; a resume under changed settings is refused or recorded.
 """
 import hashlib
+import json
 import os
 import pathlib
 import pickle
@@ -498,3 +499,31 @@ def test_sigkill_at_every_train_net_checkpoint_write_then_resume(tmp_path, kill_
     # the last iteration's weights: model_final.pth, or model_0000001.pth when the kill hit model_final's
     # save (detectron2 then has no iteration left to run, so writes no model_final)
     assert load_checkpoint_file(run / (run / 'last_checkpoint').read_text())['iteration'] == 1
+
+
+@pytest.mark.slow
+def test_sigkill_on_resume_keeps_config_and_metrics_whole(tmp_path):
+    """train_net killed at its final checkpoint, then a ``--resume`` killed as it writes config.yaml, then
+    ``--resume`` to the end: config.yaml stays the complete earlier file, and metrics.json holds each
+    iteration once (the row of iteration 19, written after checkpoint 14, is dropped and written again).
+
+    Mutations caught: detectron2's ``default_setup`` (config.yaml written in place: no rename, so the
+    second run is not killed there), no cut of metrics.json on resume (iteration 19 twice).
+    """
+    pytest.importorskip('detectron2')
+    coco = _coco(tmp_path)
+    run = tmp_path / 'run'
+    opts = _small(run, max_iter=24, **{'SOLVER.CHECKPOINT_PERIOD': 15})
+    assert _run([TRAIN_NET, *coco, '--config-file', D2_CONFIG, *opts],
+                kill_at='replace:model_final.pth:1').returncode == -signal.SIGKILL
+    assert (run / 'last_checkpoint').read_text() == 'model_0000014.pth'
+    config = (run / 'config.yaml').read_bytes()
+    # TEST.EVAL_PERIOD: a setting a resume may change, so the config.yaml it writes differs
+    resume = [TRAIN_NET, *coco, '--config-file', D2_CONFIG, '--resume', *opts, 'TEST.EVAL_PERIOD', '100']
+    assert _run(resume, kill_at='replace:config.yaml:1').returncode == -signal.SIGKILL
+    assert (run / 'config.yaml').read_bytes() == config
+    proc = _run(resume)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in (run / 'metrics.json').read_text().splitlines()]
+    assert [r['iteration'] for r in rows] == [19, 23]
+    assert yaml.safe_load((run / 'config.yaml').read_text())['TEST']['EVAL_PERIOD'] == 100

@@ -217,3 +217,63 @@ def test_two_processes_match_one_and_resume(coco, tmp_path):
     train_net(coco, '--config-file', CONFIG, '--num-gpus', '2', '--resume', *small_run(two, max_iter=3, ims_per_batch=2))
     assert 'Starting training from iteration 2' in (two / 'log.txt').read_text()
     assert (two / 'model_final.pth').is_file()
+
+
+# ------------------------------------------------------------------------- trainer parts
+
+
+def test_param_groups_follow_detectron2_and_keep_the_model_order():
+    """detectron2's groups (norms, biases, ``overrides`` by parameter name), detectron2's ``LN`` as a
+    norm, timm's ``no_weight_decay()`` by full name; groups and parameters in the model's order, the
+    layout of the optimizer state in checkpoints written before detectron2's groups were used.
+
+    Mutations caught: the re-sort dropped (the declared parameter moves to the end of its group),
+    detectron2's LN left out (its weight decays), ``no_weight_decay()`` fed to ``overrides`` by its
+    last name component (every ``weight`` exempt).
+    """
+    from detectron2.layers.batch_norm import LayerNorm
+    from detectron2_ext.engine import optimizer_param_groups
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mix = torch.nn.Linear(4, 4)
+            self.ln = LayerNorm(4)
+            self.proj = torch.nn.Linear(4, 4)
+
+        def no_weight_decay(self):
+            return {'mix.weight'}
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), Block(), torch.nn.BatchNorm2d(4))
+    model[0].bias.requires_grad_(False)
+    groups = optimizer_param_groups(model, 0.05, 0.0, 0.0, ['pos_embed'])
+    assert [(g['weight_decay'], g['names']) for g in groups] == [
+        (0.05, ['0.weight', '1.proj.weight']),
+        (0.0, ['1.mix.weight', '1.mix.bias', '1.ln.weight', '1.ln.bias', '1.proj.bias', '2.weight', '2.bias'])]
+    named = dict(model.named_parameters())
+    assert all(p is named[n] for g in groups for p, n in zip(g['params'], g['names']))
+
+
+def test_cut_metrics_keeps_the_rows_before_the_checkpoint(tmp_path):
+    """A killed run's metrics.json: complete rows, rows past the checkpoint that ``--resume`` loads, a
+    partial last row. The cut keeps the bytes of the rows before the checkpoint, and detectron2's
+    ``JSONWriter``, opened before it (as the trainer's hooks are), appends right after them.
+
+    Mutations caught: no cut (iterations that run again appear twice, the partial row glues onto the
+    next), a cut that writes a new file and renames it (the open writer appends to the replaced file).
+    """
+    from detectron2.utils.events import EventStorage, JSONWriter
+    from detectron2_ext.engine.trainer import cut_metrics
+    path = tmp_path / 'metrics.json'
+    rows = [json.dumps({'iteration': i, 'loss': 1.0 / (i + 1)}) + '\n' for i in (19, 39, 59)]
+    path.write_text(''.join(rows) + '{"iteration": 79, "lo')
+    writer = JSONWriter(str(path))
+    cut_metrics(str(path), start_iter=40)
+    assert path.read_text() == ''.join(rows[:2])
+    with EventStorage(40) as storage:
+        storage.put_scalar('loss', 0.25, smoothing_hint=False)
+        writer.write()
+    writer.close()
+    assert [json.loads(line)['iteration'] for line in path.read_text().splitlines()] == [19, 39, 40]
+    cut_metrics(str(path), start_iter=0)  # killed before the first checkpoint: it starts again
+    assert path.read_text() == ''

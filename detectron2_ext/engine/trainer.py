@@ -1,21 +1,16 @@
-"""detectron2's ``DefaultTrainer`` with the optimizer and evaluators our configs need.
+"""detectron2's ``DefaultTrainer`` with the optimizer, schedule, evaluators and run files our configs need.
 
-* :func:`build_optimizer`: AdamW (the papers' detectors) or SGD, no weight decay on norms, biases
-  and position tables, and ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE 'full_model'`` (one norm over all
-  parameters, as the papers' MMDetection code bases).
-* :func:`build_lr_scheduler`: detectron2's, plus ``SOLVER.LR_SCHEDULER_NAME: WarmupPolyLR``
-  (``SOLVER.POLY_LR_POWER``; the semantic segmentation recipes, docs/segmentation.md).
-* :func:`build_evaluator`: from the dataset's ``evaluator_type``, as detectron2's ``train_net.py``;
-  semantic labels read by :func:`detectron2_ext.data.read_label`.
-* ``INPUT.SEM_SEG_PIPELINE 'mmseg'``: :class:`detectron2_ext.data.sem_seg_mapper.SemSegDatasetMapper`.
-
+Parameter groups: detectron2's ``get_default_optimizer_params``; gradient clipping: detectron2's,
+plus ``CLIP_TYPE 'full_model'`` through detectron2's own global clipper; ``WarmupPolyLR``:
+DeepLab's (``detectron2.projects.deeplab``). Checkpoints read safely and write atomically
+(:mod:`detectron2_ext.checkpoint`); ``--resume`` cuts ``metrics.json`` back to its checkpoint.
 The rules and the reasons: docs/detectron2.md, "Training extras".
 """
 import functools
+import json
 import logging
 import os
 import weakref
-from collections import OrderedDict
 from typing import Dict, List, Optional
 
 import torch
@@ -23,17 +18,15 @@ from torch import nn
 
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model
+from detectron2.evaluation import COCOEvaluator, COCOPanopticEvaluator, DatasetEvaluators, SemSegEvaluator
+from detectron2.layers.batch_norm import LayerNorm as Detectron2LayerNorm
+from detectron2.projects.deeplab import build_lr_scheduler
+from detectron2.solver.build import (
+    _generate_optimizer_class_with_gradient_clipping, get_default_optimizer_params, maybe_add_gradient_clipping,
+    reduce_param_groups,
+)
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
-from detectron2.evaluation import (
-    COCOEvaluator, COCOPanopticEvaluator, DatasetEvaluators, SemSegEvaluator,
-)
-from detectron2.layers import FrozenBatchNorm2d
-from detectron2.layers.batch_norm import LayerNorm as Detectron2LayerNorm
-from detectron2.solver import LRMultiplier, WarmupParamScheduler
-from detectron2.solver import build_lr_scheduler as detectron2_build_lr_scheduler
-from detectron2.solver.build import maybe_add_gradient_clipping
-from fvcore.common.param_scheduler import PolynomialDecayParamScheduler
 
 from ..checkpoint import SafeDetectionCheckpointer
 from ..data.mapper import DecodingDatasetMapper
@@ -41,26 +34,11 @@ from ..data.sem_seg import label_format_of
 from ..data.sem_seg_labels import read_label
 from ..data.sem_seg_mapper import SemSegDatasetMapper, uses_mmseg_pipeline
 
-__all__ = ['Trainer', 'build_optimizer', 'optimizer_param_groups', 'build_evaluator',
-           'build_lr_scheduler']
+__all__ = ['Trainer', 'build_optimizer', 'optimizer_param_groups', 'build_evaluator', 'build_lr_scheduler',
+           'cut_metrics']
 logger = logging.getLogger(__name__)
 
-_NORM_TYPES = (
-    nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm,
-    nn.LayerNorm, nn.LocalResponseNorm, FrozenBatchNorm2d, Detectron2LayerNorm,
-)
-
-
-def _declared_no_weight_decay(model: nn.Module) -> set:
-    """Full names of parameters that submodules exempt via timm's ``no_weight_decay()``."""
-    names = set()
-    for prefix, module in model.named_modules():
-        method = getattr(module, 'no_weight_decay', None)
-        if module is model or not callable(method):
-            continue
-        for name in method():
-            names.add(f'{prefix}.{name}' if prefix else name)
-    return names
+_OPTIMIZERS = {'adamw': torch.optim.AdamW, 'sgd': torch.optim.SGD}
 
 
 def optimizer_param_groups(
@@ -70,97 +48,65 @@ def optimizer_param_groups(
         weight_decay_bias: Optional[float] = 0.0,
         no_weight_decay_keywords: List[str] = (),
 ) -> List[Dict]:
-    """Parameter groups by weight decay (see the module docstring for the rules).
+    """detectron2's parameter groups, plus no decay for what timm models list in ``no_weight_decay()``.
 
     Args:
         model: the model; frozen parameters (``requires_grad=False``) are left out.
         weight_decay: decay of every other parameter.
-        weight_decay_norm: decay of the parameters of normalisation layers.
+        weight_decay_norm: decay of normalisation layers (detectron2's list, and detectron2's ``LN``).
         weight_decay_bias: decay of biases; ``None`` means ``weight_decay`` (detectron2's default).
-        no_weight_decay_keywords: a parameter with one of these as a component of its dotted name
-            gets no decay.
+        no_weight_decay_keywords: parameter names without decay (detectron2's ``overrides``).
 
     Returns:
-        A list of ``{'params': [...], 'weight_decay': wd, 'names': [...]}``, one per distinct decay.
+        ``[{'params': [...], 'weight_decay': wd, 'names': [...]}]``, one group per decay, groups and
+        parameters in the model's order (the layout of the optimizer state our checkpoints hold).
     """
-    keywords = set(no_weight_decay_keywords)
+    groups = get_default_optimizer_params(
+        model, weight_decay=weight_decay, weight_decay_norm=weight_decay_norm, weight_decay_bias=weight_decay_bias,
+        overrides={name: {'weight_decay': 0.0} for name in no_weight_decay_keywords})
+    # Later groups override earlier ones parameter by parameter (detectron2's reduce_param_groups):
+    # detectron2's own LayerNorm is missing from its norm list, and timm names parameters by full name.
     declared = _declared_no_weight_decay(model)
-    groups: Dict[float, Dict] = OrderedDict()
-    seen = set()
-    for module_name, module in model.named_modules():
-        for param_name, param in module.named_parameters(recurse=False):
-            if not param.requires_grad or id(param) in seen:
-                continue
-            seen.add(id(param))
-            full_name = f'{module_name}.{param_name}' if module_name else param_name
-            decay = weight_decay
-            if isinstance(module, _NORM_TYPES):
-                decay = weight_decay_norm
-            elif param_name == 'bias' and weight_decay_bias is not None:
-                decay = weight_decay_bias
-            if keywords & set(full_name.split('.')) or any(
-                    full_name == d or full_name.endswith('.' + d) for d in declared):
-                decay = 0.0
-            group = groups.setdefault(decay, dict(params=[], weight_decay=decay, names=[]))
-            group['params'].append(param)
-            group['names'].append(full_name)
-    return list(groups.values())
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    ln = [p for m in model.modules() if isinstance(m, Detectron2LayerNorm) for p in m.parameters() if p.requires_grad]
+    groups = reduce_param_groups(groups + [{'params': ln, 'weight_decay': weight_decay_norm},
+                                           {'params': [p for n, p in trained if n in declared], 'weight_decay': 0.0}])
+    order = {p: (i, name) for i, (name, p) in enumerate(trained)}
+    for group in groups:
+        group['params'].sort(key=order.__getitem__)
+        group['names'] = [order[p][1] for p in group['params']]
+    return sorted(groups, key=lambda g: order[g['params'][0]])
+
+
+def _declared_no_weight_decay(model: nn.Module) -> set:
+    """Full names of parameters that submodules exempt via timm's ``no_weight_decay()``."""
+    return {f'{prefix}.{name}' if prefix else name for prefix, module in model.named_modules()
+            if module is not model and callable(getattr(module, 'no_weight_decay', None))
+            for name in module.no_weight_decay()}
 
 
 def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
-    """The optimizer of ``SOLVER.*`` (AdamW or SGD), with detectron2's gradient clipping."""
+    """``SOLVER.OPTIMIZER`` (AdamW or SGD) on :func:`optimizer_param_groups`, with detectron2's gradient clipping."""
+    name = cfg.SOLVER.OPTIMIZER
+    if name.lower() not in _OPTIMIZERS:
+        raise ValueError(f"SOLVER.OPTIMIZER={name!r} is not supported: use 'AdamW' or 'SGD'.")
     groups = optimizer_param_groups(
         model, cfg.SOLVER.WEIGHT_DECAY, cfg.SOLVER.WEIGHT_DECAY_NORM, cfg.SOLVER.WEIGHT_DECAY_BIAS,
         cfg.SOLVER.NO_WEIGHT_DECAY_KEYWORDS)
     for group in groups:
         logger.debug(f"weight decay {group['weight_decay']}: {len(group['names'])} parameters")
         del group['names']
-    name = cfg.SOLVER.OPTIMIZER
-    if name.lower() == 'adamw':
-        optimizer = torch.optim.AdamW(groups, lr=cfg.SOLVER.BASE_LR, betas=tuple(cfg.SOLVER.BETAS))
-    elif name.lower() == 'sgd':
-        optimizer = torch.optim.SGD(groups, lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM,
-                                    nesterov=cfg.SOLVER.NESTEROV)
-    else:
-        raise ValueError(f"SOLVER.OPTIMIZER={name!r} is not supported: use 'AdamW' or 'SGD'.")
     clip = cfg.SOLVER.CLIP_GRADIENTS
-    if clip.ENABLED and clip.CLIP_TYPE == 'full_model':
-        return _add_full_model_gradient_clipping(optimizer, clip.CLIP_VALUE, clip.NORM_TYPE)
-    return maybe_add_gradient_clipping(cfg, optimizer)
-
-
-def _add_full_model_gradient_clipping(optimizer: torch.optim.Optimizer, max_norm: float,
-                                      norm_type: float) -> torch.optim.Optimizer:
-    """Clip the norm of all gradients together before each step (MMDetection's ``grad_clip``).
-
-    detectron2's own ``CLIP_TYPE`` 'value' / 'norm' clip each parameter separately; this adds
-    ``'full_model'``. Like detectron2's clipping it swaps the optimizer's class, so the state dict
-    and learning-rate schedulers are unaffected; under AMP the scaler unscales before ``step``.
-    """
-    base = type(optimizer)
-
-    class FullModelGradientClipping(base):
-        def step(self, closure=None):
-            params = [p for group in self.param_groups for p in group['params']]
-            torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
-            return super().step(closure)
-
-    FullModelGradientClipping.__name__ = base.__name__ + 'WithFullModelGradientClip'
-    optimizer.__class__ = FullModelGradientClipping
-    return optimizer
-
-
-def build_lr_scheduler(cfg, optimizer: torch.optim.Optimizer):
-    """detectron2's scheduler, or ``WarmupPolyLR``: ``(1 - t / MAX_ITER) ** POLY_LR_POWER`` after
-    the warm-up (none when ``SOLVER.WARMUP_ITERS`` is 0)."""
-    if cfg.SOLVER.LR_SCHEDULER_NAME != 'WarmupPolyLR':
-        return detectron2_build_lr_scheduler(cfg, optimizer)
-    schedule = PolynomialDecayParamScheduler(1.0, cfg.SOLVER.POLY_LR_POWER)
-    if cfg.SOLVER.WARMUP_ITERS > 0:
-        schedule = WarmupParamScheduler(
-            schedule, cfg.SOLVER.WARMUP_FACTOR, min(cfg.SOLVER.WARMUP_ITERS / cfg.SOLVER.MAX_ITER, 1.0),
-            cfg.SOLVER.WARMUP_METHOD, cfg.SOLVER.RESCALE_INTERVAL)
-    return LRMultiplier(optimizer, multiplier=schedule, max_iter=cfg.SOLVER.MAX_ITER)
+    optimizer_class = _OPTIMIZERS[name.lower()]
+    if clip.ENABLED and clip.CLIP_TYPE == 'full_model':  # one norm over all parameters (MMDetection's grad_clip)
+        optimizer_class = _generate_optimizer_class_with_gradient_clipping(
+            optimizer_class, global_clipper=functools.partial(
+                torch.nn.utils.clip_grad_norm_, max_norm=clip.CLIP_VALUE, norm_type=clip.NORM_TYPE))
+    else:  # detectron2's per-parameter 'value' / 'norm'; given a class, it returns a class
+        optimizer_class = maybe_add_gradient_clipping(cfg, optimizer_class)
+    if name.lower() == 'adamw':
+        return optimizer_class(groups, lr=cfg.SOLVER.BASE_LR, betas=tuple(cfg.SOLVER.BETAS))
+    return optimizer_class(groups, lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM, nesterov=cfg.SOLVER.NESTEROV)
 
 
 def build_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None) -> DatasetEvaluators:
@@ -185,14 +131,39 @@ def build_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None)
     return DatasetEvaluators(evaluators)
 
 
+def cut_metrics(path: str, start_iter: int) -> None:
+    """Keep the rows of ``metrics.json`` before ``start_iter``; drop the rest and any partial last row.
+
+    detectron2's ``JSONWriter`` only appends whole rows, so a kill leaves complete rows and at most
+    one partial row at the end; rows past a resumed checkpoint describe iterations that run again.
+    The kept rows are a prefix of the file, cut by one ``truncate`` (done or not, never half) in
+    place: the writer's append handle, already open, then continues at the new end.
+    """
+    if not os.path.isfile(path):
+        return
+    keep = 0
+    with open(path, 'rb') as f:
+        for line in f:
+            try:
+                complete = line.endswith(b'\n') and json.loads(line).get('iteration', -1) < start_iter
+            except (ValueError, AttributeError):
+                complete = False
+            if not complete:
+                break
+            keep += len(line)
+    if keep < os.path.getsize(path):
+        os.truncate(path, keep)
+        with open(path, 'rb') as f:
+            os.fsync(f.fileno())
+
+
 class Trainer(DefaultTrainer):
     """``DefaultTrainer`` with :func:`build_optimizer`, :func:`build_evaluator` and a safe, atomic checkpointer."""
 
     def __init__(self, cfg):
-        # DefaultTrainer.__init__'s steps, with two changes: DDP gets no device_ids on the CPU
-        # (detectron2's create_ddp_model always passes the local rank, which DDP rejects for CPU
-        # modules, so `--num-gpus 2` could not run without GPUs), and the checkpointer reads safely and
-        # writes atomically (detectron2_ext.checkpoint).
+        # DefaultTrainer.__init__'s steps; detectron2 has no hook for two of them. DDP gets no device_ids
+        # on the CPU (create_ddp_model always passes the local rank, which DDP rejects for CPU modules, so
+        # `--num-gpus 2` could not run without GPUs), and the checkpointer, which the hooks capture, is ours.
         TrainerBase.__init__(self)
         if not logging.getLogger('detectron2').isEnabledFor(logging.INFO):
             setup_logger()
@@ -233,6 +204,12 @@ class Trainer(DefaultTrainer):
     def build_test_loader(cls, cfg, dataset_name):
         mapper = SemSegDatasetMapper if uses_mmseg_pipeline(cfg) else DecodingDatasetMapper
         return build_detection_test_loader(cfg, dataset_name, mapper=mapper(cfg, is_train=False))
+
+    def resume_or_load(self, resume=True):
+        """detectron2's; resuming also cuts ``metrics.json`` back to the checkpoint (:func:`cut_metrics`)."""
+        super().resume_or_load(resume=resume)
+        if resume and comm.is_main_process():
+            cut_metrics(os.path.join(self.cfg.OUTPUT_DIR, 'metrics.json'), self.start_iter)
 
     def train(self):
         """Train; returns the results of the last evaluation (detectron2 returns them only when
