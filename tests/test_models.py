@@ -190,6 +190,26 @@ def test_forward_intermediates_equal_features_only(name, out_indices):
 
 
 @pytest.mark.parametrize('name', MODELS)
+def test_prune_intermediate_layers_keeps_the_intermediates(name):
+    """``prune_intermediate_layers`` (timm's ``features_only`` route) drops the head, the final
+    norm and what the kept intermediates do not need (MAFormer's later stages, MSCSA's unused
+    fusion layers), and the kept intermediates stay bit-identical."""
+    dense = {} if name.startswith('maformer') else dict(dense_fusion=True)
+    model = _small(name, **dense).eval()
+    x = _input()
+    before = sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        full = model.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+    assert model.prune_intermediate_layers([0, 1]) == [0, 1]
+    assert model.num_classes == 0 and sum(p.numel() for p in model.parameters()) < before
+    if name.startswith('maformer'):
+        assert len(model.stages) == 2 and isinstance(model.norm, torch.nn.Identity)
+    with torch.no_grad():
+        pruned = model.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+    _assert_close(pruned, full, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize('name', MODELS)
 def test_forward_intermediates_options(name):
     model = _small(name).eval()
     x = _input()
@@ -273,6 +293,31 @@ def test_grad_checkpointing_gives_the_same_output_and_gradients(name):
     assert not missing, missing
     for n, grad in plain_grads.items():
         torch.testing.assert_close(ckpt_grads[n], grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_group_matcher_and_no_weight_decay(name):
+    """timm's parameter grouping (layer-wise learning-rate decay, our detectron2 adapter's
+    FREEZE_AT): the fine and the coarse matcher each put every parameter in one group, the stem
+    (``first_conv``) in the first and the classifier in the last; ``no_weight_decay()`` names
+    parameters of the model, and timm's optimizer factory (with layer decay) gives them none.
+    What each family puts in its groups: test_maformer.py, test_mscsa.py."""
+    from timm.models import group_parameters
+    from timm.optim import create_optimizer_v2
+    model = _small(name)
+    params = dict(model.named_parameters())
+    cfg = model.pretrained_cfg
+    for coarse in (False, True):
+        groups = group_parameters(model, model.group_matcher(coarse=coarse))
+        assert sorted(n for names in groups.values() for n in names) == sorted(params)
+        assert cfg['first_conv'] + '.weight' in groups[min(groups)], coarse
+        assert cfg['classifier'] + '.weight' in groups[max(groups)], coarse
+    no_decay_names = model.no_weight_decay()
+    assert set(no_decay_names) <= set(params)
+    optimizer = create_optimizer_v2(model, 'adamw', lr=1e-3, weight_decay=0.05, layer_decay=0.8)
+    no_decay = {id(p) for g in optimizer.param_groups if g['weight_decay'] == 0 for p in g['params']}
+    assert all(id(params[n]) in no_decay for n in no_decay_names)
+    assert id(params[cfg['classifier'] + '.weight']) not in no_decay
 
 
 # -------------------------------------------------------------------------------- deploy paths

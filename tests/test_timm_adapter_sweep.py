@@ -259,6 +259,27 @@ def _selected_levels(reductions):
     return [i for i, s in enumerate(reductions) if 4 <= s <= 32]
 
 
+def _built_once(weights_from: torch.nn.Module, name: str, **kwargs) -> TimmBackbone:
+    """``TimmBackbone(name, **kwargs)`` with the weights of ``weights_from`` (a model of the same
+    architecture), built on the meta device: initialising the weights again would cost as much
+    as the rest of the test. Buffers the state dict does not carry (attention index tables) come
+    from ``weights_from`` too; a model that still has a meta tensor then is built on the CPU."""
+    with torch.device('meta'):
+        backbone = TimmBackbone(name, **kwargs)
+    state = {k: v.clone() for k, v in weights_from.state_dict().items()}
+    backbone.model.load_state_dict(state, assign=True)
+    buffers = dict(weights_from.named_buffers())
+    for key, buffer in list(backbone.model.named_buffers()):
+        if buffer.is_meta and key in buffers:
+            owner, _, attr = key.rpartition('.')
+            backbone.model.get_submodule(owner)._buffers[attr] = buffers[key].clone()
+    if any(t.is_meta for t in backbone.state_dict(keep_vars=True).values()) or any(
+            b.is_meta for b in backbone.buffers()):
+        backbone = TimmBackbone(name, **kwargs)
+        backbone.model.load_state_dict(weights_from.state_dict())
+    return backbone
+
+
 @pytest.mark.parametrize('name', sorted(set(FAMILIES) - FAST))
 def test_family_small(name):
     """``test_family``'s three checks for every family the fast suite does not run in full, at the
@@ -280,8 +301,8 @@ def test_family_small(name):
     timm_model = reference.model.eval()
     with torch.no_grad():
         _randomise_batchnorms(timm_model)
-    backbone = TimmBackbone(name, norm='FrozenBN', freeze_at=2, img_size=side, model_kwargs=extra)
-    backbone.model.load_state_dict(timm_model.state_dict())
+    backbone = _built_once(timm_model, name, norm='FrozenBN', freeze_at=2, img_size=side,
+                           model_kwargs=extra)
     backbone.eval()
 
     # the declared pyramid is timm's feature_info at the levels returned
@@ -320,19 +341,26 @@ def test_family_small(name):
     before = {n: p.detach().clone() for n, p in backbone.named_parameters()}
     stats = _stats(backbone)
     groups = backbone._parameter_groups()
+    # the stem and the first stage, and BatchNorms FrozenBN cannot convert (LeViT's 1d ones)
     frozen_ids = set().union(*groups[:2])
-    assert frozen_ids and {n for n, p in backbone.named_parameters() if not p.requires_grad} == {
+    assert frozen_ids
+    frozen_ids |= {id(p) for m in backbone.modules()
+                   if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for p in m.parameters()}
+    assert {n for n, p in backbone.named_parameters() if not p.requires_grad} == {
         n for n, p in backbone.named_parameters() if id(p) in frozen_ids}
     optimizer = torch.optim.SGD([p for p in backbone.parameters() if p.requires_grad], lr=0.1)
     sum(f.float().pow(2).mean() for f in backbone(x).values()).backward()
     optimizer.step()
     moved_first_stage = False
-    for n, p in backbone.named_parameters():
-        if id(p) in frozen_ids:
-            assert p.grad is None and torch.equal(p, before[n]), n
-        elif p.grad is not None and p.grad.any():
-            torch.testing.assert_close(p.detach(), before[n] - 0.1 * p.grad, rtol=0, atol=1e-6, msg=n)
-            moved_first_stage |= len(groups) > 2 and id(p) in groups[2]
+    with torch.no_grad():
+        for n, p in backbone.named_parameters():
+            if id(p) in frozen_ids:
+                assert p.grad is None and torch.equal(p, before[n]), n
+            elif p.grad is not None and p.grad.any():
+                error = (p - (before[n] - 0.1 * p.grad)).abs().max().item()
+                scale = 1 + max(before[n].abs().max().item(), p.abs().max().item())
+                assert error <= 1e-6 * scale, (n, error)  # round-off of the value
+                moved_first_stage |= len(groups) > 2 and id(p) in groups[2]
     assert moved_first_stage, 'the first unfrozen stage did not train'
     for n, value in _stats(backbone).items():
         assert torch.equal(value, stats[n]), n
