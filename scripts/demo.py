@@ -234,7 +234,8 @@ def main(argv=None) -> int:
     iterations = cfg.SOLVER.MAX_ITER
     summary = dict(
         box_AP=round(box['AP'], 2), mask_AP=round(mask['AP'], 2), iterations=iterations,
-        seconds_per_iteration=round(train_seconds / iterations, 3), threads=args.threads,
+        seconds_per_iteration=round(train_seconds / iterations, 3),
+        threads=torch.get_num_threads(),  # what torch ran with, not what was asked
         minutes_total=round((time.perf_counter() - started) / 60, 2),
         load_average=os.getloadavg()[0] if hasattr(os, 'getloadavg') else None,
         results=results,

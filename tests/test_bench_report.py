@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, script_env
 
 
 def test_report_from_json_rows(tmp_path):
@@ -16,7 +16,7 @@ def test_report_from_json_rows(tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, 'benchmarks', 'run_all.py'), 'mscsa', 'necks',
            'maformer', '--report-only', str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, PYTHONPATH=ROOT))
+                          env=script_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = (tmp_path / 'report.md').read_text()
     assert '| model | params_base | params_aug | ratio | cpu_ratio |' in report

@@ -21,8 +21,8 @@ import torch
 import maformer_zoo
 import timm
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1')
+from conftest import ROOT, load_d2_config, script_env
+ENV = script_env(OMP_NUM_THREADS='1')
 
 
 def _script(*args, timeout=600):
@@ -93,10 +93,7 @@ MODEL_CONFIGS = sorted(os.path.relpath(p, ROOT) for pattern in ('COCO-*', 'ADE20
                        for p in glob.glob(os.path.join(ROOT, 'configs', pattern, '*.yaml')))
 
 
-def _load(rel):
-    from detectron2_ext.config_file import load_config
-    return load_config(os.path.join(ROOT, rel), ['MODEL.TIMM.PRETRAINED', 'False', 'MODEL.DEVICE', 'meta',
-                                                 'MODEL.WEIGHTS', ''])
+ON_META = ('MODEL.TIMM.PRETRAINED', 'False', 'MODEL.DEVICE', 'meta', 'MODEL.WEIGHTS', '')
 
 
 def _kind(cfg):
@@ -146,7 +143,7 @@ def test_every_config_loads_and_each_kind_builds():
     assert len(MODEL_CONFIGS) >= 190
     covered, chosen = set(), []
     for rel in MODEL_CONFIGS:
-        cfg = _load(rel)
+        cfg = load_d2_config(rel, *ON_META)
         kind, backbone = _kind(cfg)
         if kind not in covered or backbone not in covered:
             covered |= {kind, backbone}
@@ -159,7 +156,7 @@ def test_every_config_loads_and_each_kind_builds():
 @pytest.mark.slow
 @pytest.mark.parametrize('rel', MODEL_CONFIGS)
 def test_every_config_builds_on_the_meta_device(rel):
-    _build_and_check(rel, _load(rel))
+    _build_and_check(rel, load_d2_config(rel, *ON_META))
 
 
 def _make_configs():

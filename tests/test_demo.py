@@ -10,7 +10,7 @@ import pytest
 pytestmark = pytest.mark.detectron2
 pytest.importorskip('detectron2')
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, script_env
 DEMO_CONFIG = os.path.join(ROOT, 'configs', 'demo', 'mask_rcnn_resnet18_mscsa_fine_fpn_demo.yaml')
 
 
@@ -36,8 +36,7 @@ def _run_demo(output_dir, *extra):
     cmd = [sys.executable, os.path.join(ROOT, 'scripts', 'demo.py'), '--output-dir', str(output_dir),
            '--max-iter', '2', '--num-train', '4', '--num-val', '2', '--image-size', '64',
            '--threads', '2', 'SOLVER.IMS_PER_BATCH', '2', *extra]
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=script_env(), cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -114,9 +113,9 @@ def test_demo_gives_the_same_result_on_a_busy_machine(demo_run):
     the same AP.
 
     Mutation caught (dev/mutations.py): ``demo-threads-follow-load`` (the demo takes fewer threads
-    when the CPUs are busy, which changes the floating-point reduction order). It shows on a
-    machine that is otherwise idle, as CI's is; on a machine already busy before the test both
-    runs see load and take the same path.
+    when the CPUs are busy). On any machine, idle or busy: the test's own busy loops load every
+    core during the second run, and results.json records the thread count torch ran with, which
+    must be the 2 asked for. (On an idle machine the weights differ too: another reduction order.)
     """
     out, _ = demo_run
     busy = [subprocess.Popen([sys.executable, '-c', 'while True: pass'])
@@ -130,6 +129,7 @@ def test_demo_gives_the_same_result_on_a_busy_machine(demo_run):
     second = out.parent / 'demo-2'
     first_results = json.loads((out / 'results.json').read_text())
     second_results = json.loads((second / 'results.json').read_text())
+    assert second_results['threads'] == first_results['threads'] == 2  # as asked, load or not
     assert json.dumps(second_results['results']) == json.dumps(first_results['results'])  # NaN-safe
     assert _predictions(second) == _predictions(out)
     a, b = _weights(out), _weights(second)

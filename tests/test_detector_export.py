@@ -23,8 +23,8 @@ from maformer_zoo.layers.asff import ASFF  # noqa: E402
 from maformer_zoo.layers.fine import FINE  # noqa: E402
 from maformer_zoo.layers.mscsa import pool_to, pooled_size  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(REPO, 'configs', 'demo', 'mask_rcnn_resnet18_mscsa_fine_fpn_demo.yaml')
+from conftest import ROOT, script_env
+DEMO = os.path.join(ROOT, 'configs', 'demo', 'mask_rcnn_resnet18_mscsa_fine_fpn_demo.yaml')
 NECKS = ('sum', 'fine', 'asff')  # MODEL.FPN.FUSION: plain FPN, FINE-FPN, ASFF-FPN
 # the sample (128 px short side after the demo's resize) and 5 other sizes: odd, wide, tall,
 # larger, and one whose stride-4 map is no multiple of FINE's 16-pixel tokens
@@ -164,7 +164,7 @@ def test_fusion_fpn_scripts_on_timm_backbone(neck):
 
 def _cli():
     spec = importlib.util.spec_from_file_location(
-        'export_detector', os.path.join(REPO, 'scripts', 'export_detector.py'))
+        'export_detector', os.path.join(ROOT, 'scripts', 'export_detector.py'))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -240,8 +240,8 @@ def _export_and_check(tmp_path, demo_weights, fmt, method, neck, *opts):
         # its own process, as a user runs it: torch.jit.script of a FusionFPN in a process that
         # has already traced or ONNX-exported one failed to compile _NoAlignment (torch's
         # TorchScript type cache; not investigated further)
-        env = dict(os.environ, PYTHONPATH=REPO)
-        run = subprocess.run([sys.executable, os.path.join(REPO, 'scripts', 'export_detector.py'),
+        env = script_env()
+        run = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'export_detector.py'),
                               *argv], capture_output=True, text=True, env=env)
         assert run.returncode == 0, run.stderr[-2000:]
     else:
@@ -412,7 +412,7 @@ def test_architectures_export(tmp_path, arch, fmt):
     opts = ['MODEL.DEVICE', 'cpu', 'MODEL.WEIGHTS', '']
     if arch != 'retinanet':
         opts += ['MODEL.TIMM.PRETRAINED', 'False', 'MODEL.TIMM.PRETRAINED_BASE', 'False']
-    _, model = build_detector(os.path.join(REPO, 'configs', _ARCHITECTURES[arch]), '', opts)
+    _, model = build_detector(os.path.join(ROOT, 'configs', _ARCHITECTURES[arch]), '', opts)
     image = torch.rand(3, 128, 160) * 255
     exported = _quiet(export_detector, model, image, str(tmp_path / 'out'), fmt, 'tracing', 17)
     for x in (image, resize_sample(image, 96, 200), resize_sample(image, 224, 288)):

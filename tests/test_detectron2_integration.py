@@ -20,14 +20,14 @@ from detectron2.utils.env import seed_all_rng  # noqa: E402
 
 import detectron2_ext  # noqa: E402
 from detectron2_ext import add_maformer_zoo_config  # noqa: E402
-from detectron2_ext.data import register_synthetic_dataset, write_synthetic_coco  # noqa: E402
+from detectron2_ext.data import register_synthetic_dataset  # noqa: E402
 from detectron2_ext.checkpoint import SafeDetectionCheckpointer  # noqa: E402
 from detectron2_ext.config_file import load_config  # noqa: E402
 from detectron2_ext.engine import Trainer, optimizer_param_groups  # noqa: E402
 from detectron2_ext.modeling.timm_backbone import TimmBackbone  # noqa: E402
 from small_run import small_run_opts  # noqa: E402  (tests/small_run.py)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, load_d2_config, script_env
 CONFIGS = os.path.join(ROOT, 'configs')
 ITERS_PER_EPOCH = math.ceil(118287 / 16)  # COCO train2017 at 16 images per batch
 
@@ -40,13 +40,10 @@ CONFIG_OF = {
 
 
 @pytest.fixture(scope='module')
-def synthetic(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp('synthetic_d2'))
-    train = write_synthetic_coco(root, num_images=4, image_size=(96, 128), seed=0, split='train')
-    write_synthetic_coco(root, num_images=2, image_size=(96, 128), seed=0, split='val')
-    register_synthetic_dataset('d2test_train', root, 'train')
-    register_synthetic_dataset('d2test_val', root, 'val')
-    return dict(root=root, train=train)
+def synthetic(coco):
+    register_synthetic_dataset('d2test_train', coco['root'], 'train')
+    register_synthetic_dataset('d2test_val', coco['root'], 'val')
+    return coco
 
 
 def _run(config: str, output_dir: str, panoptic: bool, *extra: str, max_iter: int = 2):
@@ -504,7 +501,7 @@ def test_config_grid_matches_generator(tmp_path):
     """The committed files are exactly what dev/make_configs.py writes (no drift), and every
     generated file is one the generator writes (nothing left over from an older grid)."""
     script = os.path.join(ROOT, 'dev', 'make_configs.py')
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = script_env()
     check = subprocess.run([sys.executable, script, '--check'], capture_output=True, text=True,
                            env=env, timeout=120)
     assert check.returncode == 0, check.stdout + check.stderr
@@ -521,18 +518,6 @@ def test_config_grid_matches_generator(tmp_path):
     assert len([p for p in generated if '_R_50_' in p]) == 4 * 3
 
 
-def _load(rel_path, **overrides):
-    cfg = add_maformer_zoo_config(get_cfg())
-    cfg.merge_from_file(os.path.join(CONFIGS, rel_path))
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split('.')
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
-
-
 GRID = sorted(os.path.relpath(p, CONFIGS) for p in glob.glob(os.path.join(CONFIGS, 'COCO-*', '*.yaml'))
               if '_R_50_' not in p and 'COCO-Detection' not in p)
 R50 = sorted(os.path.relpath(p, CONFIGS) for p in glob.glob(os.path.join(CONFIGS, 'COCO-*', '*_R_50_*.yaml')))
@@ -544,7 +529,7 @@ RECIPES = {'maformer': (1e-4, 0.05), 'resnet': (2e-4, 1e-4), 'pvt_v2': (2e-4, 1e
 def test_every_config_parses_with_the_paper_settings():
     assert len(GRID) == 90
     for rel in GRID:
-        cfg = _load(rel)
+        cfg = load_d2_config(f'configs/{rel}')
         backbone = cfg.MODEL.TIMM.NAME
         assert f'_{backbone}_' in rel
         three_x = '_3x' in rel
@@ -565,13 +550,13 @@ def test_every_config_parses_with_the_paper_settings():
         assert cfg.MODEL.FPN.FUSION == {'fpn': 'sum', 'fine_fpn': 'fine', 'asff_fpn': 'asff'}[neck]
         # a neck file sets the neck and nothing else: the rest is its recipe file's
         if neck != 'fpn':
-            recipe = _load(rel.replace(f'_{neck}_', '_fpn_'))
+            recipe = load_d2_config('configs/' + rel.replace(f'_{neck}_', '_fpn_'))
             recipe.MODEL.FPN.FUSION = cfg.MODEL.FPN.FUSION
             assert recipe == cfg, rel
     # The papers' drop path for MAFormer S / B / L (Mask R-CNN 1x; Cascade 3x).
-    assert [_load(f'COCO-InstanceSegmentation/mask_rcnn_maformer_{v}_fpn_1x.yaml')
+    assert [load_d2_config(f'configs/COCO-InstanceSegmentation/mask_rcnn_maformer_{v}_fpn_1x.yaml')
             .MODEL.TIMM.DROP_PATH_RATE for v in 'sbl'] == [0.2, 0.3, 0.3]
-    assert [_load(f'COCO-InstanceSegmentation/cascade_mask_rcnn_maformer_{v}_fpn_3x.yaml')
+    assert [load_d2_config(f'configs/COCO-InstanceSegmentation/cascade_mask_rcnn_maformer_{v}_fpn_3x.yaml')
             .MODEL.TIMM.DROP_PATH_RATE for v in 'sbl'] == [0.2, 0.3, 0.4]
 
 
@@ -590,7 +575,8 @@ def test_every_config_builds(rel):
 
     Mutation caught (dev/mutations.py): ``config-fpn-channels-ignored``.
     """
-    cfg = _load(rel, **{'MODEL.TIMM.PRETRAINED': False, 'MODEL.DEVICE': 'cpu', 'MODEL.WEIGHTS': ''})
+    cfg = load_d2_config(f'configs/{rel}', 'MODEL.TIMM.PRETRAINED', False, 'MODEL.DEVICE', 'cpu',
+                         'MODEL.WEIGHTS', '')
     model = build_model(cfg)
     bottom_up = model.backbone.bottom_up
     retina = 'retinanet' in rel

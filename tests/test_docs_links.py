@@ -13,7 +13,7 @@ import tokenize
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT
 PAGES = [os.path.join(ROOT, 'README.md')] + sorted(glob.glob(os.path.join(ROOT, 'docs', '*.md')))
 CODE_DIRS = ('maformer_zoo', 'detectron2_ext', 'scripts', 'benchmarks', 'dev')
 CODE = sorted(p for d in CODE_DIRS for p in glob.glob(os.path.join(ROOT, d, '**', '*.py'), recursive=True))

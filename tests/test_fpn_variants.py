@@ -17,21 +17,17 @@ from detectron2.modeling.backbone import FPN  # noqa: E402
 import detectron2_ext  # noqa: E402
 from detectron2_ext.modeling.fpn_variants import FINE, ASFF, FPNFusions, FusionFPN  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(glob.glob(os.path.join(REPO, 'configs', 'COCO-*', '*_R_50_*_1x.yaml')))
+from conftest import ROOT, load_d2_config, script_env
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, 'configs', 'COCO-*', '*_R_50_*_1x.yaml')))
 MILLION = 1e6
 
 
 def _cfg(path, *opts):
-    cfg = get_cfg()
-    detectron2_ext.add_maformer_zoo_config(cfg)
-    cfg.merge_from_file(path)
-    cfg.merge_from_list(['MODEL.WEIGHTS', '', 'MODEL.DEVICE', 'cpu', *opts])
-    return cfg
+    return load_d2_config(path, 'MODEL.WEIGHTS', '', 'MODEL.DEVICE', 'cpu', *opts)
 
 
 def _config(task, name):
-    return os.path.join(REPO, 'configs', task, name)
+    return os.path.join(ROOT, 'configs', task, name)
 
 
 def _params(module):
@@ -39,7 +35,7 @@ def _params(module):
 
 
 def test_there_are_twelve_configs():
-    names = {os.path.relpath(p, os.path.join(REPO, 'configs')) for p in CONFIGS}
+    names = {os.path.relpath(p, os.path.join(ROOT, 'configs')) for p in CONFIGS}
     expected = {
         f'{task}/{model}_R_50_{neck}_1x.yaml'
         for task, model in [('COCO-Detection', 'faster_rcnn'), ('COCO-Detection', 'retinanet'),
@@ -330,11 +326,11 @@ def test_neck_benchmark_writes_json_rows(tmp_path):
     import subprocess
     import sys
     out = tmp_path / 'necks.json'
-    cmd = [sys.executable, os.path.join(REPO, 'benchmarks', 'necks.py'), '--variants', 'asff',
+    cmd = [sys.executable, os.path.join(ROOT, 'benchmarks', 'necks.py'), '--variants', 'asff',
            '--repeats', '1', '--height', '64', '--width', '96', '--skip-memory', '--skip-flops',
            '--json', str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, PYTHONPATH=REPO))
+                          env=script_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())
     assert [r['neck'] for r in rows] == ['fpn', 'asff']

@@ -4,14 +4,14 @@ import os
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, script_env
 
 
 def test_gpu_check_runs_on_cpu_tiny(tmp_path):
     out = tmp_path / 'gpu_check.json'
-    env = dict(os.environ, PYTHONPATH=REPO)
+    env = script_env()
     proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, 'benchmarks', 'gpu_check.py'), '--device', 'cpu', '--tiny',
+        [sys.executable, os.path.join(ROOT, 'benchmarks', 'gpu_check.py'), '--device', 'cpu', '--tiny',
          '--json', str(out)],
         env=env, capture_output=True, text=True, timeout=900)
     rows = json.loads(out.read_text())

@@ -26,7 +26,7 @@ from maformer_zoo.errors import (
     CheckpointMismatchError, CorruptCheckpointError, PretrainedWeightsNotFoundError, UnsafeCheckpointError)
 from maformer_zoo.utils.flops import measure_model_stats, sdpa_flop_jit
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT  # noqa: E402
 SCRIPTS = ROOT / 'scripts'
 
 

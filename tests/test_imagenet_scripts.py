@@ -24,15 +24,15 @@ from maformer_zoo.training import (
 from maformer_zoo.training.config import parse_config
 from maformer_zoo.training.modeling import create_model_for_run
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPES = os.path.join(REPO, 'configs', 'imagenet')
+from conftest import ROOT, script_env
+RECIPES = os.path.join(ROOT, 'configs', 'imagenet')
 
 
 def _script(name, *args, check=True):
     """scripts/<name>.py in a subprocess, as a user runs it."""
-    proc = subprocess.run([sys.executable, os.path.join(REPO, 'scripts', f'{name}.py'), *map(str, args)],
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', f'{name}.py'), *map(str, args)],
                           capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS='1'))
+                          env=script_env(OMP_NUM_THREADS='1'))
     assert not check or proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -200,9 +200,9 @@ def test_two_process_torchrun_matches_one_process(image_folder, tmp_path):
               '--opt', 'momentum', '--momentum', '0', '--weight-decay', '0', '--lr', '0.05',
               '--sched', 'step', '--decay-epochs', '100', '--smoothing', '0']
     torchrun = os.path.join(os.path.dirname(sys.executable), 'torchrun')
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO)
+    env = script_env(OMP_NUM_THREADS='1')
     proc = subprocess.run([torchrun, '--standalone', '--nproc_per_node', '2',
-                           os.path.join(REPO, 'scripts', 'train_imagenet.py'), *common,
+                           os.path.join(ROOT, 'scripts', 'train_imagenet.py'), *common,
                            '--batch-size', '2', '--experiment', 'ddp'],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

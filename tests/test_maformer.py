@@ -67,37 +67,21 @@ def test_backbone_cost_grows_linearly_with_pixels():
 
 # ------------------------------------------------------------------------------ timm model API
 
-def test_default_cfgs_and_registration():
-    assert set(TABLE1) <= set(maformer_zoo.list_models('maformer_*'))
-    for name in TABLE1:
-        cfg = timm.models.get_pretrained_cfg(name)
-        assert cfg.hf_hub_id is None  # no weights published yet (docs/weights.md)
-        assert cfg.input_size == (3, 224, 224) and cfg.num_classes == 1000
-        assert cfg.mean == timm.data.IMAGENET_DEFAULT_MEAN and cfg.std == timm.data.IMAGENET_DEFAULT_STD
-        assert 0.8 <= cfg.crop_pct <= 1.0
+def test_flop_and_parameter_counters():
+    """The counters behind Table 1's numbers: attention's two matrix products, a linear layer's
+    weights and bias. (Registration and default cfgs of every model: test_models.py.)"""
+    assert count_flops(Attn(), (5, 4), in_chans=3, batch_size=2) * 1e9 == pytest.approx(2 * 3 * 5 * 5 * 8)
+    assert count_params(nn.Linear(3, 4)) == pytest.approx(16e-6)
 
 
-def test_prune_intermediate_layers():
-    model = _tiny().eval()
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        full = model.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
-    kept = model.prune_intermediate_layers([0, 1])
-    assert kept == [0, 1] and len(model.stages) == 2
-    assert isinstance(model.head, torch.nn.Identity) and isinstance(model.norm, torch.nn.Identity)
-    with torch.no_grad():
-        pruned = model.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
-    for a, b in zip(full, pruned):
-        torch.testing.assert_close(a, b)
+# prune_intermediate_layers of every model: test_models.py.
 
 
 def test_group_matcher_and_no_weight_decay():
+    """MAFormer's groups and no-decay set (the contract every model keeps: test_models.py)."""
     model = _tiny()
-    names = {n for n, _ in model.named_parameters()}
     nwd = model.no_weight_decay()
-    assert nwd and nwd <= names
-    groups = timm.models.group_parameters(model, model.group_matcher())
-    assert sum(len(g) for g in groups.values()) == len(names)
+    assert nwd
     # stem, four stages, final norm + head
     assert len(timm.models.group_parameters(model, model.group_matcher(coarse=True))) == 6
     from timm.optim import create_optimizer_v2
@@ -119,32 +103,7 @@ def test_stochastic_depth_grows_linearly():
 
 # ---------------------------------------------------------------------------- training behaviour
 
-def test_eval_is_deterministic():
-    """In eval mode every dropout and drop path is off: the output equals, bit for bit, that of
-    the same weights built with all rates 0 (an independent model, not a second call).
-
-    Mutation caught (dev/mutations.py): ``maformer-attn-dropout-in-eval``.
-    """
-    model = _tiny(drop_path_rate=0.2, drop_rate=0.3, attn_drop_rate=0.3, proj_drop_rate=0.3).eval()
-    plain = _tiny().eval()
-    plain.load_state_dict(model.state_dict())
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
-
-
-def test_gradient_checkpointing_gives_identical_results():
-    x = torch.randn(2, 3, 64, 80)
-    results = []
-    for enable in (False, True):
-        model = _tiny().train()
-        model.set_grad_checkpointing(enable)
-        out = model(x)
-        out.square().sum().backward()
-        results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
-    for name, grad in results[0][1].items():
-        torch.testing.assert_close(grad, results[1][1][name], rtol=1e-5, atol=1e-7, msg=name)
+# Eval-mode determinism and gradient checkpointing of every model: test_models.py.
 
 
 # bfloat16 keeps 8 significant bits (unit round-off 2**-8 = 0.4%); through the tiny model the

@@ -38,9 +38,20 @@ _FAMILY_FIRST = ('maformer_s', 'resnet18_mscsa', 'pvt_v2_b0_mscsa', 'swin_tiny_p
 HEAVY = [n if n in _FAMILY_FIRST else pytest.param(n, marks=pytest.mark.slow) for n in MODELS]
 
 
-def test_zoo_lists_all_ten_models():
-    assert len(MODELS) == 10, MODELS
-    assert sum(n.startswith('maformer') for n in MODELS) == 3
+# the papers' models: MAFormer Table 1, MSCSA Table 6
+PAPER_MODELS = ('maformer_s', 'maformer_b', 'maformer_l', 'resnet18_mscsa', 'resnet50_mscsa',
+                'pvt_v2_b0_mscsa', 'pvt_v2_b1_mscsa', 'pvt_v2_b2_mscsa',
+                'swin_tiny_patch4_window7_224_mscsa', 'convnext_tiny_mscsa')
+
+
+def test_zoo_registers_the_ten_paper_models():
+    """The one registration check: ``import maformer_zoo`` registers exactly the papers' ten
+    models in timm, and ``maformer_zoo.list_models()`` lists them (that the import replaces none of
+    timm's own models and imports no detectron2: test_foundation.py)."""
+    assert sorted(MODELS) == sorted(PAPER_MODELS)
+    assert all(timm.is_model(n) for n in MODELS)
+    assert sorted(timm.list_models('*_mscsa')) == sorted(n for n in MODELS if n.endswith('_mscsa'))
+    assert sorted(timm.list_models('maformer_*')) == sorted(n for n in MODELS if n.startswith('maformer'))
     assert set(_FAMILY_FIRST) <= set(MODELS)
 
 
@@ -121,6 +132,13 @@ def test_default_cfg_matches_the_model(name):
         feats = model.forward_features(torch.zeros(1, in_chans, height, width))
     assert tuple(feats.shape[-2:]) == tuple(cfg['pool_size'])
     assert cfg['mean'] and cfg['std'] and len(cfg['mean']) == in_chans
+    # the papers' ImageNet setting (MAFormer Sec. 4.1, MSCSA Appendix C.1): 224 px, 1000 classes,
+    # ImageNet mean/std; no weights published yet, so no hub id (docs/weights.md)
+    assert cfg['input_size'] == (3, 224, 224)
+    assert tuple(cfg['mean']) == timm.data.IMAGENET_DEFAULT_MEAN
+    assert tuple(cfg['std']) == timm.data.IMAGENET_DEFAULT_STD
+    assert 0.8 <= cfg['crop_pct'] <= 1.0
+    assert not cfg.get('hf_hub_id'), cfg.get('hf_hub_id')
 
 
 # ---------------------------------------------------------------------------------- classifier
@@ -172,6 +190,26 @@ def test_forward_intermediates_equal_features_only(name, out_indices):
 
 
 @pytest.mark.parametrize('name', MODELS)
+def test_prune_intermediate_layers_keeps_the_intermediates(name):
+    """``prune_intermediate_layers`` (timm's ``features_only`` route) drops the head, the final
+    norm and what the kept intermediates do not need (MAFormer's later stages, MSCSA's unused
+    fusion layers), and the kept intermediates stay bit-identical."""
+    dense = {} if name.startswith('maformer') else dict(dense_fusion=True)
+    model = _small(name, **dense).eval()
+    x = _input()
+    before = sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        full = model.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+    assert model.prune_intermediate_layers([0, 1]) == [0, 1]
+    assert model.num_classes == 0 and sum(p.numel() for p in model.parameters()) < before
+    if name.startswith('maformer'):
+        assert len(model.stages) == 2 and isinstance(model.norm, torch.nn.Identity)
+    with torch.no_grad():
+        pruned = model.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+    _assert_close(pruned, full, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize('name', MODELS)
 def test_forward_intermediates_options(name):
     model = _small(name).eval()
     x = _input()
@@ -192,6 +230,94 @@ def test_forward_intermediates_options(name):
         else:
             with pytest.raises(ValueError, match='norm=False'):
                 model.forward_intermediates(x, norm=True)
+
+
+# ------------------------------------------------------------------------- training behaviour
+
+_ALL_DROPS = dict(drop_path_rate=0.2, drop_rate=0.3, attn_drop_rate=0.3, proj_drop_rate=0.3)
+
+
+def _randomise_batchnorms(model: torch.nn.Module) -> None:
+    """Non-trivial BatchNorm statistics and affine parameters, so eval mode is no identity."""
+    generator = torch.Generator().manual_seed(4)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=generator) - 0.5)
+            m.running_var.copy_(0.5 + 1.5 * torch.rand(n, generator=generator))
+            if m.affine:
+                m.weight.data.copy_(0.5 + torch.rand(n, generator=generator))
+                m.bias.data.copy_(0.4 * torch.rand(n, generator=generator) - 0.2)
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_eval_is_deterministic_and_batch_independent(name):
+    """In eval mode every dropout, attention dropout and drop path is off: the output equals, bit
+    for bit, that of the same weights built with all rates 0 (an independent model, not a second
+    call), and one image alone gives its row of the batch (BatchNorm uses its statistics).
+
+    Mutations caught (dev/mutations.py): ``maformer-attn-dropout-in-eval`` (maformer_*),
+    ``mscsa-attn-dropout-in-eval`` (*_mscsa).
+    """
+    model = _small(name, **_ALL_DROPS).eval()
+    with torch.no_grad():
+        _randomise_batchnorms(model)
+    plain = _small(name).eval()
+    plain.load_state_dict(model.state_dict())
+    x = _input((3, 3, 64, 64))
+    with torch.no_grad():
+        out, reference, single = model(x), plain(x), model(x[1:2])
+    assert torch.equal(out, reference)
+    torch.testing.assert_close(single, out[1:2], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_grad_checkpointing_gives_the_same_output_and_gradients(name):
+    """``set_grad_checkpointing(True)`` (timm's memory saver, recomputing activations in backward)
+    changes nothing but memory: in training mode the output is bit-identical and every parameter's
+    gradient equals the plain run's (round-off of the recomputation only); every parameter gets one.
+
+    Mutation caught (dev/mutations.py): ``mscsa-checkpoint-detached`` (*_mscsa).
+    """
+    x = _input((2, 3, 64, 80))
+    runs = []
+    for enable in (False, True):
+        model = _small(name).train()
+        model.set_grad_checkpointing(enable)
+        out = model(x)
+        (out * _input(out.shape, seed=2)).sum().backward()
+        runs.append((out.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (plain_out, plain_grads), (ckpt_out, ckpt_grads) = runs
+    assert torch.equal(plain_out, ckpt_out)
+    missing = [n for n, g in ckpt_grads.items() if g is None]
+    assert not missing, missing
+    for n, grad in plain_grads.items():
+        torch.testing.assert_close(ckpt_grads[n], grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_group_matcher_and_no_weight_decay(name):
+    """timm's parameter grouping (layer-wise learning-rate decay, our detectron2 adapter's
+    FREEZE_AT): the fine and the coarse matcher each put every parameter in one group, the stem
+    (``first_conv``) in the first and the classifier in the last; ``no_weight_decay()`` names
+    parameters of the model, and timm's optimizer factory (with layer decay) gives them none.
+    What each family puts in its groups: test_maformer.py, test_mscsa.py."""
+    from timm.models import group_parameters
+    from timm.optim import create_optimizer_v2
+    model = _small(name)
+    params = dict(model.named_parameters())
+    cfg = model.pretrained_cfg
+    for coarse in (False, True):
+        groups = group_parameters(model, model.group_matcher(coarse=coarse))
+        assert sorted(n for names in groups.values() for n in names) == sorted(params)
+        assert cfg['first_conv'] + '.weight' in groups[min(groups)], coarse
+        assert cfg['classifier'] + '.weight' in groups[max(groups)], coarse
+    no_decay_names = model.no_weight_decay()
+    assert set(no_decay_names) <= set(params)
+    optimizer = create_optimizer_v2(model, 'adamw', lr=1e-3, weight_decay=0.05, layer_decay=0.8)
+    no_decay = {id(p) for g in optimizer.param_groups if g['weight_decay'] == 0 for p in g['params']}
+    assert all(id(params[n]) in no_decay for n in no_decay_names)
+    assert id(params[cfg['classifier'] + '.weight']) not in no_decay
 
 
 # -------------------------------------------------------------------------------- deploy paths

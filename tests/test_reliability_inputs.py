@@ -9,7 +9,6 @@ import importlib.util
 import itertools
 import json
 import os
-import pathlib
 import struct
 import sys
 import time
@@ -26,7 +25,7 @@ from maformer_zoo.training.config import ConfigError, parse_config
 from maformer_zoo.training.options import TrainConfig
 from maformer_zoo.utils.safe_yaml import YAMLFileError, read_yaml_file
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from conftest import ROOT  # noqa: E402
 D2_CONFIG = ROOT / 'configs' / 'demo' / 'mask_rcnn_resnet18_mscsa_fine_fpn_demo.yaml'
 
 

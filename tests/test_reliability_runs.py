@@ -28,7 +28,7 @@ from maformer_zoo.training.run_folder import RunFolderError, check_run_folder, r
 from maformer_zoo.utils.atomic import atomic_write, write_atomic
 from maformer_zoo.weights import load_checkpoint_file
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from conftest import ROOT  # noqa: E402
 FORCE = 'TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD'
 
 # Runs a script with SIGKILL at a chosen point: KILL_AT='replace:<file name>:<k>' kills just before

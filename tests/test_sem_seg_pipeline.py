@@ -21,7 +21,7 @@ from detectron2_ext.data import (  # noqa: E402
 from detectron2_ext.data.sem_seg_mapper import CVResizeTransform, SemSegDatasetMapper  # noqa: E402
 from detectron2_ext.engine.trainer import build_evaluator  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT
 SEMANTIC_DIR = os.path.join(ROOT, 'configs', 'ADE20K-SemanticSegmentation')
 FAST_CONFIG = os.path.join(SEMANTIC_DIR, 'semantic_fpn_resnet18_mscsa_fpn_40k.yaml')
 

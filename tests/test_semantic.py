@@ -30,7 +30,7 @@ from detectron2_ext.engine.trainer import build_lr_scheduler  # noqa: E402
 from detectron2_ext.modeling.fpn_variants import build_fusion_fpn  # noqa: E402
 from detectron2_ext.modeling.semantic import UPerNetHead  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT
 CONFIGS = os.path.join(ROOT, 'configs')
 SEMANTIC_DIR = os.path.join(CONFIGS, 'ADE20K-SemanticSegmentation')
 GRID = sorted(f for f in os.listdir(SEMANTIC_DIR) if f.endswith('.yaml'))
@@ -38,7 +38,7 @@ FAST_BACKBONE = 'resnet18_mscsa'
 
 
 def _env():
-    return dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''),
+    return dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get('PYTHONPATH', ''),
                 OMP_NUM_THREADS='1')
 
 

@@ -14,7 +14,8 @@ For each family, with random weights (``pretrained=False``) and ``MODEL.TIMM.NOR
 
 Mutation caught (dev/mutations.py): ``freeze-one-stage-too-many`` (``freeze_at + 1`` groups).
 
-A handful of families run in ``make test``; the rest are ``slow``.
+Every family runs in ``make test``: five in full (``test_family``), the others at the smallest
+input (``test_family_small``), with their full form ``slow``.
 """
 import math
 
@@ -238,3 +239,125 @@ def test_simple_pyramid_refuses_fine():
     cfg = _detector_cfg('deit_tiny_patch16_224', 'build_timm_fpn_backbone', 'sum', False)
     with pytest.raises(ValueError, match='build_timm_simple_fpn_backbone'):
         build_backbone(cfg)
+
+
+# ------------------------------------------------------------------ every family, small (fast)
+
+SMALL_SIDE = 64  # the smallest square every family takes: one pixel per stride-64 cell
+# families whose stages need a larger input (windows or attention grids of a fixed size)
+SMALL_SIDE_OVERRIDE = {}
+
+
+def _selected_levels(reductions):
+    """Indices of timm's features the adapter returns by default: the one map of a single-scale
+    model, else the stages at strides 4..32 (docs/detectron2.md, "The backbone adapter")."""
+    if len(set(reductions)) == 1:
+        return list(range(len(reductions)))
+    return [i for i, s in enumerate(reductions) if 4 <= s <= 32]
+
+
+def _built_once(weights_from: torch.nn.Module, name: str, **kwargs) -> TimmBackbone:
+    """``TimmBackbone(name, **kwargs)`` with the weights of ``weights_from`` (a model of the same
+    architecture), built on the meta device: initialising the weights again would cost as much
+    as the rest of the test. Buffers the state dict does not carry (attention index tables) come
+    from ``weights_from`` too; a model that still has a meta tensor then is built on the CPU."""
+    with torch.device('meta'):
+        backbone = TimmBackbone(name, **kwargs)
+    state = {k: v.clone() for k, v in weights_from.state_dict().items()}
+    backbone.model.load_state_dict(state, assign=True)
+    buffers = dict(weights_from.named_buffers())
+    for key, buffer in list(backbone.model.named_buffers()):
+        if buffer.is_meta and key in buffers:
+            owner, _, attr = key.rpartition('.')
+            backbone.model.get_submodule(owner)._buffers[attr] = buffers[key].clone()
+    if any(t.is_meta for t in backbone.state_dict(keep_vars=True).values()) or any(
+            b.is_meta for b in backbone.buffers()):
+        backbone = TimmBackbone(name, **kwargs)
+        backbone.model.load_state_dict(weights_from.state_dict())
+    return backbone
+
+
+@pytest.mark.parametrize('name', sorted(set(FAMILIES) - FAST))
+def test_family_small(name):
+    """``test_family``'s three checks for every family the fast suite does not run in full, at the
+    smallest input: a ``SMALL_SIDE`` square (fixed-size models are built for it), a non-square
+    detection size padded as detectron2 pads a batch, one SGD step with ``freeze_at=2``.
+
+    The reference is timm's own ``features_only`` model as the adapter creates it (``norm='BN'``,
+    ``freeze_at=0``: nothing converted or frozen), so both models take the same size arguments and
+    the same weights; the checked backbone converts its BatchNorms (FrozenBN), freezes, selects and
+    permutes. ``test_family`` (slow for these families) repeats this at the native and 512x768 sizes.
+
+    Mutation caught (dev/mutations.py): ``freeze-one-stage-too-many`` (the first unfrozen stage
+    gets no trainable parameter).
+    """
+    extra = FAMILIES[name]
+    side = SMALL_SIDE_OVERRIDE.get(name, SMALL_SIDE)
+    torch.manual_seed(0)
+    reference = TimmBackbone(name, norm='BN', freeze_at=0, img_size=side, model_kwargs=extra)
+    timm_model = reference.model.eval()
+    with torch.no_grad():
+        _randomise_batchnorms(timm_model)
+    backbone = _built_once(timm_model, name, norm='FrozenBN', freeze_at=2, img_size=side,
+                           model_kwargs=extra)
+    backbone.eval()
+
+    # the declared pyramid is timm's feature_info at the levels returned
+    reductions, channels = timm_model.feature_info.reduction(), timm_model.feature_info.channels()
+    selected = _selected_levels(reductions)
+    assert [(s.channels, s.stride) for s in backbone.output_shape().values()] == [
+        (channels[i], reductions[i]) for i in selected]
+
+    # 1. timm's own features, equal
+    x = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = [_nchw(f, timm_model) for f in timm_model(x)]
+        got = backbone(x)
+    assert list(got) == list(backbone.output_shape())
+    for index, (level, feature) in zip(selected, got.items()):
+        expected = want[index]
+        scale = expected.abs().max().item() or 1.0
+        torch.testing.assert_close(feature, expected, rtol=1e-4, atol=1e-4 * scale, msg=level)
+
+    # 2. a non-square size, no multiple of anything, padded as detectron2 pads a batch
+    square = backbone.padding_constraints['square_size']
+    size = (side - 13, side - 27) if square else (side - 13, side + 19)
+    images = ImageList.from_tensors([torch.randn(3, *size)], backbone.size_divisibility,
+                                    padding_constraints=backbone.padding_constraints)
+    height, width = images.tensor.shape[-2:]
+    assert (height, width) == ((square, square) if square else tuple(
+        -(-s // backbone.size_divisibility) * backbone.size_divisibility for s in size))
+    with torch.no_grad():
+        out = backbone(images.tensor)
+    for level, shape in backbone.output_shape().items():
+        assert tuple(out[level].shape) == (1, shape.channels, math.ceil(height / shape.stride),
+                                           math.ceil(width / shape.stride)), level
+
+    # 3. one SGD step: frozen parameters and BatchNorm statistics stay, the rest takes the step
+    backbone.train()
+    before = {n: p.detach().clone() for n, p in backbone.named_parameters()}
+    stats = _stats(backbone)
+    groups = backbone._parameter_groups()
+    # the stem and the first stage, and BatchNorms FrozenBN cannot convert (LeViT's 1d ones)
+    frozen_ids = set().union(*groups[:2])
+    assert frozen_ids
+    frozen_ids |= {id(p) for m in backbone.modules()
+                   if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for p in m.parameters()}
+    assert {n for n, p in backbone.named_parameters() if not p.requires_grad} == {
+        n for n, p in backbone.named_parameters() if id(p) in frozen_ids}
+    optimizer = torch.optim.SGD([p for p in backbone.parameters() if p.requires_grad], lr=0.1)
+    sum(f.float().pow(2).mean() for f in backbone(x).values()).backward()
+    optimizer.step()
+    moved_first_stage = False
+    with torch.no_grad():
+        for n, p in backbone.named_parameters():
+            if id(p) in frozen_ids:
+                assert p.grad is None and torch.equal(p, before[n]), n
+            elif p.grad is not None and p.grad.any():
+                error = (p - (before[n] - 0.1 * p.grad)).abs().max().item()
+                scale = 1 + max(before[n].abs().max().item(), p.abs().max().item())
+                assert error <= 1e-6 * scale, (n, error)  # round-off of the value
+                moved_first_stage |= len(groups) > 2 and id(p) in groups[2]
+    assert moved_first_stage, 'the first unfrozen stage did not train'
+    for n, value in _stats(backbone).items():
+        assert torch.equal(value, stats[n]), n

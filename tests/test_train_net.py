@@ -18,20 +18,11 @@ pytestmark = pytest.mark.detectron2
 pytest.importorskip('detectron2')
 
 from detectron2_ext.config_file import UnknownConfigKeyError, UnsafeConfigError, load_config  # noqa: E402
-from detectron2_ext.data import write_synthetic_coco  # noqa: E402
 from maformer_zoo.errors import UnsafeCheckpointError  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from conftest import ROOT  # noqa: E402
 SCRIPT = ROOT / 'scripts' / 'train_net.py'
 CONFIG = ROOT / 'configs' / 'COCO-InstanceSegmentation' / 'mask_rcnn_resnet18_mscsa_fine_fpn_1x.yaml'
-
-
-@pytest.fixture(scope='module')
-def coco(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp('train_net_data'))
-    train = write_synthetic_coco(root, num_images=4, image_size=(96, 128), seed=0, split='train')
-    val = write_synthetic_coco(root, num_images=2, image_size=(96, 128), seed=0, split='val')
-    return dict(train=train, val=val)
 
 
 def small_run(output_dir, max_iter=2, ims_per_batch=2, seed=0):
@@ -217,6 +208,48 @@ def test_two_processes_match_one_and_resume(coco, tmp_path):
     train_net(coco, '--config-file', CONFIG, '--num-gpus', '2', '--resume', *small_run(two, max_iter=3, ims_per_batch=2))
     assert 'Starting training from iteration 2' in (two / 'log.txt').read_text()
     assert (two / 'model_final.pth').is_file()
+
+
+def test_two_processes_equal_one_with_plain_sgd(coco, tmp_path):
+    """--num-gpus 2 on the CPU (detectron2's launch, gloo, 1 image per process) against 1 process
+    with the same 2 images per iteration: the same weights after 2 plain SGD steps (no momentum,
+    no weight decay, no clipping, no warm-up), within round-off.
+
+    Everything that depends on how a batch is split is taken out, so only the order of
+    floating-point sums differs: FrozenBN (no per-process statistics), Faster R-CNN (the mask loss
+    averages over a process's positives), every anchor and proposal sampled (no per-rank random
+    sampling), NMS off and a fixed 32 proposals per image, no ground truth appended (each image
+    then weighs the same in the per-process means that DDP averages). Plain SGD moves each weight
+    by lr x gradient, so a gradient scaled by the number of processes shows as a difference the
+    size of a step; round-off is far below the bound of 1e-3 of a step. The slow
+    ``test_two_processes_match_one_and_resume`` runs the grid config as it is, and resumes.
+
+    Mutation caught (dev/mutations.py): ``d2-sgd-lr-times-world-size`` (the learning rate
+    multiplied by the number of processes).
+    """
+    exact = ['MODEL.MASK_ON', False, 'MODEL.TIMM.NORM', 'FrozenBN', 'SOLVER.OPTIMIZER', 'SGD',
+             'SOLVER.MOMENTUM', 0.0, 'SOLVER.NESTEROV', False, 'SOLVER.WEIGHT_DECAY', 0.0,
+             'SOLVER.WEIGHT_DECAY_NORM', 0.0, 'SOLVER.BASE_LR', 0.01, 'SOLVER.WARMUP_ITERS', 0,
+             'SOLVER.CLIP_GRADIENTS.ENABLED', False, 'MODEL.RPN.BATCH_SIZE_PER_IMAGE', 10 ** 6,
+             'MODEL.RPN.NMS_THRESH', 1.0, 'MODEL.RPN.POST_NMS_TOPK_TRAIN', 32,
+             'MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE', 10 ** 6, 'MODEL.ROI_HEADS.PROPOSAL_APPEND_GT', False,
+             'DATASETS.TEST', '()']
+    one, two = tmp_path / 'one', tmp_path / 'two'
+    train_net(coco, '--config-file', CONFIG, *small_run(one, max_iter=2, ims_per_batch=2), *exact)
+    train_net(coco, '--config-file', CONFIG, '--num-gpus', '2', *small_run(two, max_iter=2, ims_per_batch=2),
+              *exact)
+
+    def weights(run, name):
+        return torch.load(run / name, map_location='cpu', weights_only=True)['model']
+
+    first, final = weights(one, 'model_0000000.pth'), weights(one, 'model_final.pth')
+    step = max((final[k].float() - first[k].float()).abs().max().item() for k in final)
+    assert step > 1e-4, step  # the second SGD step moved the weights
+    for name in ('model_0000000.pth', 'model_final.pth'):
+        single, ddp = weights(one, name), weights(two, name)
+        assert single.keys() == ddp.keys()
+        diff = max((single[k].float() - ddp[k].float()).abs().max().item() for k in single)
+        assert diff < 1e-3 * step, (name, diff, step)
 
 
 # ------------------------------------------------------------------------- trainer parts

@@ -22,13 +22,13 @@ from detectron2_ext.visualize import (  # noqa: E402
     erf_maps, fine_maps, maf_attention, relative_attention, shared_limits, symmetric_limits,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT
 SCRIPT = os.path.join(ROOT, 'scripts', 'visualize.py')
 SEMANTIC_DIR = os.path.join(ROOT, 'configs', 'ADE20K-SemanticSegmentation')
 
 
 def _env():
-    return dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''),
+    return dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get('PYTHONPATH', ''),
                 OMP_NUM_THREADS='1')
 
 
