@@ -134,3 +134,40 @@ def test_demo_gives_the_same_result_on_a_busy_machine(demo_run):
     assert _predictions(second) == _predictions(out)
     a, b = _weights(out), _weights(second)
     assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+
+
+# ---------------------------------------------------------------- the OpenMP wait setting (docs/demo.md)
+def _demo_environment(env):
+    """The OpenMP variables scripts/demo.py leaves set once its module-level code has run."""
+    code = ("import os, runpy\n"
+            "runpy.run_path(os.path.join(os.environ['REPO'], 'scripts', 'demo.py'), run_name='demo')\n"
+            "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))")
+    clean = {k: v for k, v in script_env(REPO=str(ROOT)).items() if k not in ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT')}
+    out = subprocess.run([sys.executable, '-c', code], env={**clean, **env},
+                         capture_output=True, text=True, check=True).stdout
+    return out.split()
+
+
+def test_demo_sets_the_measured_spin_count_unless_the_user_chose():
+    """The demo's wait setting is the one docs/demo.md measured (GOMP_SPINCOUNT=1000), and a
+    user's OMP_WAIT_POLICY or GOMP_SPINCOUNT is left alone. Mutation: back to
+    `setdefault('OMP_WAIT_POLICY', 'PASSIVE')` fails the first assertion."""
+    assert _demo_environment({}) == ['None', '1000']
+    assert _demo_environment({'OMP_WAIT_POLICY': 'ACTIVE'}) == ['ACTIVE', 'None']
+    assert _demo_environment({'GOMP_SPINCOUNT': '5'}) == ['None', '5']
+
+
+def test_demo_iteration_benchmark_tiny(tmp_path):
+    """benchmarks/demo_iteration.py --tiny: both settings run the demo's trainer in their own
+    process and the ratio column is the rows' own (median of the first over median of each)."""
+    out = str(tmp_path / 'rows.json')
+    subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'demo_iteration.py'), '--tiny',
+                    '--json', out], check=True, capture_output=True, text=True, env=script_env())
+    with open(out) as f:
+        rows = json.load(f)
+    assert [r['setting'] for r in rows] == ['passive', 'spin-1k']
+    assert [r['environment'] for r in rows] == [{'OMP_WAIT_POLICY': 'PASSIVE'}, {'GOMP_SPINCOUNT': '1000'}]
+    base = rows[0]['seconds_per_iteration']
+    for r in rows:
+        # the rows keep 4 decimals of the seconds: the ratio of the kept values is within 2e-3
+        assert abs(r['speedup_vs_first'] - base / r['seconds_per_iteration']) < 2e-3
