@@ -6,7 +6,7 @@ or ONNX (tracing, ``torch.onnx.export(dynamo=False)`` as detectron2's
 ``tools/deploy/export_model.py``), with the image height and width left dynamic. The returned
 :class:`ExportedDetector` runs the saved file and the eager model on one image, so
 :func:`max_difference` says how far they differ. Outputs, architectures, what works where and
-why: docs/detectron2.md, "Deploying detectors".
+why: docs/detectron2.md#deploying-detectors-scriptsexport_detectorpy-detectron2_extexportpy.
 """
 import os
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple

@@ -8,7 +8,7 @@
 (schedule, input, heads). Generated: per backbone and model a ``*_fpn_*`` file with the backbone's
 recipe (timm name, drop path, freezing, norm; lr and weight decay for detection), and per neck a
 ``*_{fine,asff}_fpn_*`` file that ``_BASE_``s it and sets ``MODEL.FPN.FUSION`` only; the same for
-detectron2's R-50. The recipes and their sources: docs/detectron2.md, "The config grid"; ADE20K:
+detectron2's R-50. The recipes and their sources: docs/detectron2.md#the-config-grid-devmake_configspy; ADE20K:
 docs/segmentation.md.
 """
 import argparse

@@ -3,7 +3,7 @@
 with any of our backbones and necks to TorchScript or ONNX, the command line of detectron2's
 ``tools/deploy/export_model.py``; then check the exported model against eager on the sample and
 on a second size and print the largest difference. Logic: :mod:`detectron2_ext.export`; formats
-and architectures: docs/detectron2.md, "Deploying detectors".
+and architectures: docs/detectron2.md#deploying-detectors-scriptsexport_detectorpy-detectron2_extexportpy.
 
     python scripts/export_detector.py --config-file CFG --weights model_final.pth \\
         --format torchscript --export-method tracing --sample-image img.jpg --output out/ts \\

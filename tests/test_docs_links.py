@@ -2,7 +2,7 @@
 and ``maformer_zoo.`` / ``detectron2_ext.`` dotted name in the code's docstrings and comments, resolves.
 
 Mutations caught: a renamed heading (its anchor), a moved file, a function moved to another module
-(``maformer_zoo.hub.render_model_card`` once), a pointer written as ``file.md, "Section"``.
+(``render_model_card`` once), a pointer written as ``file.md, "Section"``.
 """
 import ast
 import glob
@@ -183,45 +183,14 @@ def test_pointer_checker_catches_stale_pointers(tmp_path):
     assert any(p.endswith('necks.md, "Export"...: name the section as file.md#anchor') for p in problems)
 
 
-def _others(paths: dict) -> list:
-    """Parameters of files whose owners fix them in their own issue-21 branches (lead: drop each
-    entry once its file passes; the mark is not strict so the merge order does not matter)."""
-    return [pytest.param(os.path.join(ROOT, p), id=p, marks=pytest.mark.xfail(reason=why))
-            for p, why in paths.items()]
-
-
-STALE_ELSEWHERE = {
-    'maformer_zoo/training/run_folder.py': 'training/ (another branch): docs/training.md, "Run folders"',
-    'detectron2_ext/engine/trainer.py': 'engine/ (another branch): docs/detectron2.md, "Training extras"',
-    'detectron2_ext/export.py': 'docs/detectron2.md, "Deploying detectors"',
-    'detectron2_ext/modeling/timm_backbone.py': 'adapter branch: docs/detectron2.md, "The backbone adapter"',
-    'scripts/export_detector.py': 'docs/detectron2.md, "Deploying detectors"',
-    'dev/make_hub_cards.py': 'weights branch: names maformer_zoo.hub.render_model_card (now in cards.py)',
-    'detectron2_ext/data/register.py': 'docs/detectron2.md, "The generated dataset"',
-    'detectron2_ext/modeling/fpn_variants.py': 'necks branch: docs/detectron2.md, "Deploying detectors"',
-    'docs/necks.md': 'necks branch: docs/detectron2.md, "Deploying detectors"',
-    'docs/detectron2.md': 'adapter branch: docs/training.md, "Image decoding" and docs/necks.md, "Any size"',
-}
-LONG_ELSEWHERE = {p: 'owned by another issue-21 branch' for p in (
-    'detectron2_ext/modeling/fpn_variants.py', 'detectron2_ext/modeling/timm_backbone.py',
-    'detectron2_ext/data/sem_seg.py', 'detectron2_ext/engine/trainer.py', 'maformer_zoo/hub.py',
-    'maformer_zoo/weights.py', 'maformer_zoo/utils/flops.py', 'maformer_zoo/training/data.py',
-    'maformer_zoo/training/engine.py', 'maformer_zoo/training/modeling.py')}
-
-
-def _params(paths: list, elsewhere: dict) -> list:
-    known = {os.path.join(ROOT, p) for p in elsewhere}
-    return [pytest.param(p, id=os.path.relpath(p, ROOT)) for p in paths if p not in known] + _others(elsewhere)
-
-
-@pytest.mark.parametrize('path', _params(CODE + PAGES, STALE_ELSEWHERE))
+@pytest.mark.parametrize('path', CODE + PAGES, ids=lambda p: os.path.relpath(p, ROOT))
 def test_named_paths_and_anchors_resolve(path):
     problems = _stale_pointers(path)
     assert not problems, f'{os.path.relpath(path, ROOT)}: ' + '; '.join(problems)
 
 
-@pytest.mark.parametrize('path', _params([p for p in CODE if p.startswith(os.path.join(ROOT, PACKAGES[0]))
-                                          or p.startswith(os.path.join(ROOT, PACKAGES[1]))], LONG_ELSEWHERE))
+@pytest.mark.parametrize('path', [p for p in CODE if p.startswith(os.path.join(ROOT, PACKAGES[0]))
+                                  or p.startswith(os.path.join(ROOT, PACKAGES[1]))], ids=lambda p: os.path.relpath(p, ROOT))
 def test_module_docstrings_are_short(path):
     """Issue 21: a module docstring says what, the paper and table, and links to docs/ (<= 12
     lines); the argument lives in docs/. Mutation caught: the 50-line docstring of layers/mscsa.py."""

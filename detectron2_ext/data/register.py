@@ -6,8 +6,8 @@
 header and size against the json, EXIF rotation included, the fields of every annotation) and
 fill class names eagerly, so a mistake fails at start-up with one line naming the fix.
 :func:`register_synthetic_dataset` registers both forms of
-:func:`~detectron2_ext.data.synthetic.write_synthetic_coco`'s output. Details: docs/detectron2.md,
-"The generated dataset".
+:func:`~detectron2_ext.data.synthetic.write_synthetic_coco`'s output. Details:
+docs/detectron2.md#the-generated-dataset-detectron2_extdata.
 """
 import json
 import logging

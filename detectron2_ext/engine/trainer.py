@@ -4,7 +4,7 @@ Parameter groups: detectron2's ``get_default_optimizer_params``; gradient clippi
 plus ``CLIP_TYPE 'full_model'`` through detectron2's own global clipper; ``WarmupPolyLR``:
 DeepLab's (``detectron2.projects.deeplab``). Checkpoints read safely and write atomically
 (:mod:`detectron2_ext.checkpoint`); ``--resume`` cuts ``metrics.json`` back to its checkpoint.
-The rules and the reasons: docs/detectron2.md, "Training extras".
+The rules and the reasons: docs/detectron2.md#training-extras-detectron2_extengine.
 """
 import functools
 import json

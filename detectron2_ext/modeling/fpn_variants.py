@@ -6,7 +6,7 @@ levels (ASFF) and top-down over the last levels (FINE's extra levels). It script
 detectron2's FPN does. :class:`FusionSimpleFeaturePyramid` is ViTDet's pyramid with output
 fusions. :func:`build_fusion_fpn` makes the modules ``MODEL.FPN.FUSION`` names from
 ``MODEL.FINE.*`` / ``MODEL.ASFF.*``; registered builders put the necks on detectron2's ResNet and
-on timm models (:class:`TimmBackbone`). Placement and kernels: docs/necks.md, "Design choices".
+on timm models (:class:`TimmBackbone`). Placement and kernels: docs/necks.md#design-choices-where-the-papers-leave-room.
 """
 import copy
 import math

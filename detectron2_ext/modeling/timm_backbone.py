@@ -3,7 +3,7 @@
 :class:`TimmBackbone` reads what timm declares: channels and strides from ``feature_info``, the
 layout from ``output_fmt``, input sizes from ``pretrained_cfg`` and :data:`DYNAMIC_SIZE_MODULES`.
 ``build_timm_backbone`` is the model alone (its FPN builders: ``fpn_variants``). Design and the
-families it passes: docs/detectron2.md, "The backbone adapter".
+families it passes: docs/detectron2.md#the-backbone-adapter-detectron2_extmodelingtimm_backbonepy.
 """
 import difflib
 import itertools

@@ -3,7 +3,7 @@
 A checkpoint holds what timm's holds (model, EMA, optimizer, loss scaler, epoch, the saver's history)
 plus the scheduler, the step counter, the run config, the class map and the random-number states of
 *every* process; plain tensors and built-in types, so it loads with ``weights_only=True``. Every file
-lands by rename of a complete, fsynced temporary file (docs/training.md, "Run folders").
+lands by rename of a complete, fsynced temporary file (docs/training.md#run-folders-no-run-is-lost).
 """
 import json
 import os

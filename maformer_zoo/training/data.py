@@ -1,5 +1,5 @@
 """Datasets and loaders from timm's parts (``create_dataset``, ``create_transform``, ``create_loader``) with
-what they lack (docs/training.md, "Exact resume", "Image decoding"):
+what they lack (docs/training.md#design-notes-choices-the-papers-leave-open, docs/training.md#image-decoding):
 
 * image-folder checks that turn silent mistakes into errors (a missing root or split folder, a class
   folder without images, validation classes training lacks); validation reuses training's class map;

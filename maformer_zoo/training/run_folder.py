@@ -1,5 +1,5 @@
 """One run folder per run: choosing it, refusing to overwrite it, resuming it under the same settings
-(docs/training.md, "Run folders").
+(docs/training.md#run-folders-no-run-is-lost).
 
 * :func:`check_run_folder` is THE rule of every command that writes (train_imagenet, validate,
   train_net, demo, visualize): a folder holding any :data:`RUN_ARTIFACTS` is refused unless the

@@ -1,15 +1,10 @@
-"""FLOP and parameter counting with the convention of the papers this zoo implements.
+"""FLOP and parameter counting as the MAFormer and MSCSA papers count (fvcore: one multiply-add is
+one flop).
 
-The MAFormer and MSCSA papers report "FLOPs" as counted by fvcore: one fused multiply-add is one
-flop, so a ``k x k`` convolution costs ``H_out * W_out * C_out * C_in / groups * k * k``.
-
-fvcore (0.1.5) traces the model with ``torch.jit`` and only counts operators it has a handle for.
-``F.scaled_dot_product_attention`` is not one of them, so every attention written with it (ours,
-and timm's PVTv2 / Swin when fused attention is on) would silently cost zero. ``count_flops`` adds
-a handle for ``aten::scaled_dot_product_attention`` that counts the two matrix products it stands
-for, ``Q K^T`` and ``softmax(.) V``, as ``batch * heads * L * S * (E + Ev)`` multiply-adds; the
-softmax, scaling and masking are element-wise work and are not counted, like the other element-wise
-operators fvcore skips (additions, activations).
+fvcore has no handle for ``F.scaled_dot_product_attention``, so fused attention (ours, timm's PVTv2
+and Swin) would cost zero: ``count_flops`` adds one counting the two matrix products it stands for,
+``batch * heads * L * S * (E + Ev)``; softmax, scaling and masking are element-wise and not counted,
+like the other element-wise operators fvcore skips.
 """
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
