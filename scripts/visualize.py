@@ -12,10 +12,15 @@ Writes ``fine_*.png`` (FINE neck), ``asff_weights.png`` (ASFF neck), ``maf_atten
 import argparse
 import os
 import sys
+import warnings
 
 import numpy as np
 import torch
 from PIL import Image
+
+# detectron2 scripts a few helpers when it is imported (the figures live in detectron2_ext); torch's
+# deprecation notice for that is not this command's output
+warnings.filterwarnings('ignore', category=FutureWarning, module=r'torch\.jit\._script')
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],

@@ -67,11 +67,8 @@ def test_backbone_cost_grows_linearly_with_pixels():
 
 # ------------------------------------------------------------------------------ timm model API
 
-def test_flop_and_parameter_counters():
-    """The counters behind Table 1's numbers: attention's two matrix products, a linear layer's
-    weights and bias. (Registration and default cfgs of every model: test_models.py.)"""
-    assert count_flops(Attn(), (5, 4), in_chans=3, batch_size=2) * 1e9 == pytest.approx(2 * 3 * 5 * 5 * 8)
-    assert count_params(nn.Linear(3, 4)) == pytest.approx(16e-6)
+# The counters behind Table 1's numbers: test_mscsa.py::test_count_flops_counts_sdpa; registration
+# and default cfgs of every model: test_models.py.
 
 
 # prune_intermediate_layers of every model: test_models.py.

@@ -249,10 +249,10 @@ SMALL_SIDE_OVERRIDE = {}
 
 
 def _selected_levels(reductions):
-    """Indices of timm's features the adapter returns by default: the one map of a single-scale
-    model, else the stages at strides 4..32 (docs/detectron2.md, "The backbone adapter")."""
+    """Indices of timm's features the adapter returns by default: the last map of a single-scale
+    model, else the stages at strides 4..32 (docs/detectron2.md#design-choices)."""
     if len(set(reductions)) == 1:
-        return list(range(len(reductions)))
+        return [len(reductions) - 1]
     return [i for i, s in enumerate(reductions) if 4 <= s <= 32]
 
 
