@@ -31,11 +31,6 @@ _BASE_SMALL = {
     'convnext': dict(depths=(1, 1, 1, 1)),
 }
 INPUT = (2, 3, 64, 96)  # two images, not square, every side a multiple of 32
-# The heaviest checks (torch.compile, torch.export, ONNX) run in the fast suite for one model per
-# family (same code, other widths); the other models repeat them in the slow suite.
-_FAMILY_FIRST = ('maformer_s', 'resnet18_mscsa', 'pvt_v2_b0_mscsa', 'swin_tiny_patch4_window7_224_mscsa',
-                 'convnext_tiny_mscsa')
-HEAVY = [n if n in _FAMILY_FIRST else pytest.param(n, marks=pytest.mark.slow) for n in MODELS]
 
 
 # the papers' models: MAFormer Table 1, MSCSA Table 6
@@ -52,7 +47,6 @@ def test_zoo_registers_the_ten_paper_models():
     assert all(timm.is_model(n) for n in MODELS)
     assert sorted(timm.list_models('*_mscsa')) == sorted(n for n in MODELS if n.endswith('_mscsa'))
     assert sorted(timm.list_models('maformer_*')) == sorted(n for n in MODELS if n.startswith('maformer'))
-    assert set(_FAMILY_FIRST) <= set(MODELS)
 
 
 def _small_kwargs(name: str) -> dict:
@@ -447,7 +441,7 @@ def test_timm_forward_torchscript(name, depth):
         _assert_close(scripted(x), model(x))
 
 
-@pytest.mark.parametrize('name', HEAVY)
+@pytest.mark.parametrize('name', MODELS)
 def test_compile_fullgraph(name):
     """``torch.compile(fullgraph=True)`` captures the whole model in one graph (no graph break)."""
     torch._dynamo.reset()
@@ -500,7 +494,7 @@ def _check_detection_export(model: torch.nn.Module, example_size: tuple) -> None
             _assert_close(program.module()(x), model(x), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize('name', HEAVY)
+@pytest.mark.parametrize('name', MODELS)
 def test_export_features_dynamic_detection_sizes(name):
     """One program from the plain call for every multiple of 32 from 512 to 2048 (guards checked at
     331 sizes on the meta device), equal to eager at ``COMPARE_SIZES``.
@@ -512,7 +506,7 @@ def test_export_features_dynamic_detection_sizes(name):
     _check_detection_export(model, (512, 576))
 
 
-@pytest.mark.parametrize('name', HEAVY)
+@pytest.mark.parametrize('name', MODELS)
 def test_onnx_runs_in_onnxruntime(name, tmp_path):
     model = _small(name).eval()
     x = _input()
