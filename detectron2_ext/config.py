@@ -1,9 +1,6 @@
-"""Config keys of maformer-zoo for detectron2: ``add_maformer_zoo_config(cfg)``.
-
-Call it on a fresh ``get_cfg()`` before ``merge_from_file``; every key then exists with its default,
-and a typo in a YAML file fails loudly as in any detectron2 project. The keys are documented once:
-``MODEL.TIMM.*`` and ``SOLVER.*`` in docs/detectron2.md, ``MODEL.FPN.FUSION`` / ``MODEL.FINE.*`` /
-``MODEL.ASFF.*`` in docs/necks.md, the semantic segmentation keys in docs/segmentation.md.
+"""Config keys of maformer-zoo for detectron2: call ``add_maformer_zoo_config(cfg)`` on a fresh ``get_cfg()``
+before ``merge_from_file``. The keys are documented once: ``MODEL.TIMM.*`` and ``SOLVER.*`` in docs/detectron2.md,
+``MODEL.FPN.FUSION`` / ``MODEL.FINE.*`` / ``MODEL.ASFF.*`` in docs/necks.md, the rest in docs/segmentation.md.
 """
 from detectron2.config import CfgNode as CN
 
@@ -17,30 +14,22 @@ def _set_defaults(node: CN, **values) -> None:
             node[key] = value
 
 
-def add_fusion_fpn_config(cfg: CN) -> None:
-    """The necks' keys: ``MODEL.FPN.FUSION`` ('sum', 'fine', 'asff'), ``MODEL.FINE.*``, ``MODEL.ASFF.*``."""
+def add_maformer_zoo_config(cfg: CN) -> CN:
+    """Add all maformer-zoo keys to ``cfg`` in place (idempotent) and return it."""
+    # the necks
     _set_defaults(cfg.MODEL.FPN, FUSION='sum')
     _set_defaults(cfg.MODEL, FINE=CN(), ASFF=CN())
     _set_defaults(cfg.MODEL.FINE, HEAD_DIM=16, RATIO=2, POOL_KERNELS=[8, 2, 1], POOL_TYPE='avg', QKV_BIAS=True,
                   ZERO_INIT_OUT=False, EXTRA_LEVELS=False)
     _set_defaults(cfg.MODEL.ASFF, NORM='', UPSAMPLE_MODE='nearest')
-
-
-def add_timm_backbone_config(cfg: CN) -> None:
-    """The timm backbone adapter's keys (``MODEL.TIMM.*``) and the optimizer's (``SOLVER.OPTIMIZER``,
-    ``SOLVER.BETAS``, ``SOLVER.NO_WEIGHT_DECAY_KEYWORDS``)."""
+    # the timm backbone adapter and the optimizer
     _set_defaults(cfg.MODEL, TIMM=CN())
     _set_defaults(cfg.MODEL.TIMM, NAME='', PRETRAINED=False, CHECKPOINT='', PRETRAINED_BASE=False, OUT_INDICES=[],
                   FREEZE_AT=0, NORM='FrozenBN', DROP_PATH_RATE=0.0, GRAD_CKPT=False, SIZE_DIVISIBILITY=0,
                   IMG_SIZE=0, KWARGS=CN(new_allowed=True))
     _set_defaults(cfg.SOLVER, OPTIMIZER='SGD', BETAS=[0.9, 0.999], NO_WEIGHT_DECAY_KEYWORDS=[
         'pos_embed', 'absolute_pos_embed', 'relative_position_bias_table', 'cls_token', 'rel_pos_h', 'rel_pos_w'])
-
-
-def add_semantic_config(cfg: CN) -> None:
-    """Semantic segmentation: DeepLab's poly schedule and crop keys (its names and defaults: ``SOLVER.POLY_LR_*``,
-    ``INPUT.CROP.SINGLE_CATEGORY_MAX_AREA``), ``MODEL.UPERNET.*``, ``MODEL.SEMANTIC_FPN.*``, mmseg's pipeline
-    (``INPUT.SEM_SEG_*``; ``SEM_SEG_PHOTOMETRIC`` switches its photometric distortion)."""
+    # semantic segmentation: DeepLab's poly schedule and crop keys (its names and defaults), the heads, mmseg's pipeline
     _set_defaults(cfg.SOLVER, POLY_LR_POWER=0.9, POLY_LR_CONSTANT_ENDING=0.0)
     _set_defaults(cfg.MODEL, UPERNET=CN(), SEMANTIC_FPN=CN())
     _set_defaults(cfg.MODEL.UPERNET, POOL_SCALES=[1, 2, 3, 6], DROPOUT=0.1, AUX_IN_FEATURE='res4', AUX_CHANNELS=256,
@@ -50,11 +39,4 @@ def add_semantic_config(cfg: CN) -> None:
                   SEM_SEG_PHOTOMETRIC=True)
     _set_defaults(cfg.INPUT.CROP, SINGLE_CATEGORY_MAX_AREA=1.0)
     _set_defaults(cfg.DATASETS, REDUCE_ZERO_LABEL=[])
-
-
-def add_maformer_zoo_config(cfg: CN) -> CN:
-    """Add all maformer-zoo keys to ``cfg`` in place (idempotent) and return it."""
-    add_fusion_fpn_config(cfg)
-    add_timm_backbone_config(cfg)
-    add_semantic_config(cfg)
     return cfg

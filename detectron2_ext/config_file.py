@@ -1,14 +1,10 @@
-"""Loading a detectron2 config without running code from it, and with one-line errors.
-
-detectron2's ``merge_from_file`` falls back to ``yaml.unsafe_load`` for a Python tag, which runs
-code. :func:`load_config` reads every file of the ``_BASE_`` chain with
-:func:`maformer_zoo.utils.safe_yaml.read_yaml_file` (safe tags, size and alias budgets), checks each
-key of the files and of the ``KEY VALUE`` overrides (a typo gets the close names) and merges it
-with detectron2's own ``merge_from_other_cfg`` / ``merge_from_list``, one key at a time, so a
-value yacs refuses is named with its file and line.
+"""Loading a detectron2 config without running code from it (detectron2's ``merge_from_file`` falls back to
+``yaml.unsafe_load``), with one-line errors: every file of the ``_BASE_`` chain is read with our safe YAML
+reader, each key checked (a typo gets the close names) and merged with detectron2's own
+``merge_from_other_cfg`` / ``merge_from_list`` one at a time, so a refused value is named with its file and line.
 """
 import os
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, Sequence, Tuple
 
 from detectron2.config import CfgNode, get_cfg
 
@@ -76,15 +72,6 @@ def _read_chain(path: str, chain: Tuple[str, ...] = ()) -> Dict[str, Tuple[Any, 
     return entries
 
 
-def _all_keys(node: CfgNode, prefix: str = '') -> List[str]:
-    keys = []
-    for key, value in node.items():
-        keys.append(prefix + key)
-        if isinstance(value, CfgNode):
-            keys += _all_keys(value, prefix + key + '.')
-    return keys
-
-
 def _check_key(cfg: CfgNode, key: str, source: str) -> None:
     """:class:`UnknownConfigKeyError` (with close names) unless ``cfg`` has ``key`` or allows it as new."""
     node = cfg
@@ -93,7 +80,7 @@ def _check_key(cfg: CfgNode, key: str, source: str) -> None:
             if isinstance(node, CfgNode) and node.is_new_allowed():
                 return
             raise UnknownConfigKeyError(
-                f"Unknown config key '{key}' in {source}{close_names_hint(key, _all_keys(cfg), 0.7)}.")
+                f"Unknown config key '{key}' in {source}{close_names_hint(key, _flatten(cfg), 0.7)}.")
         node = node[part]
 
 
@@ -128,14 +115,8 @@ def _merge_overrides(cfg: CfgNode, opts: Sequence[str]) -> None:
 
 def load_config(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
     """``get_cfg()`` + :func:`add_maformer_zoo_config` + ``config_file`` (safe YAML) + ``opts``, not frozen.
-
-    Raises:
-        FileNotFoundError: a file of the ``_BASE_`` chain is missing.
-        UnsafeConfigError: a file has a YAML tag that constructs Python objects.
-        UnknownConfigKeyError: a key of a file or of ``opts`` does not exist (close names suggested).
-        YAMLFileError: a file is malformed (syntax, size, aliases, ``_BASE_``) or a value has the
-            wrong type; ``opts`` are not KEY VALUE pairs.
-    """
+    Raises ``FileNotFoundError``, :class:`UnsafeConfigError`, :class:`UnknownConfigKeyError` or ``YAMLFileError``
+    (malformed file, wrong value type, ``opts`` not in KEY VALUE pairs)."""
     cfg = add_maformer_zoo_config(get_cfg())
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"Config file '{config_file}' does not exist.")

@@ -1,10 +1,8 @@
-"""detectron2's ``DefaultTrainer`` with the optimizer, schedule, evaluators and run files our configs need.
+"""detectron2's ``DefaultTrainer`` with our optimizer, evaluators, mappers and safe, atomic checkpointer.
 
-Parameter groups: detectron2's ``get_default_optimizer_params``; gradient clipping: detectron2's,
-plus ``CLIP_TYPE 'full_model'`` through detectron2's own global clipper; ``WarmupPolyLR``:
-DeepLab's (``detectron2.projects.deeplab``). Checkpoints read safely and write atomically
-(:mod:`detectron2_ext.checkpoint`); ``--resume`` cuts ``metrics.json`` back to its checkpoint.
-The rules and the reasons: docs/detectron2.md#training-extras-detectron2_extengine.
+Parameter groups: detectron2's ``get_default_optimizer_params``; clipping: detectron2's (``'full_model'``
+through its global clipper); ``WarmupPolyLR``: DeepLab's. Rules and reasons:
+docs/detectron2.md#training-extras-detectron2_extengine.
 """
 import functools
 import json
@@ -48,25 +46,18 @@ def optimizer_param_groups(
         weight_decay_bias: Optional[float] = 0.0,
         no_weight_decay_keywords: List[str] = (),
 ) -> List[Dict]:
-    """detectron2's parameter groups, plus no decay for what timm models list in ``no_weight_decay()``.
-
-    Args:
-        model: the model; frozen parameters (``requires_grad=False``) are left out.
-        weight_decay: decay of every other parameter.
-        weight_decay_norm: decay of normalisation layers (detectron2's list, and detectron2's ``LN``).
-        weight_decay_bias: decay of biases; ``None`` means ``weight_decay`` (detectron2's default).
-        no_weight_decay_keywords: parameter names without decay (detectron2's ``overrides``).
-
-    Returns:
-        ``[{'params': [...], 'weight_decay': wd, 'names': [...]}]``, one group per decay, groups and
-        parameters in the model's order (the layout of the optimizer state our checkpoints hold).
-    """
+    """detectron2's parameter groups (frozen parameters left out; ``weight_decay_bias`` None: ``weight_decay``),
+    plus no decay for detectron2's ``LN`` and what timm models list in ``no_weight_decay()``. Returns
+    ``[{'params', 'weight_decay', 'names'}]``, one group per decay, groups and parameters in the model's
+    order (the layout of the optimizer state our checkpoints hold)."""
     groups = get_default_optimizer_params(
         model, weight_decay=weight_decay, weight_decay_norm=weight_decay_norm, weight_decay_bias=weight_decay_bias,
         overrides={name: {'weight_decay': 0.0} for name in no_weight_decay_keywords})
     # Later groups override earlier ones parameter by parameter (detectron2's reduce_param_groups):
     # detectron2's own LayerNorm is missing from its norm list, and timm names parameters by full name.
-    declared = _declared_no_weight_decay(model)
+    declared = {f'{prefix}.{name}' if prefix else name for prefix, module in model.named_modules()
+                if module is not model and callable(getattr(module, 'no_weight_decay', None))
+                for name in module.no_weight_decay()}  # timm's no_weight_decay(), as full names
     trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     ln = [p for m in model.modules() if isinstance(m, Detectron2LayerNorm) for p in m.parameters() if p.requires_grad]
     groups = reduce_param_groups(groups + [{'params': ln, 'weight_decay': weight_decay_norm},
@@ -76,13 +67,6 @@ def optimizer_param_groups(
         group['params'].sort(key=order.__getitem__)
         group['names'] = [order[p][1] for p in group['params']]
     return sorted(groups, key=lambda g: order[g['params'][0]])
-
-
-def _declared_no_weight_decay(model: nn.Module) -> set:
-    """Full names of parameters that submodules exempt via timm's ``no_weight_decay()``."""
-    return {f'{prefix}.{name}' if prefix else name for prefix, module in model.named_modules()
-            if module is not model and callable(getattr(module, 'no_weight_decay', None))
-            for name in module.no_weight_decay()}
 
 
 def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
@@ -131,14 +115,13 @@ def build_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None)
     return DatasetEvaluators(evaluators)
 
 
-def cut_metrics(path: str, start_iter: int) -> None:
-    """Keep the rows of ``metrics.json`` before ``start_iter``; drop the rest and any partial last row.
+def _mapper(cfg, is_train: bool):
+    return (SemSegDatasetMapper if uses_mmseg_pipeline(cfg) else DecodingDatasetMapper)(cfg, is_train=is_train)
 
-    detectron2's ``JSONWriter`` only appends whole rows, so a kill leaves complete rows and at most
-    one partial row at the end; rows past a resumed checkpoint describe iterations that run again.
-    The kept rows are a prefix of the file, cut by one ``truncate`` (done or not, never half) in
-    place: the writer's append handle, already open, then continues at the new end.
-    """
+
+def cut_metrics(path: str, start_iter: int) -> None:
+    """Keep the whole rows of ``metrics.json`` before ``start_iter`` (rows past a resumed checkpoint run
+    again); one in-place ``truncate``, done or not, after which detectron2's open append handle continues."""
     if not os.path.isfile(path):
         return
     keep = 0
@@ -161,9 +144,7 @@ class Trainer(DefaultTrainer):
     """``DefaultTrainer`` with :func:`build_optimizer`, :func:`build_evaluator` and a safe, atomic checkpointer."""
 
     def __init__(self, cfg):
-        # DefaultTrainer.__init__'s steps; detectron2 has no hook for two of them. DDP gets no device_ids
-        # on the CPU (create_ddp_model always passes the local rank, which DDP rejects for CPU modules, so
-        # `--num-gpus 2` could not run without GPUs), and the checkpointer, which the hooks capture, is ours.
+        # DefaultTrainer.__init__ but DDP gets no device_ids on the CPU, which detectron2 has no hook for (docs/)
         TrainerBase.__init__(self)
         if not logging.getLogger('detectron2').isEnabledFor(logging.INFO):
             setup_logger()
@@ -195,15 +176,12 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        """detectron2's loader with our mapper: ``INPUT.SEM_SEG_PIPELINE 'mmseg'`` selects mmseg's
-        semantic pipeline, else detectron2's augmentations; images always decoded by ours (16-bit scaled)."""
-        mapper = SemSegDatasetMapper if uses_mmseg_pipeline(cfg) else DecodingDatasetMapper
-        return build_detection_train_loader(cfg, mapper=mapper(cfg, is_train=True))
+        """detectron2's loader with our mapper (mmseg's pipeline for ``INPUT.SEM_SEG_PIPELINE 'mmseg'``)."""
+        return build_detection_train_loader(cfg, mapper=_mapper(cfg, is_train=True))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        mapper = SemSegDatasetMapper if uses_mmseg_pipeline(cfg) else DecodingDatasetMapper
-        return build_detection_test_loader(cfg, dataset_name, mapper=mapper(cfg, is_train=False))
+        return build_detection_test_loader(cfg, dataset_name, mapper=_mapper(cfg, is_train=False))
 
     def resume_or_load(self, resume=True):
         """detectron2's; resuming also cuts ``metrics.json`` back to the checkpoint (:func:`cut_metrics`)."""
@@ -212,9 +190,6 @@ class Trainer(DefaultTrainer):
             cut_metrics(os.path.join(self.cfg.OUTPUT_DIR, 'metrics.json'), self.start_iter)
 
     def train(self):
-        """Train; returns the results of the last evaluation (detectron2 returns them only when
-        ``TEST.EXPECTED_RESULTS`` is set)."""
+        """Train; returns the last evaluation's results (detectron2's only with ``TEST.EXPECTED_RESULTS``)."""
         results = super().train()
-        if results is None:
-            results = getattr(self, '_last_eval_results', None)
-        return results
+        return getattr(self, '_last_eval_results', None) if results is None else results

@@ -1,12 +1,8 @@
 """detectron2 FPNs with fusion modules passed in: FINE-FPN (Lee et al.) and ASFF-FPN (Liu et al.).
 
-:class:`FusionFPN` is detectron2's ``FPN`` (same state-dict keys, outputs and padding contract) with
-three places for modules: before each top-down sum (FINE), on the outputs of the ``in_features``
-levels (ASFF) and top-down over the last levels (FINE's extra levels). It scripts and traces as
-detectron2's FPN does. :class:`FusionSimpleFeaturePyramid` is ViTDet's pyramid with output
-fusions. :func:`build_fusion_fpn` makes the modules ``MODEL.FPN.FUSION`` names from
-``MODEL.FINE.*`` / ``MODEL.ASFF.*``; registered builders put the necks on detectron2's ResNet and
-on timm models (:class:`TimmBackbone`). Placement and kernels: docs/necks.md#design-choices-where-the-papers-leave-room.
+:class:`FusionFPN` is detectron2's ``FPN`` (same keys, outputs, padding, scripting) with modules before
+each top-down sum (FINE), on the outputs (ASFF) and over the top-block levels; :func:`fpn_fusions`
+makes them from ``MODEL.FPN.FUSION``. Placement and kernels: docs/necks.md#design-choices-where-the-papers-leave-room.
 """
 import copy
 import math
@@ -28,10 +24,10 @@ from maformer_zoo.layers.fine import FINE
 from .timm_backbone import TimmBackbone
 
 __all__ = [
-    'FINE', 'ASFF', 'FPNFusions', 'FusionFPN', 'FusionSimpleFeaturePyramid', 'FUSIONS',
-    'fpn_fusions', 'build_fusion_fpn', 'build_fusion_simple_fpn', 'retinanet_top_block',
-    'build_resnet_fusion_fpn_backbone', 'build_retinanet_resnet_fusion_fpn_backbone',
-    'build_timm_fpn_backbone', 'build_retinanet_timm_fpn_backbone', 'build_timm_simple_fpn_backbone',
+    'FINE', 'ASFF', 'FPNFusions', 'FusionFPN', 'FusionSimpleFeaturePyramid', 'FUSIONS', 'fpn_fusions',
+    'build_fusion_fpn', 'build_fusion_simple_fpn', 'build_resnet_fusion_fpn_backbone',
+    'build_retinanet_resnet_fusion_fpn_backbone', 'build_timm_fpn_backbone', 'build_retinanet_timm_fpn_backbone',
+    'build_timm_simple_fpn_backbone',
 ]
 
 FUSIONS = ('sum', 'fine', 'asff')
@@ -47,15 +43,20 @@ class FPNFusions(NamedTuple):
 
 
 class _BottomUpPadding:
-    """``size_divisibility`` and ``padding_constraints`` that meet the pyramid's need (its coarsest
-    stride) and the bottom-up network's (windows, a square size), which detectron2's pyramids
-    drop; fixed at construction as two ints, which TorchScript compiles."""
+    """The padding that meets both the pyramid's and the bottom-up network's needs (windows, a square
+    size), which detectron2's pyramids drop; two ints fixed at construction, for TorchScript."""
 
-    def _record_padding(self, below: Backbone) -> None:
-        self._joint_size_divisibility = math.lcm(self._size_divisibility,
-                                                 below.size_divisibility or 1)
-        self._joint_square_size = max(self._square_pad,
-                                      (below.padding_constraints or {}).get('square_size', 0))
+    def _register(self, below: Backbone, fusions: Optional[Callable[[], FPNFusions]]) -> FPNFusions:
+        self._joint_size_divisibility = math.lcm(self._size_divisibility, below.size_divisibility or 1)
+        self._joint_square_size = max(self._square_pad, (below.padding_constraints or {}).get('square_size', 0))
+        made = fusions() if fusions is not None else FPNFusions()
+        self.fusion = made.name
+        self._fusion_names = [name for name, _ in (*made.lateral, *made.top, *made.output)]
+        for name, module in (*made.lateral, *made.top, *made.output):
+            self.add_module(name, module)
+        # plain lists, as the parent's lateral_convs: nn.ModuleLists in the scripted copy
+        self.output_fusions = [module for _, module in made.output]
+        return made
 
     @property
     def size_divisibility(self) -> int:
@@ -63,17 +64,7 @@ class _BottomUpPadding:
 
     @property
     def padding_constraints(self) -> Dict[str, int]:
-        return {'size_divisibility': self._joint_size_divisibility,
-                'square_size': self._joint_square_size}
-
-    def _register(self, fusions: FPNFusions) -> None:
-        """Register the modules under their names; the plain lists that forward() iterates (as
-        the parent's ``lateral_convs``) become ``nn.ModuleList``s in the scripted copy."""
-        self.fusion = fusions.name
-        self._fusion_names = [name for name, _ in (*fusions.lateral, *fusions.top, *fusions.output)]
-        for name, module in (*fusions.lateral, *fusions.top, *fusions.output):
-            self.add_module(name, module)
-        self.output_fusions = [module for _, module in fusions.output]
+        return {'size_divisibility': self._joint_size_divisibility, 'square_size': self._joint_square_size}
 
 
 class _NoAlignment(nn.Module):
@@ -97,41 +88,25 @@ class FusionFPN(_BottomUpPadding, FPN):
         square_pad: int = 0,
         fusions: Optional[Callable[[], FPNFusions]] = None,
     ):
-        """
-        Args:
-            bottom_up: the bottom-up network (a detectron2 :class:`Backbone`).
-            in_features: its outputs the pyramid is built on, finest first (``res2..res5``).
-            out_channels: channels of every output level.
-            norm: detectron2 norm name of the lateral and output convs (``''``: none).
-            top_block: extra coarser levels (``LastLevelMaxPool``, ``LastLevelP6P7``) or None.
-            fuse_type: ``'sum'`` or ``'avg'`` of the (fused) lateral and the top-down map.
-            square_pad: pad inputs to this square size (detectron2's; 0: no).
-            fusions: makes the :class:`FPNFusions`; called after detectron2's convs are made, so
-                seeded runs draw every initial weight in the same order as before. ``lateral``
-                is empty or one module per top-down sum; ``top`` at most one per top-block level.
-                None: detectron2's FPN.
-        """
+        """Arguments as detectron2's ``FPN``; ``fusions`` makes the :class:`FPNFusions` (None: none),
+        called after detectron2's convs so that seeded runs draw initial weights in the same order."""
         super().__init__(bottom_up, in_features, out_channels, norm=norm, top_block=top_block,
                          fuse_type=fuse_type, square_pad=square_pad)
-        self._record_padding(bottom_up)
-        made = fusions() if fusions is not None else FPNFusions()
+        made = self._register(bottom_up, fusions)
         top_levels = top_block.num_levels if top_block is not None else 0
         if made.lateral and len(made.lateral) != len(in_features) - 1 or len(made.top) > top_levels:
-            raise ValueError(
-                f'FusionFPN: {len(made.lateral)} lateral fusions for {len(in_features) - 1} '
-                f'top-down sums and {len(made.top)} top fusions for {top_levels} top-block levels.')
-        self._register(made)
+            raise ValueError(f'FusionFPN: {len(made.lateral)} lateral fusions for {len(in_features) - 1} '
+                             f'top-down sums and {len(made.top)} top fusions for {top_levels} top-block levels.')
         # coarse to fine, one per lateral: the coarsest has no level above it
         self.lateral_fusions = [_NoAlignment()] + ([m for _, m in made.lateral] or [
             _NoAlignment() for _ in in_features[1:]])
         self.top_fusions = [module for _, module in made.top]
 
     def __prepare_scriptable__(self) -> 'FusionFPN':
-        """The copy ``torch.jit.script`` compiles, made as detectron2.export makes its FPN's: the
-        module lists become ``nn.ModuleList``s and the ``fpn_*`` aliases of their modules go."""
+        """The copy ``torch.jit.script`` compiles, made as detectron2.export makes its FPN's: module
+        lists become ``nn.ModuleList``s and the ``fpn_*`` aliases of their modules go."""
         ret = copy.deepcopy(self)
-        for name in ('lateral_convs', 'output_convs', 'lateral_fusions', 'output_fusions',
-                     'top_fusions'):
+        for name in ('lateral_convs', 'output_convs', 'lateral_fusions', 'output_fusions', 'top_fusions'):
             setattr(ret, name, nn.ModuleList(getattr(ret, name)))
         for name, _ in self.named_children():
             if name.startswith(('fpn_lateral', 'fpn_output')) or name in self._fusion_names:
@@ -167,15 +142,13 @@ class FusionFPN(_BottomUpPadding, FPN):
         return results
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Same contract as :meth:`FPN.forward`: ``{'p2': ..., ..., 'p6': ...}``."""
         results = self.pyramid(self.bottom_up(x))
         assert len(self._out_features) == len(results)
         return {f: res for f, res in zip(self._out_features, results)}
 
 
 class FusionSimpleFeaturePyramid(_BottomUpPadding, SimpleFeaturePyramid):
-    """detectron2's ViTDet pyramid (P2-P5 from one map, then the top block) with output fusions
-    on P2-P5 (ASFF)."""
+    """detectron2's ViTDet pyramid (P2-P5 from one map, then the top block) with output fusions (ASFF)."""
 
     def __init__(
         self,
@@ -188,29 +161,16 @@ class FusionSimpleFeaturePyramid(_BottomUpPadding, SimpleFeaturePyramid):
         square_pad: int = 0,
         fusions: Optional[Callable[[], FPNFusions]] = None,
     ):
-        """
-        Args:
-            net: the single-scale backbone.
-            in_feature: its output the pyramid is built from.
-            out_channels: channels of every output level.
-            scale_factors: scale of each pyramid level relative to ``in_feature``.
-            top_block: extra coarser levels (``LastLevelMaxPool``) or None.
-            norm: detectron2 norm name in the pyramid's convs (ViTDet: ``'LN'``).
-            square_pad: pad inputs to this square size (0: no).
-            fusions: makes the :class:`FPNFusions` (output fusions only: a simple pyramid has no
-                top-down sums), called after detectron2's layers are made; None: ViTDet's pyramid.
-        """
+        """Arguments as detectron2's ``SimpleFeaturePyramid``; ``fusions`` as :class:`FusionFPN`'s,
+        output fusions only (a simple pyramid has no top-down sums)."""
         super().__init__(net, in_feature, out_channels, list(scale_factors), top_block=top_block,
                          norm=norm, square_pad=square_pad)
-        self._record_padding(net)
-        made = fusions() if fusions is not None else FPNFusions()
+        made = self._register(net, fusions)
         if made.lateral or made.top:
             raise ValueError('FusionSimpleFeaturePyramid takes output fusions only: it has no '
                              'top-down sums for lateral or top fusions (docs/necks.md).')
-        self._register(made)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Same contract as :meth:`SimpleFeaturePyramid.forward`: ``{'p2': ..., ..., 'p6': ...}``."""
         features = self.net(x)[self.in_feature]
         results = [stage(features) for stage in self.stages]
         for fusion in self.output_fusions:
@@ -221,20 +181,17 @@ class FusionSimpleFeaturePyramid(_BottomUpPadding, SimpleFeaturePyramid):
         return dict(zip(self._out_features, results))
 
 
-def _check_neck_keys(cfg) -> None:
+def fpn_fusions(cfg, strides: Sequence[int], top_levels: int = 0, channels: int = 0,
+                finest_first: bool = False) -> Callable[[], FPNFusions]:
+    """What makes the modules ``MODEL.FPN.FUSION`` names (``MODEL.FINE.*``, ``MODEL.ASFF.*``) for levels
+    of ``strides`` (finest first) and ``top_levels`` top-block levels: nothing (``'sum'``); a FINE
+    ``fpn_fine{s}`` per top-down sum into ``p{s}``, made coarse to fine (``finest_first``: UPerNet's
+    order), and with ``MODEL.FINE.EXTRA_LEVELS`` one per pair of the last levels; or ASFF
+    (``fpn_asff``). ``channels`` 0: ``MODEL.FPN.OUT_CHANNELS``. Checked now, made when called."""
     if 'FINE' not in cfg.MODEL or 'ASFF' not in cfg.MODEL or 'FUSION' not in cfg.MODEL.FPN:
-        raise KeyError(
-            'The config lacks the MODEL.FINE / MODEL.ASFF / MODEL.FPN.FUSION keys: call '
-            'detectron2_ext.add_maformer_zoo_config(cfg) on get_cfg() before merge_from_file.')
-
-
-def fpn_fusions(cfg, strides: Sequence[int], top_levels: int = 0) -> Callable[[], FPNFusions]:
-    """What makes the modules ``MODEL.FPN.FUSION`` names for a pyramid on levels of ``strides``
-    (finest first) with ``top_levels`` top-block levels: nothing (``'sum'``); a FINE per top-down
-    sum, named ``fpn_fine{s}`` for its ``F_low`` ``p{s}``, and with ``MODEL.FINE.EXTRA_LEVELS`` one
-    per adjacent pair of the last levels (``fpn_fine5``, RetinaNet's ``fpn_fine6``); ASFF on the
-    levels (``fpn_asff``). The configuration is checked now, the modules made when called."""
-    fusion, channels = cfg.MODEL.FPN.FUSION, cfg.MODEL.FPN.OUT_CHANNELS
+        raise KeyError('The config lacks the MODEL.FINE / MODEL.ASFF / MODEL.FPN.FUSION keys: call '
+                       'detectron2_ext.add_maformer_zoo_config(cfg) on get_cfg() before merge_from_file.')
+    fusion, channels = cfg.MODEL.FPN.FUSION, channels or cfg.MODEL.FPN.OUT_CHANNELS
     fine, asff = cfg.MODEL.FINE, cfg.MODEL.ASFF
     if fusion not in FUSIONS:
         raise ValueError(f'MODEL.FPN.FUSION={fusion!r}: fusion must be one of {FUSIONS}.')
@@ -246,12 +203,11 @@ def fpn_fusions(cfg, strides: Sequence[int], top_levels: int = 0) -> Callable[[]
         return lambda: FPNFusions('sum')
     kernels = list(fine.POOL_KERNELS)  # entry i: k of the FINE whose F_low is p{i+2}
     stages = [int(math.log2(s)) for s in strides]
-    lows = stages[:-1][::-1]  # F_low of each top-down sum, coarse to fine
+    lows = stages[:-1] if finest_first else stages[:-1][::-1]  # F_low of each top-down sum
     for stage in lows:
         if not 0 <= stage - 2 < len(kernels):
-            raise ValueError(
-                f'MODEL.FINE.POOL_KERNELS={kernels} has no entry for the fusion producing '
-                f'p{stage} (entry i is for p{{i+2}}); give one kernel per level p2..p{stage}.')
+            raise ValueError(f'MODEL.FINE.POOL_KERNELS={kernels} has no entry for the fusion producing '
+                             f'p{stage} (entry i is for p{{i+2}}); give one kernel per level p2..p{stage}.')
     extra = list(range(stages[-1], stages[-1] + top_levels))[::-1] if fine.EXTRA_LEVELS else []
 
     def make(stage: int) -> Tuple[str, nn.Module]:
@@ -263,56 +219,36 @@ def fpn_fusions(cfg, strides: Sequence[int], top_levels: int = 0) -> Callable[[]
 
 
 def build_fusion_fpn(bottom_up: Backbone, cfg, top_block: Optional[nn.Module] = None) -> FusionFPN:
-    """A :class:`FusionFPN` on ``bottom_up`` from ``MODEL.FPN.*`` and the fusions
-    :func:`fpn_fusions` makes; ``top_block`` None means ``LastLevelMaxPool`` (P6)."""
-    _check_neck_keys(cfg)
+    """A :class:`FusionFPN` on ``bottom_up`` from ``MODEL.FPN.*``; ``top_block`` None: ``LastLevelMaxPool``."""
     shapes = bottom_up.output_shape()
     missing = [f for f in cfg.MODEL.FPN.IN_FEATURES if f not in shapes]
     if missing:
         raise ValueError(
-            f'MODEL.FPN.IN_FEATURES={list(cfg.MODEL.FPN.IN_FEATURES)} asks for {missing}, which '
-            f'the bottom-up backbone does not output (it has {list(shapes)}).'
-            + (' A single-scale backbone takes MODEL.BACKBONE.NAME build_timm_simple_fpn_backbone.'
-               if len(shapes) == 1 else ''))
+            f'MODEL.FPN.IN_FEATURES={list(cfg.MODEL.FPN.IN_FEATURES)} asks for {missing}, which the bottom-up '
+            f'backbone does not output (it has {list(shapes)}).' + (
+                ' A single-scale backbone takes MODEL.BACKBONE.NAME build_timm_simple_fpn_backbone.'
+                if len(shapes) == 1 else ''))
     top_block = LastLevelMaxPool() if top_block is None else top_block
-    fusions = fpn_fusions(cfg, [shapes[f].stride for f in cfg.MODEL.FPN.IN_FEATURES],
-                          top_block.num_levels)
-    return FusionFPN(
-        bottom_up=bottom_up,
-        in_features=cfg.MODEL.FPN.IN_FEATURES,
-        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
-        norm=cfg.MODEL.FPN.NORM,
-        top_block=top_block,
-        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-        fusions=fusions,
-    )
+    fusions = fpn_fusions(cfg, [shapes[f].stride for f in cfg.MODEL.FPN.IN_FEATURES], top_block.num_levels)
+    return FusionFPN(bottom_up, cfg.MODEL.FPN.IN_FEATURES, cfg.MODEL.FPN.OUT_CHANNELS, norm=cfg.MODEL.FPN.NORM,
+                     top_block=top_block, fuse_type=cfg.MODEL.FPN.FUSE_TYPE, fusions=fusions)
 
 
 def build_fusion_simple_fpn(net: Backbone, cfg) -> FusionSimpleFeaturePyramid:
-    """A :class:`FusionSimpleFeaturePyramid` (P2-P6) on the last stride-16 output of ``net``, from
-    ``MODEL.FPN.OUT_CHANNELS`` / ``NORM`` (``''`` means ViTDet's ``'LN'``: detectron2's pyramid
-    has no norm-free variant) / ``FUSION`` (``'sum'`` or ``'asff'``) and ``MODEL.ASFF.*``."""
-    _check_neck_keys(cfg)
-    if cfg.MODEL.FPN.FUSION == 'fine':
-        raise ValueError(
-            "MODEL.FPN.FUSION='fine': the simple feature pyramid of single-scale backbones takes "
-            "'sum' or 'asff'. FINE aligns a lateral map to the coarser map of a top-down pathway, "
-            "which this pyramid does not have (docs/necks.md).")
+    """A :class:`FusionSimpleFeaturePyramid` (P2-P6) on the last stride-16 output of ``net``;
+    ``MODEL.FPN.NORM`` ``''`` means ViTDet's ``'LN'`` (detectron2's pyramid has no norm-free variant)."""
+    if cfg.MODEL.FPN.get('FUSION') == 'fine':
+        raise ValueError("MODEL.FPN.FUSION='fine': the simple feature pyramid of single-scale backbones takes "
+                         "'sum' or 'asff'. FINE aligns a lateral map to the coarser map of a top-down pathway, "
+                         "which this pyramid does not have (docs/necks.md).")
     shapes = net.output_shape()
     at_16 = [name for name, shape in shapes.items() if shape.stride == 16]
     if not at_16:
-        raise ValueError(
-            f'The simple feature pyramid builds P2-P5 from a stride-16 map, and the backbone has '
-            f'none ({ {k: v.stride for k, v in shapes.items()} }); use build_timm_fpn_backbone '
-            f'for multi-scale backbones.')
-    return FusionSimpleFeaturePyramid(
-        net, at_16[-1], cfg.MODEL.FPN.OUT_CHANNELS, top_block=LastLevelMaxPool(),
-        norm=cfg.MODEL.FPN.NORM or 'LN', fusions=fpn_fusions(cfg, [4, 8, 16, 32]))
-
-
-def retinanet_top_block(cfg, bottom_up: Backbone) -> LastLevelP6P7:
-    """RetinaNet's P6-P7 from ``res5``, as detectron2's ``build_retinanet_resnet_fpn_backbone``."""
-    return LastLevelP6P7(bottom_up.output_shape()['res5'].channels, cfg.MODEL.FPN.OUT_CHANNELS)
+        raise ValueError(f'The simple feature pyramid builds P2-P5 from a stride-16 map, and the backbone has '
+                         f'none ({ {k: v.stride for k, v in shapes.items()} }); use build_timm_fpn_backbone '
+                         f'for multi-scale backbones.')
+    return FusionSimpleFeaturePyramid(net, at_16[-1], cfg.MODEL.FPN.OUT_CHANNELS, top_block=LastLevelMaxPool(),
+                                      norm=cfg.MODEL.FPN.NORM or 'LN', fusions=fpn_fusions(cfg, [4, 8, 16, 32]))
 
 
 @BACKBONE_REGISTRY.register()
@@ -323,9 +259,10 @@ def build_resnet_fusion_fpn_backbone(cfg, input_shape: ShapeSpec) -> FusionFPN:
 
 @BACKBONE_REGISTRY.register()
 def build_retinanet_resnet_fusion_fpn_backbone(cfg, input_shape: ShapeSpec) -> FusionFPN:
-    """detectron2 ResNet + FPN (``MODEL.FPN.FUSION``) with P6-P7 from ``res5`` (RetinaNet)."""
+    """detectron2 ResNet + FPN with P6-P7 from ``res5`` (RetinaNet, as detectron2's own builder)."""
     bottom_up = build_resnet_backbone(cfg, input_shape)
-    return build_fusion_fpn(bottom_up, cfg, retinanet_top_block(cfg, bottom_up))
+    top = LastLevelP6P7(bottom_up.output_shape()['res5'].channels, cfg.MODEL.FPN.OUT_CHANNELS)
+    return build_fusion_fpn(bottom_up, cfg, top)
 
 
 @BACKBONE_REGISTRY.register()
@@ -336,9 +273,10 @@ def build_timm_fpn_backbone(cfg, input_shape: ShapeSpec) -> FusionFPN:
 
 @BACKBONE_REGISTRY.register()
 def build_retinanet_timm_fpn_backbone(cfg, input_shape: ShapeSpec) -> FusionFPN:
-    """timm model + FPN (``MODEL.FPN.FUSION``) with P6-P7 from ``res5`` (RetinaNet)."""
+    """timm model + FPN with P6-P7 from ``res5`` (RetinaNet)."""
     bottom_up = TimmBackbone.from_config(cfg, input_shape)
-    return build_fusion_fpn(bottom_up, cfg, retinanet_top_block(cfg, bottom_up))
+    top = LastLevelP6P7(bottom_up.output_shape()['res5'].channels, cfg.MODEL.FPN.OUT_CHANNELS)
+    return build_fusion_fpn(bottom_up, cfg, top)
 
 
 @BACKBONE_REGISTRY.register()

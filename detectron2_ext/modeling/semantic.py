@@ -1,15 +1,10 @@
 """Semantic segmentation heads as mmsegmentation builds them, for detectron2's ``SemanticSegmentor``.
 
-* :class:`UPerNetHead` (``MODEL.SEM_SEG_HEAD.NAME: "UPerNetHead"``): mmseg's ``UPerHead`` (Xiao et
-  al., UPerNet, ECCV 2018) on ``res2..res5`` plus its auxiliary FCN head on ``res4`` (training
-  only); ``MODEL.FPN.FUSION`` ``'fine'`` / ``'asff'`` puts FINE / ASFF in place of the top-down sums.
-* :class:`SemanticFPNHead` (``"SemanticFPNHead"``): detectron2's ``SemSegFPNHead`` (Kirillov et
-  al., the layers of mmseg's ``FPNHead``) with mmseg's dropout before the classifier.
-
-Design and what still differs from mmseg: docs/segmentation.md#heads.
+:class:`UPerNetHead`: mmseg's ``UPerHead`` (Xiao et al., UPerNet, ECCV 2018) and its auxiliary FCN head, with
+``MODEL.FPN.FUSION``'s FINE / ASFF in place of the top-down sums. :class:`SemanticFPNHead`: detectron2's
+``SemSegFPNHead`` (Kirillov et al.) with mmseg's dropout. Design and differences: docs/segmentation.md#heads.
 """
-import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -21,19 +16,17 @@ from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from detectron2.modeling.meta_arch.semantic_seg import SemSegFPNHead
 import fvcore.nn.weight_init as weight_init
 
-from maformer_zoo.layers.asff import ASFF
-from maformer_zoo.layers.fine import FINE
 from maformer_zoo.layers.mscsa import pool_to
 
-__all__ = ['PyramidPoolingModule', 'FCNAuxHead', 'UPerNetHead', 'SemanticFPNHead', 'UPERNET_FUSIONS']
+from .fpn_variants import FPNFusions, fpn_fusions
 
-UPERNET_FUSIONS = ('sum', 'fine', 'asff')
+__all__ = ['PyramidPoolingModule', 'FCNAuxHead', 'UPerNetHead', 'SemanticFPNHead']
 
 
 def _conv_norm_relu(in_channels: int, out_channels: int, kernel_size: int, norm: str) -> Conv2d:
     """mmcv's ``ConvModule``: conv (no bias under a norm), norm, ReLU; MSRA init as mmcv's."""
-    conv = Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2,
-                  bias=not norm, norm=get_norm(norm, out_channels), activation=F.relu)
+    conv = Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=not norm,
+                  norm=get_norm(norm, out_channels), activation=F.relu)
     weight_init.c2_msra_fill(conv)
     return conv
 
@@ -57,23 +50,14 @@ def _seg_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_value: int) ->
 
 
 class PyramidPoolingModule(nn.Module):
-    """PSPNet's PPM: the map pooled to ``s x s`` for each scale ``s``, 1x1 conv, upsampled back,
-    concatenated after the map and reduced by a 3x3 conv."""
+    """PSPNet's PPM: the map pooled to ``s x s`` for each scale ``s``, 1x1 conv, upsampled back, concatenated
+    after the map and reduced by a 3x3 conv."""
 
     def __init__(self, in_channels: int, channels: int, pool_scales: Sequence[int], norm: str):
-        """
-        Args:
-            in_channels: channels of the input map.
-            channels: channels of each pooled branch and of the output.
-            pool_scales: output sizes of the adaptive average poolings (UPerNet: 1, 2, 3, 6).
-            norm: detectron2 norm name after every conv (``''``: none).
-        """
         super().__init__()
         self.pool_scales = tuple(pool_scales)
-        self.branches = nn.ModuleList(
-            [_conv_norm_relu(in_channels, channels, 1, norm) for _ in self.pool_scales])
-        self.bottleneck = _conv_norm_relu(
-            in_channels + len(self.pool_scales) * channels, channels, 3, norm)
+        self.branches = nn.ModuleList([_conv_norm_relu(in_channels, channels, 1, norm) for _ in self.pool_scales])
+        self.bottleneck = _conv_norm_relu(in_channels + len(self.pool_scales) * channels, channels, 3, norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-2:]
@@ -83,19 +67,10 @@ class PyramidPoolingModule(nn.Module):
 
 
 class FCNAuxHead(nn.Module):
-    """mmseg's auxiliary ``FCNHead`` (one 3x3 conv-norm-ReLU, no input concat): dropout and a
-    classifier on one backbone stage; its loss regularises training and it is not run at test."""
+    """mmseg's auxiliary ``FCNHead`` (one 3x3 conv-norm-ReLU, no input concat), dropout and a classifier on one
+    backbone stage; its loss regularises training and it is not run at test."""
 
-    def __init__(self, in_channels: int, channels: int, num_classes: int, norm: str,
-                 dropout: float = 0.1):
-        """
-        Args:
-            in_channels: channels of the stage it reads (mmseg: the third, ``res4``).
-            channels: width of its conv (mmseg: 256).
-            num_classes: classes predicted per pixel.
-            norm: detectron2 norm name after the conv.
-            dropout: ``Dropout2d`` probability before the classifier (mmseg: 0.1).
-        """
+    def __init__(self, in_channels: int, channels: int, num_classes: int, norm: str, dropout: float = 0.1):
         super().__init__()
         self.conv = _conv_norm_relu(in_channels, channels, 3, norm)
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
@@ -122,15 +97,7 @@ class UPerNetHead(nn.Module):
             loss_weight: float = 1.0,
             norm: str = 'BN',
             ignore_value: int = 255,
-            fusion: str = 'sum',
-            fine_pool_kernels: Sequence[int] = (8, 2, 1),
-            fine_ratio: int = 2,
-            fine_head_dim: int = 16,
-            fine_pool_type: str = 'avg',
-            fine_qkv_bias: bool = True,
-            fine_zero_init_out: bool = False,
-            asff_norm: str = '',
-            asff_upsample_mode: str = 'nearest',
+            fusions: Optional[Callable[[], FPNFusions]] = None,
             aux_in_feature: str = '',
             aux_input_shape: Optional[ShapeSpec] = None,
             aux_channels: int = 256,
@@ -138,107 +105,65 @@ class UPerNetHead(nn.Module):
     ):
         """
         Args:
-            input_shape: the backbone stages used, name -> shape (``MODEL.SEM_SEG_HEAD.IN_FEATURES``,
-                ``res2..res5``); the coarsest feeds the PPM, the others get laterals.
-            num_classes: classes predicted per pixel.
+            input_shape: the backbone stages used (``res2..res5``); the coarsest feeds the PPM.
             conv_dims: width of the PPM, laterals, FPN convs and bottleneck (mmseg: 512).
             common_stride: stride of the fused map; must be the finest input stride.
-            pool_scales: PPM pooling sizes (mmseg: 1, 2, 3, 6).
-            dropout: ``Dropout2d`` probability before the classifier (mmseg: 0.1).
-            loss_weight: weight of the main cross-entropy loss (mmseg: 1.0).
             norm: detectron2 norm name after every conv ('SyncBN' in the recipes, 'BN', 'GN').
-            ignore_value: label ignored by the losses (255).
-            fusion: how the top-down path merges levels: ``'sum'`` (mmseg: ``L_i + Up(L_{i+1})``),
-                ``'fine'`` (``FINE(L_i, L_{i+1}) + Up(L_{i+1})``) or ``'asff'`` (ASFF over all
-                laterals and the PPM output instead of the sums).
-            fine_pool_kernels, fine_ratio, fine_head_dim, fine_pool_type, fine_qkv_bias,
-                fine_zero_init_out: FINE's arguments; ``fine_pool_kernels[i]`` is ``k`` of the
-                FINE whose lateral is at stride ``2**(i+2)`` (``MODEL.FINE.*``).
-            asff_norm, asff_upsample_mode: ASFF's norm and interpolation (``MODEL.ASFF.*``).
+            fusions: the top-down merge's modules (:func:`~detectron2_ext.modeling.fpn_variants.fpn_fusions`
+                with ``finest_first``): a FINE per lateral, finest first, or one ASFF on all levels instead
+                of the sums; None: mmseg's sums.
             aux_in_feature: backbone stage of the auxiliary FCN head (``'res4'``); ``''``: none.
-            aux_input_shape: its shape.
-            aux_channels: width of the auxiliary head's conv (mmseg: 256).
-            aux_loss_weight: weight of its loss (mmseg: 0.4).
+            The others: mmseg's (``MODEL.UPERNET.*``, docs/segmentation.md#heads).
         """
         super().__init__()
         shapes = sorted(input_shape.items(), key=lambda item: item[1].stride)
         self.in_features = [name for name, _ in shapes]
-        strides = [shape.stride for _, shape in shapes]
-        if common_stride != strides[0]:
+        if common_stride != shapes[0][1].stride:
             raise ValueError(
-                f'UPerNetHead fuses at the finest input stride {strides[0]}, but '
-                f'MODEL.SEM_SEG_HEAD.COMMON_STRIDE is {common_stride}: set it to {strides[0]}.')
-        if fusion not in UPERNET_FUSIONS:
-            raise ValueError(f'MODEL.FPN.FUSION={fusion!r}: UPerNetHead takes one of {UPERNET_FUSIONS}.')
+                f'UPerNetHead fuses at the finest input stride {shapes[0][1].stride}, but '
+                f'MODEL.SEM_SEG_HEAD.COMMON_STRIDE is {common_stride}: set it to {shapes[0][1].stride}.')
         self.common_stride = common_stride
         self.ignore_value = ignore_value
         self.loss_weight = loss_weight
-        self.fusion = fusion
-        self.laterals = nn.ModuleList(
-            [_conv_norm_relu(shape.channels, conv_dims, 1, norm) for _, shape in shapes[:-1]])
+        self.laterals = nn.ModuleList([_conv_norm_relu(shape.channels, conv_dims, 1, norm) for _, shape in shapes[:-1]])
         self.ppm = PyramidPoolingModule(shapes[-1][1].channels, conv_dims, pool_scales, norm)
-        self.fpn_convs = nn.ModuleList(
-            [_conv_norm_relu(conv_dims, conv_dims, 3, norm) for _ in shapes[:-1]])
+        self.fpn_convs = nn.ModuleList([_conv_norm_relu(conv_dims, conv_dims, 3, norm) for _ in shapes[:-1]])
         self.fpn_bottleneck = _conv_norm_relu(len(shapes) * conv_dims, conv_dims, 3, norm)
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.predictor = _classifier(conv_dims, num_classes)
-        # FINE i aligns lateral i (stride strides[i]) to the merged map above it
-        self.fine: Optional[nn.ModuleList] = None
-        self.asff: Optional[ASFF] = None
-        if fusion == 'fine':
-            kernels = list(fine_pool_kernels)
-            levels = [int(math.log2(s)) - 2 for s in strides[:-1]]
-            if max(levels) >= len(kernels):
-                raise ValueError(
-                    f'MODEL.FINE.POOL_KERNELS={kernels} has no entry for the lateral at stride '
-                    f'{strides[-2]} (entry i is for stride 2**(i+2)); give one kernel per level.')
-            self.fine = nn.ModuleList([
-                FINE(conv_dims, kernel_size=int(kernels[level]), ratio=fine_ratio,
-                     head_dim=fine_head_dim, qkv_bias=fine_qkv_bias, pool_type=fine_pool_type,
-                     zero_init_out=fine_zero_init_out) for level in levels])
-        elif fusion == 'asff':
-            norm_layer = (lambda c: get_norm(asff_norm, c)) if asff_norm else None
-            self.asff = ASFF([conv_dims] * len(shapes), upsample_mode=asff_upsample_mode,
-                             norm_layer=norm_layer)
+        made = fusions() if fusions is not None else FPNFusions()
+        self.fusion = made.name
+        # FINE i aligns lateral i to the merged map above it
+        self.fine = nn.ModuleList([m for _, m in made.lateral]) if made.lateral else None
+        self.asff = made.output[0][1] if made.output else None
         self.aux_in_feature = aux_in_feature
         self.aux_loss_weight = aux_loss_weight
         self.aux_head = None
         if aux_in_feature:
-            if aux_input_shape is None:
-                raise ValueError(f"UPerNetHead: no shape for the auxiliary head's input "
-                                 f"'{aux_in_feature}'.")
-            self.aux_head = FCNAuxHead(aux_input_shape.channels, aux_channels, num_classes, norm,
-                                       dropout)
+            self.aux_head = FCNAuxHead(aux_input_shape.channels, aux_channels, num_classes, norm, dropout)
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]) -> Dict:
-        head, uper, fine, asff = cfg.MODEL.SEM_SEG_HEAD, cfg.MODEL.UPERNET, cfg.MODEL.FINE, cfg.MODEL.ASFF
-        missing = [f for f in list(head.IN_FEATURES) + [uper.AUX_IN_FEATURE]
-                   if f and f not in input_shape]
+        head, uper = cfg.MODEL.SEM_SEG_HEAD, cfg.MODEL.UPERNET
+        missing = [f for f in list(head.IN_FEATURES) + [uper.AUX_IN_FEATURE] if f and f not in input_shape]
         if missing:
             raise ValueError(
-                f'UPerNetHead reads {missing} (MODEL.SEM_SEG_HEAD.IN_FEATURES / '
-                f'MODEL.UPERNET.AUX_IN_FEATURE), which the backbone does not output (it has '
-                f'{list(input_shape)}); UPerNet takes the backbone stages: MODEL.BACKBONE.NAME '
-                f'build_timm_backbone.')
+                f'UPerNetHead reads {missing} (MODEL.SEM_SEG_HEAD.IN_FEATURES / MODEL.UPERNET.AUX_IN_FEATURE), '
+                f'which the backbone does not output (it has {list(input_shape)}); UPerNet takes the backbone '
+                f'stages: MODEL.BACKBONE.NAME build_timm_backbone.')
+        strides = sorted(input_shape[f].stride for f in head.IN_FEATURES)
         return dict(
             input_shape={k: v for k, v in input_shape.items() if k in head.IN_FEATURES},
-            num_classes=head.NUM_CLASSES, conv_dims=head.CONVS_DIM,
-            common_stride=head.COMMON_STRIDE, pool_scales=tuple(uper.POOL_SCALES),
-            dropout=uper.DROPOUT, loss_weight=head.LOSS_WEIGHT, norm=head.NORM,
-            ignore_value=head.IGNORE_VALUE, fusion=cfg.MODEL.FPN.FUSION,
-            fine_pool_kernels=tuple(fine.POOL_KERNELS), fine_ratio=fine.RATIO,
-            fine_head_dim=fine.HEAD_DIM, fine_pool_type=fine.POOL_TYPE,
-            fine_qkv_bias=fine.QKV_BIAS, fine_zero_init_out=fine.ZERO_INIT_OUT,
-            asff_norm=asff.NORM, asff_upsample_mode=asff.UPSAMPLE_MODE,
-            aux_in_feature=uper.AUX_IN_FEATURE,
-            aux_input_shape=input_shape.get(uper.AUX_IN_FEATURE),
+            num_classes=head.NUM_CLASSES, conv_dims=head.CONVS_DIM, common_stride=head.COMMON_STRIDE,
+            pool_scales=tuple(uper.POOL_SCALES), dropout=uper.DROPOUT, loss_weight=head.LOSS_WEIGHT, norm=head.NORM,
+            ignore_value=head.IGNORE_VALUE,
+            fusions=fpn_fusions(cfg, strides, channels=head.CONVS_DIM, finest_first=True),
+            aux_in_feature=uper.AUX_IN_FEATURE, aux_input_shape=input_shape.get(uper.AUX_IN_FEATURE),
             aux_channels=uper.AUX_CHANNELS, aux_loss_weight=uper.AUX_LOSS_WEIGHT,
         )
 
     def pyramid(self, features: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
-        """The merged levels, finest first: laterals and PPM output after the top-down merge
-        (``'sum'`` / ``'fine'``) or after ASFF."""
+        """The merged levels, finest first: laterals and PPM output after the top-down merge or ASFF."""
         maps = [lateral(features[name]) for name, lateral in zip(self.in_features, self.laterals)]
         maps.append(self.ppm(features[self.in_features[-1]]))
         if self.asff is not None:
@@ -258,33 +183,25 @@ class UPerNetHead(nn.Module):
 
     def forward(self, features: Dict[str, torch.Tensor], targets: Optional[torch.Tensor] = None
                 ) -> Tuple[Optional[torch.Tensor], Dict[str, torch.Tensor]]:
-        """As detectron2's ``SemSegFPNHead``: ``(None, losses)`` in training (``loss_sem_seg`` and,
-        with the auxiliary head, ``loss_sem_seg_aux``), ``(logits at the padded input size, {})``
-        in inference."""
+        """As detectron2's ``SemSegFPNHead``: ``(None, losses)`` in training (``loss_sem_seg``, and
+        ``loss_sem_seg_aux`` with the auxiliary head), ``(logits at the padded input size, {})`` in inference."""
         logits = self.layers(features)
         if self.training:
             losses = {'loss_sem_seg': _seg_loss(logits, targets, self.ignore_value) * self.loss_weight}
             if self.aux_head is not None:
                 aux = self.aux_head(features[self.aux_in_feature])
-                losses['loss_sem_seg_aux'] = (_seg_loss(aux, targets, self.ignore_value)
-                                              * self.aux_loss_weight)
+                losses['loss_sem_seg_aux'] = _seg_loss(aux, targets, self.ignore_value) * self.aux_loss_weight
             return None, losses
-        return F.interpolate(logits, scale_factor=self.common_stride, mode='bilinear',
-                             align_corners=False), {}
+        return F.interpolate(logits, scale_factor=self.common_stride, mode='bilinear', align_corners=False), {}
 
 
 @SEM_SEG_HEADS_REGISTRY.register()
 class SemanticFPNHead(SemSegFPNHead):
-    """detectron2's ``SemSegFPNHead`` with ``Dropout2d`` before the classifier and the classifier
-    initialised N(0, 0.01), as mmseg's ``FPNHead``; ``MODEL.SEMANTIC_FPN.DROPOUT`` (0.1)."""
+    """detectron2's ``SemSegFPNHead`` with ``Dropout2d`` (``MODEL.SEMANTIC_FPN.DROPOUT``) before the classifier,
+    initialised N(0, 0.01), as mmseg's ``FPNHead``."""
 
     @configurable
     def __init__(self, input_shape: Dict[str, ShapeSpec], *, dropout: float = 0.1, **kwargs):
-        """
-        Args:
-            input_shape, kwargs: as detectron2's ``SemSegFPNHead``.
-            dropout: ``Dropout2d`` probability before the classifier (mmseg: 0.1).
-        """
         super().__init__(input_shape, **kwargs)
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         nn.init.normal_(self.predictor.weight, 0, 0.01)

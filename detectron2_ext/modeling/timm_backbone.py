@@ -1,9 +1,7 @@
-"""detectron2 ``Backbone`` around any timm model created with ``features_only=True``.
-
-:class:`TimmBackbone` reads what timm declares: channels and strides from ``feature_info``, the
-layout from ``output_fmt``, input sizes from ``pretrained_cfg`` and :data:`DYNAMIC_SIZE_MODULES`.
-``build_timm_backbone`` is the model alone (its FPN builders: ``fpn_variants``). Design and the
-families it passes: docs/detectron2.md#the-backbone-adapter-detectron2_extmodelingtimm_backbonepy.
+"""detectron2 ``Backbone`` around any timm model created with ``features_only=True``, from what timm
+declares: ``feature_info`` (channels, strides), ``output_fmt`` (layout), ``pretrained_cfg`` and
+:data:`DYNAMIC_SIZE_MODULES` (input sizes). Design and the families it passes:
+docs/detectron2.md#the-backbone-adapter-detectron2_extmodelingtimm_backbonepy.
 """
 import difflib
 import itertools
@@ -22,12 +20,14 @@ from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone import BACKBONE_REGISTRY, Backbone
 
+from maformer_zoo.utils.names import close_names_hint
+
 __all__ = ['TimmBackbone', 'build_timm_backbone', 'NORMS', 'DYNAMIC_SIZE_MODULES']
 NORMS = ('FrozenBN', 'SyncBN', 'BN', '')
 # timm modules whose models take any input size built with dynamic_img_size=True; other models whose
 # pretrained_cfg says fixed_input_size take timm's img_size (its builder's convention), padded to it
-DYNAMIC_SIZE_MODULES = ('vision_transformer', 'vision_transformer_hybrid', 'deit', 'eva',
-                        'swin_transformer', 'swin_transformer_v2', 'swin_transformer_v2_cr')
+DYNAMIC_SIZE_MODULES = ('vision_transformer', 'vision_transformer_hybrid', 'deit', 'eva', 'swin_transformer',
+                        'swin_transformer_v2', 'swin_transformer_v2_cr')
 # create_model arguments the adapter sets, with the config key that sets them (None: no key)
 _OWN_KWARGS = {'features_only': None, 'in_chans': None, 'pretrained': 'PRETRAINED',
                'pretrained_cfg_overlay': 'CHECKPOINT', 'pretrained_base': 'PRETRAINED_BASE',
@@ -47,20 +47,18 @@ def _size_kwargs(name: str, img_size: int, divisor: int):
 
 def _check_model_name(name: str) -> None:
     if not name:
-        raise ValueError("MODEL.TIMM.NAME is empty: set it to a timm model name, e.g. "
-                         "'resnet18_mscsa' (see maformer_zoo.list_models()).")
+        raise ValueError("MODEL.TIMM.NAME is empty: set it to a timm model name, e.g. 'resnet18_mscsa' "
+                         "(see maformer_zoo.list_models()).")
     if name.startswith(('hf-hub:', 'local-dir:')):
-        raise ValueError(f"MODEL.TIMM.NAME={name!r}: give the architecture name here and the "
-                         f"weight source in MODEL.TIMM.CHECKPOINT (CHECKPOINT '{name}').")
+        raise ValueError(f"MODEL.TIMM.NAME={name!r}: give the architecture name here and the weight source in "
+                         f"MODEL.TIMM.CHECKPOINT (CHECKPOINT '{name}').")
     if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
-        raise ValueError(f"Unknown timm model {name!r}." + (f' Did you mean one of {close}?' if
-                         close else '') + " List names with timm.list_models('*pattern*').")
+        raise ValueError(f"Unknown timm model {name!r}{close_names_hint(name, timm.list_models())}; list names "
+                         f"with timm.list_models('*pattern*').")
 
 
 def _create(name: str, kwargs: Dict[str, Any], sources: Mapping[str, str]) -> nn.Module:
-    """``timm.create_model``; an argument the model's class does not take (checked against its own
-    signature) is refused naming the config key that set it (``sources``)."""
+    """``timm.create_model``; an argument its class's signature lacks is refused naming its config key (``sources``)."""
     try:
         return timm.create_model(name, **kwargs)
     except TypeError:
@@ -70,9 +68,9 @@ def _create(name: str, kwargs: Dict[str, Any], sources: Mapping[str, str]) -> nn
         if not unknown or any(p.kind is p.VAR_KEYWORD for p in params.values()):
             raise
         close = difflib.get_close_matches(unknown[0], sorted(params), n=3, cutoff=0.6)
-        raise ValueError(f'{sources[unknown[0]]}: {name!r} takes no argument {unknown[0]!r}' +
-                         (f' (did you mean {close}?)' if close else '') +
-                         f'. Its arguments: {sorted(params)}.') from None
+        hint = f' (did you mean {close}?)' if close else ''
+        raise ValueError(f'{sources[unknown[0]]}: {name!r} takes no argument {unknown[0]!r}{hint}. Its arguments: '
+                         f'{sorted(params)}.') from None
 
 
 class TimmBackbone(Backbone):
@@ -83,24 +81,11 @@ class TimmBackbone(Backbone):
                  norm: str = 'FrozenBN', drop_path_rate: float = 0.0, grad_ckpt: bool = False,
                  in_chans: int = 3, size_divisibility: int = 0, img_size: int = 0,
                  model_kwargs: Optional[Mapping[str, Any]] = None):
-        """
-        Args:
-            model_name: a timm model name; ``import maformer_zoo`` registers ours.
-            pretrained: load timm's default pretrained weights of ``model_name``.
-            checkpoint: other weights (implies ``pretrained``): a file, ``hf-hub:<id>``, ``local-dir:<dir>``.
-            pretrained_base: MSCSA models only: base network from timm's ImageNet weights.
-            out_indices: stages to return, as ``res{log2(stride)}``; empty: timm's default stages
-                at strides 4..32, or a single-scale model's last map (ViT).
-            freeze_at: 0 trains everything; 1 freezes the stem; ``k`` the stem and ``k - 1`` stages.
-            norm: ``'FrozenBN'``, ``'SyncBN'``, ``'BN'`` or ``''`` for the model's BatchNorms.
-            drop_path_rate: stochastic depth rate (0 leaves the model's default).
-            grad_ckpt: gradient checkpointing in the stages.
-            in_chans: input channels.
-            size_divisibility: padding multiple of the input; 0 derives it from the model.
-            img_size: fixed-input-size models: the square they are built for and batches padded
-                to, rounded up to a multiple of 32 (0: their native size).
-            model_kwargs: further ``timm.create_model`` arguments (``MODEL.TIMM.KWARGS``).
-        """
+        """The arguments are the ``MODEL.TIMM.*`` keys (docs/detectron2.md). ``checkpoint``: a file,
+        ``hf-hub:<id>`` or ``local-dir:<dir>`` (implies ``pretrained``); ``out_indices`` empty: timm's stages
+        at strides 4..32, or a single-scale model's last map; ``freeze_at`` ``k``: the stem and ``k - 1``
+        stages; ``size_divisibility`` 0: from the model; ``img_size``: the square a fixed-input-size
+        model is built for and batches are padded to (0: its native size)."""
         super().__init__()
         _check_model_name(model_name)
         if norm not in NORMS:
@@ -110,8 +95,7 @@ class TimmBackbone(Backbone):
             raise ValueError(f'MODEL.TIMM.KWARGS sets {key!r}, which the adapter sets itself' +
                              (f': use MODEL.TIMM.{_OWN_KWARGS[key]}.' if _OWN_KWARGS[key] else '.'))
         sources = {key: 'MODEL.TIMM.KWARGS' for key in extra}
-        size_kwargs, self._square_size = _size_kwargs(
-            model_name, img_size, math.lcm(32, int(size_divisibility) or 1))
+        size_kwargs, self._square_size = _size_kwargs(model_name, img_size, math.lcm(32, int(size_divisibility) or 1))
         kwargs = {'features_only': True, 'in_chans': in_chans, **size_kwargs,
                   'pretrained': bool(pretrained or checkpoint)}
         if checkpoint:  # resolved and checked against the name by the project's one resolver
@@ -127,9 +111,14 @@ class TimmBackbone(Backbone):
         self.model = self._convert_norms(_create(model_name, kwargs, sources), norm)
         fmt = getattr(self.model, 'output_fmt', 'NCHW')  # the layout timm's wrapper declares
         self._channels_last = str(getattr(fmt, 'value', fmt)) == 'NHWC'
-        if grad_ckpt:
-            self._enable_grad_checkpointing(model_name)
-
+        if grad_ckpt:  # timm's sequential wrappers have the method; the getter wrapper keeps it in .model
+            targets = [t for t in (self.model, getattr(self.model, 'model', None))
+                       if hasattr(t, 'set_grad_checkpointing')]
+            try:
+                targets[0].set_grad_checkpointing(True)
+            except (IndexError, AssertionError, NotImplementedError):
+                raise ValueError(f'{model_name!r} does not support gradient checkpointing; set MODEL.TIMM.GRAD_CKPT '
+                                 f'to False.') from None
         info = self.model.feature_info
         strides, channels, modules = info.reduction(), info.channels(), info.module_name()
         if out_indices:
@@ -142,23 +131,20 @@ class TimmBackbone(Backbone):
             raise ValueError(f'{model_name}: no feature stage at strides 4..32 ({strides}).')
         strides = [strides[i] for i in self._selected]
         if any(s & (s - 1) for s in strides):
-            raise ValueError(f'{model_name}: feature strides {strides} are not all powers of two, as '
-                             f'detectron2 heads need (a ViT: MODEL.TIMM.KWARGS {{patch_size: 16}}).')
+            raise ValueError(f'{model_name}: feature strides {strides} are not all powers of two, as detectron2 '
+                             f'heads need (a ViT: MODEL.TIMM.KWARGS {{patch_size: 16}}).')
         self._out_features: List[str] = [f'res{s.bit_length() - 1}' for s in strides]
         if len(set(self._out_features)) != len(strides):
-            raise ValueError(f'{model_name}: two outputs share a stride ({strides}); choose '
-                             f'MODEL.TIMM.OUT_INDICES with one stage per stride.')
+            raise ValueError(f'{model_name}: two outputs share a stride ({strides}); choose MODEL.TIMM.OUT_INDICES '
+                             f'with one stage per stride.')
         self._out_feature_strides = dict(zip(self._out_features, strides))
-        self._out_feature_channels = {n: channels[i]
-                                      for n, i in zip(self._out_features, self._selected)}
+        self._out_feature_channels = {n: channels[i] for n, i in zip(self._out_features, self._selected)}
         self._stage_modules = [modules[i] for i in self._selected]
-        self._size_divisibility = (int(size_divisibility)
-                                   or self._model_size_divisibility(max(strides)))
+        self._size_divisibility = int(size_divisibility) or self._model_size_divisibility(max(strides))
         if self._square_size % self._size_divisibility:
-            raise ValueError(
-                f'{model_name} is built for {self._square_size}x{self._square_size} inputs, no '
-                f'multiple of its size divisibility {self._size_divisibility}: set '
-                f'MODEL.TIMM.IMG_SIZE to a multiple of {self._size_divisibility}.')
+            raise ValueError(f'{model_name} is built for {self._square_size}x{self._square_size} inputs, no multiple '
+                             f'of its size divisibility {self._size_divisibility}: set MODEL.TIMM.IMG_SIZE to a '
+                             f'multiple of {self._size_divisibility}.')
         self.freeze(freeze_at)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -181,11 +167,6 @@ class TimmBackbone(Backbone):
     def padding_constraints(self) -> Dict[str, int]:
         return {'size_divisibility': self._size_divisibility, 'square_size': self._square_size}
 
-    def output_shape(self) -> Dict[str, ShapeSpec]:
-        return {name: ShapeSpec(channels=self._out_feature_channels[name],
-                                stride=self._out_feature_strides[name])
-                for name in self._out_features}
-
     def _convert_norms(self, model: nn.Module, norm: str) -> nn.Module:
         # timm's conversions keep its norm + act layers' activation; 1d/3d BatchNorms are frozen here
         if norm == 'SyncBN':
@@ -201,19 +182,8 @@ class TimmBackbone(Backbone):
 
     def _model_size_divisibility(self, max_stride: int) -> int:
         """The coarsest stride, times a ``size_divisibility`` the model declares (windows)."""
-        values = [getattr(m, 'size_divisibility', None)
-                  for m in (self.model, getattr(self.model, 'model', None))]
+        values = [getattr(m, 'size_divisibility', None) for m in (self.model, getattr(self.model, 'model', None))]
         return math.lcm(max_stride, *[v for v in values if isinstance(v, int) and v > 0])
-
-    def _enable_grad_checkpointing(self, model_name: str) -> None:
-        # timm's sequential wrappers have the method; the getter wrapper keeps it in ``.model``
-        targets = [t for t in (self.model, getattr(self.model, 'model', None))
-                   if hasattr(t, 'set_grad_checkpointing')]
-        try:
-            targets[0].set_grad_checkpointing(True)
-        except (IndexError, AssertionError, NotImplementedError):
-            raise ValueError(f'{model_name!r} does not support gradient checkpointing; set '
-                             f'MODEL.TIMM.GRAD_CKPT to False.') from None
 
     def _parameter_groups(self) -> List[set]:
         """Parameter ids of ``[stem, stage 1, ...]``: timm's ``group_matcher(coarse=True)`` if the model
@@ -222,13 +192,11 @@ class TimmBackbone(Backbone):
             if isinstance(owner, nn.Module) and hasattr(owner, 'group_matcher'):
                 by_name = dict(owner.named_parameters())
                 grouped = group_parameters(owner, owner.group_matcher(coarse=True))
-                return [{id(by_name[n]) for n in grouped[k] if n in by_name}
-                        for k in sorted(grouped)]
+                return [{id(by_name[n]) for n in grouped[k] if n in by_name} for k in sorted(grouped)]
         modules = dict(self.model.named_modules())
         stages = []
         for name in self._stage_modules:
-            found = [modules[c] for c in (name, name.replace('.', '_'), 'model.' + name)
-                     if c in modules]
+            found = [modules[c] for c in (name, name.replace('.', '_'), 'model.' + name) if c in modules]
             if not found:
                 raise RuntimeError(f"feature_info names module '{name}', which the model lacks.")
             stages.append({id(p) for p in found[0].parameters()})
@@ -236,8 +204,8 @@ class TimmBackbone(Backbone):
         return [stem] + stages
 
     def freeze(self, freeze_at: int = 0) -> 'TimmBackbone':
-        """Freeze the stem (``freeze_at >= 1``) and the first ``freeze_at - 1`` stages: no
-        gradient, timm's frozen BatchNorms, eval mode across ``train()``. Returns ``self``."""
+        """Freeze the stem (``freeze_at >= 1``) and the first ``freeze_at - 1`` stages: no gradient, timm's
+        frozen BatchNorms, eval mode across ``train()``. Returns ``self``."""
         if freeze_at < 0:
             raise ValueError(f'MODEL.TIMM.FREEZE_AT must be >= 0, got {freeze_at}.')
         if freeze_at == 0:
@@ -273,21 +241,19 @@ class TimmBackbone(Backbone):
     def from_config(cls, cfg, input_shape: Optional[ShapeSpec] = None) -> 'TimmBackbone':
         """Build from ``MODEL.TIMM.*`` (``detectron2_ext.config``)."""
         if 'TIMM' not in cfg.MODEL:
-            raise KeyError('The config lacks MODEL.TIMM: call detectron2_ext.add_maformer_zoo_config'
-                           '(cfg) on get_cfg() before merge_from_file.')
+            raise KeyError('The config lacks MODEL.TIMM: call detectron2_ext.add_maformer_zoo_config(cfg) on '
+                           'get_cfg() before merge_from_file.')
         defaults = get_cfg().MODEL  # detectron2's ResNet keys a timm backbone would ignore
         for node, key, ours in [('BACKBONE', 'FREEZE_AT', 'FREEZE_AT'), ('RESNETS', 'NORM', 'NORM')]:
             value = cfg.MODEL[node][key]
             if value != defaults[node][key]:
-                raise ValueError(
-                    f"MODEL.{node}.{key}={value!r} applies to detectron2's ResNet only; a timm "
-                    f"backbone reads MODEL.TIMM.{ours}. Set MODEL.TIMM.{ours} {value!r} and leave "
-                    f"MODEL.{node}.{key} at its default {defaults[node][key]!r}.")
+                raise ValueError(f"MODEL.{node}.{key}={value!r} applies to detectron2's ResNet only; a timm backbone "
+                                 f"reads MODEL.TIMM.{ours}. Set MODEL.TIMM.{ours} {value!r} and leave "
+                                 f"MODEL.{node}.{key} at its default {defaults[node][key]!r}.")
         t = cfg.MODEL.TIMM
-        return cls(t.NAME, pretrained=t.PRETRAINED, checkpoint=t.CHECKPOINT,
-                   pretrained_base=t.PRETRAINED_BASE, out_indices=tuple(t.OUT_INDICES),
-                   freeze_at=t.FREEZE_AT, norm=t.NORM, drop_path_rate=t.DROP_PATH_RATE,
-                   grad_ckpt=t.GRAD_CKPT, size_divisibility=t.SIZE_DIVISIBILITY,
+        return cls(t.NAME, pretrained=t.PRETRAINED, checkpoint=t.CHECKPOINT, pretrained_base=t.PRETRAINED_BASE,
+                   out_indices=tuple(t.OUT_INDICES), freeze_at=t.FREEZE_AT, norm=t.NORM,
+                   drop_path_rate=t.DROP_PATH_RATE, grad_ckpt=t.GRAD_CKPT, size_divisibility=t.SIZE_DIVISIBILITY,
                    in_chans=input_shape.channels if input_shape is not None and input_shape.channels else 3,
                    # fixed-size models are built for the largest side the data loader produces
                    img_size=t.IMG_SIZE or max(cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TEST),

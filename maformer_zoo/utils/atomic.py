@@ -1,9 +1,7 @@
 """Atomic file writes: a file is either its old content or its complete new content, never a part.
 
-:func:`atomic_write` writes to a fresh temporary file in the target's folder (``tempfile.mkstemp``:
-``O_CREAT | O_EXCL`` with a random name, so a file or symlink planted under a guessed name is never
-opened), fsyncs it, renames it over the target (a symlink at the target is replaced, not followed)
-and fsyncs the folder. Every run file, checkpoint and result of ours is written with it.
+A fresh temporary file in the target's folder (``mkstemp``: ``O_EXCL``, a random name, so nothing planted is
+opened), fsynced, renamed over the target (a symlink there is replaced, not followed), then the folder fsynced.
 """
 import contextlib
 import os
@@ -18,12 +16,8 @@ os.umask(_UMASK)
 
 @contextlib.contextmanager
 def atomic_write(path: Union[str, os.PathLike], mode: str = 'wb', **open_kwargs) -> Iterator[IO]:
-    """A file object whose content replaces ``path`` when the block ends without an exception.
-
-    Args:
-        path: the file to write; its folder must exist.
-        mode: ``'wb'`` or ``'w'`` (text, with ``open_kwargs`` such as ``encoding``, ``newline``).
-    """
+    """A file object (``mode`` ``'wb'`` or ``'w'``, ``open_kwargs`` as ``open``'s) whose content replaces
+    ``path`` when the block ends without an exception; the folder must exist."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')

@@ -1,12 +1,7 @@
-"""The one YAML reader of our configs: safe tags only, and limits a hostile file cannot get past.
-
-:func:`read_yaml_file` reads detectron2 configs (``detectron2_ext.config_file``) and ImageNet
-recipes (``maformer_zoo.training.config``). It refuses a file over :data:`MAX_BYTES`, any tag
-safe YAML does not know (``!!python/...`` would run code), and a document whose aliases expand
-past :data:`MAX_NODES` nodes (a "billion laughs" anchor bomb is a few hundred bytes that expand to
-billions of values); the size is counted on the composed node graph, before anything is built.
-Every error is a :class:`YAMLFileError` of one line naming the file and the line. It also returns
-the line of every mapping key, so later checks (unknown keys, wrong types) can name the line.
+"""The one YAML reader of our configs (detectron2's and the ImageNet recipes): safe tags only, at most
+:data:`MAX_BYTES`, and aliases expanding to at most :data:`MAX_NODES` values (an anchor bomb), counted on the
+composed node graph before anything is built. Every error is a one-line :class:`YAMLFileError`
+naming file and line; the line of every mapping key is returned too, for later checks to name.
 """
 import os
 from typing import Any, Dict, Tuple
@@ -50,10 +45,8 @@ _Loader.add_multi_constructor('', _refuse_tag)  # every tag SafeLoader does not 
 
 
 def _check_size(node: yaml.Node, path: str, sizes: Dict[int, int], active: set) -> int:
-    """The number of values ``node`` expands to (each node counted once: linear in the composed graph).
-
-    Recursion is safe: PyYAML's composer already recursed deeper than this to build the graph.
-    """
+    """The number of values ``node`` expands to, each node counted once (linear in the graph); recursion
+    is safe: PyYAML's composer already recursed as deep."""
     key = id(node)
     if key not in sizes:
         if key in active:
@@ -91,13 +84,8 @@ def _key_lines(root: yaml.Node) -> KeyLines:
 
 
 def read_yaml_file(path: str) -> Tuple[Any, KeyLines]:
-    """The data of the YAML file ``path`` (``{}`` when empty) and the line of each mapping key.
-
-    Raises:
-        YAMLFileError: the file is missing, unreadable, over ``MAX_BYTES``, not valid YAML, more than
-            one document, or its aliases expand past ``MAX_NODES`` values.
-        UnsafeYAMLError: it has a tag safe YAML does not construct.
-    """
+    """The data of the YAML file ``path`` (``{}`` when empty) and the line of each mapping key; raises
+    :class:`UnsafeYAMLError` for a tag safe YAML does not construct, else :class:`YAMLFileError`."""
     if not os.path.isfile(path):
         raise YAMLFileError(f"Config file '{path}' does not exist: check the path (relative paths start at "
                             f"'{os.getcwd()}').")
