@@ -39,13 +39,9 @@ logger = logging.getLogger(__name__)
 _OPTIMIZERS = {'adamw': torch.optim.AdamW, 'sgd': torch.optim.SGD}
 
 
-def optimizer_param_groups(
-        model: nn.Module,
-        weight_decay: float,
-        weight_decay_norm: float = 0.0,
-        weight_decay_bias: Optional[float] = 0.0,
-        no_weight_decay_keywords: List[str] = (),
-) -> List[Dict]:
+def optimizer_param_groups(model: nn.Module, weight_decay: float, weight_decay_norm: float = 0.0,
+                           weight_decay_bias: Optional[float] = 0.0, no_weight_decay_keywords: List[str] = ()
+                           ) -> List[Dict]:
     """detectron2's parameter groups (frozen parameters left out; ``weight_decay_bias`` None: ``weight_decay``),
     plus no decay for detectron2's ``LN`` and what timm models list in ``no_weight_decay()``. Returns
     ``[{'params', 'weight_decay', 'names'}]``, one group per decay, groups and parameters in the model's

@@ -77,17 +77,9 @@ class _NoAlignment(nn.Module):
 class FusionFPN(_BottomUpPadding, FPN):
     """detectron2's FPN with lateral, output and top fusion modules (see the module docstring)."""
 
-    def __init__(
-        self,
-        bottom_up: Backbone,
-        in_features: List[str],
-        out_channels: int,
-        norm: str = '',
-        top_block: Optional[nn.Module] = None,
-        fuse_type: str = 'sum',
-        square_pad: int = 0,
-        fusions: Optional[Callable[[], FPNFusions]] = None,
-    ):
+    def __init__(self, bottom_up: Backbone, in_features: List[str], out_channels: int, norm: str = '',
+                 top_block: Optional[nn.Module] = None, fuse_type: str = 'sum', square_pad: int = 0,
+                 fusions: Optional[Callable[[], FPNFusions]] = None):
         """Arguments as detectron2's ``FPN``; ``fusions`` makes the :class:`FPNFusions` (None: none),
         called after detectron2's convs so that seeded runs draw initial weights in the same order."""
         super().__init__(bottom_up, in_features, out_channels, norm=norm, top_block=top_block,
@@ -150,17 +142,9 @@ class FusionFPN(_BottomUpPadding, FPN):
 class FusionSimpleFeaturePyramid(_BottomUpPadding, SimpleFeaturePyramid):
     """detectron2's ViTDet pyramid (P2-P5 from one map, then the top block) with output fusions (ASFF)."""
 
-    def __init__(
-        self,
-        net: Backbone,
-        in_feature: str,
-        out_channels: int,
-        scale_factors: Sequence[float] = (4.0, 2.0, 1.0, 0.5),
-        top_block: Optional[nn.Module] = None,
-        norm: str = 'LN',
-        square_pad: int = 0,
-        fusions: Optional[Callable[[], FPNFusions]] = None,
-    ):
+    def __init__(self, net: Backbone, in_feature: str, out_channels: int,
+                 scale_factors: Sequence[float] = (4.0, 2.0, 1.0, 0.5), top_block: Optional[nn.Module] = None,
+                 norm: str = 'LN', square_pad: int = 0, fusions: Optional[Callable[[], FPNFusions]] = None):
         """Arguments as detectron2's ``SimpleFeaturePyramid``; ``fusions`` as :class:`FusionFPN`'s,
         output fusions only (a simple pyramid has no top-down sums)."""
         super().__init__(net, in_feature, out_channels, list(scale_factors), top_block=top_block,

@@ -85,24 +85,11 @@ class UPerNetHead(nn.Module):
     """mmseg's UPerHead (+ auxiliary FCN head) on backbone stages; see the module docstring."""
 
     @configurable
-    def __init__(
-            self,
-            input_shape: Dict[str, ShapeSpec],
-            *,
-            num_classes: int,
-            conv_dims: int,
-            common_stride: int,
-            pool_scales: Sequence[int] = (1, 2, 3, 6),
-            dropout: float = 0.1,
-            loss_weight: float = 1.0,
-            norm: str = 'BN',
-            ignore_value: int = 255,
-            fusions: Optional[Callable[[], FPNFusions]] = None,
-            aux_in_feature: str = '',
-            aux_input_shape: Optional[ShapeSpec] = None,
-            aux_channels: int = 256,
-            aux_loss_weight: float = 0.4,
-    ):
+    def __init__(self, input_shape: Dict[str, ShapeSpec], *, num_classes: int, conv_dims: int, common_stride: int,
+                 pool_scales: Sequence[int] = (1, 2, 3, 6), dropout: float = 0.1, loss_weight: float = 1.0,
+                 norm: str = 'BN', ignore_value: int = 255, fusions: Optional[Callable[[], FPNFusions]] = None,
+                 aux_in_feature: str = '', aux_input_shape: Optional[ShapeSpec] = None, aux_channels: int = 256,
+                 aux_loss_weight: float = 0.4):
         """
         Args:
             input_shape: the backbone stages used (``res2..res5``); the coarsest feeds the PPM.
