@@ -43,10 +43,11 @@ class FPNFusions(NamedTuple):
 
 
 class _BottomUpPadding:
-    """The padding that meets both the pyramid's and the bottom-up network's needs (windows, a square
-    size), which detectron2's pyramids drop; two ints fixed at construction, for TorchScript."""
+    """Both pyramids' padding, which meets their own and the bottom-up network's needs (windows, a square
+    size) that detectron2's pyramids drop, as two ints fixed at construction (for TorchScript)."""
 
     def _register(self, below: Backbone, fusions: Optional[Callable[[], FPNFusions]]) -> FPNFusions:
+        """Record the padding; make the fusions and register them under their names."""
         self._joint_size_divisibility = math.lcm(self._size_divisibility, below.size_divisibility or 1)
         self._joint_square_size = max(self._square_pad, (below.padding_constraints or {}).get('square_size', 0))
         made = fusions() if fusions is not None else FPNFusions()
