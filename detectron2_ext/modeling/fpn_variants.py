@@ -215,8 +215,8 @@ def build_fusion_fpn(bottom_up: Backbone, cfg, top_block: Optional[nn.Module] = 
                 if len(shapes) == 1 else ''))
     top_block = LastLevelMaxPool() if top_block is None else top_block
     fusions = fpn_fusions(cfg, [shapes[f].stride for f in cfg.MODEL.FPN.IN_FEATURES], top_block.num_levels)
-    return FusionFPN(bottom_up, cfg.MODEL.FPN.IN_FEATURES, cfg.MODEL.FPN.OUT_CHANNELS, norm=cfg.MODEL.FPN.NORM,
-                     top_block=top_block, fuse_type=cfg.MODEL.FPN.FUSE_TYPE, fusions=fusions)
+    return FusionFPN(bottom_up, cfg.MODEL.FPN.IN_FEATURES, out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
+                     norm=cfg.MODEL.FPN.NORM, top_block=top_block, fuse_type=cfg.MODEL.FPN.FUSE_TYPE, fusions=fusions)
 
 
 def build_fusion_simple_fpn(net: Backbone, cfg) -> FusionSimpleFeaturePyramid:
