@@ -6,7 +6,7 @@ import json
 import logging
 import os
 from collections.abc import Hashable
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image
@@ -19,19 +19,18 @@ from maformer_zoo.utils.safe_yaml import short_repr
 
 from .synthetic import panoptic_to_semantic, rgb2id
 
-__all__ = [
-    'check_coco_instances', 'register_coco_instances_dataset', 'register_coco_panoptic_dataset',
-    'register_synthetic_dataset', 'dataset_num_classes',
-]
+__all__ = ['check_coco_instances', 'register_coco_instances_dataset', 'register_coco_panoptic_dataset',
+           'register_synthetic_dataset', 'dataset_num_classes']
 logger = logging.getLogger(__name__)
 
 
-def _check_exists(path: str, what: str, option: str, is_dir: bool) -> str:
-    if not (os.path.isdir if is_dir else os.path.isfile)(path):
-        raise FileNotFoundError(
-            f"{what} {'directory' if is_dir else 'file'} '{path}' does not exist (given to {option}). Check the "
-            f"path; relative paths are resolved from the current directory '{os.getcwd()}'.")
-    return os.path.abspath(path)
+def _existing(option: str, *paths: Tuple[str, str]) -> List[str]:
+    """The absolute paths of ``(what, path)`` pairs ('Image directory', 'COCO json file'...), which must exist."""
+    for what, path in paths:
+        if not (os.path.isdir if what.endswith('directory') else os.path.isfile)(path):
+            raise FileNotFoundError(f"{what} '{path}' does not exist (given to {option}). Check the path; relative "
+                                    f"paths are resolved from the current directory '{os.getcwd()}'.")
+    return [os.path.abspath(path) for _, path in paths]
 
 
 def _load_json(path: str) -> Dict:
@@ -39,7 +38,8 @@ def _load_json(path: str) -> Dict:
         try:
             data = json.load(f)
         except ValueError as err:
-            raise ValueError(f"'{path}' is not valid JSON (line {getattr(err, 'lineno', '?')}): fix or re-export it.") from None
+            raise ValueError(f"'{path}' is not valid JSON (line {getattr(err, 'lineno', '?')}): fix or re-export "
+                             f"it.") from None
     if not isinstance(data, dict) or 'categories' not in data or 'images' not in data:
         raise ValueError(f"'{path}' is not a COCO json: it needs 'images' and 'categories' keys.")
     for key in ('images', 'categories', 'annotations'):
@@ -150,9 +150,8 @@ def _register_once(name: str, loader: Callable[[], List[Dict]], metadata: Dict) 
         previous = MetadataCatalog.get(name).get('registration', None)
         if previous == metadata['registration']:
             return
-        raise ValueError(
-            f"Dataset '{name}' is already registered with different files ({previous}); pick "
-            f"another name or remove it with DatasetCatalog.remove('{name}').")
+        raise ValueError(f"Dataset '{name}' is already registered with different files ({previous}); pick another "
+                         f"name or remove it with DatasetCatalog.remove('{name}').")
     DatasetCatalog.register(name, loader)
     MetadataCatalog.get(name).set(**metadata)
 
@@ -160,9 +159,8 @@ def _register_once(name: str, loader: Callable[[], List[Dict]], metadata: Dict) 
 def register_coco_instances_dataset(name: str, json_file: str, image_dir: str) -> None:
     """Register a COCO instances json (boxes, masks as polygons or RLE; ``file_name`` relative to
     ``image_dir``) as ``name``, with the metadata of detectron2's ``register_coco_instances``."""
-    option = '--coco-dataset NAME JSON IMAGE_DIR'
-    json_file = _check_exists(json_file, 'COCO instances json', option, is_dir=False)
-    image_dir = _check_exists(image_dir, 'Image', option, is_dir=True)
+    json_file, image_dir = _existing('--coco-dataset NAME JSON IMAGE_DIR', ('COCO instances json file', json_file),
+                                     ('Image directory', image_dir))
     data = _load_json(json_file)
     metadata = dict(json_file=json_file, image_root=image_dir, evaluator_type='coco',
                     registration=dict(kind='coco_instances', json_file=json_file, image_dir=image_dir),
@@ -180,8 +178,8 @@ def _check_panoptic(pan: Dict, path: str) -> None:
     for i, ann in enumerate(pan['annotations']):
         missing = [k for k in ('file_name', 'segments_info') if k not in ann]
         if missing:
-            raise ValueError(f"Annotation {i} of '{path}' lacks {missing}: COCO panoptic annotations "
-                             f"need 'file_name' and 'segments_info'.")
+            raise ValueError(f"Annotation {i} of '{path}' lacks {missing}: COCO panoptic annotations need "
+                             f"'file_name' and 'segments_info'.")
         for segment in ann['segments_info']:
             if 'id' not in segment or segment.get('category_id') not in category_ids:
                 raise ValueError(f"A segment of annotation {i} ('{ann['file_name']}') in '{path}' needs an "
@@ -197,11 +195,10 @@ def register_coco_panoptic_dataset(name: str, image_dir: str, panoptic_dir: str,
     stuff ``1..S``, things ``0``), written there once from the panoptic PNGs (segment id =
     R + 256 G + 256^2 B) where missing. Evaluation: PQ on the panoptic PNGs, mIoU on the semantic.
     """
-    option = '--coco-panoptic-dataset NAME IMAGE_DIR PANOPTIC_DIR PANOPTIC_JSON INSTANCES_JSON'
-    image_dir = _check_exists(image_dir, 'Image', option, is_dir=True)
-    panoptic_dir = _check_exists(panoptic_dir, 'Panoptic PNG', option, is_dir=True)
-    panoptic_json = _check_exists(panoptic_json, 'COCO panoptic json', option, is_dir=False)
-    instances_json = _check_exists(instances_json, 'COCO instances json', option, is_dir=False)
+    image_dir, panoptic_dir, panoptic_json, instances_json = _existing(
+        '--coco-panoptic-dataset NAME IMAGE_DIR PANOPTIC_DIR PANOPTIC_JSON INSTANCES_JSON',
+        ('Image directory', image_dir), ('Panoptic PNG directory', panoptic_dir),
+        ('COCO panoptic json file', panoptic_json), ('COCO instances json file', instances_json))
     sem_seg_dir = os.path.abspath(sem_seg_dir or panoptic_dir.rstrip(os.sep) + '_semseg')
     pan = _load_json(panoptic_json)
     _check_panoptic(pan, panoptic_json)
@@ -209,10 +206,10 @@ def register_coco_panoptic_dataset(name: str, image_dir: str, panoptic_dir: str,
     stuff = sorted((c for c in pan['categories'] if not c['isthing']), key=lambda c: c['id'])
     instances = _load_json(instances_json)
     counts = check_coco_instances(instances_json, image_dir, instances)
-    if sorted(c['id'] for c in instances['categories']) != sorted(c['id'] for c in things):
-        raise ValueError(f"The thing categories of '{panoptic_json}' (ids {sorted(c['id'] for c in things)}) and "
-                         f"the categories of '{instances_json}' (ids "
-                         f"{sorted(c['id'] for c in instances['categories'])}) must be the same.")
+    thing_ids, instance_ids = (sorted(c['id'] for c in cats) for cats in (things, instances['categories']))
+    if thing_ids != instance_ids:
+        raise ValueError(f"The thing categories of '{panoptic_json}' (ids {thing_ids}) and the categories of "
+                         f"'{instances_json}' (ids {instance_ids}) must be the same.")
     stuff_contiguous = {c['id']: i + 1 for i, c in enumerate(stuff)}
     missing = [ann for ann in pan['annotations'] if not os.path.isfile(os.path.join(sem_seg_dir, ann['file_name']))]
     if missing:
@@ -235,9 +232,8 @@ def register_coco_panoptic_dataset(name: str, image_dir: str, panoptic_dir: str,
         return dicts
 
     metadata = dict(
-        image_root=image_dir, panoptic_root=panoptic_dir, panoptic_json=panoptic_json,
-        sem_seg_root=sem_seg_dir, json_file=instances_json,
-        evaluator_type='coco_panoptic_seg', ignore_label=255, label_divisor=1000, **counts,
+        image_root=image_dir, panoptic_root=panoptic_dir, panoptic_json=panoptic_json, sem_seg_root=sem_seg_dir,
+        json_file=instances_json, evaluator_type='coco_panoptic_seg', ignore_label=255, label_divisor=1000, **counts,
         stuff_classes=['things'] + [c['name'] for c in stuff], stuff_colors=[[82, 18, 128]] + _colors(stuff),
         # 0 is the "things" class of the separated semantic labels (detectron2's convention).
         stuff_dataset_id_to_contiguous_id={0: 0, **stuff_contiguous},
@@ -253,9 +249,8 @@ def register_synthetic_dataset(name: str, root: str, split: str = 'train') -> Di
     (separated panoptic); returns the two names. Its masks are RLE: configs need ``INPUT.MASK_FORMAT bitmask``."""
     split_dir = os.path.join(root, split)
     if not os.path.isfile(os.path.join(split_dir, 'instances.json')):
-        raise FileNotFoundError(
-            f"No synthetic dataset at '{split_dir}': write it first with "
-            f"detectron2_ext.data.write_synthetic_coco('{root}', split='{split}').")
+        raise FileNotFoundError(f"No synthetic dataset at '{split_dir}': write it first with "
+                                f"detectron2_ext.data.write_synthetic_coco('{root}', split='{split}').")
     images, instances = os.path.join(split_dir, 'images'), os.path.join(split_dir, 'instances.json')
     register_coco_instances_dataset(name, instances, images)
     register_coco_panoptic_dataset(name + '_panoptic', images, os.path.join(split_dir, 'panoptic'),
@@ -267,7 +262,5 @@ def register_synthetic_dataset(name: str, root: str, split: str = 'train') -> Di
 def dataset_num_classes(name: str) -> Dict[str, int]:
     """Class counts a model needs for a registered dataset: things, and stuff (incl. 'things')."""
     meta = MetadataCatalog.get(name)
-    counts = dict(things=len(meta.get('thing_classes', [])))
-    if meta.get('stuff_classes', None) is not None:
-        counts['stuff'] = len(meta.stuff_classes)
-    return counts
+    stuff = meta.get('stuff_classes', None)
+    return dict(things=len(meta.get('thing_classes', [])), **({} if stuff is None else dict(stuff=len(stuff))))

@@ -14,7 +14,7 @@ from detectron2.data.datasets.builtin_meta import ADE20K_SEM_SEG_CATEGORIES
 
 from maformer_zoo.data.images import ImageDecodeError, read_image_header
 
-from .register import _check_exists, _register_once
+from .register import _existing, _register_once
 from .sem_seg_labels import LabelFormat, read_raw_label
 from .synthetic import CATEGORIES, _split_rng, render_scene
 
@@ -100,21 +100,15 @@ def _check_labels(name: str, pairs: Sequence[Tuple[str, str]], num_classes: int,
             f"as ignored with {flags}): nothing to train or evaluate; check the label files and the {_OPTION} options.")
 
 
-def register_sem_seg_dataset(name: str, image_dir: str, label_dir: str, *options: str,
-                             num_classes: Optional[int] = None, class_names: Optional[Sequence[str]] = None,
-                             reduce_zero_label: bool = False, ignore_label: int = SEM_SEG_IGNORE,
-                             check_dirs: bool = True) -> None:
-    """Register images + same-named ``.png`` label maps (palette, 8- or 16-bit) as ``name``.
+def register_sem_seg_dataset(name: str, image_dir: str, label_dir: str, *options: str, reduce_zero_label: bool = False,
+                             ignore_label: int = SEM_SEG_IGNORE, check_dirs: bool = True) -> None:
+    """Register images + same-named ``.png`` label maps (palette, 8- or 16-bit) as ``name``, with the metadata
+    detectron2's ``SemSegEvaluator`` reads.
 
     Args:
-        options: ``train_net.py``'s words ``'reduce_zero_label'`` / ``'ignore_label=N'``, the same as
-            ``reduce_zero_label`` (0 ignored, ``v`` class ``v - 1``) and ``ignore_label`` (the files'
-            value of unlabelled pixels).
-        num_classes, class_names: if given, :func:`set_sem_seg_num_classes` is called at once.
+        options: ``train_net.py``'s words ``'reduce_zero_label'`` / ``'ignore_label=N'``: the same as
+            ``reduce_zero_label`` (0 ignored, ``v`` class ``v - 1``) and ``ignore_label`` (the files' unlabelled value).
         check_dirs: check the directories now (``False``: at :func:`set_sem_seg_num_classes`).
-
-    The metadata is what detectron2's ``SemSegEvaluator`` reads (``ignore_label`` is the value the
-    reader gives unlabelled pixels, 255).
     """
     for option in options:
         key, _, value = option.partition('=')
@@ -123,18 +117,17 @@ def register_sem_seg_dataset(name: str, image_dir: str, label_dir: str, *options
         elif key == 'ignore_label' and value.isdigit():
             ignore_label = int(value)
         else:
-            raise ValueError(f"{_OPTION}: unknown option '{option}'; after the three values it "
-                             f"takes 'reduce_zero_label' and 'ignore_label=N'.")
+            raise ValueError(f"{_OPTION}: unknown option '{option}'; after the three values it takes "
+                             f"'reduce_zero_label' and 'ignore_label=N'.")
     if check_dirs:
-        image_dir = _check_exists(image_dir, 'Image', _OPTION, is_dir=True)
-        label_dir = _check_exists(label_dir, 'Label', _OPTION, is_dir=True)
+        image_dir, label_dir = _existing(_OPTION, ('Image directory', image_dir), ('Label directory', label_dir))
         _pairs(image_dir, label_dir)
 
     def load() -> List[Dict]:
         meta = MetadataCatalog.get(name)
         if meta.get('label_format', None) is None:
-            raise ValueError(f"Dataset '{name}' has no class count: call set_sem_seg_num_classes("
-                             f"'{name}', MODEL.SEM_SEG_HEAD.NUM_CLASSES) first.")
+            raise ValueError(f"Dataset '{name}' has no class count: call set_sem_seg_num_classes('{name}', "
+                             f"MODEL.SEM_SEG_HEAD.NUM_CLASSES) first.")
         return [dict(file_name=image, sem_seg_file_name=label, label_format=meta.label_format)
                 for image, label in _pairs(image_dir, label_dir)]
 
@@ -142,8 +135,6 @@ def register_sem_seg_dataset(name: str, image_dir: str, label_dir: str, *options
         image_root=image_dir, sem_seg_root=label_dir, evaluator_type='sem_seg', ignore_label=SEM_SEG_IGNORE,
         registration=dict(kind='sem_seg', image_dir=image_dir, label_dir=label_dir,
                           reduce_zero_label=bool(reduce_zero_label), ignore_label=int(ignore_label))))
-    if class_names is not None or num_classes is not None:
-        set_sem_seg_num_classes(name, num_classes or len(class_names), class_names)
 
 
 def register_ade20k_raw(root: Optional[str] = None) -> None:
@@ -188,11 +179,9 @@ def set_sem_seg_num_classes(name: str, num_classes: int, class_names: Optional[S
         if meta.label_format != fmt.to_dict():
             raise ValueError(f"Dataset '{name}' is already read as {meta.label_format}, not {fmt.to_dict()}.")
         return
-    for kind, path in (('image', registration['image_dir']), ('label', registration['label_dir'])):
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"Dataset '{name}': {kind} directory '{path}' does not "
-                                    f"exist (for ADE20K set $DETECTRON2_DATASETS, docs/segmentation.md#ade20k).")
-    _check_labels(name, _pairs(registration['image_dir'], registration['label_dir']), num_classes, fmt)
+    dirs = _existing(f"dataset '{name}'; for ADE20K set $DETECTRON2_DATASETS, docs/segmentation.md#ade20k",
+                     ('Image directory', registration['image_dir']), ('Label directory', registration['label_dir']))
+    _check_labels(name, _pairs(*dirs), num_classes, fmt)
     if existing is None:
         meta.set(stuff_classes=list(class_names or map(str, range(num_classes))))
     meta.set(label_format=fmt.to_dict())

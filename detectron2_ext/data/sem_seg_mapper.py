@@ -1,6 +1,5 @@
-"""mmsegmentation's ADE20K data pipeline as detectron2 augmentations and a dataset mapper, selected
-by ``INPUT.SEM_SEG_PIPELINE: "mmseg"``; the rules: docs/segmentation.md#data-pipeline-mmsegs-ade20k.
-"""
+"""mmsegmentation's ADE20K data pipeline as detectron2 augmentations and a dataset mapper (``INPUT.SEM_SEG_PIPELINE:
+"mmseg"``); the rules: docs/segmentation.md#data-pipeline-mmsegs-ade20k."""
 import copy
 import functools
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -16,9 +15,7 @@ from detectron2.data import transforms as T
 from .mapper import read_image_rgb8
 from .sem_seg_labels import LabelFormat, read_label
 
-__all__ = ['RatioRangeResize', 'PhotometricDistortion', 'SemSegDatasetMapper', 'uses_mmseg_pipeline',
-           'MMSEG_PIPELINE']
-
+__all__ = ['RatioRangeResize', 'PhotometricDistortion', 'SemSegDatasetMapper', 'uses_mmseg_pipeline', 'MMSEG_PIPELINE']
 MMSEG_PIPELINE = 'mmseg'
 
 
@@ -34,9 +31,6 @@ class CVResizeTransform(T.ResizeTransform):
 
     def apply_segmentation(self, segmentation: np.ndarray) -> np.ndarray:
         return cv2.resize(segmentation, (self.new_w, self.new_h), interpolation=cv2.INTER_NEAREST)
-
-    def inverse(self) -> T.Transform:
-        return CVResizeTransform(self.new_h, self.new_w, self.h, self.w)
 
 
 class RatioRangeResize(T.Augmentation):
@@ -107,11 +101,12 @@ class PhotometricDistortion(T.Augmentation):
             saturation=saturation, hue=hue, rgb=self.image_format == 'RGB'))
 
 
-def _pad(array: np.ndarray, size: Tuple[int, int], value) -> np.ndarray:
+def _pad(array: np.ndarray, size: Optional[Tuple[int, int]], value) -> np.ndarray:
     """``array`` padded at the bottom and right to at least ``size`` (h, w) with ``value``."""
     h, w = array.shape[:2]
-    out = np.empty((max(h, size[0]), max(w, size[1])) + array.shape[2:], dtype=array.dtype)
-    out[...] = value
+    if size is None or (h >= size[0] and w >= size[1]):
+        return array
+    out = np.full((max(h, size[0]), max(w, size[1])) + array.shape[2:], value, dtype=array.dtype)
     out[:h, :w] = array
     return out
 
@@ -153,21 +148,13 @@ class SemSegDatasetMapper:
         record = copy.deepcopy(dataset_dict)
         image = read_image_rgb8(record['file_name'], format=self.image_format)
         utils.check_image_size(record, image)  # sets height / width: the output size
-        label_file, label = record.pop('sem_seg_file_name', None), None
-        if self.is_train:
-            label = read_label(label_file, LabelFormat(**record.get('label_format', {})))
-            if label.shape != image.shape[:2]:
-                raise ValueError(f"Image '{record['file_name']}' is {image.shape[1]}x{image.shape[0]} but "
-                                 f"its label '{label_file}' is {label.shape[1]}x{label.shape[0]}.")
+        label_file = record.pop('sem_seg_file_name', None)  # sizes checked at start-up (set_sem_seg_num_classes)
+        label = read_label(label_file, LabelFormat(**record.get('label_format', {}))) if self.is_train else None
         aug_input = T.AugInput(image, sem_seg=label)
         record['transforms'] = self.augmentations(aug_input)
-        image = aug_input.image.astype(np.float32)
-        if self.pad_size is not None:
-            image = _pad(image, self.pad_size, self.pixel_mean)
+        image = _pad(aug_input.image.astype(np.float32), self.pad_size, self.pixel_mean)
         record['image'] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
         if label is not None:
-            label = aug_input.sem_seg
-            if self.pad_size is not None:
-                label = _pad(label, self.pad_size, self.ignore_value)
+            label = _pad(aug_input.sem_seg, self.pad_size, self.ignore_value)
             record['sem_seg'] = torch.as_tensor(label.astype(np.int64))
         return record

@@ -12,10 +12,8 @@ from PIL import Image
 from panopticapi.utils import id2rgb, rgb2id  # noqa: F401  (rgb2id: data/register.py imports it from here)
 from pycocotools import mask as mask_util
 
-__all__ = [
-    'THING_CATEGORIES', 'STUFF_CATEGORIES', 'CATEGORIES',
-    'write_synthetic_coco', 'render_scene', 'panoptic_to_semantic',
-]
+__all__ = ['THING_CATEGORIES', 'STUFF_CATEGORIES', 'CATEGORIES', 'write_synthetic_coco', 'render_scene',
+           'panoptic_to_semantic']
 
 THING_CATEGORIES: List[Dict] = [
     dict(id=1, name='circle', isthing=1, supercategory='shape', color=[220, 20, 60]),
@@ -42,8 +40,7 @@ def panoptic_to_semantic(segment_ids: np.ndarray, segments_info: Sequence[Dict],
     return semantic
 
 
-def _shape_mask(kind: str, cx: float, cy: float, size: float, angle: float,
-                xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
+def _shape_mask(kind: str, cx: float, cy: float, size: float, angle: float, xx, yy) -> np.ndarray:
     """Pixel centres inside one thing; ``size`` is the circumradius."""
     dx, dy = xx - cx, yy - cy
     if kind == 'circle':
@@ -60,8 +57,7 @@ def _shape_mask(kind: str, cx: float, cy: float, size: float, angle: float,
     return inside
 
 
-def _stuff_labels(rng: np.random.Generator, height: int, width: int,
-                  xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
+def _stuff_labels(rng: np.random.Generator, height: int, width: int, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
     """Sky above a wavy horizon, ground below, and with probability 0.6 an elliptic lake."""
     horizon = height * rng.uniform(0.25, 0.55)
     amplitude = height * rng.uniform(0.0, 0.08)
@@ -78,14 +74,12 @@ def _stuff_labels(rng: np.random.Generator, height: int, width: int,
     return labels
 
 
-def _stuff_texture(rng: np.random.Generator, labels: np.ndarray,
-                   xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
+def _stuff_texture(rng: np.random.Generator, labels: np.ndarray, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
     """A vertical gradient sky, noisy ground, striped water."""
     base = {c['id']: np.array(c['color'], dtype=np.float64) for c in STUFF_CATEGORIES}
     sky = base[_SKY] + rng.uniform(-25, 25, 3)
     sky_img = sky[None, None, :] * (0.75 + 0.35 * (yy / labels.shape[0]))[..., None]
-    ground_img = (base[_GROUND] + rng.uniform(-30, 30, 3))[None, None, :] \
-        + rng.normal(0, 12, labels.shape + (1,))
+    ground_img = (base[_GROUND] + rng.uniform(-30, 30, 3))[None, None, :] + rng.normal(0, 12, labels.shape + (1,))
     stripes = np.sin(yy * rng.uniform(0.8, 1.6) + 0.3 * np.sin(xx * 0.2))[..., None]
     water_img = (base[_WATER] + rng.uniform(-20, 20, 3))[None, None, :] + 18 * stripes
     image = np.zeros(labels.shape + (3,), dtype=np.float64)
@@ -166,9 +160,9 @@ def write_synthetic_coco(root: str, num_images: int = 8, image_size: Tuple[int, 
     if height < 16 or width < 16:
         raise ValueError(f'image_size must be at least (16, 16), got {image_size}')
     split_dir = os.path.join(root, split)
-    paths = dict(image_dir='images', instances_json='instances.json', panoptic_dir='panoptic',
-                 panoptic_json='panoptic.json', sem_seg_dir='panoptic_semseg')
-    paths = {key: os.path.join(split_dir, name) for key, name in paths.items()}
+    paths = {key: os.path.join(split_dir, name) for key, name in (
+        ('image_dir', 'images'), ('instances_json', 'instances.json'), ('panoptic_dir', 'panoptic'),
+        ('panoptic_json', 'panoptic.json'), ('sem_seg_dir', 'panoptic_semseg'))}
     for key in ('image_dir', 'panoptic_dir', 'sem_seg_dir'):
         os.makedirs(paths[key], exist_ok=True)
     stuff_contiguous = {c['id']: i + 1 for i, c in enumerate(STUFF_CATEGORIES)}
@@ -194,8 +188,7 @@ def write_synthetic_coco(root: str, num_images: int = 8, image_size: Tuple[int, 
                 rle['counts'] = rle['counts'].decode('ascii')
                 instances.append(dict(id=next_segment_id, image_id=image_id, category_id=category_id,
                                       segmentation=rle, area=area, bbox=bbox, iscrowd=0))
-            segments_info.append(dict(id=next_segment_id, category_id=category_id, area=area,
-                                      bbox=bbox, iscrowd=0))
+            segments_info.append(dict(id=next_segment_id, category_id=category_id, area=area, bbox=bbox, iscrowd=0))
             segment_ids[mask] = next_segment_id
             next_segment_id += 1
         Image.fromarray(id2rgb(segment_ids)).save(os.path.join(paths['panoptic_dir'], stem + '.png'))
@@ -203,8 +196,7 @@ def write_synthetic_coco(root: str, num_images: int = 8, image_size: Tuple[int, 
             os.path.join(paths['sem_seg_dir'], stem + '.png'))
         panoptic.append(dict(image_id=image_id, file_name=stem + '.png', segments_info=segments_info))
 
-    info = dict(description=f'maformer-zoo synthetic scenes (seed={seed}, split={split})',
-                version='1.0', year=2026)
+    info = dict(description=f'maformer-zoo synthetic scenes (seed={seed}, split={split})', version='1.0', year=2026)
     licenses = [dict(id=1, name='CC0-1.0', url='https://creativecommons.org/publicdomain/zero/1.0/')]
     thing_categories = [{k: v for k, v in c.items() if k not in ('isthing', 'color')} for c in THING_CATEGORIES]
     for key, annotations, categories in (('instances_json', instances, thing_categories),

@@ -42,11 +42,7 @@ def _error(path: str, err: BaseException) -> ImageDecodeError:
 
 
 def read_image_header(path: str) -> Tuple[Tuple[int, int], Tuple[int, int], int]:
-    """``(stored (w, h), EXIF-oriented (w, h), EXIF orientation)`` of an image, from its header only.
-
-    Raises:
-        ImageDecodeError: missing, not an image, or over PIL's pixel limit.
-    """
+    """``(stored (w, h), EXIF-oriented (w, h), EXIF orientation)`` from the header; else :class:`ImageDecodeError`."""
     try:
         with Image.open(path) as image:
             try:
@@ -62,15 +58,9 @@ def read_image_header(path: str) -> Tuple[Tuple[int, int], Tuple[int, int], int]
 
 def decode_image(source: Union[str, os.PathLike, BinaryIO], mode: str = 'RGB', exif: bool = True,
                  name: str = '') -> Image.Image:
-    """An image file as an 8-bit PIL image of ``mode`` ('RGB', or 'L' from the 8-bit RGB image).
-
-    Args:
-        source: a path, or an open binary file (as timm's readers give; ``name`` then names it).
-        exif: apply the EXIF orientation, as viewers and detectron2's ``read_image`` do.
-
-    Raises:
-        ImageDecodeError: the file is missing, not an image, damaged or over PIL's pixel limit.
-    """
+    """An image file (a path, or an open binary file that ``name`` names) as an 8-bit PIL image of ``mode``
+    ('RGB', or 'L' from the 8-bit RGB image), EXIF orientation applied if ``exif`` (as detectron2 does);
+    :class:`ImageDecodeError` if it is missing, not an image, damaged or over PIL's pixel limit."""
     try:
         with Image.open(source) as image:
             image.load()
