@@ -48,40 +48,20 @@ def _load_json(path: str) -> Dict:
     return data
 
 
-def _check_images(images: List[Dict], json_file: str, image_dir: str) -> set:
-    """Every image entry has an id, a file that opens as an image, and the size detectron2 will read."""
-    ids = {}
-    for i, im in enumerate(images):
-        missing = [k for k in ('id', 'file_name', 'width', 'height') if im.get(k) is None]
-        if missing:
-            raise ValueError(f"Image {i} of '{json_file}' ({short_repr(im.get('file_name'))}) has no "
-                             f"{', '.join(missing)}; COCO images need id, file_name, width and height: add them.")
-        if im['id'] in ids:
-            raise ValueError(f"Images {ids[im['id']]} and {i} of '{json_file}' share id {short_repr(im['id'])}; "
-                             f"give every image its own id.")
-        ids[im['id']] = i
-    absent = [im for im in images if not os.path.isfile(os.path.join(image_dir, im['file_name']))]
-    if absent:
-        raise FileNotFoundError(
-            f"{len(absent)} of the {len(images)} images of '{json_file}' are not in '{image_dir}' (first: "
-            f"'{absent[0]['file_name']}'); check IMAGE_DIR, or remove their entries from the json.")
-    for im in images:
-        path = os.path.join(image_dir, im['file_name'])
-        try:
-            stored, (width, height), orientation = read_image_header(path)
-        except ImageDecodeError as err:
-            raise ValueError(f"{err} (listed in '{json_file}')") from None
-        given = (im['width'], im['height'])
-        if given == stored != (width, height):
-            raise ValueError(
-                f"Image '{path}' is stored as {stored[0]}x{stored[1]}, as '{json_file}' says, but its EXIF "
-                f"orientation ({orientation}) turns it to {width}x{height}, which is how detectron2 reads "
-                f"it: save the image upright without the EXIF orientation (PIL.ImageOps.exif_transpose), or give "
-                f"the rotated size and boxes in the json.")
-        if given != (width, height):
-            raise ValueError(f"Image '{path}' is {width}x{height} but '{json_file}' gives width {given[0]}, "
-                             f"height {given[1]}; fix them in the json (or replace the image).")
-    return set(ids)
+def _check_image(path: str, size: Tuple[int, int], given_by: str, prefix: str = '') -> None:
+    """The image ``path`` decodes (header) and is ``size`` (w, h) once EXIF-oriented, as it is read; else one
+    line starting with ``prefix``, ``given_by`` saying where ``size`` comes from."""
+    try:
+        stored, (width, height), orientation = read_image_header(path)
+    except ImageDecodeError as err:
+        raise ValueError(f"{prefix}{err}") from None
+    if tuple(size) == stored != (width, height):
+        raise ValueError(
+            f"{prefix}image '{path}' is stored as {stored[0]}x{stored[1]}, as {given_by}, but its EXIF orientation "
+            f"({orientation}) turns it to {width}x{height}, which is how it is read: save the image upright "
+            f"without the EXIF orientation (PIL.ImageOps.exif_transpose).")
+    if tuple(size) != (width, height):
+        raise ValueError(f"{prefix}image '{path}' is {width}x{height} but {given_by}; fix the one that is wrong.")
 
 
 def _is_number(value) -> bool:
@@ -118,8 +98,25 @@ def check_coco_instances(json_file: str, image_dir: str, data: Optional[Dict] = 
     Raises ``ValueError`` or ``FileNotFoundError`` with one line naming the entry and the fix.
     """
     data = data if data is not None else _load_json(json_file)
-    ids = dict(images=_check_images(data['images'], json_file, image_dir),
-               categories={c.get('id') for c in data['categories']})
+    images, image_ids = data['images'], {}
+    for i, im in enumerate(images):
+        missing = [k for k in ('id', 'file_name', 'width', 'height') if im.get(k) is None]
+        if missing:
+            raise ValueError(f"Image {i} of '{json_file}' ({short_repr(im.get('file_name'))}) has no "
+                             f"{', '.join(missing)}; COCO images need id, file_name, width and height: add them.")
+        if im['id'] in image_ids:
+            raise ValueError(f"Images {image_ids[im['id']]} and {i} of '{json_file}' share id "
+                             f"{short_repr(im['id'])}; give every image its own id.")
+        image_ids[im['id']] = i
+    absent = [im for im in images if not os.path.isfile(os.path.join(image_dir, im['file_name']))]
+    if absent:
+        raise FileNotFoundError(
+            f"{len(absent)} of the {len(images)} images of '{json_file}' are not in '{image_dir}' (first: "
+            f"'{absent[0]['file_name']}'); check IMAGE_DIR, or remove their entries from the json.")
+    for im in images:
+        _check_image(os.path.join(image_dir, im['file_name']), (im['width'], im['height']),
+                     f"the json gives width {im['width']}, height {im['height']}", prefix=f"'{json_file}': ")
+    ids = dict(images=image_ids, categories={c.get('id') for c in data['categories']})
     annotations = data.get('annotations', [])
     for i, ann in enumerate(annotations):
         for key, valid, rule in _ANNOTATION_RULES:

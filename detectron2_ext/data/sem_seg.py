@@ -12,9 +12,7 @@ from PIL import Image
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.builtin_meta import ADE20K_SEM_SEG_CATEGORIES
 
-from maformer_zoo.data.images import ImageDecodeError, read_image_header
-
-from .register import _existing, _register_once
+from .register import _check_image, _existing, _register_once
 from .sem_seg_labels import LabelFormat, read_raw_label
 from .synthetic import CATEGORIES, _split_rng, render_scene
 
@@ -59,20 +57,9 @@ def _advice(values: Sequence[int], bad: Sequence[int], fmt: LabelFormat, num_cla
 
 def _check_pair(name: str, image_file: str, label_file: str) -> np.ndarray:
     """The label's file values, after checking that the image decodes (header) and has its size."""
-    try:
-        stored, (width, height), orientation = read_image_header(image_file)
-    except ImageDecodeError as err:
-        raise ValueError(f"Dataset '{name}': {err}") from None
     raw = read_raw_label(label_file)
-    label = f"its label '{label_file}' is {raw.shape[1]}x{raw.shape[0]} (width x height)"
-    if raw.shape != (height, width) and raw.shape == stored[::-1]:
-        raise ValueError(
-            f"Dataset '{name}': image '{image_file}' is stored as {stored[0]}x{stored[1]}, as {label}, but "
-            f"its EXIF orientation ({orientation}) turns it to {width}x{height}, which is how it is read: save "
-            f"the image upright without the EXIF orientation (PIL.ImageOps.exif_transpose).")
-    if raw.shape != (height, width):
-        raise ValueError(f"Dataset '{name}': image '{image_file}' is {width}x{height} but {label}; labels must "
-                         f"be the size of their image.")
+    _check_image(image_file, raw.shape[::-1], f"its label '{label_file}' is {raw.shape[1]}x{raw.shape[0]} "
+                 f"(width x height)", prefix=f"Dataset '{name}': ")
     return raw
 
 
