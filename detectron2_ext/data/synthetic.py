@@ -90,13 +90,9 @@ def _stuff_texture(rng: np.random.Generator, labels: np.ndarray, xx: np.ndarray,
 
 def render_scene(rng: np.random.Generator, image_size: Tuple[int, int] = (128, 160), max_things: int = 6,
                  min_area: int = 24) -> Tuple[np.ndarray, np.ndarray, List[int], np.ndarray]:
-    """One scene of ``image_size`` (h, w), a pure function of ``rng``'s state: 1..``max_things``
-    objects, those with a visible area under ``min_area`` dropped.
-
-    Returns ``(image, thing_index, thing_categories, stuff_labels)``: the uint8 (H, W, 3) image, the
-    index of the visible object at each pixel (-1: stuff), each object's category id, and the stuff
-    category id map under the objects.
-    """
+    """One scene of ``image_size`` (h, w), a pure function of ``rng``'s state, as ``(image, thing_index,
+    thing_categories, stuff_labels)``: uint8 (H, W, 3), the visible object's index per pixel (-1: stuff), each
+    object's category id (1..``max_things`` objects, none under ``min_area`` pixels) and the stuff under them."""
     height, width = image_size
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float64) + 0.5
     stuff = _stuff_labels(rng, height, width, xx, yy)
@@ -136,8 +132,7 @@ def render_scene(rng: np.random.Generator, image_size: Tuple[int, int] = (128, 1
 
 def _bbox_xywh(mask: np.ndarray) -> List[float]:
     ys, xs = np.nonzero(mask)
-    x0, y0 = int(xs.min()), int(ys.min())
-    return [float(x0), float(y0), float(xs.max() + 1 - x0), float(ys.max() + 1 - y0)]
+    return [float(xs.min()), float(ys.min()), float(xs.max() + 1 - xs.min()), float(ys.max() + 1 - ys.min())]
 
 
 def _split_rng(seed: int, split: str) -> np.random.SeedSequence:
@@ -147,13 +142,9 @@ def _split_rng(seed: int, split: str) -> np.random.SeedSequence:
 
 def write_synthetic_coco(root: str, num_images: int = 8, image_size: Tuple[int, int] = (128, 160),
                          seed: int = 0, split: str = 'train') -> Dict:
-    """Write ``num_images`` scenes of ``image_size`` (h, w) under ``root/<split>/`` (files of the same
-    names are overwritten); a pure function of (seed, split, image index, image_size).
-
-    Returns:
-        dict with ``image_dir``, ``instances_json``, ``panoptic_dir``, ``panoptic_json``,
-        ``sem_seg_dir`` and ``categories`` (things first, COCO panoptic style with ``isthing``).
-    """
+    """Write ``num_images`` scenes of ``image_size`` (h, w) under ``root/<split>/``, a pure function of (seed,
+    split, image index, image_size); returns the paths (``image_dir``, ``instances_json``, ``panoptic_dir``,
+    ``panoptic_json``, ``sem_seg_dir``) and ``categories``."""
     if num_images < 1:
         raise ValueError(f'num_images must be >= 1, got {num_images}')
     height, width = (int(s) for s in image_size)
@@ -169,14 +160,12 @@ def write_synthetic_coco(root: str, num_images: int = 8, image_size: Tuple[int, 
 
     images, instances, panoptic = [], [], []
     next_segment_id = 1  # one counter for all segments: a thing segment id == its annotation id
-    for index_in_split, image_seed in enumerate(_split_rng(seed, split).spawn(num_images)):
+    for image_id, image_seed in enumerate(_split_rng(seed, split).spawn(num_images), start=1):
         image, thing_index, thing_cats, stuff = render_scene(np.random.default_rng(image_seed), (height, width))
-        image_id = index_in_split + 1
         stem = f'{image_id:06d}'
         Image.fromarray(image).save(os.path.join(paths['image_dir'], stem + '.jpg'), quality=95)
         images.append(dict(id=image_id, file_name=stem + '.jpg', height=height, width=width))
-        segment_ids = np.zeros((height, width), dtype=np.int64)
-        segments_info = []
+        segment_ids, segments_info = np.zeros((height, width), dtype=np.int64), []
         masks = [(category_id, thing_index == i, True) for i, category_id in enumerate(thing_cats)]
         masks += [(c['id'], (stuff == c['id']) & (thing_index < 0), False) for c in STUFF_CATEGORIES]
         for category_id, mask, is_thing in masks:
