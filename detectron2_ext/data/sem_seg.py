@@ -4,6 +4,7 @@ ADE20K's raw annotations as mmseg reads them, and generated scenes. docs/segment
 """
 import logging
 import os
+from dataclasses import asdict
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -163,15 +164,15 @@ def set_sem_seg_num_classes(name: str, num_classes: int, class_names: Optional[S
     fmt = LabelFormat(reduce_zero_label=registration['reduce_zero_label'] or bool(reduce_zero_label),
                       ignore_label=registration['ignore_label'], ignore_value=meta.ignore_label)
     if meta.get('label_format', None) is not None:
-        if meta.label_format != fmt.to_dict():
-            raise ValueError(f"Dataset '{name}' is already read as {meta.label_format}, not {fmt.to_dict()}.")
+        if meta.label_format != asdict(fmt):
+            raise ValueError(f"Dataset '{name}' is already read as {meta.label_format}, not {asdict(fmt)}.")
         return
     dirs = _existing(f"dataset '{name}'; for ADE20K set $DETECTRON2_DATASETS, docs/segmentation.md#ade20k",
                      ('Image directory', registration['image_dir']), ('Label directory', registration['label_dir']))
     _check_labels(name, _pairs(*dirs), num_classes, fmt)
     if existing is None:
         meta.set(stuff_classes=list(class_names or map(str, range(num_classes))))
-    meta.set(label_format=fmt.to_dict())
+    meta.set(label_format=asdict(fmt))
     logger.info(f"Dataset '{name}': {num_classes} semantic classes, labels read as {fmt}.")
 
 

@@ -2,8 +2,7 @@
 indices (palette indices, 8-/16-bit values; never luminance), then :class:`LabelFormat`.
 docs/segmentation.md#train-on-your-data.
 """
-from dataclasses import asdict, dataclass
-from typing import Dict
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -18,9 +17,6 @@ class LabelFormat:
     reduce_zero_label: bool = False
     ignore_label: int = 255
     ignore_value: int = 255
-
-    def to_dict(self) -> Dict:
-        return asdict(self)
 
     def apply(self, raw: np.ndarray) -> np.ndarray:
         """Training labels (int32) of the file values ``raw``."""
