@@ -9,6 +9,7 @@ from collections.abc import Hashable
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
+from panopticapi.utils import rgb2id
 from PIL import Image
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -17,7 +18,7 @@ from detectron2.data.datasets import load_coco_json
 from maformer_zoo.data.images import ImageDecodeError, read_image_header
 from maformer_zoo.utils.safe_yaml import short_repr
 
-from .synthetic import panoptic_to_semantic, rgb2id
+from .synthetic import panoptic_to_semantic
 
 __all__ = ['check_coco_instances', 'register_coco_instances_dataset', 'register_coco_panoptic_dataset',
            'register_synthetic_dataset', 'dataset_num_classes']
@@ -38,8 +39,8 @@ def _load_json(path: str) -> Dict:
         try:
             data = json.load(f)
         except ValueError as err:
-            raise ValueError(f"'{path}' is not valid JSON (line {getattr(err, 'lineno', '?')}): fix or re-export "
-                             f"it.") from None
+            line = getattr(err, 'lineno', '?')
+            raise ValueError(f"'{path}' is not valid JSON (line {line}): fix or re-export it.") from None
     if not isinstance(data, dict) or 'categories' not in data or 'images' not in data:
         raise ValueError(f"'{path}' is not a COCO json: it needs 'images' and 'categories' keys.")
     for key in ('images', 'categories', 'annotations'):

@@ -9,7 +9,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
-from panopticapi.utils import id2rgb, rgb2id  # noqa: F401  (rgb2id: data/register.py imports it from here)
+from panopticapi.utils import id2rgb
 from pycocotools import mask as mask_util
 
 __all__ = ['THING_CATEGORIES', 'STUFF_CATEGORIES', 'CATEGORIES', 'write_synthetic_coco', 'render_scene',
