@@ -1,11 +1,5 @@
-"""detectron2's ``DatasetMapper`` reading images with our decoder (16-bit scaled, one-line errors).
-
-detectron2's ``read_image`` converts with PIL, which clips 16-bit images to white. The
-:class:`DecodingDatasetMapper` is detectron2's mapper with the same augmentations, annotation
-transforms and outputs; only the image comes from :func:`maformer_zoo.data.decode_image` (EXIF
-orientation applied, as detectron2 does) in the config's ``INPUT.FORMAT`` via detectron2's
-``convert_PIL_to_numpy``. ``Trainer.build_train_loader`` / ``build_test_loader`` use it.
-"""
+"""detectron2's ``DatasetMapper`` with images decoded by :func:`maformer_zoo.data.decode_image`
+(detectron2's PIL conversion clips 16-bit images to white); docs/training.md#image-decoding."""
 import copy
 from typing import Any, Dict
 
@@ -30,7 +24,8 @@ class DecodingDatasetMapper(DatasetMapper):
     """``DatasetMapper`` (same constructor, ``from_config`` and outputs) whose images are decoded by ours."""
 
     def __call__(self, dataset_dict: Dict[str, Any]) -> Dict[str, Any]:
-        record = copy.deepcopy(dataset_dict)  # the steps below write into it
+        # detectron2's __call__ with the image reading replaced (it has no hook for it)
+        record = copy.deepcopy(dataset_dict)
         image = read_image_rgb8(record['file_name'], self.image_format)
         utils.check_image_size(record, image)
         # label maps are class ids: detectron2's reader, never rescaled
@@ -47,7 +42,6 @@ class DecodingDatasetMapper(DatasetMapper):
             utils.transform_proposals(record, shape, transforms, proposal_topk=self.proposal_topk)
         if not self.is_train:
             record.pop('annotations', None)
-            return record
-        if 'annotations' in record:
+        elif 'annotations' in record:
             self._transform_annotations(record, transforms, shape)
         return record

@@ -1,17 +1,10 @@
-"""Semantic segmentation data: the user's images + label PNGs, ADE20K as mmseg reads it, and
-generated scenes for tests.
-
-* :func:`register_sem_seg_dataset` (``train_net.py --sem-seg-dataset``): images and same-named
-  ``.png`` label maps; :func:`set_sem_seg_num_classes` then checks, before the model is built,
-  what training would trip over (missing labels, images that do not open, sizes after EXIF
-  orientation, values outside the classes, no labelled pixel), one line naming file and fix.
-* ``ade20k_raw_sem_seg_train`` / ``_val``: ``$DETECTRON2_DATASETS/ADEChallengeData2016``'s
-  ``images/`` and raw ``annotations/`` (mmseg's layout, read with ``reduce_zero_label``).
-* :func:`write_synthetic_sem_seg`: the procedural scenes of :mod:`.synthetic` with labels.
-Label values and formats: :mod:`.sem_seg_labels`; docs/segmentation.md.
+"""Semantic segmentation datasets: the user's images + same-named label PNGs
+(:func:`register_sem_seg_dataset`, checked against the class count by :func:`set_sem_seg_num_classes`),
+ADE20K's raw annotations as mmseg reads them, and generated scenes. docs/segmentation.md#train-on-your-data.
 """
 import logging
 import os
+from dataclasses import asdict
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -20,19 +13,16 @@ from PIL import Image
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.builtin_meta import ADE20K_SEM_SEG_CATEGORIES
 
-from maformer_zoo.data.images import ImageDecodeError, read_image_header
-
-from .register import _check_exists, _register_once
+from .register import _check_image, _existing, _register_once
 from .sem_seg_labels import LabelFormat, read_raw_label
 from .synthetic import CATEGORIES, _split_rng, render_scene
 
 __all__ = ['register_sem_seg_dataset', 'set_sem_seg_num_classes', 'write_synthetic_sem_seg',
-           'register_ade20k_raw', 'label_format_of', 'parse_sem_seg_options', 'SEM_SEG_IGNORE']
+           'register_ade20k_raw', 'label_format_of', 'SEM_SEG_IGNORE']
 logger = logging.getLogger(__name__)
 SEM_SEG_IGNORE = 255
 _IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 _OPTION = '--sem-seg-dataset NAME IMAGE_DIR LABEL_DIR'
-_FLAG_HINT = (f'{_OPTION} reduce_zero_label, or the config\'s DATASETS.REDUCE_ZERO_LABEL')
 
 
 def _pairs(image_dir: str, label_dir: str) -> List[Tuple[str, str]]:
@@ -46,250 +36,175 @@ def _pairs(image_dir: str, label_dir: str) -> List[Tuple[str, str]]:
     missing = [label for _, label in pairs if not os.path.isfile(label)]
     if missing:
         raise FileNotFoundError(
-            f"{len(missing)} image(s) in '{image_dir}' have no label PNG of the same name in "
-            f"'{label_dir}', e.g. '{missing[0]}' is missing (given to {_OPTION}); add the labels or "
-            f"move those images out.")
+            f"{len(missing)} image(s) in '{image_dir}' have no label PNG of the same name in '{label_dir}', e.g. "
+            f"'{missing[0]}' is missing (given to {_OPTION}); add the labels or move those images out.")
     return pairs
 
 
 def _advice(values: Sequence[int], bad: Sequence[int], fmt: LabelFormat, num_classes: int) -> str:
     """The fix for the out-of-range file values ``bad`` among all file values ``values``."""
-    k = num_classes
+    k, shift = num_classes, int(fmt.reduce_zero_label)
     others = [v for v in values if v not in bad and v != fmt.ignore_label]
     if not fmt.reduce_zero_label and 0 in values and list(bad) == [k]:
-        return (f"the labels run 0..{k}: if 0 marks unlabelled ('other') pixels, as in ADE20K's "
-                f"raw annotations, read them with reduce_zero_label ({_FLAG_HINT}); if 0..{k} "
-                f"are all classes, set MODEL.SEM_SEG_HEAD.NUM_CLASSES {k + 1}.")
+        return (f"the labels run 0..{k}: if 0 marks unlabelled ('other') pixels, as in ADE20K's raw annotations, "
+                f"read them with reduce_zero_label ({_OPTION} reduce_zero_label, or the config's "
+                f"DATASETS.REDUCE_ZERO_LABEL); if 0..{k} are all classes, set MODEL.SEM_SEG_HEAD.NUM_CLASSES {k + 1}.")
     if len(bad) == 1 and (not others or bad[0] > max(others) + 1):
-        return (f"if {bad[0]} marks unlabelled pixels, give it as the ignore value "
-                f"({_OPTION} ignore_label={bad[0]}); if it is a class, set "
-                f"MODEL.SEM_SEG_HEAD.NUM_CLASSES {bad[0] + 1 - int(fmt.reduce_zero_label)}.")
-    return (f"set MODEL.SEM_SEG_HEAD.NUM_CLASSES {max(bad) + 1 - int(fmt.reduce_zero_label)} "
+        return (f"if {bad[0]} marks unlabelled pixels, give it as the ignore value ({_OPTION} "
+                f"ignore_label={bad[0]}); if it is a class, set MODEL.SEM_SEG_HEAD.NUM_CLASSES {bad[0] + 1 - shift}.")
+    return (f"set MODEL.SEM_SEG_HEAD.NUM_CLASSES {max(bad) + 1 - shift} "
             f"(labels must be 0..{k - 1} or the ignore value {fmt.ignore_label}).")
 
 
 def _check_pair(name: str, image_file: str, label_file: str) -> np.ndarray:
     """The label's file values, after checking that the image decodes (header) and has its size."""
-    try:
-        stored, (width, height), orientation = read_image_header(image_file)
-    except ImageDecodeError as err:
-        raise ValueError(f"Dataset '{name}': {err}") from None
     raw = read_raw_label(label_file)
-    if raw.shape == (height, width):
-        return raw
-    label = f"its label '{label_file}' is {raw.shape[1]}x{raw.shape[0]} (width x height)"
-    if raw.shape == stored[::-1]:
-        raise ValueError(
-            f"Dataset '{name}': image '{image_file}' is stored as {stored[0]}x{stored[1]}, as {label}, but "
-            f"its EXIF orientation ({orientation}) turns it to {width}x{height}, which is how it is read: save "
-            f"the image upright without the EXIF orientation (PIL.ImageOps.exif_transpose).")
-    raise ValueError(f"Dataset '{name}': image '{image_file}' is {width}x{height} but {label}; labels must be "
-                     f"the size of their image.")
+    _check_image(image_file, raw.shape[::-1], f"its label '{label_file}' is {raw.shape[1]}x{raw.shape[0]} "
+                 f"(width x height)", prefix=f"Dataset '{name}': ")
+    return raw
 
 
-def _check_labels(name: str, pairs: Sequence[Tuple[str, str]], num_classes: int,
-                  fmt: LabelFormat) -> None:
-    """Every image decodes and its label is its size (EXIF orientation applied) and holds classes
-    ``0..num_classes-1`` (or ignore) after ``fmt``, and some pixel is labelled; one line naming the
-    file and the fix otherwise."""
+def _check_labels(name: str, pairs: Sequence[Tuple[str, str]], num_classes: int, fmt: LabelFormat) -> None:
+    """Every pair reads (:func:`_check_pair`), its values are classes or ignored after ``fmt``, and
+    some pixel is labelled; one line naming the file and the fix otherwise."""
     first_file: Dict[int, str] = {}
     for image_file, label_file in pairs:
         for value in np.unique(_check_pair(name, image_file, label_file)).tolist():
             first_file.setdefault(int(value), label_file)
     values = sorted(first_file)
-    labels = fmt.apply(np.asarray(values, dtype=np.int64))
-    bad = [v for v, lab in zip(values, labels.tolist())
-           if lab != fmt.ignore_value and not 0 <= lab < num_classes]
+    labels = fmt.apply(np.asarray(values, dtype=np.int64)).tolist()
+    bad = [v for v, lab in zip(values, labels) if lab != fmt.ignore_value and not 0 <= lab < num_classes]
     if bad:
         shown = f'value {bad[0]}' + (' (after reduce_zero_label)' if fmt.reduce_zero_label else '')
         raise ValueError(
-            f"Dataset '{name}': label file '{first_file[bad[0]]}' has class {bad[0]}, but the "
-            f"model has {num_classes} classes (MODEL.SEM_SEG_HEAD.NUM_CLASSES); "
+            f"Dataset '{name}': label file '{first_file[bad[0]]}' has class {bad[0]}, but the model has "
+            f"{num_classes} classes (MODEL.SEM_SEG_HEAD.NUM_CLASSES); "
             f"{'out-of-range ' + shown + ': ' if len(bad) > 1 or fmt.reduce_zero_label else ''}"
             f"{_advice(values, bad, fmt, num_classes)}")
-    if all(lab == fmt.ignore_value for lab in labels.tolist()):
+    if all(lab == fmt.ignore_value for lab in labels):
         flags = f"ignore_label {fmt.ignore_label}" + (' and reduce_zero_label' if fmt.reduce_zero_label else '')
         raise ValueError(
             f"Dataset '{name}': no pixel of its {len(pairs)} label file(s) is labelled (values {values}, read "
             f"as ignored with {flags}): nothing to train or evaluate; check the label files and the {_OPTION} options.")
 
 
-def parse_sem_seg_options(options: Sequence[str]) -> Dict:
-    """``reduce_zero_label`` / ``ignore_label=N`` words of ``--sem-seg-dataset`` as keyword
-    arguments of :func:`register_sem_seg_dataset`."""
-    kwargs: Dict = {}
+def register_sem_seg_dataset(name: str, image_dir: str, label_dir: str, *options: str, reduce_zero_label: bool = False,
+                             ignore_label: int = SEM_SEG_IGNORE, check_dirs: bool = True) -> None:
+    """Register images + same-named ``.png`` label maps (palette, 8- or 16-bit) as ``name``, with the metadata
+    detectron2's ``SemSegEvaluator`` reads.
+
+    Args:
+        options: ``train_net.py``'s words ``'reduce_zero_label'`` / ``'ignore_label=N'``: the same as
+            ``reduce_zero_label`` (0 ignored, ``v`` class ``v - 1``) and ``ignore_label`` (the files' unlabelled value).
+        check_dirs: check the directories now (``False``: at :func:`set_sem_seg_num_classes`).
+    """
     for option in options:
         key, _, value = option.partition('=')
         if option == 'reduce_zero_label':
-            kwargs['reduce_zero_label'] = True
+            reduce_zero_label = True
         elif key == 'ignore_label' and value.isdigit():
-            kwargs['ignore_label'] = int(value)
+            ignore_label = int(value)
         else:
-            raise ValueError(f"{_OPTION}: unknown option '{option}'; after the three values it "
-                             f"takes 'reduce_zero_label' and 'ignore_label=N'.")
-    return kwargs
-
-
-def register_sem_seg_dataset(name: str, image_dir: str, label_dir: str, *options: str,
-                             num_classes: Optional[int] = None,
-                             class_names: Optional[Sequence[str]] = None,
-                             reduce_zero_label: bool = False,
-                             ignore_label: int = SEM_SEG_IGNORE,
-                             check_dirs: bool = True) -> None:
-    """Register images + same-named label PNGs as the semantic segmentation dataset ``name``.
-
-    Args:
-        name: the dataset name used in ``DATASETS.TRAIN`` / ``DATASETS.TEST``.
-        image_dir: directory of the images (jpg, png, ...).
-        label_dir: directory of ``<image stem>.png`` label maps (palette, 8- or 16-bit).
-        options: ``train_net.py`` words, ``'reduce_zero_label'`` / ``'ignore_label=N'``.
-        num_classes: the class count; ``None`` leaves it to :func:`set_sem_seg_num_classes`
-            (``train_net.py`` sets it from ``MODEL.SEM_SEG_HEAD.NUM_CLASSES``).
-        class_names: names of the classes (default ``'0'``, ``'1'``, ...).
-        reduce_zero_label: read 0 as ignore and ``v`` as class ``v - 1`` (mmseg's flag).
-        ignore_label: the value of unlabelled pixels in the files.
-        check_dirs: check the directories now (``False``: at :func:`set_sem_seg_num_classes`).
-
-    The metadata is what detectron2's ``SemSegEvaluator`` (mIoU, fwIoU, pixel accuracy) reads:
-    ``evaluator_type='sem_seg'``, ``stuff_classes``, ``ignore_label`` (the value the reader gives
-    unlabelled pixels, 255), and ours: ``label_format`` (set with the class count).
-    """
-    kwargs = parse_sem_seg_options(options)
-    reduce_zero_label = kwargs.get('reduce_zero_label', reduce_zero_label)
-    ignore_label = kwargs.get('ignore_label', ignore_label)
+            raise ValueError(f"{_OPTION}: unknown option '{option}'; after the three values it takes "
+                             f"'reduce_zero_label' and 'ignore_label=N'.")
     if check_dirs:
-        image_dir = _check_exists(image_dir, 'Image', _OPTION, is_dir=True)
-        label_dir = _check_exists(label_dir, 'Label', _OPTION, is_dir=True)
+        image_dir, label_dir = _existing(_OPTION, ('Image directory', image_dir), ('Label directory', label_dir))
         _pairs(image_dir, label_dir)
 
     def load() -> List[Dict]:
         meta = MetadataCatalog.get(name)
         if meta.get('label_format', None) is None:
-            raise ValueError(f"Dataset '{name}' has no class count: call set_sem_seg_num_classes("
-                             f"'{name}', MODEL.SEM_SEG_HEAD.NUM_CLASSES) first.")
+            raise ValueError(f"Dataset '{name}' has no class count: call set_sem_seg_num_classes('{name}', "
+                             f"MODEL.SEM_SEG_HEAD.NUM_CLASSES) first.")
         return [dict(file_name=image, sem_seg_file_name=label, label_format=meta.label_format)
                 for image, label in _pairs(image_dir, label_dir)]
 
-    metadata = dict(image_root=image_dir, sem_seg_root=label_dir, evaluator_type='sem_seg',
-                    ignore_label=SEM_SEG_IGNORE,
-                    registration=dict(kind='sem_seg', image_dir=image_dir, label_dir=label_dir,
-                                      reduce_zero_label=bool(reduce_zero_label),
-                                      ignore_label=int(ignore_label)))
-    _register_once(name, load, metadata)
-    if class_names is not None or num_classes is not None:
-        set_sem_seg_num_classes(name, num_classes or len(class_names), class_names)
+    _register_once(name, load, dict(
+        image_root=image_dir, sem_seg_root=label_dir, evaluator_type='sem_seg', ignore_label=SEM_SEG_IGNORE,
+        registration=dict(kind='sem_seg', image_dir=image_dir, label_dir=label_dir,
+                          reduce_zero_label=bool(reduce_zero_label), ignore_label=int(ignore_label))))
 
 
 def register_ade20k_raw(root: Optional[str] = None) -> None:
-    """Register ``ade20k_raw_sem_seg_train`` / ``_val``: ADE20K's images and raw annotations
-    (0 = "other", 1..150 the classes) under ``root`` (``$DETECTRON2_DATASETS``, default
-    ``datasets``), checked when a config uses them. The ADE configs list them in
-    ``DATASETS.REDUCE_ZERO_LABEL``."""
+    """Register ``ade20k_raw_sem_seg_train`` / ``_val``: ADE20K's images and raw annotations (0 = "other")
+    under ``root`` (default ``$DETECTRON2_DATASETS`` or ``datasets``), checked when a config uses them."""
     root = os.path.join(root or os.getenv('DETECTRON2_DATASETS', 'datasets'), 'ADEChallengeData2016')
     for split, folder in (('train', 'training'), ('val', 'validation')):
         name = f'ade20k_raw_sem_seg_{split}'
-        if name in DatasetCatalog.list():
-            continue
-        register_sem_seg_dataset(name, os.path.join(root, 'images', folder),
-                                 os.path.join(root, 'annotations', folder), check_dirs=False)
-        MetadataCatalog.get(name).set(stuff_classes=ADE20K_SEM_SEG_CATEGORIES[:])
+        if name not in DatasetCatalog.list():
+            register_sem_seg_dataset(name, os.path.join(root, 'images', folder),
+                                     os.path.join(root, 'annotations', folder), check_dirs=False)
+            MetadataCatalog.get(name).set(stuff_classes=ADE20K_SEM_SEG_CATEGORIES[:])
 
 
-def set_sem_seg_num_classes(name: str, num_classes: int,
-                            class_names: Optional[Sequence[str]] = None,
-                            reduce_zero_label: bool = False,
-                            ignore_value: int = SEM_SEG_IGNORE) -> None:
-    """Give the dataset ``name`` (from :func:`register_sem_seg_dataset`) its class count and label
-    format, and check every label file against them (one read of each file).
+def set_sem_seg_num_classes(name: str, num_classes: int, class_names: Optional[Sequence[str]] = None,
+                            reduce_zero_label: bool = False, ignore_value: int = SEM_SEG_IGNORE) -> None:
+    """Give the dataset ``name`` of :func:`register_sem_seg_dataset` its class count and label format,
+    and check every label file against them (one read of each); a no-op for other datasets.
 
     Args:
-        name: the dataset.
-        num_classes: ``MODEL.SEM_SEG_HEAD.NUM_CLASSES``.
+        num_classes: ``MODEL.SEM_SEG_HEAD.NUM_CLASSES``; one that contradicts names already set is an error.
         class_names: names of the classes (default: those registered, else ``'0'``, ``'1'``...).
-        reduce_zero_label: also read with ``reduce_zero_label`` (the config's
-            ``DATASETS.REDUCE_ZERO_LABEL`` names it); the registration's flag holds either way.
-        ignore_value: ``MODEL.SEM_SEG_HEAD.IGNORE_VALUE``; must be the dataset's ``ignore_label``
-            metadata (255), which the evaluator reads.
-
-    A no-op for other datasets (detectron2's builtin ones carry their own classes). A count that
-    contradicts names already set is an error.
+        reduce_zero_label: also read with ``reduce_zero_label`` (``DATASETS.REDUCE_ZERO_LABEL``).
+        ignore_value: ``MODEL.SEM_SEG_HEAD.IGNORE_VALUE``; must be the metadata's ``ignore_label``.
     """
     meta = MetadataCatalog.get(name)
     registration = meta.get('registration', {})
     if registration.get('kind') != 'sem_seg':
         return
+    existing = meta.get('stuff_classes', None)
     if class_names is not None and len(class_names) != num_classes:
-        raise ValueError(f"Dataset '{name}': {len(class_names)} class names for {num_classes} "
-                         f"classes.")
+        raise ValueError(f"Dataset '{name}': {len(class_names)} class names for {num_classes} classes.")
     if ignore_value != meta.ignore_label:
         raise ValueError(f"Dataset '{name}' marks unlabelled pixels {meta.ignore_label} but "
-                         f"MODEL.SEM_SEG_HEAD.IGNORE_VALUE is {ignore_value}: set it to "
-                         f"{meta.ignore_label}.")
-    existing = meta.get('stuff_classes', None)
+                         f"MODEL.SEM_SEG_HEAD.IGNORE_VALUE is {ignore_value}: set it to {meta.ignore_label}.")
     if existing is not None and len(existing) != num_classes:
-        raise ValueError(
-            f"Dataset '{name}' has {len(existing)} classes but {num_classes} were asked for: "
-            f"set MODEL.SEM_SEG_HEAD.NUM_CLASSES {len(existing)}.")
+        raise ValueError(f"Dataset '{name}' has {len(existing)} classes but {num_classes} were asked for: "
+                         f"set MODEL.SEM_SEG_HEAD.NUM_CLASSES {len(existing)}.")
     fmt = LabelFormat(reduce_zero_label=registration['reduce_zero_label'] or bool(reduce_zero_label),
                       ignore_label=registration['ignore_label'], ignore_value=meta.ignore_label)
     if meta.get('label_format', None) is not None:
-        if meta.label_format != fmt.to_dict():
-            raise ValueError(f"Dataset '{name}' is already read as {meta.label_format}, not "
-                             f"{fmt.to_dict()}.")
+        if meta.label_format != asdict(fmt):
+            raise ValueError(f"Dataset '{name}' is already read as {meta.label_format}, not {asdict(fmt)}.")
         return
-    for kind, path in (('Image', registration['image_dir']), ('Label', registration['label_dir'])):
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"Dataset '{name}': {kind.lower()} directory '{path}' does not "
-                                    f"exist (for ADE20K set $DETECTRON2_DATASETS, docs/segmentation.md).")
-    _check_labels(name, _pairs(registration['image_dir'], registration['label_dir']), num_classes, fmt)
+    dirs = _existing(f"dataset '{name}'; for ADE20K set $DETECTRON2_DATASETS, docs/segmentation.md#ade20k",
+                     ('Image directory', registration['image_dir']), ('Label directory', registration['label_dir']))
+    _check_labels(name, _pairs(*dirs), num_classes, fmt)
     if existing is None:
-        meta.set(stuff_classes=list(class_names) if class_names is not None
-                 else [str(i) for i in range(num_classes)])
-    meta.set(label_format=fmt.to_dict())
+        meta.set(stuff_classes=list(class_names or map(str, range(num_classes))))
+    meta.set(label_format=asdict(fmt))
     logger.info(f"Dataset '{name}': {num_classes} semantic classes, labels read as {fmt}.")
 
 
 def label_format_of(name: str) -> LabelFormat:
-    """The :class:`LabelFormat` of a registered dataset (ours: set by
-    :func:`set_sem_seg_num_classes`; others: file values as they are, ``ignore_label`` kept)."""
+    """The :class:`LabelFormat` of a registered dataset (others than ours: values kept, ``ignore_label``)."""
     meta = MetadataCatalog.get(name)
-    fmt = meta.get('label_format', None)
-    if fmt is not None:
-        return LabelFormat(**fmt)
+    if meta.get('label_format', None) is not None:
+        return LabelFormat(**meta.label_format)
     ignore = meta.get('ignore_label', SEM_SEG_IGNORE)
     return LabelFormat(ignore_label=ignore, ignore_value=ignore)
 
 
 def write_synthetic_sem_seg(root: str, num_images: int = 8, image_size: Tuple[int, int] = (128, 160),
                             seed: int = 0, split: str = 'train') -> Dict:
-    """Write procedural scenes with semantic labels under ``root/<split>/{images,labels}``.
-
-    The scenes are those of :func:`~detectron2_ext.data.synthetic.write_synthetic_coco` (same
-    seed and split: same images); the label of a pixel is the index of its category in
-    :data:`~detectron2_ext.data.synthetic.CATEGORIES` (circle, square, triangle, sky, ground,
-    water), so 6 classes and no ignored pixel.
+    """The scenes of :func:`~detectron2_ext.data.synthetic.write_synthetic_coco` (same seed and split:
+    same images) under ``root/<split>/images``, each pixel labelled in ``root/<split>/labels`` with its
+    category's index in ``CATEGORIES`` (6 classes, none ignored).
 
     Returns:
         dict with ``image_dir``, ``label_dir`` and ``class_names``.
     """
     if num_images < 1:
         raise ValueError(f'num_images must be >= 1, got {num_images}')
-    image_dir = os.path.join(root, split, 'images')
-    label_dir = os.path.join(root, split, 'labels')
+    image_dir, label_dir = os.path.join(root, split, 'images'), os.path.join(root, split, 'labels')
     os.makedirs(image_dir, exist_ok=True)
     os.makedirs(label_dir, exist_ok=True)
-    index_of = {c['id']: i for i, c in enumerate(CATEGORIES)}
-    lookup = np.full(max(index_of) + 1, SEM_SEG_IGNORE, dtype=np.uint8)
-    for category_id, index in index_of.items():
-        lookup[category_id] = index
+    lookup = np.full(max(c['id'] for c in CATEGORIES) + 1, SEM_SEG_IGNORE, dtype=np.uint8)
+    lookup[[c['id'] for c in CATEGORIES]] = np.arange(len(CATEGORIES))
     for i, image_seed in enumerate(_split_rng(seed, split).spawn(num_images)):
-        image, thing_index, thing_cats, stuff = render_scene(np.random.default_rng(image_seed),
-                                                             tuple(image_size))
-        category = stuff.copy()
+        image, thing_index, thing_cats, stuff = render_scene(np.random.default_rng(image_seed), tuple(image_size))
         for t, category_id in enumerate(thing_cats):
-            category[thing_index == t] = category_id
-        stem = f'{i + 1:06d}'
-        Image.fromarray(image).save(os.path.join(image_dir, stem + '.jpg'), quality=95)
-        Image.fromarray(lookup[category]).save(os.path.join(label_dir, stem + '.png'))
-    return dict(image_dir=image_dir, label_dir=label_dir,
-                class_names=[c['name'] for c in CATEGORIES])
+            stuff[thing_index == t] = category_id
+        Image.fromarray(image).save(os.path.join(image_dir, f'{i + 1:06d}.jpg'), quality=95)
+        Image.fromarray(lookup[stuff]).save(os.path.join(label_dir, f'{i + 1:06d}.png'))
+    return dict(image_dir=image_dir, label_dir=label_dir, class_names=[c['name'] for c in CATEGORIES])

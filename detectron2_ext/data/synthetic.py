@@ -1,11 +1,6 @@
-"""A small COCO-format dataset of procedural scenes, written deterministically from a seed.
-
-Tests and ``make demo`` need detection, instance and panoptic ground truth without downloading
-anything: :func:`write_synthetic_coco` paints stuff (sky, ground, water) with things on top
-(circles, squares, triangles) and writes, from one label map per image so that they agree pixel
-for pixel, COCO instances (visible masks as RLE, since occluded objects have holes), COCO
-panoptic PNGs + json, and Panoptic FPN's separated semantic PNGs. Details:
-docs/detectron2.md#the-generated-dataset-detectron2_extdata. This module does not import detectron2.
+"""Procedural scenes (stuff + occluding things) written as COCO instances, COCO panoptic and Panoptic
+FPN's separated semantic labels, all from one label map per image and deterministic from a seed.
+Details: docs/detectron2.md#the-generated-dataset-detectron2_extdata. No detectron2 import here.
 """
 import json
 import os
@@ -14,13 +9,11 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
-from panopticapi.utils import id2rgb, rgb2id  # noqa: F401  (rgb2id: data/register.py imports it from here)
+from panopticapi.utils import id2rgb
 from pycocotools import mask as mask_util
 
-__all__ = [
-    'THING_CATEGORIES', 'STUFF_CATEGORIES', 'CATEGORIES',
-    'write_synthetic_coco', 'render_scene', 'panoptic_to_semantic',
-]
+__all__ = ['THING_CATEGORIES', 'STUFF_CATEGORIES', 'CATEGORIES', 'write_synthetic_coco', 'render_scene',
+           'panoptic_to_semantic']
 
 THING_CATEGORIES: List[Dict] = [
     dict(id=1, name='circle', isthing=1, supercategory='shape', color=[220, 20, 60]),
@@ -34,45 +27,25 @@ STUFF_CATEGORIES: List[Dict] = [
 ]
 CATEGORIES: List[Dict] = THING_CATEGORIES + STUFF_CATEGORIES
 _SKY, _GROUND, _WATER = (c['id'] for c in STUFF_CATEGORIES)
-_SEMSEG_IGNORE = 255
 
 
-def panoptic_to_semantic(
-        segment_ids: np.ndarray,
-        segments_info: Sequence[Dict],
-        stuff_contiguous_id: Dict[int, int],
-        ignore_label: int = _SEMSEG_IGNORE,
-) -> np.ndarray:
-    """Panoptic segment ids -> the "separated" semantic labels of Panoptic FPN.
-
-    Args:
-        segment_ids: (H, W) panoptic segment ids (:func:`rgb2id` of the PNG).
-        segments_info: the image's ``segments_info`` from the panoptic json (dataset category ids).
-        stuff_contiguous_id: dataset stuff category id -> contiguous id in ``1..S``; every category
-            not in it is a thing and becomes 0.
-        ignore_label: label of pixels outside every segment (and of crowd segments).
-
-    Returns:
-        (H, W) uint8 label map.
-    """
+def panoptic_to_semantic(segment_ids: np.ndarray, segments_info: Sequence[Dict],
+                         stuff_contiguous_id: Dict[int, int], ignore_label: int = 255) -> np.ndarray:
+    """Panoptic segment ids (H, W) -> Panoptic FPN's separated uint8 labels: stuff categories as
+    ``stuff_contiguous_id`` maps them (1..S), things 0, crowd and unlisted pixels ``ignore_label``."""
     semantic = np.full(segment_ids.shape, ignore_label, dtype=np.uint8)
     for seg in segments_info:
-        if seg.get('iscrowd', 0):
-            continue
-        semantic[segment_ids == seg['id']] = stuff_contiguous_id.get(seg['category_id'], 0)
+        if not seg.get('iscrowd', 0):
+            semantic[segment_ids == seg['id']] = stuff_contiguous_id.get(seg['category_id'], 0)
     return semantic
 
 
-# ------------------------------------------------------------------------------------- painting
-
-
-def _shape_mask(kind: str, cx: float, cy: float, size: float, angle: float,
-                xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
-    """Pixel mask (pixel centres inside) of one thing; ``size`` is the circumradius."""
+def _shape_mask(kind: str, cx: float, cy: float, size: float, angle: float, xx, yy) -> np.ndarray:
+    """Pixel centres inside one thing; ``size`` is the circumradius."""
     dx, dy = xx - cx, yy - cy
     if kind == 'circle':
         return dx * dx + dy * dy <= size * size
-    # Rotate into the shape's frame, then intersect half-planes of a regular polygon.
+    # a regular polygon: half-planes in the shape's rotated frame
     cos, sin = np.cos(angle), np.sin(angle)
     u, v = cos * dx + sin * dy, -sin * dx + cos * dy
     sides = 4 if kind == 'square' else 3
@@ -84,8 +57,7 @@ def _shape_mask(kind: str, cx: float, cy: float, size: float, angle: float,
     return inside
 
 
-def _stuff_labels(rng: np.random.Generator, height: int, width: int,
-                  xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
+def _stuff_labels(rng: np.random.Generator, height: int, width: int, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
     """Sky above a wavy horizon, ground below, and with probability 0.6 an elliptic lake."""
     horizon = height * rng.uniform(0.25, 0.55)
     amplitude = height * rng.uniform(0.0, 0.08)
@@ -102,54 +74,33 @@ def _stuff_labels(rng: np.random.Generator, height: int, width: int,
     return labels
 
 
-def _stuff_texture(rng: np.random.Generator, labels: np.ndarray,
-                   xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
-    """Colour the stuff regions: a vertical gradient sky, noisy ground, striped water."""
-    height = labels.shape[0]
-    image = np.zeros(labels.shape + (3,), dtype=np.float64)
+def _stuff_texture(rng: np.random.Generator, labels: np.ndarray, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
+    """A vertical gradient sky, noisy ground, striped water."""
     base = {c['id']: np.array(c['color'], dtype=np.float64) for c in STUFF_CATEGORIES}
     sky = base[_SKY] + rng.uniform(-25, 25, 3)
-    sky_img = sky[None, None, :] * (0.75 + 0.35 * (yy / height))[..., None]
-    ground_img = (base[_GROUND] + rng.uniform(-30, 30, 3))[None, None, :] \
-        + rng.normal(0, 12, labels.shape + (1,))
+    sky_img = sky[None, None, :] * (0.75 + 0.35 * (yy / labels.shape[0]))[..., None]
+    ground_img = (base[_GROUND] + rng.uniform(-30, 30, 3))[None, None, :] + rng.normal(0, 12, labels.shape + (1,))
     stripes = np.sin(yy * rng.uniform(0.8, 1.6) + 0.3 * np.sin(xx * 0.2))[..., None]
     water_img = (base[_WATER] + rng.uniform(-20, 20, 3))[None, None, :] + 18 * stripes
+    image = np.zeros(labels.shape + (3,), dtype=np.float64)
     for cat, img in ((_SKY, sky_img), (_GROUND, ground_img), (_WATER, water_img)):
-        sel = labels == cat
-        image[sel] = img[sel]
+        image[labels == cat] = img[labels == cat]
     return image
 
 
-def render_scene(
-        rng: np.random.Generator,
-        image_size: Tuple[int, int] = (128, 160),
-        max_things: int = 6,
-        min_area: int = 24,
-) -> Tuple[np.ndarray, np.ndarray, List[int], np.ndarray]:
-    """Paint one scene.
-
-    Args:
-        rng: the random generator; the scene is a pure function of its state.
-        image_size: (height, width) in pixels.
-        max_things: at most this many objects (at least one is always kept).
-        min_area: objects whose visible area is smaller are dropped from the scene.
-
-    Returns:
-        ``(image, thing_index, thing_categories, stuff_labels)``: the (H, W, 3) uint8 image, an
-        (H, W) int map with the index of the visible object at each pixel (-1 for stuff), the
-        category id of each object, and the (H, W) stuff category id map under the objects.
-    """
+def render_scene(rng: np.random.Generator, image_size: Tuple[int, int] = (128, 160), max_things: int = 6,
+                 min_area: int = 24) -> Tuple[np.ndarray, np.ndarray, List[int], np.ndarray]:
+    """One scene of ``image_size`` (h, w), a pure function of ``rng``'s state, as ``(image, thing_index,
+    thing_categories, stuff_labels)``: uint8 (H, W, 3), the visible object's index per pixel (-1: stuff), each
+    object's category id (1..``max_things`` objects, none under ``min_area`` pixels) and the stuff under them."""
     height, width = image_size
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float64) + 0.5
     stuff = _stuff_labels(rng, height, width, xx, yy)
     image = _stuff_texture(rng, stuff, xx, yy)
-
-    num_things = int(rng.integers(1, max_things + 1))
     things = []
-    short_side = min(height, width)
-    for _ in range(num_things):
+    for _ in range(int(rng.integers(1, max_things + 1))):
         category = THING_CATEGORIES[int(rng.integers(len(THING_CATEGORIES)))]
-        size = rng.uniform(0.08, 0.22) * short_side
+        size = rng.uniform(0.08, 0.22) * min(height, width)
         cx, cy = rng.uniform(0, width), rng.uniform(0.1 * height, height)
         angle = rng.uniform(0, 2 * np.pi)
         colour = rng.uniform(0, 255, 3)
@@ -161,8 +112,8 @@ def render_scene(
     # grow the visible area of the others, so repeat until every remaining object is large enough.
     while True:
         index = np.full((height, width), -1, dtype=np.int64)
-        for i, (_, mask, *_rest) in enumerate(things):
-            index[mask] = i
+        for i, thing in enumerate(things):
+            index[thing[1]] = i
         areas = np.bincount(index[index >= 0], minlength=len(things))
         keep = [i for i, a in enumerate(areas) if a >= min_area]
         if len(keep) == len(things) or not keep:
@@ -171,23 +122,17 @@ def render_scene(
     if not keep:  # every object fell outside the image: paint none
         things = []
         index[:] = -1
-
     for i, (_, _, colour, shade, (cx, cy, size)) in enumerate(things):
         sel = index == i
         light = 1 + shade[0] * (xx[sel] - cx) / size + shade[1] * (yy[sel] - cy) / size
         image[sel] = colour[None, :] * np.clip(light, 0.5, 1.5)[:, None]
     image += rng.normal(0, 4, image.shape)
-    image = np.clip(image, 0, 255).astype(np.uint8)
-    return image, index, [t[0] for t in things], stuff
-
-
-# -------------------------------------------------------------------------------------- writing
+    return np.clip(image, 0, 255).astype(np.uint8), index, [t[0] for t in things], stuff
 
 
 def _bbox_xywh(mask: np.ndarray) -> List[float]:
     ys, xs = np.nonzero(mask)
-    x0, y0 = int(xs.min()), int(ys.min())
-    return [float(x0), float(y0), float(xs.max() + 1 - x0), float(ys.max() + 1 - y0)]
+    return [float(xs.min()), float(ys.min()), float(xs.max() + 1 - xs.min()), float(ys.max() + 1 - ys.min())]
 
 
 def _split_rng(seed: int, split: str) -> np.random.SeedSequence:
@@ -195,75 +140,44 @@ def _split_rng(seed: int, split: str) -> np.random.SeedSequence:
     return np.random.SeedSequence([int(seed), zlib.crc32(split.encode('utf-8'))])
 
 
-def write_synthetic_coco(
-        root: str,
-        num_images: int = 8,
-        image_size: Tuple[int, int] = (128, 160),
-        seed: int = 0,
-        split: str = 'train',
-) -> Dict:
-    """Write ``num_images`` procedural scenes as a COCO-format dataset under ``root/<split>/``.
-
-    Args:
-        root: output directory (created if needed). Files of the same names are overwritten;
-            use a fresh ``root`` (or split) for a smaller dataset than one written before.
-        num_images: number of images.
-        image_size: (height, width) of every image.
-        seed: the dataset is a pure function of (seed, split, num_images index, image_size); each
-            split draws from its own stream, so 'train' and 'val' of one seed differ.
-        split: name of the sub-directory, e.g. 'train' or 'val'.
-
-    Returns:
-        dict with ``image_dir``, ``instances_json``, ``panoptic_dir``, ``panoptic_json``,
-        ``sem_seg_dir`` (Panoptic FPN's separated semantic labels) and ``categories`` (all
-        categories, things first, COCO panoptic style with ``isthing``).
-    """
+def write_synthetic_coco(root: str, num_images: int = 8, image_size: Tuple[int, int] = (128, 160),
+                         seed: int = 0, split: str = 'train') -> Dict:
+    """Write ``num_images`` scenes of ``image_size`` (h, w) under ``root/<split>/``, a pure function of (seed,
+    split, image index, image_size); returns the paths (``image_dir``, ``instances_json``, ``panoptic_dir``,
+    ``panoptic_json``, ``sem_seg_dir``) and ``categories``."""
     if num_images < 1:
         raise ValueError(f'num_images must be >= 1, got {num_images}')
     height, width = (int(s) for s in image_size)
     if height < 16 or width < 16:
         raise ValueError(f'image_size must be at least (16, 16), got {image_size}')
     split_dir = os.path.join(root, split)
-    paths = dict(
-        image_dir=os.path.join(split_dir, 'images'),
-        instances_json=os.path.join(split_dir, 'instances.json'),
-        panoptic_dir=os.path.join(split_dir, 'panoptic'),
-        panoptic_json=os.path.join(split_dir, 'panoptic.json'),
-        sem_seg_dir=os.path.join(split_dir, 'panoptic_semseg'),
-    )
+    paths = {key: os.path.join(split_dir, name) for key, name in (
+        ('image_dir', 'images'), ('instances_json', 'instances.json'), ('panoptic_dir', 'panoptic'),
+        ('panoptic_json', 'panoptic.json'), ('sem_seg_dir', 'panoptic_semseg'))}
     for key in ('image_dir', 'panoptic_dir', 'sem_seg_dir'):
         os.makedirs(paths[key], exist_ok=True)
     stuff_contiguous = {c['id']: i + 1 for i, c in enumerate(STUFF_CATEGORIES)}
 
     images, instances, panoptic = [], [], []
     next_segment_id = 1  # one counter for all segments: a thing segment id == its annotation id
-    for index_in_split, image_seed in enumerate(_split_rng(seed, split).spawn(num_images)):
-        rng = np.random.default_rng(image_seed)
-        image, thing_index, thing_cats, stuff = render_scene(rng, (height, width))
-        image_id = index_in_split + 1
+    for image_id, image_seed in enumerate(_split_rng(seed, split).spawn(num_images), start=1):
+        image, thing_index, thing_cats, stuff = render_scene(np.random.default_rng(image_seed), (height, width))
         stem = f'{image_id:06d}'
         Image.fromarray(image).save(os.path.join(paths['image_dir'], stem + '.jpg'), quality=95)
         images.append(dict(id=image_id, file_name=stem + '.jpg', height=height, width=width))
-
-        segment_ids = np.zeros((height, width), dtype=np.int64)
-        segments_info = []
-        for i, category_id in enumerate(thing_cats):
-            mask = thing_index == i
-            rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
-            rle['counts'] = rle['counts'].decode('ascii')
-            area, bbox = int(mask.sum()), _bbox_xywh(mask)
-            instances.append(dict(id=next_segment_id, image_id=image_id, category_id=category_id,
-                                  segmentation=rle, area=area, bbox=bbox, iscrowd=0))
-            segments_info.append(dict(id=next_segment_id, category_id=category_id, area=area,
-                                      bbox=bbox, iscrowd=0))
-            segment_ids[mask] = next_segment_id
-            next_segment_id += 1
-        for category in STUFF_CATEGORIES:
-            mask = (stuff == category['id']) & (thing_index < 0)
-            if not mask.any():
+        segment_ids, segments_info = np.zeros((height, width), dtype=np.int64), []
+        masks = [(category_id, thing_index == i, True) for i, category_id in enumerate(thing_cats)]
+        masks += [(c['id'], (stuff == c['id']) & (thing_index < 0), False) for c in STUFF_CATEGORIES]
+        for category_id, mask, is_thing in masks:
+            if not mask.any():  # a stuff class absent from the image (every thing is visible)
                 continue
-            segments_info.append(dict(id=next_segment_id, category_id=category['id'],
-                                      area=int(mask.sum()), bbox=_bbox_xywh(mask), iscrowd=0))
+            area, bbox = int(mask.sum()), _bbox_xywh(mask)
+            if is_thing:
+                rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+                rle['counts'] = rle['counts'].decode('ascii')
+                instances.append(dict(id=next_segment_id, image_id=image_id, category_id=category_id,
+                                      segmentation=rle, area=area, bbox=bbox, iscrowd=0))
+            segments_info.append(dict(id=next_segment_id, category_id=category_id, area=area, bbox=bbox, iscrowd=0))
             segment_ids[mask] = next_segment_id
             next_segment_id += 1
         Image.fromarray(id2rgb(segment_ids)).save(os.path.join(paths['panoptic_dir'], stem + '.png'))
@@ -271,16 +185,13 @@ def write_synthetic_coco(
             os.path.join(paths['sem_seg_dir'], stem + '.png'))
         panoptic.append(dict(image_id=image_id, file_name=stem + '.png', segments_info=segments_info))
 
-    info = dict(description=f'maformer-zoo synthetic scenes (seed={seed}, split={split})',
-                version='1.0', year=2026)
+    info = dict(description=f'maformer-zoo synthetic scenes (seed={seed}, split={split})', version='1.0', year=2026)
     licenses = [dict(id=1, name='CC0-1.0', url='https://creativecommons.org/publicdomain/zero/1.0/')]
-    thing_categories = [{k: v for k, v in c.items() if k not in ('isthing', 'color')}
-                        for c in THING_CATEGORIES]
-    with open(paths['instances_json'], 'w') as f:
-        json.dump(dict(info=info, licenses=licenses, images=images, annotations=instances,
-                       categories=thing_categories), f)
-    with open(paths['panoptic_json'], 'w') as f:
-        json.dump(dict(info=info, licenses=licenses, images=images, annotations=panoptic,
-                       categories=CATEGORIES), f)
+    thing_categories = [{k: v for k, v in c.items() if k not in ('isthing', 'color')} for c in THING_CATEGORIES]
+    for key, annotations, categories in (('instances_json', instances, thing_categories),
+                                         ('panoptic_json', panoptic, CATEGORIES)):
+        with open(paths[key], 'w') as f:
+            json.dump(dict(info=info, licenses=licenses, images=images, annotations=annotations,
+                           categories=categories), f)
     paths['categories'] = [dict(c) for c in CATEGORIES]
     return paths
