@@ -1,8 +1,6 @@
 """Options from a YAML recipe and the command line, as timm's ``train.py`` reads them: the recipe given with
-``-c`` (its ``_BASE_`` chain merged first) sets the argparse defaults, then the command line is parsed.
-
-Recipes are read with :mod:`maformer_zoo.utils.safe_yaml`; a value is converted by its option's type (YAML 1.1
-reads ``1e-3`` as a string) and an unknown key or a bad value is one line naming the file and line.
+``-c`` (read by :mod:`maformer_zoo.utils.safe_yaml`, its ``_BASE_`` chain merged first) sets the argparse defaults,
+then the command line is parsed. An unknown key or a bad value is one line naming the file and line.
 """
 import argparse
 import copy
@@ -66,25 +64,19 @@ def _convert(actions: Actions, key: str, value: Any, what: str) -> Any:
         close = difflib.get_close_matches(key, list(actions), n=3)
         raise ConfigError(f"Unknown config field(s) for {what}: '{key}'"
                           + (f" (did you mean {', '.join(close)}?)" if close else ''))
-    action = actions[key]
+    action, converted = actions[key], value
     try:
-        if action.type is None:  # a flag
-            if not isinstance(value, bool):
-                raise ValueError(value)
-        elif action.nargs == '+' and value is not None:
-            value = [action.type(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
-        elif value is None and action.default is not None:
+        if (action.type is None and not isinstance(value, bool)) or (value is None and action.default is not None):
             raise ValueError(value)
-        else:
-            value = action.type(value)
-    except YAMLFileError as err:
-        raise ConfigError(f"'{key}': {err}") from None
-    except (TypeError, ValueError) as err:
-        kind = 'true or false' if action.type is None else action.type.__name__
+        if action.type is not None and value is not None:
+            converted = [action.type(v) for v in (value if isinstance(value, (list, tuple)) else [value])] \
+                if action.nargs == '+' else action.type(value)
+        if action.choices and converted not in action.choices:
+            raise ValueError(value)
+    except (TypeError, ValueError) as err:  # YAMLFileError (a mapping option) included
+        kind = 'true or false' if action.type is None else ' or '.join(action.choices or [action.type.__name__])
         raise ConfigError(f"'{key}': cannot read {short_repr(value)} as {kind}; give a value of that type.") from err
-    if action.choices and value not in action.choices:
-        raise ConfigError(f"'{key}' is {short_repr(value)}; give one of {', '.join(action.choices)}.")
-    return value
+    return converted
 
 
 def config_values(actions: Actions, values: Dict[str, Any], what: str) -> Dict[str, Any]:
@@ -121,11 +113,7 @@ def _load_recipe(path: str, chain: Sequence[str] = ()) -> Tuple[Dict[str, Any], 
 
 
 def parse_config(cls: type, argv: Optional[Sequence[str]] = None, description: str = '') -> Any:
-    """``-c recipe.yaml`` as the defaults of the options of ``cls`` (``cls.OPTIONS``), then the command line.
-
-    Raises ConfigError for a recipe that is missing, malformed or does not fit; a bad command-line value exits
-    with argparse's usage message.
-    """
+    """``cls`` from ``-c recipe.yaml`` as the defaults of its options (``cls.OPTIONS``), then the command line."""
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument('-c', '--config', default='', help='YAML recipe (may name another under _BASE_)')
     known, rest = first.parse_known_args(argv)

@@ -1,8 +1,5 @@
-"""The training and evaluation loops, wired from timm's parts as timm's ``train.py`` wires them.
-
-Ours: the exact per-process resume, the run-folder rules (:mod:`.run_folder`) and the logs. Launch several
-processes with ``torchrun``; ``batch_size`` is per process: the global batch is ``batch_size * grad_accum_steps *
-world_size``.
+"""The training and evaluation loops, wired from timm's parts as timm's ``train.py`` wires them; ours are the exact
+per-process resume, the run-folder rules (:mod:`.run_folder`) and the logs (docs/training.md).
 """
 import contextlib
 import json
@@ -26,8 +23,7 @@ from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTarget
 from timm.models import resume_checkpoint
 from timm.optim import create_optimizer_v2, get_optimizer_info
 from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV3, NativeScaler, accuracy, dispatch_clip_grad, distribute_bn, random_seed
-from timm.utils import unwrap_model
+from timm.utils import ModelEmaV3, NativeScaler, accuracy, dispatch_clip_grad, distribute_bn, random_seed, unwrap_model
 from timm.utils.distributed import init_distributed_device_so
 from tqdm import tqdm
 
@@ -70,11 +66,8 @@ def amp_context(device: torch.device, enabled: bool, dtype: str) -> Callable[[],
 
 
 def train_one_epoch(run: SimpleNamespace, epoch: int, progress: Optional[Any] = None) -> Dict[str, float]:
-    """One epoch of optimizer steps over ``run``'s parts (see :func:`_build`); returns its metrics.
-
-    A step averages ``grad_accum_steps`` micro-batches (fewer for the remainder at the end of the epoch,
-    as timm does); DDP synchronises gradients only on the last micro-batch of a step.
-    """
+    """One epoch of optimizer steps over ``run``'s parts (see :func:`_build`); returns its metrics. A step averages
+    ``grad_accum_steps`` micro-batches (fewer at the end of the epoch, as in timm), DDP-synchronised on the last."""
     cfg, ctx, model, optimizer = run.cfg, run.ctx, run.model, run.optimizer
     model.train()
     accum, num_batches = cfg.grad_accum_steps, len(run.train_loader)
@@ -309,11 +302,9 @@ def _train(cfg: TrainConfig, ctx: SimpleNamespace) -> Dict[str, Any]:
     _check_options(cfg)
     run_dir, resume = _run_folder(cfg, ctx)  # the run-folder rule, checked before anything is written
     checkpoint = load_training_checkpoint(resume) if resume else None
-    saved, saved_yaml = {}, os.path.join(run_dir, 'config.yaml')
-    if checkpoint is not None:
-        saved = checkpoint.get('config') or {}
-    elif cfg.resume == 'auto' and os.path.isfile(saved_yaml):  # killed before its first checkpoint
-        with open(saved_yaml, encoding='utf-8') as f:
+    saved = (checkpoint or {}).get('config') or {}
+    if checkpoint is None and cfg.resume == 'auto' and os.path.isfile(os.path.join(run_dir, 'config.yaml')):
+        with open(os.path.join(run_dir, 'config.yaml'), encoding='utf-8') as f:  # killed before its first checkpoint
             saved = yaml.safe_load(f) or {}
     check_resume_changes(saved, vars(cfg), RESUME_MAY_CHANGE, cfg.allow_changes, run_dir,
                          f"epoch {checkpoint['epoch'] if checkpoint else 0}", record=False)
