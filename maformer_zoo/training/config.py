@@ -37,7 +37,7 @@ def mapping(value) -> Dict[str, Any]:
     value = read_yaml_text(value, 'the command line')[0] if isinstance(value, str) else value
     if not isinstance(value, dict):
         raise ValueError(value)
-    return value
+    return dict(value)  # not the options table's default object
 
 
 def build_parser(options: Sequence[tuple], **kwargs) -> Tuple[argparse.ArgumentParser, Actions]:
