@@ -19,9 +19,7 @@ from PIL import Image
 import timm
 
 import maformer_zoo  # noqa: F401
-from maformer_zoo.training import (
-    ConfigError, DatasetError, TrainConfig, UnknownModelError, config_from_dict, load_yaml_config, train)
-from maformer_zoo.training.config import parse_config
+from maformer_zoo.training import ConfigError, DatasetError, TrainConfig, UnknownModelError, parse_config, train
 from maformer_zoo.training.modeling import create_model_for_run
 
 from conftest import ROOT, script_env
@@ -59,7 +57,7 @@ def _tiny(data_dir, out, experiment, **overrides):
     values = dict(model='test_vit', data_dir=data_dir, img_size=32, batch_size=4, epochs=2, warmup_epochs=0,
                   num_workers=0, output=str(out), experiment=experiment, progress=False, device='cpu', seed=3)
     values.update(overrides)
-    return config_from_dict(TrainConfig, values)
+    return TrainConfig(**values)
 
 
 def _steps(run_dir):
@@ -86,9 +84,9 @@ def test_yaml_base_inheritance_and_command_line_overrides(tmp_path):
     assert cfg.model_kwargs == {'b': 2}
     assert parse_config(TrainConfig, ['-c', str(tmp_path / 'child.yaml')]).epochs == 20
     with pytest.raises(ConfigError, match="did you mean warmup_epochs"):
-        config_from_dict(TrainConfig, {'warmup_epoch': 3})
+        TrainConfig(warmup_epoch=3)
     with pytest.raises(ConfigError, match="'epochs'"):
-        config_from_dict(TrainConfig, {'epochs': 'many'})
+        TrainConfig(epochs='many')
 
 
 MSCSA_RECIPES = ['resnet18_mscsa', 'resnet50_mscsa', 'pvt_v2_b0_mscsa', 'pvt_v2_b1_mscsa', 'pvt_v2_b2_mscsa',
@@ -97,7 +95,7 @@ MSCSA_RECIPES = ['resnet18_mscsa', 'resnet50_mscsa', 'pvt_v2_b0_mscsa', 'pvt_v2_
 
 @pytest.mark.parametrize('name', MSCSA_RECIPES + ['maformer_s', 'maformer_b', 'maformer_l'])
 def test_recipes_follow_the_papers(name):
-    cfg = config_from_dict(TrainConfig, load_yaml_config(os.path.join(RECIPES, f'{name}.yaml')))
+    cfg = parse_config(TrainConfig, ['-c', os.path.join(RECIPES, f'{name}.yaml')])
     assert cfg.model == name and timm.is_model(name)
     # Both papers: AdamW, weight decay 0.05, batch 1024 (8 x 128), cosine, 300 epochs, 224 px.
     assert (cfg.opt, cfg.weight_decay, cfg.sched, cfg.epochs, cfg.img_size) == ('adamw', 0.05, 'cosine', 300, 224)

@@ -23,7 +23,7 @@ import yaml
 
 import maformer_zoo  # noqa: F401  (registers the models)
 from maformer_zoo.errors import CorruptCheckpointError, UnsafeCheckpointError
-from maformer_zoo.training import TrainConfig, config_from_dict, train
+from maformer_zoo.training import TrainConfig, train
 from maformer_zoo.training.run_folder import RunFolderError, check_run_folder, run_artifacts
 from maformer_zoo.utils.atomic import atomic_write, write_atomic
 from maformer_zoo.weights import load_checkpoint_file
@@ -183,7 +183,7 @@ def _tiny(data, out, experiment, **overrides):
     values = dict(model='test_vit', data_dir=str(data), img_size=32, batch_size=4, epochs=1, warmup_epochs=0,
                   num_workers=0, output=str(out), experiment=experiment, progress=False, device='cpu', seed=3)
     values.update(overrides)
-    return config_from_dict(TrainConfig, values)
+    return TrainConfig(**values)
 
 
 @pytest.mark.parametrize('script', ['train_imagenet', 'validate', 'visualize'])
@@ -414,8 +414,8 @@ def test_validate_results_file_is_never_replaced(image_folder, tmp_path):
     """Mutation caught: no existence check (the earlier file is replaced after the evaluation)."""
     from maformer_zoo.training import EvalConfig, validate
     (tmp_path / 'results.json').write_text('earlier')
-    cfg = config_from_dict(EvalConfig, dict(model='test_vit', data_dir=str(image_folder), split='val',
-                                            results_file=str(tmp_path / 'results.json'), device='cpu', num_workers=0))
+    cfg = EvalConfig(model='test_vit', data_dir=str(image_folder), split='val',
+                     results_file=str(tmp_path / 'results.json'), device='cpu', num_workers=0)
     with pytest.raises(RunFolderError, match='exists'):
         validate(cfg)
     assert (tmp_path / 'results.json').read_text() == 'earlier'

@@ -1,9 +1,8 @@
 """Training checkpoints that resume exactly, kept by timm's ``CheckpointSaver`` and written atomically.
 
-A checkpoint holds what timm's holds (model, EMA, optimizer, loss scaler, epoch, the saver's history)
-plus the scheduler, the step counter, the run config, the class map and the random-number states of
-*every* process; plain tensors and built-in types, so it loads with ``weights_only=True``. Every file
-lands by rename of a complete, fsynced temporary file (docs/training.md#run-folders-no-run-is-lost).
+Besides timm's entries a checkpoint holds the scheduler, the step counter, the run config, the class map and
+the random-number states of every process, as tensors and built-in types (``weights_only=True`` loads it).
+Write order and repairs: docs/training.md#run-folders-no-run-is-lost.
 """
 import json
 import os
@@ -23,12 +22,10 @@ from ..weights import label_names_of, load_checkpoint_file
 __all__ = ['capture_rng_state', 'restore_rng_state', 'save_checkpoint', 'load_training_checkpoint', 'RunSaver',
            'best_weights_epoch']
 
-# timm's meaning of version 1: 'epoch' is the number of epochs done, the epoch a resume starts at.
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 1  # timm's meaning: 'epoch' is the number of epochs done, where a resume starts
 
 
 def capture_rng_state() -> Dict[str, Any]:
-    """This process's random-number states, as weights_only-loadable objects."""
     algo, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {'python': random.getstate(), 'torch': torch.get_rng_state(),
              'numpy': {'algo': algo, 'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos),
@@ -51,13 +48,11 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: str, state: Dict[str, Any]) -> None:
-    """Write ``state`` atomically (a kill mid-write leaves the previous file intact)."""
     with atomic_write(path) as f:
         torch.save({'version': CHECKPOINT_VERSION, **state}, f)
 
 
 def load_training_checkpoint(path: str) -> Dict[str, Any]:
-    """A training checkpoint of ours, read by the one weight reader."""
     checkpoint = load_checkpoint_file(path)
     if not isinstance(checkpoint, dict) or 'optimizer' not in checkpoint or 'epoch' not in checkpoint:
         raise CorruptCheckpointError(
@@ -67,7 +62,6 @@ def load_training_checkpoint(path: str) -> Dict[str, Any]:
 
 
 def _export_safetensors(path: str, state: Dict[str, Any]) -> None:
-    """``model_best.safetensors``: EMA weights if any, the epoch and the class names as metadata."""
     from safetensors.torch import save
     weights = state.get('state_dict_ema') or state['state_dict']
     metadata = {'epoch': str(state['epoch'])}
@@ -91,14 +85,8 @@ def best_weights_epoch(run_dir: str) -> Dict[str, Optional[int]]:
 
 
 class RunSaver(CheckpointSaver):
-    """timm's ``CheckpointSaver`` (``last.pth``, the best ``max_history`` ``checkpoint-N.pth``,
-    ``model_best.pth``) writing our state, each file atomically, plus ``model_best.safetensors``.
-
-    Args:
-        run_dir: the run folder.
-        decreasing: a lower metric is better (loss).
-        max_history: ``checkpoint-N.pth`` files kept.
-    """
+    """timm's ``CheckpointSaver`` (``last.pth``, the best ``max_history`` ``checkpoint-N.pth``, ``model_best.pth``)
+    writing our state, each file atomically, plus ``model_best.safetensors``."""
 
     def __init__(self, run_dir: str, decreasing: bool, max_history: int):
         super().__init__(None, None, checkpoint_dir=run_dir, decreasing=decreasing, max_history=max_history)
@@ -111,7 +99,7 @@ class RunSaver(CheckpointSaver):
     def _replace(self, src, dst):  # timm unlinks dst first (for Windows): a kill there would lose last.pth
         os.replace(src, dst)
 
-    def _duplicate(self, src, dst):  # a hard link (or copy) under a random name, renamed over dst
+    def _duplicate(self, src, dst):  # a hard link (or a copy) under a random name, renamed over dst
         tmp = os.path.join(os.path.dirname(dst), f'.{os.path.basename(dst)}.{secrets.token_hex(8)}.tmp')
         try:
             os.link(src, tmp)
@@ -125,8 +113,7 @@ class RunSaver(CheckpointSaver):
         return os.path.join(self.checkpoint_dir, name + self.extension)
 
     def save_epoch(self, state: Dict[str, Any], metric: Optional[float]) -> None:
-        """``last.pth`` and its copies (timm), then ``model_best.safetensors`` when ``state['epoch']`` is the
-        best (without validation, every epoch: the newest weights)."""
+        """``last.pth`` and its copies (timm), then ``model_best.safetensors`` of the best (else newest) epoch."""
         self.state = state
         self.save_checkpoint(state['epoch'], metric)
         if metric is None:
@@ -135,8 +122,7 @@ class RunSaver(CheckpointSaver):
             _export_safetensors(os.path.join(self.checkpoint_dir, 'model_best.safetensors'), state)
 
     def resume(self, path: str, checkpoint: Dict[str, Any]) -> None:
-        """The saver's history from ``checkpoint``, and ``model_best.*`` of its best epoch, repairing what a
-        kill between ``last.pth`` and its copies left."""
+        """The saver's history, repairing the copies of ``last.pth`` that a kill left behind it."""
         saved = checkpoint.get('saver') or {}
         epoch, metric = saved.get('pending', (None, None))
         own = os.path.realpath(os.path.dirname(os.path.abspath(path))) == os.path.realpath(self.checkpoint_dir)

@@ -1,16 +1,11 @@
-"""Datasets and loaders from timm's parts (``create_dataset``, ``create_transform``, ``create_loader``) with
-what they lack (docs/training.md#design-notes-choices-the-papers-leave-open, docs/training.md#image-decoding):
-
-* image-folder checks that turn silent mistakes into errors (a missing root or split folder, a class
-  folder without images, validation classes training lacks); validation reuses training's class map;
-* images decoded by :func:`maformer_zoo.data.decode_image`; an undecodable one is an error (or, with
-  ``skip_bad``, a counted skip), not silently replaced by the next image as timm's dataset does;
-* training data order is a function of ``(seed, epoch)`` for any number of processes, and validation
-  gives each process a disjoint strided shard (no padding duplicates).
+"""timm's ``create_dataset``, ``create_transform`` and ``create_loader`` with what they lack
+(docs/training.md#design-notes-choices-the-papers-leave-open, docs/training.md#image-decoding): image-folder
+checks, our image decoder with undecodable images an error (or a counted skip), a training order that is a
+function of ``(seed, epoch)`` for any number of processes, and disjoint validation shards.
 """
 import logging
 import os
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional
+from typing import Any, Dict, List, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -38,39 +33,34 @@ def is_folder_dataset(name: str) -> bool:
     return not name or name.lower().startswith('folder/')
 
 
-def _split_folder(root: str, split: str) -> str:
+def _split_folder(root: str, split: str, class_map: Optional[Dict[str, int]]) -> str:
+    """``root``'s folder of ``split``, checked: class folders that all hold images and, given a class map, are in it."""
     if not os.path.isdir(root):
         raise DatasetError(
-            f"Data folder '{root}' does not exist. Expected an image folder laid out as "
-            f"{root}/train/<class name>/<image files> and {root}/val/<class name>/<image files>. Set --data-dir "
-            "to that root (or --dataset for a timm dataset such as torch/cifar10).")
+            f"Data folder '{root}' does not exist. Expected an image folder laid out as {root}/train/<class name>/"
+            f"<image files> and {root}/val/<class name>/<image files>. Set --data-dir to that root (or --dataset for a "
+            "timm dataset such as torch/cifar10).")
     names = SPLIT_FOLDERS.get(split, (split,))
-    for name in names:
-        if os.path.isdir(os.path.join(root, name)):
-            return os.path.join(root, name)
-    raise DatasetError(
-        f"No '{split}' folder in '{root}' (looked for: {', '.join(names)}). Found: {sorted(os.listdir(root))[:10]}. "
-        "Create it, or pass --train-split / --val-split (--val-split '' trains without validation).")
-
-
-def _check_classes(split_dir: str, class_map: Optional[Dict[str, int]]) -> None:
-    """Every class folder holds an image and, given a class map, is one of its classes."""
+    folder = next((os.path.join(root, n) for n in names if os.path.isdir(os.path.join(root, n))), None)
+    if folder is None:
+        raise DatasetError(f"No '{split}' folder in '{root}' (looked for: {', '.join(names)}). Found: "
+                           f"{sorted(os.listdir(root))[:10]}. Create it, or pass --train-split / --val-split "
+                           "(--val-split '' trains without validation).")
     extensions = tuple(get_img_extensions())
-    classes = sorted(d.name for d in os.scandir(split_dir) if d.is_dir() and not d.name.startswith('.'))
+    classes = sorted(d.name for d in os.scandir(folder) if d.is_dir() and not d.name.startswith('.'))
     if not classes:
-        raise DatasetError(f"'{split_dir}' has no class folders. Put the images of each class in their own "
-                           f"sub-folder: {split_dir}/<class name>/<image files>.")
+        raise DatasetError(f"'{folder}' has no class folders. Put the images of each class in their own sub-folder: "
+                           f"{folder}/<class name>/<image files>.")
     empty = [c for c in classes if not any(f.lower().endswith(extensions) for _, _, files in
-                                           os.walk(os.path.join(split_dir, c)) for f in files)]
+                                           os.walk(os.path.join(folder, c)) for f in files)]
     if empty:
-        raise DatasetError(
-            f"Class folder(s) without images in '{split_dir}': {', '.join(empty)}. An empty class would "
-            f"shift every later label. Add images ({', '.join(extensions)}) or remove the folder(s).")
+        raise DatasetError(f"Class folder(s) without images in '{folder}': {', '.join(empty)}. An empty class would "
+                           f"shift every later label. Add images ({', '.join(extensions)}) or remove the folder(s).")
     unknown = [c for c in classes if class_map and c not in class_map]
     if unknown:
-        raise DatasetError(
-            f"Class folder(s) {unknown} in '{split_dir}' are not among the training classes "
-            f"({len(class_map)}: {list(class_map)[:10]}...). Use the same class folders in every split.")
+        raise DatasetError(f"Class folder(s) {unknown} in '{folder}' are not among the training classes "
+                           f"({len(class_map)}: {list(class_map)[:10]}...). Use the same class folders in every split.")
+    return folder
 
 
 class _BadSample(NamedTuple):
@@ -104,7 +94,7 @@ class DecodedImageDataset(ImageDataset):
 
 class CheckedLoader:
     """The batches of a ``_checked_collate`` loader: an undecodable image raises :class:`DatasetError` naming
-    it, or with ``skip_bad`` is left out, its path recorded in ``skipped``."""
+    it or, with ``skip_bad``, is left out and its path recorded in ``skipped``."""
 
     def __init__(self, loader: DataLoader, skip_bad: bool = False, hint: str = ''):
         self.loader, self.sampler, self.skip_bad, self.hint = loader, loader.sampler, skip_bad, hint
@@ -113,7 +103,7 @@ class CheckedLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self):
         for batch, bad in self.loader:
             for sample in bad:
                 if not self.skip_bad:
@@ -132,9 +122,7 @@ def build_dataset(name: str, root: str, split: str, is_training: bool, class_map
             class_map = {n: i for i, n in enumerate(line.strip() for line in f if line.strip())}
     kwargs = dict(class_map=class_map or None, is_training=is_training, input_img_mode=input_img_mode)
     if is_folder_dataset(name) and not os.path.isfile(root):  # a file root is a tar archive: timm reads it
-        root = _split_folder(root, split)
-        _check_classes(root, class_map)
-        dataset = create_dataset(name, root=root, split=split, search_split=False, **kwargs)
+        dataset = create_dataset(name, root=_split_folder(root, split, class_map), search_split=False, **kwargs)
     else:
         dataset = create_dataset(name, root=root, split=split, seed=seed, batch_size=batch_size, **kwargs)
     if type(dataset) is ImageDataset and not dataset.load_bytes:  # timm's file readers: decode with ours
@@ -151,11 +139,9 @@ def dataset_classes(dataset: torch.utils.data.Dataset) -> Optional[Dict[str, int
 
 
 def build_train_loader(dataset, data_config: Dict[str, Any], cfg: Any, world_size: int, rank: int) -> CheckedLoader:
-    """timm's train transform; our sampler, because timm's ``create_loader`` takes its sampler from
+    """timm's train transform with our sampler: timm's ``create_loader`` takes its sampler from
     ``torch.distributed`` (another order for one process, no repeated augmentation without a process group).
-
-    Workers are started afresh each epoch, seeded from the main process's (checkpointed) torch RNG.
-    """
+    Workers start afresh each epoch, seeded from the main process's (checkpointed) torch RNG."""
     if isinstance(dataset, torch.utils.data.IterableDataset):
         raise DatasetError('Iterable (streaming) datasets cannot be resumed exactly; use a map-style dataset.')
     dataset.transform = create_transform(

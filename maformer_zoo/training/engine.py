@@ -1,13 +1,7 @@
-"""The training and evaluation loops, wired from timm's parts as timm's ``train.py`` wires them.
-
-``create_optimizer_v2``, ``create_scheduler_v2``, ``Mixup``, ``timm.loss``, ``ModelEmaV3``, ``NativeScaler``,
-``distribute_bn``, ``resume_checkpoint`` and ``CheckpointSaver`` (:mod:`.checkpoint`) do the work; ours are
-the exact per-rank resume, the run-folder rules (:mod:`.run_folder`) and the logs. Launch several
-processes with ``torchrun`` (timm's ``init_distributed_device_so`` reads its environment);
-``batch_size`` is per process: the global batch is ``batch_size * grad_accum_steps * world_size``.
+"""The training and evaluation loops, wired from timm's parts as timm's ``train.py`` wires them; ours are the exact
+per-process resume, the run-folder rules (:mod:`.run_folder`) and the logs (docs/training.md).
 """
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -29,8 +23,7 @@ from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTarget
 from timm.models import resume_checkpoint
 from timm.optim import create_optimizer_v2, get_optimizer_info
 from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV3, NativeScaler, accuracy, dispatch_clip_grad, distribute_bn, random_seed
-from timm.utils import unwrap_model
+from timm.utils import ModelEmaV3, NativeScaler, accuracy, dispatch_clip_grad, distribute_bn, random_seed, unwrap_model
 from timm.utils.distributed import init_distributed_device_so
 from tqdm import tqdm
 
@@ -56,13 +49,10 @@ def setup_distributed(device: str = '', backend: Optional[str] = None, url: str 
                            world_size=info['world_size'], rank=info['global_rank'], is_primary=info['global_rank'] == 0)
 
 
-def resolve_run_data_config(cfg: Any, model: nn.Module) -> Dict[str, Any]:
-    """timm's data config (input size, crop_pct, interpolation, mean/std) with ``cfg``'s overrides."""
-    args = {k: getattr(cfg, k) for k in ('interpolation', 'mean', 'std', 'crop_pct', 'crop_mode', 'img_size')}
-    args['in_chans'] = in_chans = getattr(model, 'in_chans', None) or cfg.in_chans or 3
-    if cfg.input_size:
-        args['input_size'] = tuple(cfg.input_size)
-    data_config = resolve_data_config(args, model=model)
+def resolve_run_data_config(options: Dict[str, Any], model: nn.Module) -> Dict[str, Any]:
+    """timm's data config (input size, crop_pct, interpolation, mean/std) with the ``options`` that are set."""
+    in_chans = getattr(model, 'in_chans', None) or options.get('in_chans') or 3
+    data_config = resolve_data_config({**options, 'in_chans': in_chans}, model=model)
     data_config['input_size'] = (in_chans, *data_config['input_size'][1:])  # pretrained_cfg assumes 3 channels
     data_config['mean'] = adapt_to_chs(data_config['mean'], in_chans)
     data_config['std'] = adapt_to_chs(data_config['std'], in_chans)
@@ -71,19 +61,13 @@ def resolve_run_data_config(cfg: Any, model: nn.Module) -> Dict[str, Any]:
 
 def amp_context(device: torch.device, enabled: bool, dtype: str) -> Callable[[], Any]:
     """A factory of autocast contexts (null contexts when AMP is off)."""
-    if not enabled:
-        return contextlib.nullcontext
-    if dtype not in ('float16', 'bfloat16'):
-        raise ConfigError(f"amp_dtype must be 'float16' or 'bfloat16', not {dtype!r}.")
-    return partial(torch.autocast, device_type=device.type, dtype=getattr(torch, dtype))
+    return partial(torch.autocast, device_type=device.type, dtype=getattr(torch, dtype)) if enabled \
+        else contextlib.nullcontext
 
 
 def train_one_epoch(run: SimpleNamespace, epoch: int, progress: Optional[Any] = None) -> Dict[str, float]:
-    """One epoch of optimizer steps over ``run``'s parts (see :class:`_Run`); returns its metrics.
-
-    A step averages ``grad_accum_steps`` micro-batches (fewer for the remainder at the end of the epoch,
-    as timm does); DDP synchronises gradients only on the last micro-batch of a step.
-    """
+    """One epoch of optimizer steps over ``run``'s parts (see :func:`_build`); returns its metrics. A step averages
+    ``grad_accum_steps`` micro-batches (fewer at the end of the epoch, as in timm), DDP-synchronised on the last."""
     cfg, ctx, model, optimizer = run.cfg, run.ctx, run.model, run.optimizer
     model.train()
     accum, num_batches = cfg.grad_accum_steps, len(run.train_loader)
@@ -103,11 +87,11 @@ def train_one_epoch(run: SimpleNamespace, epoch: int, progress: Optional[Any] = 
                 loss = run.loss_fn(model(images), targets)
             if run.loss_scaler is not None:
                 run.loss_scaler(loss / window, optimizer, clip_grad=cfg.clip_grad, clip_mode=cfg.clip_mode,
-                                parameters=run.clip_params, need_update=need_update)
+                                parameters=model.parameters(), need_update=need_update)
             else:
                 (loss / window).backward()
                 if need_update and cfg.clip_grad:
-                    dispatch_clip_grad(run.clip_params, cfg.clip_grad, mode=cfg.clip_mode)
+                    dispatch_clip_grad(model.parameters(), cfg.clip_grad, mode=cfg.clip_mode)
                 if need_update:
                     optimizer.step()
         totals += torch.stack([loss.detach().double() * images.size(0), totals.new_tensor(images.size(0))])
@@ -167,8 +151,6 @@ def _check_options(cfg: TrainConfig) -> None:
     """Options timm would take and fail on later, or never."""
     if cfg.grad_accum_steps < 1 or cfg.checkpoint_hist < 1:
         raise ConfigError('grad_accum_steps and checkpoint_hist must be >= 1.')
-    if cfg.eval_metric not in ('top1', 'top5', 'loss'):
-        raise ConfigError(f"eval_metric must be 'top1', 'top5' or 'loss', not {cfg.eval_metric!r}.")
     try:
         info = get_optimizer_info(cfg.opt.lower().split('_')[-1])
     except ValueError:
@@ -200,18 +182,6 @@ def _run_folder(cfg: TrainConfig, ctx: SimpleNamespace):
     return run_dir, cfg.resume
 
 
-def _saved_config(cfg: TrainConfig, run_dir: str, checkpoint: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    """The settings the resumed run last ran with: its checkpoint's, or before any checkpoint its config.yaml."""
-    if checkpoint is not None:
-        return checkpoint.get('config') or {}
-    path = os.path.join(run_dir, 'config.yaml')
-    if cfg.resume != 'auto' or not os.path.isfile(path):
-        return {}
-    with open(path, encoding='utf-8') as f:
-        saved = yaml.safe_load(f)
-    return saved if isinstance(saved, dict) else {}
-
-
 def _datasets(cfg: TrainConfig):
     """Training and validation sets (validation labelled with training's class map) and the class count."""
     common = dict(input_img_mode=cfg.input_img_mode, seed=cfg.seed, batch_size=cfg.batch_size)
@@ -227,13 +197,12 @@ def _datasets(cfg: TrainConfig):
     return train_set, val_set, class_to_idx, num_classes
 
 
-def _model(cfg: TrainConfig, ctx: SimpleNamespace, num_classes: int, resuming: bool) -> nn.Module:
+def _model(cfg: TrainConfig, ctx: SimpleNamespace, num_classes: int, in_chans: Optional[int], resuming: bool):
     random_seed(cfg.seed, 0)  # the same initial weights on every process
     model = create_model_for_run(
-        cfg.model, num_classes=num_classes, in_chans=cfg.in_chans or (1 if cfg.input_img_mode == 'L' else None),
+        cfg.model, num_classes=num_classes, in_chans=in_chans, drop_rate=cfg.drop_rate,
         pretrained=cfg.pretrained and not resuming and not cfg.pretrained_file,  # a given file wins
-        weights_file=cfg.pretrained_file if not resuming else '',
-        drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate, **cfg.model_kwargs)
+        weights_file=cfg.pretrained_file if not resuming else '', drop_path_rate=cfg.drop_path_rate, **cfg.model_kwargs)
     if cfg.grad_checkpointing:
         if not hasattr(model, 'set_grad_checkpointing'):
             raise ConfigError(f"Model '{cfg.model}' does not support gradient checkpointing.")
@@ -245,9 +214,9 @@ def _model(cfg: TrainConfig, ctx: SimpleNamespace, num_classes: int, resuming: b
 def _build(cfg: TrainConfig, ctx: SimpleNamespace, resuming: bool) -> SimpleNamespace:
     """Data, model, optimizer, schedule, loss, EMA and mixing of a run, as timm's train.py builds them."""
     train_set, val_set, class_to_idx, num_classes = _datasets(cfg)
-    model = _model(cfg, ctx, num_classes, resuming)
     in_chans = cfg.in_chans or (1 if cfg.input_img_mode == 'L' else None)
-    data_config = resolve_run_data_config(dataclasses.replace(cfg, in_chans=in_chans), model)
+    model = _model(cfg, ctx, num_classes, in_chans, resuming)
+    data_config = resolve_run_data_config({**vars(cfg), 'in_chans': in_chans}, model)
     random_seed(cfg.seed, ctx.rank)  # augmentation randomness differs per process, as in timm
     train_loader = build_train_loader(train_set, data_config, cfg, ctx.world_size, ctx.rank)
     val_loader = None if val_set is None else build_eval_loader(
@@ -278,9 +247,9 @@ def _build(cfg: TrainConfig, ctx: SimpleNamespace, resuming: bool) -> SimpleName
         train_loader=train_loader, val_loader=val_loader, mixup=mixup, loss_fn=loss_fn.to(ctx.device),
         ema=ModelEmaV3(model, decay=cfg.model_ema_decay, use_warmup=cfg.model_ema_warmup) if cfg.model_ema else None,
         loss_scaler=NativeScaler(device=ctx.device.type) if cfg.amp and cfg.amp_dtype == 'float16' else None,
-        autocast=amp_context(ctx.device, cfg.amp, cfg.amp_dtype), clip_params=list(model.parameters()),
-        num_classes=num_classes, class_to_idx=class_to_idx, data_config=data_config, global_batch=global_batch,
-        updates_per_epoch=updates_per_epoch, num_updates=0, start_epoch=0, steps_csv='', rng_state=None)
+        autocast=amp_context(ctx.device, cfg.amp, cfg.amp_dtype), num_classes=num_classes, class_to_idx=class_to_idx,
+        data_config=data_config, global_batch=global_batch, updates_per_epoch=updates_per_epoch, num_updates=0,
+        start_epoch=0, steps_csv='', rng_state=None)
 
 
 def _resume(run: SimpleNamespace, path: str, checkpoint: Dict[str, Any]) -> None:
@@ -311,10 +280,9 @@ def _prepare_folder(run: SimpleNamespace, run_dir: str, saved: Dict[str, Any]) -
     rewrite_csv(run.steps_csv, lambda row: int(row['step']) <= run.num_updates)
     if not os.path.isfile(run.steps_csv):
         write_atomic(run.steps_csv, 'epoch,step,loss,lr\n')
-    check_resume_changes(saved, dataclasses.asdict(cfg), RESUME_MAY_CHANGE, cfg.allow_changes, run_dir,
-                         f'epoch {run.start_epoch}')
+    check_resume_changes(saved, vars(cfg), RESUME_MAY_CHANGE, cfg.allow_changes, run_dir, f'epoch {run.start_epoch}')
     if not os.path.isfile(os.path.join(run_dir, 'config.yaml')):
-        write_atomic(os.path.join(run_dir, 'config.yaml'), yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+        write_atomic(os.path.join(run_dir, 'config.yaml'), yaml.safe_dump(vars(cfg), sort_keys=False))
     _logger.info('%s: %.2fM params, %d classes, input %s, global batch %d, lr %.3g, %d steps/epoch, %d processes',
                  cfg.model, sum(p.numel() for p in run.model.parameters()) / 1e6, run.num_classes,
                  run.data_config['input_size'], run.global_batch, run.lr, run.updates_per_epoch, run.ctx.world_size)
@@ -334,8 +302,11 @@ def _train(cfg: TrainConfig, ctx: SimpleNamespace) -> Dict[str, Any]:
     _check_options(cfg)
     run_dir, resume = _run_folder(cfg, ctx)  # the run-folder rule, checked before anything is written
     checkpoint = load_training_checkpoint(resume) if resume else None
-    saved = _saved_config(cfg, run_dir, checkpoint)
-    check_resume_changes(saved, dataclasses.asdict(cfg), RESUME_MAY_CHANGE, cfg.allow_changes, run_dir,
+    saved = (checkpoint or {}).get('config') or {}
+    if checkpoint is None and cfg.resume == 'auto' and os.path.isfile(os.path.join(run_dir, 'config.yaml')):
+        with open(os.path.join(run_dir, 'config.yaml'), encoding='utf-8') as f:  # killed before its first checkpoint
+            saved = yaml.safe_load(f) or {}
+    check_resume_changes(saved, vars(cfg), RESUME_MAY_CHANGE, cfg.allow_changes, run_dir,
                          f"epoch {checkpoint['epoch'] if checkpoint else 0}", record=False)
     run = _build(cfg, ctx, resuming=checkpoint is not None)
     saver = RunSaver(run_dir, decreasing=cfg.eval_metric == 'loss', max_history=cfg.checkpoint_hist) \
@@ -358,22 +329,18 @@ def _train(cfg: TrainConfig, ctx: SimpleNamespace) -> Dict[str, Any]:
     end = min(run.num_epochs, cfg.stop_epoch if cfg.stop_epoch is not None else run.num_epochs)
     for epoch in range(run.start_epoch, end):
         metrics = _epoch(run, epoch, saver)
-    summary = {
-        'model': cfg.model, 'run_dir': run_dir, 'epochs_done': max(end, run.start_epoch),
-        'epochs_total': run.num_epochs, 'optimizer_steps': run.num_updates, 'global_batch': run.global_batch,
-        'lr': run.lr, 'world_size': ctx.world_size, 'num_classes': run.num_classes, 'train': metrics.get('train', {}),
-        'eval': metrics.get('eval', {}), 'ema_eval': metrics.get('ema', {}), 'eval_metric': cfg.eval_metric,
-        'best_metric': saver and saver.best_metric, 'best_epoch': saver and saver.best_epoch,
-        'seconds': time.perf_counter() - started}
+    best = [saver and saver.best_metric, saver and saver.best_epoch]
     if ctx.distributed:  # the primary's best, on every process
-        best = [summary['best_metric'], summary['best_epoch']]
         dist.broadcast_object_list(best, src=0)
-        summary['best_metric'], summary['best_epoch'] = best
+    summary = dict(model=cfg.model, run_dir=run_dir, epochs_done=max(end, run.start_epoch), epochs_total=run.num_epochs,
+                   optimizer_steps=run.num_updates, global_batch=run.global_batch, lr=run.lr,
+                   world_size=ctx.world_size, num_classes=run.num_classes, train=metrics.get('train', {}),
+                   eval=metrics.get('eval', {}), ema_eval=metrics.get('ema', {}), eval_metric=cfg.eval_metric,
+                   best_metric=best[0], best_epoch=best[1], seconds=time.perf_counter() - started)
     if saver is not None:
         write_atomic(os.path.join(run_dir, 'summary.json'), json.dumps(summary, indent=2))
-        _logger.info('Done: %d/%d epochs, %d steps, best %s %s (epoch %s); run folder %s', summary['epochs_done'],
-                     run.num_epochs, run.num_updates, cfg.eval_metric, summary['best_metric'], summary['best_epoch'],
-                     run_dir)
+        _logger.info('Done: %d/%d epochs, best %s %s (epoch %s); run folder %s', summary['epochs_done'],
+                     run.num_epochs, cfg.eval_metric, best[0], best[1], run_dir)
     return summary
 
 
@@ -399,19 +366,18 @@ def _epoch(run: SimpleNamespace, epoch: int, saver: Optional[RunSaver]) -> Dict[
     if saver is None:
         return metrics
     row = {'epoch': epoch + 1, **{f'train_{k}': v for k, v in metrics['train'].items() if k != 'lr'},
-           **{f'eval_{m}': v for m, v in metrics['eval'].items()}, **{f'eval_ema_{m}': v for m, v in
-                                                                       metrics['ema'].items()},
-           'lr': metrics['train']['lr']}
+           **{f'eval_{m}': v for m, v in metrics['eval'].items()},
+           **{f'eval_ema_{m}': v for m, v in metrics['ema'].items()}, 'lr': metrics['train']['lr']}
     rewrite_csv(os.path.join(saver.checkpoint_dir, 'summary.csv'), add=row)
     _logger.info('epoch %d/%d: %s', epoch + 1, run.num_epochs, ', '.join(f'{k} {v:.4g}' for k, v in row.items()))
-    model = unwrap_model(run.model)
     saver.save_epoch({
-        'arch': cfg.model, 'epoch': epoch + 1, 'num_updates': run.num_updates, 'state_dict': model.state_dict(),
+        'arch': cfg.model, 'epoch': epoch + 1, 'num_updates': run.num_updates,
+        'state_dict': unwrap_model(run.model).state_dict(),
         'state_dict_ema': run.ema.module.state_dict() if run.ema is not None else None,
         'optimizer': run.optimizer.state_dict(), 'scheduler': run.scheduler.state_dict(),
         **({'amp_scaler': run.loss_scaler.state_dict()} if run.loss_scaler is not None else {}),
-        'rng': rng, 'config': dataclasses.asdict(cfg), 'num_classes': run.num_classes,
-        'class_to_idx': run.class_to_idx, 'metrics': metrics,
-        'data_config': {k: list(v) if isinstance(v, tuple) else v for k, v in run.data_config.items()},
+        'rng': rng, 'config': dict(vars(cfg)), 'num_classes': run.num_classes, 'class_to_idx': run.class_to_idx,
+        'metrics': metrics, 'data_config': {k: list(v) if isinstance(v, tuple) else v for k, v in
+                                            run.data_config.items()},
     }, chosen.get(cfg.eval_metric))
     return metrics

@@ -1,11 +1,5 @@
-"""One run folder per run: choosing it, refusing to overwrite it, resuming it under the same settings
-(docs/training.md#run-folders-no-run-is-lost).
-
-* :func:`check_run_folder` is THE rule of every command that writes (train_imagenet, validate,
-  train_net, demo, visualize): a folder holding any :data:`RUN_ARTIFACTS` is refused unless the
-  command resumes that same run; nothing is written before the check.
-* :func:`check_resume_changes`: a resumed run keeps its hyper-parameters; with ``allow_changes`` a
-  change is recorded in ``config_changes.yaml`` with the epoch (or iteration) it starts at.
+"""One run folder per run: choosing it, refusing to overwrite it, resuming it under the same settings; the rule
+of every command that writes (docs/training.md#run-folders-no-run-is-lost).
 """
 import csv
 import fnmatch
@@ -42,14 +36,8 @@ def run_artifacts(folder: str) -> List[str]:
 
 
 def check_run_folder(folder: str, what: str, resuming: bool = False, hint: str = 'choose another folder') -> None:
-    """Refuse to write into ``folder`` if it is not a folder or holds a run that this command does not resume.
-
-    Args:
-        folder: where the command would write.
-        what: how the user named it (e.g. ``"OUTPUT_DIR 'x'"``), for the message.
-        resuming: the command continues the run in ``folder`` (its own checks decide that).
-        hint: what to do instead, for the message.
-    """
+    """Refuse ``folder`` if it is not a folder or holds a run (any :data:`RUN_ARTIFACTS`) this command does not
+    resume (``resuming``); ``what`` names it and ``hint`` says what to do instead, in the message."""
     if os.path.lexists(folder) and not os.path.isdir(folder):
         raise RunFolderError(f"{what} is not a folder ({'a broken symlink' if os.path.islink(folder) else 'a file'}): "
                              f"give a folder path (nothing was changed).")
@@ -61,19 +49,9 @@ def check_run_folder(folder: str, what: str, resuming: bool = False, hint: str =
 
 def check_resume_changes(saved: Mapping[str, Any], current: Mapping[str, Any], ignore: Iterable[str],
                          allow_changes: bool, folder: str, at: str, record: bool = True) -> Dict[str, Any]:
-    """Compare a run's saved settings with today's; refuse a change, or with ``allow_changes`` record it.
-
-    Args:
-        saved, current: flat ``{setting: value}`` of the run so far and of this command.
-        ignore: settings that may differ without changing the run (paths, workers, logging).
-        allow_changes: record the changes in ``<folder>/config_changes.yaml`` instead of refusing.
-        folder: the run folder.
-        at: where the change takes effect, e.g. ``'epoch 3'``.
-        record: write the record (False on all but the primary process).
-
-    Returns:
-        ``{setting: [saved, current]}`` of the changes (empty if none).
-    """
+    """Compare a run's ``saved`` flat settings with the ``current`` ones (but ``ignore``); refuse a change or, with
+    ``allow_changes``, record it in ``<folder>/config_changes.yaml`` (if ``record``) as taking effect ``at``
+    (e.g. ``'epoch 3'``). Returns ``{setting: [saved, current]}`` of the changes."""
     ignore = set(ignore)
     changed = {k: [saved[k], current[k]] for k in sorted(set(saved) & set(current))  # a setting only one
                if k not in ignore and saved[k] != current[k]}                   # version knows: unchanged

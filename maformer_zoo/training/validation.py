@@ -1,15 +1,14 @@
 """Top-1 / top-5 / loss of a model on a dataset split (``scripts/validate.py``).
 
-Weights: the model's pretrained source, a file (``checkpoint``, read by the one weight reader) or neither
-(random init). Preprocessing is timm's ``resolve_data_config``: the model's ``pretrained_cfg``, then the
-data config a training run of ours stored in its checkpoint, then explicit options. A checkpoint of ours
-(or an export's ``label_names``) also gives ``num_classes`` and the class-folder -> index map.
+Weights: the model's pretrained source, a ``checkpoint`` file or neither (random init). Preprocessing is timm's
+``resolve_data_config``: the model's ``pretrained_cfg``, then the data config a training run of ours stored in
+its checkpoint, then explicit options. A checkpoint of ours (or an export's ``label_names``) also gives
+``num_classes`` and the class-folder -> index map.
 """
-import dataclasses
 import json
 import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict
 
 import torch
 from timm.models import get_pretrained_cfg_value
@@ -25,21 +24,6 @@ from .options import EvalConfig
 from .run_folder import RunFolderError, check_run_folder
 
 __all__ = ['validate']
-
-
-def _label_names(pretrained_cfg: Dict[str, Any]) -> Optional[List[str]]:
-    """Class names by output index from a pretrained cfg's ``label_names`` (a list, or {index: name})."""
-    names = pretrained_cfg.get('label_names')
-    if isinstance(names, dict):
-        names = [names[k] for k in sorted(names, key=int)]
-    return [str(n) for n in names] if names else None
-
-
-def _head_classes(model_name: str, state_dict: Dict[str, torch.Tensor]) -> Optional[int]:
-    classifier = get_pretrained_cfg_value(model_name, 'classifier') or 'head'
-    classifier = classifier if isinstance(classifier, str) else classifier[0]
-    shapes = [state_dict[k].shape[0] for k in (f'{classifier}.weight', f'{classifier}.fc.weight') if k in state_dict]
-    return int(shapes[0]) if shapes else None
 
 
 def _read_checkpoint(cfg: EvalConfig):
@@ -59,30 +43,34 @@ def _read_checkpoint(cfg: EvalConfig):
             f"'{cfg.checkpoint}' does not record which class each output is, so the folders of '{cfg.data_dir}' "
             f"cannot be mapped to its labels: pass --class-map FILE (the training class folders, one per line, "
             f"in order), or use a checkpoint of ours or a push_to_hub.py export (config.json label_names).")
-    return unwrap_state_dict(checkpoint, 'auto' if cfg.use_ema else 'model')[0], meta
+    state_dict = unwrap_state_dict(checkpoint, 'auto' if cfg.use_ema else 'model')[0]
+    if not cfg.num_classes and 'num_classes' not in meta:  # the head's rows
+        classifier = get_pretrained_cfg_value(cfg.model, 'classifier') or 'head'
+        classifier = classifier if isinstance(classifier, str) else classifier[0]
+        rows = [state_dict[k].shape[0] for k in (f'{classifier}.weight', f'{classifier}.fc.weight') if k in state_dict]
+        meta['num_classes'] = int(rows[0]) if rows else None
+    return state_dict, meta
 
 
-def _model(cfg: EvalConfig, state_dict: Optional[Dict[str, torch.Tensor]], meta: Dict[str, Any]):
-    num_classes = cfg.num_classes or meta.get('num_classes') or (
-        _head_classes(cfg.model, state_dict) if state_dict is not None else None)
+def _model(cfg: EvalConfig, state_dict, meta: Dict[str, Any]):
     in_chans = cfg.in_chans or (1 if cfg.input_img_mode == 'L' else None)
-    model = create_model_for_run(cfg.model, num_classes=num_classes, pretrained=cfg.pretrained, in_chans=in_chans,
-                                 **cfg.model_kwargs)
+    model = create_model_for_run(cfg.model, num_classes=cfg.num_classes or meta.get('num_classes'),
+                                 pretrained=cfg.pretrained, in_chans=in_chans, **cfg.model_kwargs)
     if state_dict is not None:
         try:
             model.load_state_dict(state_dict)
         except RuntimeError as err:
-            raise CheckpointMismatchError(
-                f"'{cfg.checkpoint}' does not fit '{cfg.model}' with {num_classes} classes: {err}") from err
-    names = _label_names(getattr(model, 'pretrained_cfg', None) or {}) if cfg.pretrained else None
+            raise CheckpointMismatchError(f"'{cfg.checkpoint}' does not fit '{cfg.model}' with "
+                                          f"{cfg.num_classes or meta.get('num_classes')} classes: {err}") from err
+    names = (getattr(model, 'pretrained_cfg', None) or {}).get('label_names') if cfg.pretrained else None
     if names and 'class_to_idx' not in meta:  # an export's config.json label_names (timm reads them)
-        meta['class_to_idx'] = {name: i for i, name in enumerate(names)}
+        order = sorted(names, key=int) if isinstance(names, dict) else range(len(names))
+        meta['class_to_idx'] = {str(names[k]): i for i, k in enumerate(order)}
     stored = meta.get('data_config') or {}  # the training run's preprocessing, unless an option says otherwise
     given = {'input_size': cfg.input_size or cfg.img_size, 'interpolation': cfg.interpolation, 'mean': cfg.mean,
              'std': cfg.std, 'crop_pct': cfg.crop_pct, 'crop_mode': cfg.crop_mode}
     fill = {k: stored[k] for k, v in given.items() if stored.get(k) is not None and v in (None, '')}
-    data_config = resolve_run_data_config(dataclasses.replace(cfg, in_chans=in_chans, **fill), model)
-    return model, data_config
+    return model, resolve_run_data_config({**vars(cfg), 'in_chans': in_chans, **fill}, model)
 
 
 def validate(cfg: EvalConfig) -> Dict[str, Any]:
@@ -107,14 +95,12 @@ def validate(cfg: EvalConfig) -> Dict[str, Any]:
     start = time.perf_counter()
     metrics = evaluate(model, loader, ctx, amp_context(ctx.device, cfg.amp, cfg.amp_dtype), cfg.channels_last,
                        cfg.progress)
-    results = {
-        'model': cfg.model, 'checkpoint': cfg.checkpoint, 'pretrained': cfg.pretrained, 'split': cfg.split,
-        'top1': round(metrics['top1'], 3), 'top5': round(metrics['top5'], 3), 'loss': round(metrics['loss'], 5),
-        'count': metrics['count'], 'param_count_m': round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
-        'input_size': list(data_config['input_size']), 'crop_pct': data_config['crop_pct'],
-        'interpolation': data_config['interpolation'],
-        'img_per_s': round(metrics['count'] / max(time.perf_counter() - start, 1e-9), 1),
-    }
+    results = dict(model=cfg.model, checkpoint=cfg.checkpoint, pretrained=cfg.pretrained, split=cfg.split,
+                   top1=round(metrics['top1'], 3), top5=round(metrics['top5'], 3), loss=round(metrics['loss'], 5),
+                   count=metrics['count'], param_count_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+                   input_size=list(data_config['input_size']), crop_pct=data_config['crop_pct'],
+                   interpolation=data_config['interpolation'],
+                   img_per_s=round(metrics['count'] / max(time.perf_counter() - start, 1e-9), 1))
     if cfg.skip_bad_images:  # over all processes: every image is either counted or skipped
         results.update(skipped=len(dataset) - metrics['count'], skipped_files=loader.skipped[:20])
     if cfg.results_file and ctx.is_primary:
