@@ -36,7 +36,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not args.check:
             write_atomic(card_file, card)
     if args.check:
-        print(f"out of date: {', '.join(stale)}; run dev/make_hub_cards.py" if stale else 'cards current', file=sys.stderr)
+        if stale:
+            print(f"out of date: {', '.join(stale)}; run dev/make_hub_cards.py", file=sys.stderr)
         return int(bool(stale))
     stats = {k: dict(v, img_size=list(v['img_size'])) for k, v in stats.items() if k in maformer_zoo.list_models()}
     write_atomic(OUT / 'stats.json', json.dumps(stats, indent=2, sort_keys=True) + '\n')

@@ -20,12 +20,8 @@ _BASES = {'resnet': ('Deep Residual Learning for Image Recognition (CVPR 2016)',
                      '; base code: https://github.com/whai362/PVT'),
           'swin': ('Swin Transformer: Hierarchical Vision Transformer using Shifted Windows (ICCV 2021)',
                    '; base code: https://github.com/microsoft/Swin-Transformer'),
-          'convnext': ('A ConvNet for the 2020s (CVPR 2022)', '; base code: https://github.com/facebookresearch/ConvNeXt')}
-_ABOUT = {'maformer': 'A MAFormer image classifier and multi-scale feature backbone: a dual-stream transformer with '
-                      'local window attention and Global Learning with Down-sampling, fused by Multi-scale Attention '
-                      'Fusion.',
-          'mscsa': "timm's `{base}` with the Multi-Stage Cross-Scale Attention (MSCSA) module, which attends across "
-                   "the feature maps of all stages, as an image classifier and multi-scale feature backbone."}
+          'convnext': ('A ConvNet for the 2020s (CVPR 2022)',
+                       '; base code: https://github.com/facebookresearch/ConvNeXt')}
 _SNIPPET = '''### {title}
 ```python
 from PIL import Image
@@ -106,10 +102,15 @@ def model_card(model_name: str, stats: Dict[str, Any], tag: str = 'in1k', num_cl
                'Papers': [f'{cfg.paper_name} ({cfg.paper_ids})'] + ([base_paper] if base_paper else []),
                'Original': f'none; the paper links no official code. Implementation: maformer-zoo{base_code}',
                'Dataset': 'ImageNet-1k', 'Classes': num_classes, 'Hub id': f'`{repo_id}`', **(results or {})}
+    about_model = (f"timm's `{base}` with the Multi-Stage Cross-Scale Attention (MSCSA) module, which attends across "
+                   "the feature maps of all stages, as an image classifier and multi-scale feature backbone." if base
+                   else "A MAFormer image classifier and multi-scale feature backbone: a dual-stream transformer with "
+                   "local window attention and Global Learning with Down-sampling, fused by Multi-scale Attention "
+                   "Fusion.")
     usage = ''.join(_SNIPPET.format(title=title, repo_id=repo_id, args=args, body=body.format(num_classes=num_classes))
                     for title, args, body in _USES) + _LOCAL.format(name=model_name, tag=tag)
     return dict(tags=['image-classification', 'timm', HUB_ORG, family], license=cfg.license, details=details,
-                description=_ABOUT[family].format(base=base) + f'\n\n**Weights:** {status}', usage=usage,
+                description=f'{about_model}\n\n**Weights:** {status}', usage=usage,
                 citation=[_CITATIONS[family]])
 
 

@@ -22,7 +22,7 @@ from .errors import CheckpointMismatchError, CorruptCheckpointError, PretrainedW
 
 # What a Detectron-format .pkl may reference: numpy arrays, dtypes and scalars (numpy 1 and 2 paths),
 # OrderedDict, and the bytes codec of Python 2 pickles.
-_PICKLE_ALLOWED = {(m, n) for m in ('numpy.core.multiarray', 'numpy._core.multiarray') for n in ('_reconstruct', 'scalar')}
+_PICKLE_ALLOWED = {(f'numpy.{core}.multiarray', n) for core in ('core', '_core') for n in ('_reconstruct', 'scalar')}
 _PICKLE_ALLOWED |= {('numpy', 'ndarray'), ('numpy', 'dtype'), ('collections', 'OrderedDict'), ('_codecs', 'encode')}
 _TORCH_MAGIC = (b'PK\x03\x04', b'\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19')  # torch.save's zip, its legacy format
 
@@ -65,7 +65,7 @@ def load_checkpoint_file(path) -> Any:
                 return _torch_load(f, map_location='cpu', weights_only=True)
             return _NumpyOnlyUnpickler(f, encoding='latin1').load()  # Detectron pickles come from Python 2
     except Exception as err:  # noqa: BLE001 - each format raises its own types for damaged files
-        if isinstance(err, _Refused) or kind == 'torch' and isinstance(err.__cause__, pickle.UnpicklingError):
+        if isinstance(err, _Refused) or kind == 'torch' and isinstance(err.__cause__ or err, pickle.UnpicklingError):
             raise UnsafeCheckpointError(
                 f"Refused '{path}': it is a pickle that needs code to load."
                 f"{err if isinstance(err, _Refused) else _checkpoint_unsafe_globals(str(path))} Weights are read only "
@@ -89,7 +89,8 @@ def unwrap_state_dict(checkpoint: Any, weights: str = 'auto') -> Tuple[Dict[str,
     state_dict = {k: v for k, v in clean_state_dict(checkpoint[key] if key else checkpoint).items()
                   if isinstance(v, torch.Tensor)}
     if not state_dict:
-        raise CorruptCheckpointError(f"No tensors in the checkpoint {key!r} (entries: {sorted(checkpoint)[:10]}).")
+        raise CorruptCheckpointError(
+            f"No tensors in the checkpoint{f' entry {key!r}' if key else ''} (entries: {sorted(checkpoint)[:10]}).")
     return state_dict, key
 
 
@@ -184,8 +185,9 @@ def resolve_weight_file(source, model_name: Optional[str] = None, cache_dir=None
                                                  f"export one with scripts/push_to_hub.py --dry-run.")
         path = found[0]
     elif kind or not path.is_file():
-        raise PretrainedWeightsNotFoundError(f"Weights not found: '{path}' is not {'a folder' if kind else 'a file'}:"
-                                             f" give an existing file or scripts/push_to_hub.py folder.")
+        raise PretrainedWeightsNotFoundError(
+            f"Weights not found: '{path}' is not {'a folder' if kind else 'a file or folder'}: give an existing "
+            f"weight file or a folder from scripts/push_to_hub.py, or use pretrained=False.")
     config = path.parent / 'config.json'
     arch = json.loads(config.read_text(encoding='utf-8')).get('architecture') if config.is_file() else None
     if model_name and arch and arch != model_name.split('.')[0]:
@@ -207,40 +209,3 @@ def pretrained_overlay(source, model_name: Optional[str] = None, cache_dir=None)
                    label_names=read_label_names(file))
     return dict({k: v for k, v in overlay.items() if v is not None}, source=None)  # not timm's local-dir route
 
-
-def export_hub_folder(model_name: str, checkpoint, out_dir, weights: str = 'auto', num_classes: Optional[int] = None,
-                      model_args: Optional[Dict[str, Any]] = None, tag: str = 'in1k', repo_id: Optional[str] = None,
-                      published: Optional[bool] = None, results: Optional[Dict[str, Any]] = None,
-                      measure: bool = True) -> Dict[str, Any]:
-    """Write timm's ``save_for_hf`` folder and our card for ``model_name`` holding a checkpoint's weights
-    (``weights`` as in :func:`unwrap_state_dict`), checked strictly first. ``num_classes`` defaults to the head's
-    rows; the card arguments are :func:`maformer_zoo.cards.model_card`'s; ``measure``: fvcore numbers on it.
-    Returns dict(folder, model, model_config, card, state_dict_key, repo_id, stats)."""
-    import timm
-    from timm.models import save_for_hf
-    from timm.models._hub import generate_readme
-    from .cards import describe_checkpoint, model_card
-    from .utils.atomic import write_atomic
-    from .utils.flops import count_params, measure_model_stats
-    source = 'a state dict' if isinstance(checkpoint, dict) else str(checkpoint)
-    loaded = checkpoint if isinstance(checkpoint, dict) else load_checkpoint_file(checkpoint)
-    arch = loaded.get('arch') if isinstance(loaded, dict) else None
-    if isinstance(arch, str) and arch.split('.')[0] != model_name.split('.')[0]:
-        raise CheckpointMismatchError(f"The checkpoint was trained as '{arch}' (its 'arch' entry), not "
-                                      f"'{model_name}': export it with --model {arch.split('.')[0]}.")
-    state_dict, key = unwrap_state_dict(loaded, weights)
-    head = state_dict.get(f'{get_pretrained_cfg(model_name).classifier}.weight')
-    kwargs = dict(model_args or {}, num_classes=num_classes or (head.shape[0] if head is not None else None))
-    model = timm.create_model(model_name, **{k: v for k, v in kwargs.items() if v is not None}).eval()
-    check_fit(model, state_dict, f"'{source}'")
-    model.load_state_dict(state_dict)
-    label_names = label_names_of(loaded, model.num_classes)
-    model_config = dict(label_names=label_names) if label_names else None
-    stats = measure_model_stats(model) if measure else dict(params_m=round(count_params(model), 2))
-    repo_id = repo_id or hub_id(model_name, tag)
-    card = model_card(model_name, stats, tag, model.num_classes, repo_id, published,
-                      describe_checkpoint(source, loaded, key), results)
-    save_for_hf(model, str(out_dir), model_config=model_config, safe_serialization=True)
-    write_atomic(Path(out_dir) / 'README.md', generate_readme(card, f'{model_name}.{tag}'))
-    return dict(folder=Path(out_dir), model=model, model_config=model_config, card=card, state_dict_key=key,
-                repo_id=repo_id, stats=stats)

@@ -33,14 +33,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[List[str]] = None) -> Path:
-    args = parse_args(argv)
+def _check_args(args: argparse.Namespace) -> None:
+    """Before anything is written: one of our models (the card and Hub id are ours), known --model-args keys."""
     import timm
     import maformer_zoo
     from maformer_zoo.utils.names import close_names_hint
-    from maformer_zoo.weights import export_hub_folder
     ours = maformer_zoo.list_models()
-    if args.model not in ours:  # the card and the Hub id are ours
+    if args.model not in ours:
         raise SystemExit(f"error: '{args.model}' is a timm model, not one of maformer-zoo's: publish it with "
                          f"timm.models.push_to_hf_hub. Nothing was written." if timm.is_model(args.model) else
                          f"error: unknown model '{args.model}'{close_names_hint(args.model, ours)}.")
@@ -51,20 +50,47 @@ def main(argv: Optional[List[str]] = None) -> Path:
         for key in set(args.model_args) - set(params):
             raise SystemExit(f"error: --model-args key '{key}' is not an argument of {args.model}"
                              f"{close_names_hint(key, set(params) - {'self'})}.")
-    out = Path(args.out or Path('hub_export') / f'{args.model}.{args.tag}')
+
+
+def main(argv: Optional[List[str]] = None) -> Path:
+    args = parse_args(argv)
+    _check_args(args)
+    import timm
+    from timm.models import push_to_hf_hub, save_for_hf
+    from timm.models._hub import generate_readme
+    from maformer_zoo.cards import describe_checkpoint, hub_id, model_card
+    from maformer_zoo.errors import CheckpointMismatchError
+    from maformer_zoo.utils.atomic import write_atomic
+    from maformer_zoo.utils.flops import count_params, measure_model_stats
+    from maformer_zoo.weights import check_fit, label_names_of, load_checkpoint_file, unwrap_state_dict
+    loaded = load_checkpoint_file(args.checkpoint)
+    arch = loaded.get('arch') if isinstance(loaded, dict) else None
+    if isinstance(arch, str) and arch.split('.')[0] != args.model:
+        raise CheckpointMismatchError(f"The checkpoint was trained as '{arch}' (its 'arch' entry), not "
+                                      f"'{args.model}': export it with --model {arch.split('.')[0]}.")
+    state_dict, key = unwrap_state_dict(loaded, args.weights)
+    head = state_dict.get(f'{timm.models.get_pretrained_cfg(args.model).classifier}.weight')
+    kwargs = dict(args.model_args, num_classes=args.num_classes or (head.shape[0] if head is not None else None))
+    model = timm.create_model(args.model, **{k: v for k, v in kwargs.items() if v is not None}).eval()
+    check_fit(model, state_dict, f"'{args.checkpoint}'")  # strict: nothing is written if they do not fit
+    model.load_state_dict(state_dict)
+    label_names = label_names_of(loaded, model.num_classes)
+    model_config = dict(label_names=label_names) if label_names else None
+    stats = dict(params_m=round(count_params(model), 2)) if args.no_measure else measure_model_stats(model)
+    repo_id = args.repo_id or hub_id(args.model, args.tag)
     results = {f'ImageNet-1k {k} (%)': v for k, v in (('top-1', args.top1), ('top-5', args.top5)) if v is not None}
-    export = export_hub_folder(args.model, args.checkpoint, out, weights=args.weights, num_classes=args.num_classes,
-                               model_args=args.model_args, tag=args.tag, repo_id=args.repo_id, results=results,
-                               published=not args.dry_run, measure=not args.no_measure)  # an upload publishes
-    print(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}; weights entry: "
-          f"{export['state_dict_key'] or '(plain state dict)'}; stats: "
-          + ', '.join(f'{k}={v}' for k, v in export['stats'].items() if k != 'uncounted_ops'))
+    card = model_card(args.model, stats, args.tag, model.num_classes, repo_id, not args.dry_run,  # an upload publishes
+                      describe_checkpoint(args.checkpoint, loaded, key), results)
+    out = Path(args.out or Path('hub_export') / f'{args.model}.{args.tag}')
+    save_for_hf(model, str(out), model_config=model_config, safe_serialization=True)
+    write_atomic(out / 'README.md', generate_readme(card, f'{args.model}.{args.tag}'))
+    print(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}; weights entry: {key or '(plain state dict)'}"
+          f"; stats: " + ', '.join(f'{k}={v}' for k, v in stats.items() if k != 'uncounted_ops'))
     if not args.dry_run:  # timm keeps a card already in the repo
-        from timm.models import push_to_hf_hub
-        push_to_hf_hub(export['model'], export['repo_id'], args.commit_message, private=args.private,
-                       model_config=export['model_config'], model_card=export['card'], safe_serialization=True)
-        print(f"uploaded to https://huggingface.co/{export['repo_id']}; now give the model's pretrained cfg "
-              f"hf_hub_id='{export['repo_id']}' (timm's convention: no hf_hub_id, no weights) and rerun dev/make_hub_cards.py")
+        push_to_hf_hub(model, repo_id, args.commit_message, private=args.private, model_config=model_config,
+                       model_card=card, safe_serialization=True)
+        print(f"uploaded to https://huggingface.co/{repo_id}; now give the model's pretrained cfg "
+              f"hf_hub_id='{repo_id}' (timm's convention: no hf_hub_id, no weights) and rerun dev/make_hub_cards.py")
     return out
 
 

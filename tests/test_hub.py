@@ -7,6 +7,7 @@ import time, so in-process tests patch those constants; one subprocess test uses
 environment variables, as a user would.
 """
 import argparse
+import importlib.util
 import json
 import os
 import pathlib
@@ -38,9 +39,12 @@ def push_to_hub(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return out
 
 
-def export(name, checkpoint, out, **kwargs):
-    """What push_to_hub.py --dry-run --no-measure does, in process (its library call)."""
-    return weights.export_hub_folder(name, checkpoint, out, measure=False, **kwargs)['folder']
+def export(name, checkpoint, out):
+    """push_to_hub.py --dry-run --no-measure, in process."""
+    spec = importlib.util.spec_from_file_location('_push_to_hub', SCRIPTS / 'push_to_hub.py')
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script.main(['--model', name, '--checkpoint', str(checkpoint), '--out', str(out), '--dry-run', '--no-measure'])
 
 MODELS = maformer_zoo.list_models()
 SMALL = 'resnet18_mscsa'  # the smallest real architecture for the path tests

@@ -66,10 +66,9 @@ def create_base(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
         if not pretrained:
             raise
         raise PretrainedWeightsNotFoundError(
-            f"pretrained_base=True could not load timm's weights for the base '{name}' ({type(err).__name__}): give "
-            f"a file, base_pretrained_cfg_overlay=dict(file='/path/{name}.safetensors'), download them where there is "
-            f"internet (timm.create_model('{name}', pretrained=True) fills the Hugging Face cache), or use "
-            f"pretrained_base=False.") from err
+            f"pretrained_base=True could not load timm's weights for the base '{name}' ({type(err).__name__}): give a "
+            f"file, base_pretrained_cfg_overlay=dict(file='/path/{name}.safetensors'), fill the Hugging Face cache "
+            f"where there is internet, or use pretrained_base=False.") from err
 
 
 @register_notrace_function  # Python control flow on sizes: an FX leaf, still run by the traced graph
