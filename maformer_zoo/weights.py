@@ -1,7 +1,8 @@
-"""Weights: read a file by its content without running its code, check it fits, find it from a source, export it.
+"""Weights: read a file by its content without running its code, check that it fits, find it from a source.
 
-Loading is timm's ``load_pretrained``, exporting timm's ``save_for_hf``; ours are the numpy-only ``.pkl`` reader,
-the class names and the one-line errors. Choices and errors: docs/weights.md.
+Loading is timm's ``load_pretrained`` (and exporting, scripts/push_to_hub.py, timm's ``save_for_hf`` /
+``push_to_hf_hub``); ours are the numpy-only ``.pkl`` reader, the class names and the one-line errors.
+Choices and errors: docs/weights.md.
 """
 import json
 import os
@@ -14,7 +15,7 @@ import torch
 from timm import list_pretrained
 from timm.models import clean_state_dict, get_pretrained_cfg
 from timm.models._helpers import _checkpoint_unsafe_globals, _torch_load
-from timm.models._hub import download_from_hf
+from timm.models._hub import _EXT_PRIORITY, _PREFERRED_FILES, download_from_hf
 
 from .cards import HUB_ORG, hub_id
 from .errors import CheckpointMismatchError, CorruptCheckpointError, PretrainedWeightsNotFoundError, \
@@ -34,7 +35,7 @@ class _Refused(pickle.UnpicklingError):
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) not in _PICKLE_ALLOWED:
-            raise _Refused(f' Unsupported globals: {module}.{name}.')
+            raise _Refused(f'{module}.{name}')
         return super().find_class(module, name)
 
 
@@ -66,9 +67,9 @@ def load_checkpoint_file(path) -> Any:
             return _NumpyOnlyUnpickler(f, encoding='latin1').load()  # Detectron pickles come from Python 2
     except Exception as err:  # noqa: BLE001 - each format raises its own types for damaged files
         if isinstance(err, _Refused) or kind == 'torch' and isinstance(err.__cause__ or err, pickle.UnpicklingError):
+            needs = _checkpoint_unsafe_globals(str(path)) if kind == 'torch' else f' Unsupported globals: {err}.'
             raise UnsafeCheckpointError(
-                f"Refused '{path}': it is a pickle that needs code to load."
-                f"{err if isinstance(err, _Refused) else _checkpoint_unsafe_globals(str(path))} Weights are read only "
+                f"Refused '{path}': it is a pickle that needs code to load.{needs} Weights are read only "
                 f"from safetensors, torch.load(weights_only=True) or numpy-only pickles; if you trust it, load it "
                 f"yourself and save model.state_dict() with safetensors.") from err
         what = 'a weight file (safetensors, PyTorch or numpy pickle)' if kind == 'pickle' else f'a readable {kind} file'
@@ -159,8 +160,8 @@ def missing_weights_error(variant: str) -> PretrainedWeightsNotFoundError:
 
 def resolve_weight_file(source, model_name: Optional[str] = None, cache_dir=None) -> Path:
     """The local weight file of ``hf-hub:<repo>[@revision]`` (the Hugging Face cache, or the Hub when online),
-    ``local-dir:<folder>`` or a folder (its ``model.safetensors``, else a .pth/.bin), or a file; a
-    ``config.json`` beside it must name ``model_name`` if given."""
+    ``local-dir:<folder>`` or a folder (the file timm would choose), or a file; a ``config.json`` beside it
+    must name ``model_name`` if given."""
     kind, _, location = str(source).partition(':')
     if kind not in ('hf-hub', 'hf_hub', 'local-dir'):
         kind, location = '', str(source)
@@ -174,12 +175,12 @@ def resolve_weight_file(source, model_name: Optional[str] = None, cache_dir=None
             download_from_hf(location, 'config.json', cache_dir)
         except OSError as err:  # huggingface_hub's errors, offline or online
             raise PretrainedWeightsNotFoundError(
-                f"Could not get model.safetensors and config.json of Hugging Face repo '{repo}' ({type(err).__name__})"
-                f": check the id, or download it where there is internet (hf download {repo}) and copy the cache.") \
-                from err
+                f"Could not get model.safetensors and config.json of Hugging Face repo '{repo}' "
+                f"({type(err).__name__}): check the id, or download it where there is internet "
+                f"(hf download {repo}) and copy the cache.") from err
     elif path.is_dir():
-        found = [f for pattern in ('model.safetensors', 'pytorch_model.bin', '*.safetensors', '*.pth', '*.pth.tar',
-                                   '*.bin') for f in sorted(path.glob(pattern))]
+        found = [path / f for f in _PREFERRED_FILES if (path / f).is_file()] + [  # timm's local-dir choice
+            f for ext in _EXT_PRIORITY for f in sorted(path.glob(f'*{ext}'))]
         if not found:
             raise PretrainedWeightsNotFoundError(f"No weight file in '{path}' (model.safetensors, *.pth, *.bin): "
                                                  f"export one with scripts/push_to_hub.py --dry-run.")
@@ -189,8 +190,8 @@ def resolve_weight_file(source, model_name: Optional[str] = None, cache_dir=None
             f"Weights not found: '{path}' is not {'a folder' if kind else 'a file or folder'}: give an existing "
             f"weight file or a folder from scripts/push_to_hub.py, or use pretrained=False.")
     config = path.parent / 'config.json'
-    arch = json.loads(config.read_text(encoding='utf-8')).get('architecture') if config.is_file() else None
-    if model_name and arch and arch != model_name.split('.')[0]:
+    arch = json.loads(config.read_text(encoding='utf-8')).get('architecture') if model_name and config.is_file() else ''
+    if arch and arch != model_name.split('.')[0]:
         raise CheckpointMismatchError(f"'{path.parent}' holds weights of '{arch}' (config.json), not '{model_name}': "
                                       f"use the matching model name, or weights exported for '{model_name}'.")
     return path
