@@ -1,11 +1,6 @@
-"""detectron2's ``DetectionCheckpointer`` reading through our one reader and writing atomically (issue 20).
-
-* Every file, whatever its name, is read by :func:`maformer_zoo.weights.load_checkpoint_file`;
-  detectron2's ``.pkl`` / ``.pyth`` branches (unpickling without limits) are never reached, and the
-  layouts they know (Detectron / Caffe2 ``blobs``, pycls ``model_state``) are told apart by content.
-* Weights whose keys mostly do not fit the model are refused with the counts.
-* fvcore's ``save`` and ``tag_last_checkpoint`` write through ``self.path_manager``; ours makes those
-  writes atomic (:func:`maformer_zoo.utils.atomic.atomic_write`), so a kill keeps the last good file.
+"""detectron2's ``DetectionCheckpointer`` reading every file with :func:`maformer_zoo.weights.load_checkpoint_file`
+(by content: its ``.pkl`` / ``.pyth`` branches, which unpickle without limits, are never reached), refusing weights
+that mostly do not fit, and writing atomically. docs/weights.md#safety.
 """
 import os
 from urllib.parse import parse_qs
@@ -21,7 +16,8 @@ __all__ = ['SafeDetectionCheckpointer']
 
 
 class _AtomicWrites:
-    """detectron2's ``PathManager``, whose ``open`` for writing is :func:`atomic_write`."""
+    """detectron2's ``PathManager`` (fvcore's ``save`` and ``tag_last_checkpoint`` write through it), whose ``open``
+    for writing is :func:`atomic_write`: a kill keeps the last good file."""
 
     def __getattr__(self, name: str):
         return getattr(PathManager, name)

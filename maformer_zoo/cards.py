@@ -1,9 +1,5 @@
-"""Model cards (a Hub repo's ``README.md``, ``hub_cards/``): timm's ``generate_readme`` fed with our data.
-
-The model's pretrained cfg gives the paper and license, ``maformer_zoo.utils.flops.measure_model_stats``
-the numbers; ours are the weight status, the usage code (it needs ``import maformer_zoo``) and the
-citations. Hub repos are ``maformer-zoo/<name>.<tag>``.
-"""
+"""Model cards (``hub_cards/``, a Hub repo's ``README.md``): the input of timm's ``generate_readme``, plus our
+weight status, usage code and citations. Hub repos are ``maformer-zoo/<name>.<tag>``; docs/weights.md."""
 from typing import Any, Dict, Optional
 
 from timm.models import get_pretrained_cfg
@@ -26,11 +22,6 @@ _BASES = {'resnet': ('Deep Residual Learning for Image Recognition (CVPR 2016)',
                    '; base code: https://github.com/microsoft/Swin-Transformer'),
           'convnext': ('A ConvNet for the 2020s (CVPR 2022)',
                        '; base code: https://github.com/facebookresearch/ConvNeXt')}
-_ABOUT = {'maformer': 'A MAFormer image classifier and multi-scale feature backbone: a dual-stream transformer with '
-                      'local window attention and Global Learning with Down-sampling, fused by Multi-scale Attention '
-                      'Fusion.',
-          'mscsa': "timm's `{base}` with the Multi-Stage Cross-Scale Attention (MSCSA) module, which attends across "
-                   "the feature maps of all stages, as an image classifier and multi-scale feature backbone."}
 _SNIPPET = '''### {title}
 ```python
 from PIL import Image
@@ -38,7 +29,7 @@ import timm
 import torch
 import maformer_zoo  # registers the maformer-zoo models with timm
 
-model = timm.create_model('{load}', pretrained=True{args}).eval()
+model = timm.create_model('hf-hub:{repo_id}', pretrained=True{args}).eval()
 transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model), is_training=False)
 x = transform(Image.open('image.jpg').convert('RGB')).unsqueeze(0)
 with torch.no_grad():
@@ -60,12 +51,11 @@ import maformer_zoo
 
 model = timm.create_model('local-dir:/path/to/{name}.{tag}', pretrained=True)  # a scripts/push_to_hub.py folder
 model = timm.create_model('{name}', pretrained=True, pretrained_cfg_overlay=dict(file='/path/to/model.safetensors'))
-```
-'''
+```'''
 
 
 def hub_id(model_name: str, tag: str = 'in1k') -> str:
-    """The Hub repo of a model's weights, ``maformer-zoo/<name>.<tag>`` (published or not)."""
+    """The Hub repo of a model's weights, published or not."""
     return f'{HUB_ORG}/{model_name}.{tag}'
 
 
@@ -86,17 +76,12 @@ def describe_checkpoint(source: str, checkpoint: Any, key: str) -> str:
     return '; '.join(parts) + '.'
 
 
-def render_model_card(model_name: str, stats: Dict[str, Any], tag: str = 'in1k', num_classes: int = 1000,
-                      repo_id: Optional[str] = None, published: Optional[bool] = None, about: str = '',
-                      results: Optional[Dict[str, Any]] = None) -> str:
-    """The ``README.md`` of ``model_name``'s repo.
-
-    Args:
-        stats: ``measure_model_stats`` output (``params_m`` required, GMACs/activations/image size optional).
-        tag, repo_id: the repo (default ``maformer-zoo/<name>.<tag>``). num_classes: its head's classes.
-        published: trained weights are in the repo (default: the pretrained cfg names an ``hf_hub_id``).
-        about: one sentence on where the weights come from. results: measured numbers to list.
-    """
+def model_card(model_name: str, stats: Dict[str, Any], tag: str = 'in1k', num_classes: int = 1000,
+               repo_id: Optional[str] = None, published: Optional[bool] = None, about: str = '',
+               results: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """``generate_readme``'s input for ``model_name``: ``stats`` from ``measure_model_stats`` (``params_m`` at
+    least); ``published`` defaults to timm's convention (the pretrained cfg names an ``hf_hub_id``); ``about``:
+    where the weights come from; ``results``: measured numbers to list."""
     cfg = get_pretrained_cfg(model_name)  # the default tag's: paper, license, hf_hub_id
     repo_id = repo_id or hub_id(model_name, tag)
     base = model_name[:-len('_mscsa')] if model_name.endswith('_mscsa') else ''
@@ -117,9 +102,18 @@ def render_model_card(model_name: str, stats: Dict[str, Any], tag: str = 'in1k',
                'Papers': [f'{cfg.paper_name} ({cfg.paper_ids})'] + ([base_paper] if base_paper else []),
                'Original': f'none; the paper links no official code. Implementation: maformer-zoo{base_code}',
                'Dataset': 'ImageNet-1k', 'Classes': num_classes, 'Hub id': f'`{repo_id}`', **(results or {})}
-    usage = ''.join(_SNIPPET.format(title=title, load=f'hf-hub:{repo_id}', args=args, body=body.format(
-        num_classes=num_classes)) for title, args, body in _USES) + _LOCAL.format(name=model_name, tag=tag).rstrip()
-    card = dict(tags=['image-classification', 'timm', HUB_ORG, family], license=cfg.license, details=details,
-                description=_ABOUT[family].format(base=base) + f'\n\n**Weights:** {status}', usage=usage,
+    about_model = (f"timm's `{base}` with the Multi-Stage Cross-Scale Attention (MSCSA) module, which attends across "
+                   "the feature maps of all stages, as an image classifier and multi-scale feature backbone." if base
+                   else "A MAFormer image classifier and multi-scale feature backbone: a dual-stream transformer with "
+                   "local window attention and Global Learning with Down-sampling, fused by Multi-scale Attention "
+                   "Fusion.")
+    usage = ''.join(_SNIPPET.format(title=title, repo_id=repo_id, args=args, body=body.format(num_classes=num_classes))
+                    for title, args, body in _USES) + _LOCAL.format(name=model_name, tag=tag)
+    return dict(tags=['image-classification', 'timm', HUB_ORG, family], license=cfg.license, details=details,
+                description=f'{about_model}\n\n**Weights:** {status}', usage=usage,
                 citation=[_CITATIONS[family]])
-    return generate_readme(card, f'{model_name}.{tag}')
+
+
+def render_model_card(model_name: str, stats: Dict[str, Any], tag: str = 'in1k', **kwargs: Any) -> str:
+    """The ``README.md`` of ``model_name``'s repo: timm's ``generate_readme`` of :func:`model_card`."""
+    return generate_readme(model_card(model_name, stats, tag, **kwargs), f'{model_name}.{tag}')

@@ -1,12 +1,9 @@
 #!/usr/bin/env python3
-"""Turn a training checkpoint into a Hugging Face Hub repo of timm weights, and upload it.
-
-Reads the checkpoint safely, takes its weights (EMA first with ``--weights auto``), loads them strictly
-into ``--model`` (nothing is written if they do not fit), writes ``model.safetensors``, timm's
-``config.json`` (with the class names) and a model card into ``--out``, then, unless ``--dry-run``,
-uploads the folder to ``maformer-zoo/<model>.<tag>`` (or ``--repo-id``). Details: docs/weights.md.
+"""Export a training checkpoint as a Hugging Face Hub folder of timm weights and a model card, and upload it.
 
     python scripts/push_to_hub.py --model maformer_s --checkpoint output/train/.../model_best.pth.tar --dry-run
+
+Details: docs/weights.md.
 """
 import argparse
 import inspect
@@ -26,65 +23,74 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--weights', choices=('auto', 'ema', 'model'), default='auto',
                         help="auto: EMA weights if the checkpoint has them; ema: require them; model: the raw ones")
     parser.add_argument('--num-classes', type=int, default=None, help="classes of the head (default: its rows)")
-    parser.add_argument('--model-args', default='{}', help="JSON of other constructor args it was trained with")
+    parser.add_argument('--model-args', type=json.loads, default={}, help="JSON object of other constructor args")
     parser.add_argument('--top1', type=float, default=None, help="measured ImageNet-1k top-1 (%%) for the card")
     parser.add_argument('--top5', type=float, default=None, help="measured ImageNet-1k top-5 (%%) for the card")
     parser.add_argument('--no-measure', action='store_true', help="params only on the card (no fvcore count)")
     parser.add_argument('--dry-run', action='store_true', help="write the folder, do not upload")
     parser.add_argument('--private', action='store_true', help="create the Hub repo as private")
-    parser.add_argument('--commit-message', default=None)
+    parser.add_argument('--commit-message', default='Add model')
     return parser.parse_args(argv)
 
 
-def _check_model(model_name: str, model_args: dict) -> None:
-    """Before anything is written: one of our models, and each --model-args key one of its arguments."""
+def _check_args(args: argparse.Namespace) -> None:
+    """Before anything is written: one of our models (the card and Hub id are ours), known --model-args keys."""
     import timm
     import maformer_zoo
     from maformer_zoo.utils.names import close_names_hint
-    if model_name not in maformer_zoo.list_models():  # the card and the Hub id are ours
-        raise SystemExit(f"error: '{model_name}' is a timm model, not one of maformer-zoo's ("
-                         f"{', '.join(maformer_zoo.list_models()[:3])}, ...): publish it with "
-                         f"timm.models.push_to_hf_hub instead. Nothing was written." if timm.is_model(model_name) else
-                         f"error: unknown model '{model_name}'"
-                         f"{close_names_hint(model_name, maformer_zoo.list_models())}.")
-    params = inspect.signature(type(timm.create_model(model_name)).__init__).parameters if model_args else {}
+    ours = maformer_zoo.list_models()
+    if args.model not in ours:
+        raise SystemExit(f"error: '{args.model}' is a timm model, not one of maformer-zoo's: publish it with "
+                         f"timm.models.push_to_hf_hub. Nothing was written." if timm.is_model(args.model) else
+                         f"error: unknown model '{args.model}'{close_names_hint(args.model, ours)}.")
+    if not isinstance(args.model_args, dict):
+        raise SystemExit("error: --model-args must be a JSON object, e.g. '{\"drop_path_rate\": 0.1}'.")
+    params = inspect.signature(type(timm.create_model(args.model)).__init__).parameters if args.model_args else {}
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):  # else the model forwards unknown keys itself
-        for key in set(model_args) - set(params):
-            raise SystemExit(f"error: --model-args key '{key}' is not an argument of {model_name}"
+        for key in set(args.model_args) - set(params):
+            raise SystemExit(f"error: --model-args key '{key}' is not an argument of {args.model}"
                              f"{close_names_hint(key, set(params) - {'self'})}.")
 
 
 def main(argv: Optional[List[str]] = None) -> Path:
     args = parse_args(argv)
-    from maformer_zoo.cards import hub_id
-    from maformer_zoo.weights import export_hub_folder
-    try:
-        model_args = json.loads(args.model_args)
-    except ValueError as err:
-        raise SystemExit(f"error: --model-args is not valid JSON: {err}")
-    if not isinstance(model_args, dict):
-        raise SystemExit("error: --model-args must be a JSON object, e.g. '{\"drop_path_rate\": 0.1}'.")
-    _check_model(args.model, model_args)
+    _check_args(args)
+    import timm
+    from timm.models import push_to_hf_hub, save_for_hf
+    from timm.models._hub import generate_readme
+    from maformer_zoo.cards import describe_checkpoint, hub_id, model_card
+    from maformer_zoo.errors import CheckpointMismatchError
+    from maformer_zoo.utils.atomic import write_atomic
+    from maformer_zoo.utils.flops import count_params, measure_model_stats
+    from maformer_zoo.weights import check_fit, label_names_of, load_checkpoint_file, unwrap_state_dict
+    loaded = load_checkpoint_file(args.checkpoint)
+    arch = loaded.get('arch') if isinstance(loaded, dict) else None
+    if isinstance(arch, str) and arch.split('.')[0] != args.model:
+        raise CheckpointMismatchError(f"The checkpoint was trained as '{arch}' (its 'arch' entry), not "
+                                      f"'{args.model}': export it with --model {arch.split('.')[0]}.")
+    state_dict, key = unwrap_state_dict(loaded, args.weights)
+    head = state_dict.get(f'{timm.models.get_pretrained_cfg(args.model).classifier}.weight')
+    kwargs = dict(args.model_args, num_classes=args.num_classes or (head.shape[0] if head is not None else None))
+    model = timm.create_model(args.model, **{k: v for k, v in kwargs.items() if v is not None}).eval()
+    check_fit(model, state_dict, f"'{args.checkpoint}'")  # strict: nothing is written if they do not fit
+    model.load_state_dict(state_dict)
+    label_names = label_names_of(loaded, model.num_classes)
+    model_config = dict(label_names=label_names) if label_names else None
+    stats = dict(params_m=round(count_params(model), 2)) if args.no_measure else measure_model_stats(model)
     repo_id = args.repo_id or hub_id(args.model, args.tag)
-    out = Path(args.out or Path('hub_export') / f'{args.model}.{args.tag}')
     results = {f'ImageNet-1k {k} (%)': v for k, v in (('top-1', args.top1), ('top-5', args.top5)) if v is not None}
-    export = export_hub_folder(args.model, args.checkpoint, out, weights=args.weights, num_classes=args.num_classes,
-                               model_args=model_args, tag=args.tag, repo_id=repo_id, results=results,
-                               published=not args.dry_run, measure=not args.no_measure)  # an upload publishes
-    print(f"wrote {out}: " + ', '.join(sorted(p.name for p in out.iterdir())))
-    print(f"weights entry: {export['state_dict_key'] or '(plain state dict)'}; stats: "
-          + ', '.join(f'{k}={v}' for k, v in export['stats'].items() if k != 'uncounted_ops'))
-    if args.dry_run:
-        print(f"dry run: not uploaded (repo would be {repo_id})")
-        return out
-    # the folder written and checked above (timm's push_to_hf_hub would write a second one and keep an old card)
-    from huggingface_hub import HfApi
-    api = HfApi()
-    repo = api.create_repo(repo_id, private=args.private, exist_ok=True)
-    api.upload_folder(repo_id=repo.repo_id, folder_path=str(out), commit_message=args.commit_message or
-                      f"Add {args.model} weights ({export['state_dict_key'] or 'state dict'})")
-    print(f"uploaded to https://huggingface.co/{repo.repo_id}; now give the model's pretrained cfg "
-          f"hf_hub_id='{repo.repo_id}' (timm's convention: no hf_hub_id, no weights) and rerun dev/make_hub_cards.py")
+    card = model_card(args.model, stats, args.tag, model.num_classes, repo_id, not args.dry_run,  # an upload publishes
+                      describe_checkpoint(args.checkpoint, loaded, key), results)
+    out = Path(args.out or Path('hub_export') / f'{args.model}.{args.tag}')
+    save_for_hf(model, str(out), model_config=model_config, safe_serialization=True)
+    write_atomic(out / 'README.md', generate_readme(card, f'{args.model}.{args.tag}'))
+    print(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}; weights entry: {key or '(plain state dict)'}"
+          f"; stats: " + ', '.join(f'{k}={v}' for k, v in stats.items() if k != 'uncounted_ops'))
+    if not args.dry_run:  # timm keeps a card already in the repo
+        push_to_hf_hub(model, repo_id, args.commit_message, private=args.private, model_config=model_config,
+                       model_card=card, safe_serialization=True)
+        print(f"uploaded to https://huggingface.co/{repo_id}; now give the model's pretrained cfg "
+              f"hf_hub_id='{repo_id}' (timm's convention: no hf_hub_id, no weights) and rerun dev/make_hub_cards.py")
     return out
 
 

@@ -7,6 +7,7 @@ import time, so in-process tests patch those constants; one subprocess test uses
 environment variables, as a user would.
 """
 import argparse
+import importlib.util
 import json
 import os
 import pathlib
@@ -38,9 +39,12 @@ def push_to_hub(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return out
 
 
-def export(name, checkpoint, out, **kwargs):
-    """What push_to_hub.py --dry-run --no-measure does, in process (its library call)."""
-    return weights.export_hub_folder(name, checkpoint, out, measure=False, **kwargs)['folder']
+def export(name, checkpoint, out):
+    """push_to_hub.py --dry-run --no-measure, in process."""
+    spec = importlib.util.spec_from_file_location('_push_to_hub', SCRIPTS / 'push_to_hub.py')
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script.main(['--model', name, '--checkpoint', str(checkpoint), '--out', str(out), '--dry-run', '--no-measure'])
 
 MODELS = maformer_zoo.list_models()
 SMALL = 'resnet18_mscsa'  # the smallest real architecture for the path tests
@@ -253,7 +257,7 @@ def test_local_dir_file_overlay_and_helpers(exported, offline_cache):
     place_in_cache(offline_cache, OTHER_REPO, folder)
     expected = {k: v for k, v in exported['model'].state_dict().items()}
     for source in (f'hf-hub:{OTHER_REPO}', f'local-dir:{folder}', folder, folder / 'model.safetensors'):
-        state_dict = weights.load_weights(source, model_name=SMALL)
+        state_dict = weights.pretrained_overlay(source, SMALL)['state_dict']
         assert state_dict.keys() == expected.keys()
         assert all(torch.equal(state_dict[k], expected[k]) for k in expected)
     features = timm.create_model(
@@ -313,7 +317,7 @@ def test_pickle_carrying_code_is_refused(exported, tmp_path):
     with pytest.raises(UnsafeCheckpointError, match='pickle that needs code'):
         export(SMALL, evil, tmp_path / 'out')
     with pytest.raises(UnsafeCheckpointError):
-        weights.load_weights(evil)
+        weights.pretrained_overlay(evil)
     assert not marker.exists() and not (tmp_path / 'out').exists()
     # the command line: a one-line error and exit status 2, still nothing run
     out = push_to_hub('--model', SMALL, '--checkpoint', evil, '--out', tmp_path / 'out', '--dry-run', '--no-measure',
@@ -356,7 +360,7 @@ def test_corrupted_safetensors(exported, tmp_path, offline_cache):
         export(SMALL, folder / 'model.safetensors', tmp_path / 'out')
     (folder / 'model.safetensors').write_bytes(b'not a checkpoint at all')
     with pytest.raises(CorruptCheckpointError):
-        weights.load_weights(folder)
+        weights.pretrained_overlay(folder)
 
 
 def test_wrong_architecture_in_config(exported, tmp_path):
@@ -527,17 +531,21 @@ def test_export_from_our_training_checkpoint(tmp_path):
 
 
 def test_upload_uses_create_repo_and_upload_folder(exported, tmp_path):
-    """Without --dry-run: huggingface_hub creates the repo and uploads the folder (a recording HfApi
-    installed by sitecustomize in the script's process; no network)."""
+    """Without --dry-run: timm's push_to_hf_hub creates the repo and uploads the folder with our card (a
+    recording HfApi installed by sitecustomize in the script's process; no network)."""
     (tmp_path / 'fake').mkdir()
     (tmp_path / 'fake' / 'sitecustomize.py').write_text(f"""
 import json, pathlib, huggingface_hub
 LOG = pathlib.Path({str(tmp_path / 'calls.json')!r})
 class RecordingApi:
+    def __init__(self, **kwargs):
+        pass
     def create_repo(self, repo_id, private=False, exist_ok=False):
         LOG.write_text(json.dumps([['create_repo', repo_id, private, exist_ok]]))
         return huggingface_hub.RepoUrl('https://huggingface.co/' + repo_id)
-    def upload_folder(self, repo_id, folder_path, commit_message=None):
+    def file_exists(self, repo_id, filename, revision=None):
+        return False
+    def upload_folder(self, repo_id, folder_path, commit_message=None, **kwargs):
         card = (pathlib.Path(folder_path) / 'README.md').read_text()
         calls = json.loads(LOG.read_text()) + [['upload_folder', repo_id, sorted(p.name for p in pathlib.Path(folder_path).iterdir()),
                                                'published in `maformer-zoo/' in card and 'ImageNet-1k top-1 (%):** 80.5' in card]]

@@ -104,13 +104,13 @@ def test_every_library_route_refuses_code_by_content(tmp_path, monkeypatch, forc
     monkeypatch.setenv(FORCE, force)
     import timm
     from detectron2_ext.checkpoint import SafeDetectionCheckpointer
-    from maformer_zoo.weights import load_weights, pretrained_overlay
+    from maformer_zoo.weights import pretrained_overlay
     from maformer_zoo.training.checkpoint import load_training_checkpoint
     marker, files = _evil_files(tmp_path)
     routes = {
         'reader': load_checkpoint_file,
         'detectron2 checkpointer': lambda p: SafeDetectionCheckpointer(torch.nn.Linear(2, 2)).load(str(p)),
-        'hub source': load_weights,
+        'hub source': pretrained_overlay,
         'training resume': load_training_checkpoint,
         'MODEL.TIMM.CHECKPOINT': lambda p: pretrained_overlay(p, 'resnet18_mscsa'),
         'timm overlay (ours)': lambda p: timm.create_model('resnet18_mscsa', pretrained=True,

@@ -1,12 +1,7 @@
-"""Construction shared by the maformer-zoo families: timm's ``build_model_with_cfg``, plus
-
-* ``features_only`` with timm's *getter* feature class at strides 4/8/16/32 (the models are not chains);
-* ``pretrained=True`` with no weight source fails at once (timm's convention: no ``hf_hub_id``, no weights);
-* a ``file`` or ``local-dir:`` source is read by :func:`maformer_zoo.weights.load_checkpoint_file` (by
-  content, one-line errors) and handed to timm as its ``state_dict`` source, because timm's file route picks
-  its reader by the file name; the file's head size becomes ``num_classes`` (a trained head is kept when the
-  counts match, else timm drops it) and its ``label_names`` come along;
-* :func:`maformer_zoo.weights.check_fit` after the family's filter, also where timm loads non-strictly.
+"""Construction shared by the maformer-zoo families: timm's ``build_model_with_cfg``, with ``features_only`` as
+timm's *getter* feature class at strides 4-32 (the models are not chains), and weights loaded by timm's
+``load_pretrained`` from a file we read (:func:`maformer_zoo.weights.pretrained_overlay`) and check
+(:func:`maformer_zoo.weights.check_fit`). docs/weights.md#loading-weights-you-have.
 """
 from functools import partial
 from typing import Any, Callable, Dict, Optional, Sequence, Type
@@ -18,7 +13,7 @@ from timm.layers import register_notrace_function
 from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 
 from ..errors import PretrainedWeightsNotFoundError
-from ..weights import check_fit, missing_weights_error, read_label_names, read_state_dict, resolve_weight_file
+from ..weights import check_fit, missing_weights_error, pretrained_overlay
 
 
 def _names(value: Any) -> tuple:
@@ -34,15 +29,6 @@ def _filter_and_check(filter_fn: Optional[Callable], cfg: Dict[str, Any], varian
     return state_dict
 
 
-def _file_overlay(variant: str, cfg: Dict[str, Any]) -> Dict[str, Any]:
-    file = resolve_weight_file(('local-dir:' if cfg.get('source') == 'local-dir' else '') + cfg['file'], variant)
-    state_dict = read_state_dict(file)[0]
-    heads = [state_dict[f'{c}.weight'] for c in _names(cfg.get('classifier')) if f'{c}.weight' in state_dict]
-    overlay = dict(state_dict=state_dict, source=None, num_classes=int(heads[0].shape[0]) if heads else None,
-                   label_names=read_label_names(file))  # as timm reads a local-dir's config.json
-    return {k: v for k, v in overlay.items() if v is not None or k == 'source'}
-
-
 def build_zoo_model(
         model_cls: Type[nn.Module],
         variant: str,
@@ -51,7 +37,7 @@ def build_zoo_model(
         default_out_indices: Sequence[int] = (0, 1, 2, 3),
         **kwargs: Any,
 ) -> nn.Module:
-    """Build ``model_cls`` for timm entrypoint ``variant`` (see the module docstring)."""
+    """Build ``model_cls`` for timm entrypoint ``variant``; ``pretrained=True`` without a source fails at once."""
     kwargs.setdefault('feature_cfg', dict(flatten_sequential=True, feature_cls='getter'))
     kwargs['feature_cfg'].setdefault('out_indices', kwargs.pop('out_indices', tuple(default_out_indices)))
     if pretrained:
@@ -59,7 +45,9 @@ def build_zoo_model(
         cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
                                      pretrained_cfg_overlay=overlay).to_dict()
         if cfg.get('file') and cfg.get('state_dict') is None and cfg.get('source') != 'hf-hub':
-            overlay.update(_file_overlay(variant, cfg))
+            # read by content, with our errors: timm's file route picks its reader by the file name
+            overlay.update(pretrained_overlay(('local-dir:' if cfg.get('source') == 'local-dir' else '') + cfg['file'],
+                                              variant))
         elif not any(cfg.get(k) for k in ('state_dict', 'hf_hub_id', 'url')):
             raise missing_weights_error(variant)
         kwargs['pretrained_cfg_overlay'] = overlay
@@ -78,10 +66,9 @@ def create_base(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
         if not pretrained:
             raise
         raise PretrainedWeightsNotFoundError(
-            f"pretrained_base=True could not load timm's weights for the base '{name}' ({type(err).__name__}): give "
-            f"a file, base_pretrained_cfg_overlay=dict(file='/path/{name}.safetensors'), download them where there is "
-            f"internet (timm.create_model('{name}', pretrained=True) fills the Hugging Face cache), or use "
-            f"pretrained_base=False.") from err
+            f"pretrained_base=True could not load timm's weights for the base '{name}' ({type(err).__name__}): give a "
+            f"file, base_pretrained_cfg_overlay=dict(file='/path/{name}.safetensors'), fill the Hugging Face cache "
+            f"where there is internet, or use pretrained_base=False.") from err
 
 
 @register_notrace_function  # Python control flow on sizes: an FX leaf, still run by the traced graph

@@ -1,9 +1,6 @@
-"""Model creation for training and validation: ``timm.create_model`` with a checked name and one weight source.
-
-``pretrained=True`` loads the model's own weights (or a ``local-dir:`` / ``hf-hub:`` name's); ``weights_file``
-starts fine-tuning from a file read by :func:`maformer_zoo.weights.read_state_dict` (EMA first), where a
-classifier of another shape starts afresh and any other key that does not fit is refused by
-:func:`maformer_zoo.weights.check_fit`; neither is random initialisation.
+"""Model creation for training and validation: ``timm.create_model`` with a checked name and one weight source
+(``pretrained=True``, or a ``weights_file`` to fine-tune from, whose classifier starts afresh if its shape
+differs). docs/weights.md#loading-weights-you-have.
 """
 import difflib
 import logging

@@ -6,6 +6,7 @@ and Swin) would cost zero: ``count_flops`` adds one counting the two matrix prod
 ``batch * heads * L * S * (E + Ev)``; softmax, scaling and masking are element-wise and not counted,
 like the other element-wise operators fvcore skips.
 """
+import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -22,13 +23,21 @@ def sdpa_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
     from fvcore.nn.jit_handles import get_shape
 
     q_shape, k_shape, v_shape = (get_shape(v) for v in inputs[:3])
-    *batch_dims, length_q, dim_qk = q_shape
-    length_kv = k_shape[-2]
-    dim_v = v_shape[-1]
-    batch = 1
-    for d in batch_dims:
-        batch *= d
-    return batch * length_q * length_kv * (dim_qk + dim_v)
+    return math.prod(q_shape[:-1]) * k_shape[-2] * (q_shape[-1] + v_shape[-1])
+
+
+def _analyse(model: nn.Module, x: torch.Tensor, analysis_cls: Any, sdpa_handle: Any) -> Any:
+    """fvcore's ``analysis_cls`` of ``model(x)``, traced once in eval mode (the mode is restored), warnings off."""
+    was_training = model.training
+    model.eval()
+    try:
+        analysis = analysis_cls(model, (x,)).set_op_handle('aten::scaled_dot_product_attention', sdpa_handle)
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings('none')
+        with torch.no_grad():
+            analysis.total()  # fvcore keeps the counts of this first trace
+    finally:
+        model.train(was_training)
+    return analysis
 
 
 def count_flops(
@@ -37,36 +46,15 @@ def count_flops(
         in_chans: int = 3,
         batch_size: int = 1,
 ) -> float:
-    """GFLOPs (multiply-adds, fvcore convention) of one forward pass of ``model``.
-
-    Args:
-        model: the module to count; it is put in eval mode for the count and restored afterwards.
-        img_size: input ``(height, width)``, or one int for a square input.
-        in_chans: input channels.
-        batch_size: images per forward; the result is for the whole batch.
-
-    Returns:
-        The count in units of 1e9.
-    """
+    """GFLOPs (multiply-adds, fvcore convention) of one forward pass of ``model`` on a batch of
+    ``batch_size`` images of ``img_size`` (``(height, width)`` or one int)."""
     from fvcore.nn import FlopCountAnalysis
 
     if isinstance(img_size, int):
         img_size = (img_size, img_size)
-    was_training = model.training
-    model.eval()
-    try:
-        param = next(model.parameters(), None)
-        device = param.device if param is not None else torch.device('cpu')
-        x = torch.zeros(batch_size, in_chans, *img_size, device=device)
-        analysis = FlopCountAnalysis(model, (x,))
-        analysis.set_op_handle('aten::scaled_dot_product_attention', sdpa_flop_jit)
-        analysis.unsupported_ops_warnings(False)
-        analysis.uncalled_modules_warnings(False)
-        with torch.no_grad():
-            total = analysis.total()
-    finally:
-        model.train(was_training)
-    return total / 1e9
+    param = next(model.parameters(), None)
+    x = torch.zeros(batch_size, in_chans, *img_size, device=param.device if param is not None else 'cpu')
+    return _analyse(model, x, FlopCountAnalysis, sdpa_flop_jit).total() / 1e9
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> float:
@@ -76,40 +64,22 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> float:
 
 
 def _sdpa_activation_jit(inputs: List[Any], outputs: List[Any]) -> int:
-    """fvcore activation handle for ``aten::scaled_dot_product_attention``: what unfused attention
-    materialises, the attention matrix (``Q K^T``) and the output (``softmax(.) V``)."""
+    """fvcore activation handle for SDPA: what unfused attention materialises, ``Q K^T`` and ``softmax(.) V``."""
     from fvcore.nn.jit_handles import get_shape
 
     q_shape, k_shape, v_shape = (get_shape(v) for v in inputs[:3])
-    batch = 1
-    for d in q_shape[:-2]:
-        batch *= d
-    return batch * q_shape[-2] * (k_shape[-2] + v_shape[-1])
+    return math.prod(q_shape[:-2]) * q_shape[-2] * (k_shape[-2] + v_shape[-1])
 
 
 def measure_model_stats(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> Dict[str, Any]:
-    """Params (M), GMACs and activations (M) as timm's benchmark.py reports them (model cards).
-
-    fvcore on one ``torch.ones`` image at the model's default input size, with the SDPA handles
-    above; rounded as timm rounds (2 decimals). ``uncounted_ops`` lists ops fvcore has no handle for.
-    """
+    """Params (M), GMACs and activations (M) as timm's benchmark.py reports them (model cards): fvcore on one
+    ``torch.ones`` image at the model's default input size, rounded to 2 decimals; ``uncounted_ops``: ops
+    fvcore has no handle for."""
     from fvcore.nn import ActivationCountAnalysis, FlopCountAnalysis
 
     input_size = tuple(input_size or (getattr(model, 'pretrained_cfg', None) or {}).get('input_size', (3, 224, 224)))
-    example = torch.ones((1, *input_size))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            flops = FlopCountAnalysis(model, example).set_op_handle(
-                'aten::scaled_dot_product_attention', sdpa_flop_jit)
-            acts = ActivationCountAnalysis(model, example).set_op_handle(
-                'aten::scaled_dot_product_attention', _sdpa_activation_jit)
-            for analysis in (flops, acts):
-                analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings('none')
-            macs, activations = flops.total(), acts.total()
-            uncounted = dict(sorted(flops.unsupported_ops().items()))
-    finally:
-        model.train(was_training)
-    return dict(params_m=round(count_params(model), 2), gmacs=round(macs / 1e9, 2), macts=round(activations / 1e6, 2),
-                img_size=tuple(int(s) for s in input_size[-2:]), uncounted_ops=uncounted)
+    flops, acts = (_analyse(model, torch.ones((1, *input_size)), *analysis) for analysis in (
+        (FlopCountAnalysis, sdpa_flop_jit), (ActivationCountAnalysis, _sdpa_activation_jit)))
+    return dict(params_m=round(count_params(model), 2), gmacs=round(flops.total() / 1e9, 2),
+                macts=round(acts.total() / 1e6, 2), img_size=tuple(int(s) for s in input_size[-2:]),
+                uncounted_ops=dict(sorted(flops.unsupported_ops().items())))
