@@ -370,8 +370,13 @@ def test_weight_sources(tmp_path):
             torch.testing.assert_close(state['model.' + key], value, msg=key)
             loaded += 1
         assert loaded > 100
+        assert not [m for m in backbone.modules() if 'state_dict' in (getattr(m, 'pretrained_cfg', None) or {})]
 
     check(TimmBackbone(SMALL_BACKBONE, checkpoint=str(file), norm=''))
+    timm_file = tmp_path / 'resnet18.safetensors'  # timm's own family: the same reader, no copy kept either
+    save_file(timm.create_model('resnet18').state_dict(), str(timm_file))
+    timm_backbone = TimmBackbone('resnet18', checkpoint=str(timm_file), norm='')
+    assert not [m for m in timm_backbone.modules() if 'state_dict' in (getattr(m, 'pretrained_cfg', None) or {})]
 
     from timm.models import save_for_hf
     save_for_hf(reference, str(tmp_path / 'hub_folder'), safe_serialization=True)
