@@ -1,23 +1,16 @@
-"""Whole-detector export with detectron2's own tools, checked against eager.
-
-:func:`export_detector` writes ``model.ts`` (TorchScript: ``tracing`` through ``TracingAdapter``, or
-``scripting`` through ``scripting_with_instances``, R-CNNs) or ``model.onnx`` (tracing,
-``torch.onnx.export(dynamo=False)``), height and width dynamic, as detectron2's
-``tools/deploy/export_model.py`` does; :func:`max_difference` compares the file with eager. What is
-exported and why: docs/detectron2.md#deploying-detectors-scriptsexport_detectorpy-detectron2_extexportpy.
+"""Detectors exported as detectron2's ``tools/deploy/export_model.py`` does (TorchScript by ``TracingAdapter``
+or ``scripting_with_instances``, ONNX by tracing; height and width dynamic) and compared with eager. What and
+why: docs/detectron2.md#deploying-detectors-scriptsexport_detectorpy-detectron2_extexportpy.
 """
 import os
-from typing import Callable, Dict, List, NamedTuple, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from detectron2.data import detection_utils
-from detectron2.data import transforms as T
 from detectron2.export import TracingAdapter, scripting_with_instances
 from detectron2.export.flatten import flatten_to_tuple
-from detectron2.modeling import GeneralizedRCNN, PanopticFPN, build_model
+from detectron2.modeling import GeneralizedRCNN, PanopticFPN
 from detectron2.structures import Boxes
 
 from maformer_zoo.utils.atomic import atomic_write
@@ -26,76 +19,29 @@ FORMATS = ('torchscript', 'onnx')
 METHODS = ('tracing', 'scripting')
 _FILES = {'torchscript': 'model.ts', 'onnx': 'model.onnx'}
 # Instances fields a scripted detector may carry, with their types (detectron2's deploy list)
-SCRIPTED_FIELDS = {
-    'proposal_boxes': Boxes, 'objectness_logits': Tensor, 'pred_boxes': Boxes, 'scores': Tensor,
-    'pred_classes': Tensor, 'pred_masks': Tensor, 'pred_keypoints': Tensor,
-    'pred_keypoint_heatmaps': Tensor,
-}
-
-
-class OutputFolderError(FileExistsError):
-    """The export folder exists and holds files: exports never overwrite another run's folder."""
+SCRIPTED_FIELDS = {'proposal_boxes': Boxes, 'objectness_logits': Tensor, 'pred_boxes': Boxes, 'scores': Tensor,
+                   'pred_classes': Tensor, 'pred_masks': Tensor, 'pred_keypoints': Tensor,
+                   'pred_keypoint_heatmaps': Tensor}
 
 
 def check_output_dir(path: str) -> None:
-    """Refuse an existing, non-empty ``path`` with one line that says what to do."""
+    """Refuse an existing, non-empty ``path`` (another run's folder is never overwritten) in one line."""
     if os.path.isdir(path) and os.listdir(path):
-        raise OutputFolderError(
+        raise FileExistsError(
             f"Output folder '{path}' exists and is not empty; give a new or empty --output folder.")
     if os.path.exists(path) and not os.path.isdir(path):
-        raise OutputFolderError(f"--output '{path}' is a file; give a folder path.")
+        raise FileExistsError(f"--output '{path}' is a file; give a folder path.")
 
 
 def check_exportable(model: nn.Module, fmt: str, method: str) -> None:
     """Refuse a format / method / architecture combination that has no export path."""
-    if fmt not in FORMATS:
-        raise ValueError(f'format {fmt!r}: choose one of {FORMATS}.')
-    if method not in METHODS:
-        raise ValueError(f'export method {method!r}: choose one of {METHODS}.')
+    if fmt not in FORMATS or method not in METHODS:
+        raise ValueError(f'format {fmt!r}, export method {method!r}: choose one of {FORMATS} and of {METHODS}.')
     if method == 'scripting' and fmt != 'torchscript':
         raise ValueError('scripting exports TorchScript only; use --export-method tracing for ONNX.')
     if method == 'scripting' and (isinstance(model, PanopticFPN) or not isinstance(model, GeneralizedRCNN)):
         raise ValueError(f"scripting exports R-CNNs (Mask / Cascade Mask / Faster R-CNN); use "
                          f"--export-method tracing for {type(model).__name__}.")
-
-
-def build_detector(config_file: str, weights: str = '', opts: Sequence[str] = ()):
-    """``(cfg, model)``: the config read as safe YAML with ``opts``, ``build_model`` in eval mode, and
-    ``weights`` (else ``MODEL.WEIGHTS``; none: as built) read by ``SafeDetectionCheckpointer``."""
-    from .checkpoint import SafeDetectionCheckpointer
-    from .config_file import load_config
-    cfg = load_config(config_file, opts)
-    cfg.DATALOADER.NUM_WORKERS = 0
-    cfg.freeze()
-    weights = weights or cfg.MODEL.WEIGHTS
-    # detectron2's checkpointer would start from scratch on a missing file, with a log line only
-    if weights and '://' not in weights and not os.path.isfile(weights):
-        raise FileNotFoundError(f"Weights '{weights}' are not a file; give a checkpoint path.")
-    model = build_model(cfg).eval()
-    if weights:
-        SafeDetectionCheckpointer(model).load(weights)
-    return cfg, model
-
-
-def load_sample(cfg, image_path: str) -> Tensor:
-    """The sample as the model's ``(3, H, W)`` float input, resized as ``DefaultPredictor`` does."""
-    if not os.path.isfile(image_path):
-        raise FileNotFoundError(f"--sample-image '{image_path}' is not a file; give an image path.")
-    image = detection_utils.read_image(image_path, format=cfg.INPUT.FORMAT)
-    aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
-    image = aug.get_transform(image).apply_image(image)
-    return torch.as_tensor(np.ascontiguousarray(image.astype('float32').transpose(2, 0, 1)))
-
-
-def resize_sample(image: Tensor, height: int, width: int) -> Tensor:
-    """The sample at another size (bilinear), to check an export at."""
-    return nn.functional.interpolate(image[None], size=(height, width), mode='bilinear', align_corners=False)[0]
-
-
-def second_size(image: Tensor) -> Tuple[int, int]:
-    """3/4 of the sample's height and 5/6 of its width: another aspect ratio and padded size."""
-    h, w = image.shape[-2], image.shape[-1]
-    return max(32, h * 3 // 4), max(32, w * 5 // 6)
 
 
 def _traced_outputs(model: nn.Module, inputs: List[Dict[str, Tensor]]):
@@ -137,9 +83,9 @@ class ExportedDetector(NamedTuple):
 
 def export_detector(model: nn.Module, image: Tensor, output_dir: str, fmt: str = 'torchscript',
                     method: str = 'tracing', opset: int = 17) -> ExportedDetector:
-    """Export ``model`` into ``output_dir`` (created; refused if not empty), traced on ``image``
-    (:func:`load_sample`); ``method`` is ``'tracing'`` or ``'scripting'`` (TorchScript only), ``opset``
-    the ONNX opset (FINE's attention needs >= 14)."""
+    """Export ``model`` into ``output_dir`` (created; refused if not empty), traced on ``image`` (a ``(3, H, W)``
+    input as ``DefaultPredictor`` makes it); ``method``: ``'tracing'`` or ``'scripting'`` (TorchScript only);
+    ``opset``: the ONNX opset (FINE's attention needs >= 14)."""
     check_exportable(model, fmt, method)
     check_output_dir(output_dir)
     adapter = _adapter(model, image, method)
