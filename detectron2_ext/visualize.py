@@ -1,21 +1,19 @@
-"""Figures of what the fusion modules do (FINE, ASFF, MAF, MSCSA) and each stage's effective
-receptive field, drawn with matplotlib from a built detectron2 model or a timm model of ours.
-
-The figures the papers argue with (FINE Fig. 8, ASFF's weight maps, MAF and CSA attention), over
-an image, as PNG files. Forward pre-hooks record the modules' inputs and the maps come from the
-modules' own methods and weights; what each file shows and its colour scales:
-docs/segmentation.md#scriptsvisualizepy. Entry points: :func:`draw_detectron2_model`,
-:func:`draw_timm_model`, :func:`draw_all` (any module and one image); ``scripts/visualize.py`` is
-the command line, ``scripts/demo.py`` draws the trained demo detector. Here, and not in the model
-package, because only these drawing users need matplotlib.
+"""Figures of what FINE, ASFF, MAF and MSCSA do and of each stage's effective receptive field, drawn
+with matplotlib over an image, from a detectron2 model (:func:`draw_detectron2_model`) or a timm model
+of ours (:func:`draw_timm_model`). Forward pre-hooks record the modules' inputs; the maps come from the
+modules' own methods and weights. Files and colour scales: docs/segmentation.md#scriptsvisualizepy.
+Here, not in the model package, because only these drawing users need matplotlib.
 """
 import os
 from contextlib import contextmanager
+from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from detectron2.evaluation import inference_context
+from matplotlib.figure import Figure
+from PIL import Image
 from torch import nn
 
 from maformer_zoo.layers.asff import ASFFLevel
@@ -23,64 +21,41 @@ from maformer_zoo.layers.fine import FINE
 from maformer_zoo.layers.maf import GlobalLearningDownsample, MultiScaleAttentionFusion
 from maformer_zoo.layers.mscsa import CrossScaleAttention
 
-__all__ = ['QUERY_POINTS', 'capture', 'draw_all', 'draw_erf', 'draw_timm_model', 'draw_detectron2_model',
-           'resize_image', 'fine_maps', 'asff_weights', 'maf_attention', 'csa_attention', 'relative_attention',
-           'symmetric_limits', 'shared_limits', 'ASFF_LIMITS', 'ATTENTION_FLOOR', 'MODULATION_FLOOR']
-
 # relative (y, x) positions of the query tokens drawn for MAF and CSA
 QUERY_POINTS: Tuple[Tuple[float, float], ...] = ((0.3, 0.25), (0.5, 0.5), (0.75, 0.7))
 ASFF_LIMITS = (0.0, 1.0)  # ASFF weights are a softmax over the sources: always this scale
 ATTENTION_FLOOR = 1.0     # log2(a * N) is drawn on at least [-1, 1]: half to twice uniform
 MODULATION_FLOOR = 0.1    # FINE's M (F_low -> F_low * (1 + M)) on at least [-0.1, 0.1]
-
-
-# ----------------------------------------------------------------------------------- capturing
+_KINDS = {FINE: 'fine', ASFFLevel: 'asff', GlobalLearningDownsample: 'gld', MultiScaleAttentionFusion: 'maf',
+          CrossScaleAttention: 'csa'}
 
 
 @contextmanager
 def capture(model: nn.Module):
-    """Record the inputs of every FINE, ASFFLevel, MAF fusion (with its GLD's map size) and CSA.
+    """Yields ``{'fine': [(name, module, low, high)], 'asff': [(name, module, features)], 'maf': [(name,
+    module, x_local, x_global, (H, W), grid)], 'csa': [(name, module, x)]}``, the inputs of each module's last
+    call in the ``with`` block (MAF with its GLD's map size and grid), filled when the block ends."""
+    records: Dict[str, Dict[str, tuple]] = {kind: {} for kind in _KINDS.values()}
 
-    Yields a dict ``{'fine': [(name, module, low, high)], 'asff': [(name, module, features)],
-    'maf': [(name, module, x_local, x_global, (H, W), grid)], 'csa': [(name, module, x)]}``,
-    filled by the forward passes run inside the ``with`` block (only the last batch is kept per
-    module).
-    """
-    records: Dict[str, Dict[str, tuple]] = {'fine': {}, 'asff': {}, 'maf': {}, 'csa': {}}
-    gld_sizes: Dict[str, Tuple[Tuple[int, int], Tuple[int, int]]] = {}
-    handles = []
+    def record(kind: str, name: str, module: nn.Module, args: tuple) -> None:
+        args = tuple(a.detach() if torch.is_tensor(a) else [t.detach() for t in a] for a in args)
+        parent = name.rpartition('.')[0]
+        if kind == 'gld':  # the map size and grid of the MAF fusion next to it
+            records[kind][parent] = (tuple(args[0].shape[1:3]), tuple(module.grid_size))
+        elif kind == 'maf':
+            records[kind][name] = (name, module, *args[:2], *records['gld'].get(parent, (None, None)))
+        else:
+            records[kind][name] = (name, module, *args)
 
-    def hook(kind: str, name: str, module: nn.Module):
-        def fn(mod, args):
-            detached = tuple(a.detach() if torch.is_tensor(a) else [t.detach() for t in a]
-                             for a in args)
-            if kind == 'gld':
-                x = detached[0]
-                gld_sizes[name.rpartition('.')[0]] = (tuple(x.shape[1:3]), tuple(mod.grid_size))
-            elif kind == 'maf':
-                size, grid = gld_sizes.get(name.rpartition('.')[0], (None, None))
-                records['maf'][name] = (name, mod, *detached[:2], size, grid)
-            else:
-                records[kind][name] = (name, mod, *detached)
-        return fn
-
-    for name, module in model.named_modules():
-        kind = ('fine' if isinstance(module, FINE) else 'asff' if isinstance(module, ASFFLevel)
-                else 'gld' if isinstance(module, GlobalLearningDownsample)
-                else 'maf' if isinstance(module, MultiScaleAttentionFusion)
-                else 'csa' if isinstance(module, CrossScaleAttention) else None)
-        if kind is not None:
-            handles.append(module.register_forward_pre_hook(hook(kind, name, module)))
-    result: Dict[str, list] = {}
+    handles = [module.register_forward_pre_hook(partial(record, kind, name)) for name, module in model.named_modules()
+               for cls, kind in _KINDS.items() if isinstance(module, cls)]
+    found: Dict[str, list] = {}
     try:
-        yield result
+        yield found
     finally:
         for handle in handles:
             handle.remove()
-        result.update({kind: list(found.values()) for kind, found in records.items()})
-
-
-# --------------------------------------------------------------------------- what is drawn
+        found.update({kind: list(r.values()) for kind, r in records.items() if kind != 'gld'})
 
 
 @torch.no_grad()
@@ -97,22 +72,18 @@ def asff_weights(level: ASFFLevel, features: Sequence[torch.Tensor]) -> torch.Te
 
 
 @torch.no_grad()
-def maf_attention(maf: MultiScaleAttentionFusion, x_local: torch.Tensor, x_global: torch.Tensor
-                  ) -> torch.Tensor:
-    """Softmax attention of image 0's local tokens over the global tokens, mean over heads:
-    ``(N_local, N_global)`` (Eq. 3, as ``F.scaled_dot_product_attention`` computes it)."""
-    B, N, C = x_local.shape
+def maf_attention(maf: MultiScaleAttentionFusion, x_local: torch.Tensor, x_global: torch.Tensor) -> torch.Tensor:
+    """Attention of image 0's local tokens over the global tokens (Eq. 3), mean over heads: ``(N_local, N_global)``."""
     heads, head_dim = maf.num_heads, maf.head_dim
-    q = maf.q(x_local[:1]).reshape(1, N, heads, head_dim).transpose(1, 2)
+    q = maf.q(x_local[:1]).reshape(1, x_local.shape[1], heads, head_dim).transpose(1, 2)
     k = maf.kv(x_global[:1]).reshape(1, -1, 2, heads, head_dim).permute(2, 0, 3, 1, 4)[0]
     return (q @ k.transpose(-1, -2) * head_dim ** -0.5).softmax(-1).mean(1)[0]
 
 
 @torch.no_grad()
-def csa_attention(csa: CrossScaleAttention, x: torch.Tensor
-                  ) -> Tuple[torch.Tensor, List[Tuple[int, int]]]:
-    """Softmax attention of image 0's queries over the keys of all scales (Eq. 5-6), mean over
-    heads: ``(h * w, sum of key tokens)``, and the ``(h, w)`` of each key scale in order."""
+def csa_attention(csa: CrossScaleAttention, x: torch.Tensor) -> Tuple[torch.Tensor, List[Tuple[int, int]]]:
+    """Softmax attention of image 0's queries over the keys of all scales (Eq. 5-6), mean over heads:
+    ``(h * w, sum of key tokens)``, and the ``(h, w)`` of each key scale in order."""
     x = x[:1]
     q, k0, _ = csa.qkv(x).split(csa.split_qkv, dim=1)
     keys, sizes = [csa._heads(k0, csa.key_dim)], [tuple(x.shape[-2:])]
@@ -121,22 +92,7 @@ def csa_attention(csa: CrossScaleAttention, x: torch.Tensor
         keys.append(csa._heads(k_i, csa.key_dim))
         sizes.append(tuple(k_i.shape[-2:]))
     q = csa._heads(q, csa.key_dim).transpose(-1, -2)
-    k = torch.cat(keys, dim=-1)
-    return (q @ k * csa.scale).softmax(-1).mean(1)[0], sizes
-
-
-# ------------------------------------------------------------------------------------ drawing
-
-
-def _plt():
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def _channel_mean(x: torch.Tensor) -> np.ndarray:
-    return x.float().mean(0).cpu().numpy()
+    return (q @ torch.cat(keys, dim=-1) * csa.scale).softmax(-1).mean(1)[0], sizes
 
 
 def relative_attention(attention: np.ndarray, num_keys: int) -> np.ndarray:
@@ -145,10 +101,9 @@ def relative_attention(attention: np.ndarray, num_keys: int) -> np.ndarray:
 
 
 def symmetric_limits(arrays: Sequence[np.ndarray], floor: float) -> Tuple[float, float]:
-    """``(-L, L)`` with ``L`` the largest magnitude over ``arrays``, at least ``floor``: a map
-    that barely moves from 0 stays near the middle of the scale instead of filling it."""
-    top = max(float(np.abs(a).max()) for a in arrays)
-    return -max(top, floor), max(top, floor)
+    """``(-L, L)``, ``L`` the largest magnitude over ``arrays`` but at least ``floor`` (a near-0 map stays pale)."""
+    top = max(max(float(np.abs(a).max()) for a in arrays), floor)
+    return -top, top
 
 
 def shared_limits(arrays: Sequence[np.ndarray]) -> Tuple[float, float]:
@@ -156,295 +111,174 @@ def shared_limits(arrays: Sequence[np.ndarray]) -> Tuple[float, float]:
     return min(float(a.min()) for a in arrays), max(float(a.max()) for a in arrays)
 
 
-def _resize(a: np.ndarray, size: Tuple[int, int], mode: str = 'bilinear') -> np.ndarray:
-    t = torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32)[None, None]
-    kwargs = {} if mode == 'nearest' else dict(align_corners=False)
-    return F.interpolate(t, size=size, mode=mode, **kwargs)[0, 0].numpy()
-
-
-def _overlay(ax, image: np.ndarray, heat: np.ndarray, title: str, limits: Tuple[float, float],
-             mode: str = 'bilinear', cmap: str = 'viridis'):
-    ax.imshow(image)
-    im = ax.imshow(_resize(heat, image.shape[:2], mode), cmap=cmap, alpha=0.6, vmin=limits[0],
-                   vmax=limits[1])
-    ax.set_title(title, fontsize=8)
-    ax.axis('off')
-    return im
-
-
-def _colorbar(fig, im, axes, label: str) -> None:
-    bar = fig.colorbar(im, ax=list(np.ravel(axes)), shrink=0.9, pad=0.02)
-    bar.set_label(label, fontsize=8)
-    bar.ax.tick_params(labelsize=7)
-
-
-def _figure(rows: int, cols: int, panel: Tuple[float, float] = (2.6, 2.3)):
-    return _plt().subplots(rows, cols, figsize=(panel[0] * cols + 1.0, panel[1] * rows + 0.5),
-                           squeeze=False, constrained_layout=True)
-
-
-def _save(fig, path: str) -> str:
+def _save_figure(path: str, title: str, image: np.ndarray, rows: List[list], interpolation: str = 'bilinear') -> str:
+    """``rows`` of panels ``(heat, title, scale, query point or None)`` over ``image`` (matplotlib resamples
+    ``heat`` to it), ``scale = ((vmin, vmax), cmap, label)``; one colour bar per scale."""
+    fig = Figure(figsize=(2.6 * len(rows[0]) + 1.0, 2.3 * len(rows) + 0.5), layout='constrained')
+    bars: Dict[tuple, list] = {}
+    panels = [panel for row in rows for panel in row]
+    for ax, (heat, label, scale, point) in zip(fig.subplots(len(rows), len(rows[0]), squeeze=False).flat, panels):
+        (vmin, vmax), cmap, _ = scale
+        ax.imshow(image)
+        im = ax.imshow(heat, cmap=cmap, alpha=0.6, vmin=vmin, vmax=vmax, interpolation=interpolation,
+                       extent=(-0.5, image.shape[1] - 0.5, image.shape[0] - 0.5, -0.5))
+        if point is not None:
+            ax.plot(point[1] * image.shape[1], point[0] * image.shape[0], 'wx', markersize=9, mew=2.5)
+        ax.set_title(label, fontsize=8)
+        ax.axis('off')
+        bars.setdefault(scale, [im, []])[1].append(ax)
+    for (_, _, label), (im, axes) in bars.items():
+        bar = fig.colorbar(im, ax=axes, shrink=0.9, pad=0.02)
+        bar.set_label(label, fontsize=8)
+        bar.ax.tick_params(labelsize=7)
+    fig.suptitle(title, fontsize=9)
     fig.savefig(path, dpi=72)
-    _plt().close(fig)
     return path
 
 
-def _safe(name: str) -> str:
-    return name.replace('.', '_') or 'model'
-
-
-def _query_index(point: Tuple[float, float], size: Tuple[int, int]) -> Tuple[int, int]:
-    return min(int(point[0] * size[0]), size[0] - 1), min(int(point[1] * size[1]), size[1] - 1)
-
-
-def _mark(ax, point: Tuple[float, float], image: np.ndarray) -> None:
-    ax.plot(point[1] * image.shape[1], point[0] * image.shape[0], 'wx', markersize=9, mew=2.5)
+def _query_token(point: Tuple[float, float], size: Tuple[int, int]) -> int:
+    """The index of the token at relative ``point = (y, x)`` of an ``(h, w)`` map."""
+    return min(int(point[0] * size[0]), size[0] - 1) * size[1] + min(int(point[1] * size[1]), size[1] - 1)
 
 
 def draw_fine(records: list, image: np.ndarray, out_dir: str) -> List[str]:
-    """Per FINE: ``F_high``, ``F_low`` and aligned ``F_low`` (channel means) on one scale, ``M``
-    (channel mean; 0 = ``F_low`` unchanged) on a symmetric one."""
+    """Per FINE: ``F_high``, ``F_low``, aligned ``F_low`` on one scale, ``M`` on a symmetric one (channel means)."""
     paths = []
     for name, fine, low, high in records:
-        maps = {label: _channel_mean(x) for label, x in fine_maps(fine, low, high).items()}
-        features = [maps[k] for k in ('F_high', 'F_low', 'F_low aligned')]
-        fig, axes = _figure(1, 4)
-        order = ('F_high', 'F_low', 'F_low aligned', 'M')
-        feature_scale = shared_limits(features)
-        m_scale = symmetric_limits([maps['M']], MODULATION_FLOOR)
-        for ax, label in zip(axes[0], order):
-            if label == 'M':
-                m_im = _overlay(ax, image, maps[label], f'M {maps[label].shape}', m_scale,
-                                cmap='RdBu_r')
-            else:
-                im = _overlay(ax, image, maps[label], f'{label} {maps[label].shape}', feature_scale)
-        _colorbar(fig, im, axes[0, :3], 'channel mean')
-        _colorbar(fig, m_im, axes[0, 3], 'M, channel mean')
-        fig.suptitle(f'FINE {name}', fontsize=9)
-        paths.append(_save(fig, os.path.join(out_dir, f'fine_{_safe(name)}.png')))
+        maps = {label: x.float().mean(0).cpu().numpy() for label, x in fine_maps(fine, low, high).items()}
+        features = (shared_limits([maps['F_high'], maps['F_low'], maps['F_low aligned']]), 'viridis', 'channel mean')
+        modulation = (symmetric_limits([maps['M']], MODULATION_FLOOR), 'RdBu_r', 'M, channel mean')
+        panels = [(maps[k], f'{k} {maps[k].shape}', modulation if k == 'M' else features, None)
+                  for k in ('F_high', 'F_low', 'F_low aligned', 'M')]
+        path = os.path.join(out_dir, f"fine_{name.replace('.', '_') or 'model'}.png")
+        paths.append(_save_figure(path, f'FINE {name}', image, [panels]))
     return paths
 
 
 def draw_asff(records: list, image: np.ndarray, out_dir: str) -> List[str]:
     """Rows: output levels; columns: source levels (finest first); weights on a fixed 0-1 scale."""
-    if not records:
-        return []
-    sources = len(records[0][1].weight_convs)
-    fig, axes = _figure(len(records), sources)
-    for row, (name, level, features) in enumerate(records):
+    scale = (ASFF_LIMITS, 'viridis', 'ASFF weight (sums to 1 over a row)')
+    rows = []
+    for name, level, features in records:
         weights = asff_weights(level, features).cpu().numpy()
-        for col in range(sources):
-            im = _overlay(axes[row, col], image, weights[col],
-                          f'out {level.level} <- in {col} (mean {weights[col].mean():.2f})',
-                          ASFF_LIMITS)
-    _colorbar(fig, im, axes, 'ASFF weight (sums to 1 over a row)')
-    fig.suptitle('ASFF weights: rows output level, columns source level (finest first)', fontsize=9)
-    return [_save(fig, os.path.join(out_dir, 'asff_weights.png'))]
-
-
-def _attention_figure(panels: list, cols: int, image: np.ndarray, bar: str, title: str, path: str) -> str:
-    """``panels`` of ``(log2(a * N) map, title, query point)``, ``cols`` per row, on one symmetric
-    scale of at least +-1, each with its query point marked."""
-    limits = symmetric_limits([p[0] for p in panels], ATTENTION_FLOOR)
-    fig, axes = _figure(len(panels) // cols, cols)
-    for i, (heat, label, point) in enumerate(panels):
-        ax = axes[i // cols, i % cols]
-        im = _overlay(ax, image, heat, label, limits, mode='nearest', cmap='RdBu_r')
-        _mark(ax, point, image)
-    _colorbar(fig, im, axes, bar)
-    fig.suptitle(title, fontsize=9)
-    return _save(fig, path)
-
-
-def draw_maf(records: list, image: np.ndarray, out_dir: str,
-             points: Sequence[Tuple[float, float]] = QUERY_POINTS) -> List[str]:
-    """The last MAF block at each local resolution: attention of each query over the global grid,
-    as ``log2(a * N)`` on one scale."""
-    last_per_size = {record[4]: record for record in records if record[4] is not None}
-    panels = []
-    for name, maf, x_local, x_global, size, grid in last_per_size.values():
-        attention = maf_attention(maf, x_local, x_global)
-        n = attention.shape[-1]
-        for col, point in enumerate(points):
-            y, x = _query_index(point, size)
-            heat = attention[y * size[1] + x].reshape(grid).cpu().numpy()
-            panels.append((relative_attention(heat, n), f'local {size[0]}x{size[1]}, q{col + 1}', point))
-    if not panels:
+        rows.append([(w, f'out {level.level} <- in {col} (mean {w.mean():.2f})', scale, None)
+                     for col, w in enumerate(weights)])
+    if not rows:
         return []
-    return [_attention_figure(
-        panels, len(points), image, 'log2(attention x N), 0 = uniform',
-        'MAF attention of query x over the global tokens (last block per resolution)',
-        os.path.join(out_dir, 'maf_attention.png'))]
+    return [_save_figure(os.path.join(out_dir, 'asff_weights.png'),
+                         'ASFF weights: rows output level, columns source level (finest first)', image, rows)]
 
 
-def draw_mscsa(records: list, image: np.ndarray, out_dir: str,
-               points: Sequence[Tuple[float, float]] = QUERY_POINTS) -> List[str]:
-    """Per CSA: rows are query points, columns key scales; ``log2(a * N)`` over all ``N`` keys of
-    all scales, one scale for the figure; the title gives each scale's share of the attention."""
+def _attention_figure(path: str, title: str, image: np.ndarray, rows: List[list], bar: str) -> str:
+    """Panels ``(log2(a * N), title, query point)``, on one symmetric scale of at least +-1."""
+    scale = (symmetric_limits([heat for row in rows for heat, _, _ in row], ATTENTION_FLOOR), 'RdBu_r', bar)
+    return _save_figure(path, title, image, [[(heat, label, scale, point) for heat, label, point in row]
+                                             for row in rows], interpolation='nearest')
+
+
+def draw_maf(records: list, image: np.ndarray, out_dir: str) -> List[str]:
+    """The last MAF block at each local resolution: attention of each query over the global grid."""
+    rows = []
+    for name, maf, x_local, x_global, size, grid in {r[4]: r for r in records if r[4] is not None}.values():
+        attention = maf_attention(maf, x_local, x_global)
+        heats = [attention[_query_token(point, size)].reshape(grid).cpu().numpy() for point in QUERY_POINTS]
+        rows.append([(relative_attention(heat, attention.shape[-1]), f'local {size[0]}x{size[1]}, q{col + 1}', point)
+                     for col, (heat, point) in enumerate(zip(heats, QUERY_POINTS))])
+    if not rows:
+        return []
+    return [_attention_figure(os.path.join(out_dir, 'maf_attention.png'),
+                              'MAF attention of query x over the global tokens (last block per resolution)',
+                              image, rows, 'log2(attention x N), 0 = uniform')]
+
+
+def draw_mscsa(records: list, image: np.ndarray, out_dir: str) -> List[str]:
+    """Per CSA: rows are query points, columns key scales (titles: each scale's share of the attention)."""
     paths = []
     for name, csa, x in records:
         attention, sizes = csa_attention(csa, x)
-        size = sizes[0]
         n = attention.shape[-1]
-        bounds = np.cumsum([0] + [h * w for h, w in sizes])
-        panels = []
-        for row, point in enumerate(points):
-            y, x_ = _query_index(point, size)
-            weights = attention[y * size[1] + x_]
-            for col, (h, w) in enumerate(sizes):
-                heat = weights[bounds[col]:bounds[col + 1]].reshape(h, w).cpu().numpy()
+        rows = []
+        for row, point in enumerate(QUERY_POINTS):
+            per_scale = attention[_query_token(point, sizes[0])].split([h * w for h, w in sizes])
+            rows.append([])
+            for col, (weights, size) in enumerate(zip(per_scale, sizes)):
+                heat = weights.reshape(size).cpu().numpy()
                 scale = csa.down[col - 1].stride[0] if col else 1
-                panels.append((relative_attention(heat, n),
-                               f'q{row + 1}, keys 1/{scale}: sum {heat.sum():.2f}', point))
-        paths.append(_attention_figure(
-            panels, len(sizes), image, f'log2(attention x N), N = {n}; 0 = uniform',
-            f'MSCSA {name}: attention of query x per key scale',
-            os.path.join(out_dir, f'mscsa_{_safe(name)}.png')))
+                rows[-1].append((relative_attention(heat, n), f'q{row + 1}, keys 1/{scale}: sum {heat.sum():.2f}',
+                                 point))
+        paths.append(_attention_figure(os.path.join(out_dir, f"mscsa_{name.replace('.', '_') or 'model'}.png"),
+                                       f'MSCSA {name}: attention of query x per key scale', image, rows,
+                                       f'log2(attention x N), N = {n}; 0 = uniform'))
     return paths
-
-
-@contextmanager
-def _eval_mode(model: nn.Module):
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
-def draw_all(model: nn.Module, inputs: torch.Tensor, image: np.ndarray, out_dir: str,
-             forward: Optional[Callable[[torch.Tensor], object]] = None) -> List[str]:
-    """Run ``forward(inputs)`` (default ``model(inputs)``) once and draw every figure that the
-    model's modules allow into ``out_dir``; returns the written paths.
-
-    Args:
-        model: any module containing FINE / ASFF / MAF / CSA modules (a timm model of ours, a
-            detectron2 model, its backbone).
-        inputs: ``(1, 3, H, W)`` tensor as the model expects it (normalised, on its device).
-        image: the ``(H, W, 3)`` uint8 RGB image ``inputs`` was made from (drawn underneath).
-        out_dir: output directory (created).
-        forward: how to run the model, e.g. ``detectron2_model.backbone``.
-    """
-    os.makedirs(out_dir, exist_ok=True)
-    with _eval_mode(model), capture(model) as found, torch.no_grad():
-        (forward or model)(inputs)
-    return (draw_fine(found['fine'], image, out_dir) + draw_asff(found['asff'], image, out_dir)
-            + draw_maf(found['maf'], image, out_dir) + draw_mscsa(found['csa'], image, out_dir))
 
 
 def erf_maps(stages: Callable[[torch.Tensor], Sequence[torch.Tensor]],
              inputs: Sequence[torch.Tensor]) -> List[np.ndarray]:
-    """Effective receptive field of each stage: ``|d sum_c f_s[c, centre] / d x|`` summed over
-    colour channels, averaged over ``inputs`` (each ``(1, 3, H, W)``, same size); one ``(H, W)``
-    map per stage output of ``stages``."""
-    totals: List[np.ndarray] = []
+    """Effective receptive field of each stage output of ``stages``: ``|d sum_c f_s[c, centre] / d x|``
+    summed over colour channels, averaged over ``inputs`` (each ``(1, 3, H, W)``, same size)."""
+    per_input = []
     for x in inputs:
         x = x.clone().requires_grad_(True)
-        outputs = list(stages(x))
-        for i, f in enumerate(outputs):
-            h, w = f.shape[-2:]
-            grad, = torch.autograd.grad(f[0, :, h // 2, w // 2].sum(), x, retain_graph=True)
-            g = grad[0].abs().sum(0).cpu().numpy()
-            if len(totals) <= i:
-                totals.append(np.zeros_like(g))
-            totals[i] += g / len(inputs)
-    return totals
+        centres = [f[0, :, f.shape[-2] // 2, f.shape[-1] // 2].sum() for f in stages(x)]
+        per_input.append([torch.autograd.grad(c, x, retain_graph=True)[0][0].abs().sum(0).cpu().numpy()
+                          for c in centres])
+    return [np.mean(maps, axis=0) for maps in zip(*per_input)]
 
 
-def draw_erf(stages: Callable[[torch.Tensor], Sequence[torch.Tensor]],
-             inputs: Sequence[torch.Tensor], image: np.ndarray, out_dir: str,
-             names: Optional[Sequence[str]] = None) -> List[str]:
-    """One panel per stage: the effective receptive field (:func:`erf_maps`) as
-    ``log(1 + g / mean g)`` (each stage relative to its own mean gradient), one scale from 0."""
+def draw_erf(stages: Callable[[torch.Tensor], Sequence[torch.Tensor]], inputs: Sequence[torch.Tensor],
+             image: np.ndarray, out_dir: str, names: Optional[Sequence[str]] = None) -> List[str]:
+    """One panel per stage: :func:`erf_maps` as ``log(1 + g / mean g)``, on one scale from 0."""
     os.makedirs(out_dir, exist_ok=True)
     maps = [np.log1p(g / max(float(g.mean()), 1e-12)) for g in erf_maps(stages, inputs)]
-    limits = (0.0, shared_limits(maps)[1])
-    fig, axes = _figure(1, len(maps))
-    for i, heat in enumerate(maps):
-        label = names[i] if names is not None else f'stage {i + 1}'
-        im = _overlay(axes[0, i], image, heat, label, limits, cmap='inferno')
-    _colorbar(fig, im, axes, 'log(1 + |grad| / mean |grad|)')
-    fig.suptitle(f'Effective receptive field of the centre output, mean over {len(inputs)} '
-                 f'image(s)', fontsize=9)
-    return [_save(fig, os.path.join(out_dir, 'erf.png'))]
-
-
-def resize_image(image: np.ndarray, size: int, divisor: int) -> np.ndarray:
-    """Resize ``(H, W, 3)`` uint8 so the shorter side is about ``size`` and both sides are multiples
-    of ``divisor`` (no padding then reaches the drawn maps)."""
-    from PIL import Image
-    h, w = image.shape[:2]
-    scale = size / min(h, w)
-    new_h = max(divisor, int(round(h * scale / divisor)) * divisor)
-    new_w = max(divisor, int(round(w * scale / divisor)) * divisor)
-    return np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
-
-
-def _resize_rgb(image: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
-    from PIL import Image
-    return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
+    scale = ((0.0, shared_limits(maps)[1]), 'inferno', 'log(1 + |grad| / mean |grad|)')
+    panels = [(heat, names[i] if names else f'stage {i + 1}', scale, None) for i, heat in enumerate(maps)]
+    return [_save_figure(os.path.join(out_dir, 'erf.png'), f'Effective receptive field of the centre output, '
+                         f'mean over {len(inputs)} image(s)', image, [panels])]
 
 
 def _draw_model(model: nn.Module, images: Sequence[np.ndarray], out_dir: str, size: int, divisor: int,
-                to_input: Callable[[np.ndarray], torch.Tensor], forward: Callable, stages: Callable,
+                normalize: Callable[[torch.Tensor], torch.Tensor], forward: Callable, stages: Callable,
                 names: Optional[Sequence[str]], erf: bool) -> List[str]:
-    """The first image resized as :func:`resize_image`, the others to its size, fed through
-    ``to_input``; the module maps over the first image and, with ``erf``, the ERF of ``stages``."""
-    arrays = [resize_image(images[0], size, divisor)]
-    arrays += [_resize_rgb(im, arrays[0].shape[:2]) for im in images[1:]]
-    tensors = [to_input(a) for a in arrays]
-    paths = draw_all(model, tensors[0], arrays[0], out_dir, forward=forward)
-    if erf:
-        with _eval_mode(model):
-            paths += draw_erf(stages, tensors, arrays[0], out_dir, names=names)
-    return paths
+    """Module maps over ``images[0]``, with ``erf`` the ERF of ``stages``, the images resized to shorter side
+    ~``size`` and sides multiples of ``divisor`` (no padding reaches a map); ``normalize``: RGB 0-255 to input."""
+    scale = size / min(images[0].shape[:2])
+    width, height = (max(divisor, int(round(s * scale / divisor)) * divisor) for s in images[0].shape[1::-1])
+    arrays = [np.asarray(Image.fromarray(im).resize((width, height), Image.BILINEAR)) for im in images]
+    tensors = [normalize(torch.from_numpy(a.copy()).permute(2, 0, 1)[None].float()) for a in arrays]
+    os.makedirs(out_dir, exist_ok=True)
+    with inference_context(model):  # eval mode, then the model's own mode again
+        with capture(model) as found, torch.no_grad():
+            forward(tensors[0])
+        image = arrays[0]
+        paths = (draw_fine(found['fine'], image, out_dir) + draw_asff(found['asff'], image, out_dir)
+                 + draw_maf(found['maf'], image, out_dir) + draw_mscsa(found['csa'], image, out_dir))
+        return paths + (draw_erf(stages, tensors, image, out_dir, names=names) if erf else [])
 
 
 def draw_timm_model(model: nn.Module, images: Sequence[np.ndarray], out_dir: str, size: int = 256,
                     erf: bool = True) -> List[str]:
-    """Every figure for a timm classification model of ours (``timm.create_model(name)``): the
-    backbone's MAF / CSA maps on ``images[0]``, and the ERF of each ``forward_intermediates``
-    stage averaged over all ``images`` (uint8 RGB arrays, resized as :func:`resize_image`)."""
+    """Every figure for a timm model of ours: MAF / CSA maps over ``images[0]`` (uint8 RGB), the ERF of
+    each ``forward_intermediates`` stage over all ``images``; the PNG paths."""
     from timm.data import resolve_data_config
     config = resolve_data_config({}, model=model)
-    mean = torch.tensor(config['mean']).view(1, 3, 1, 1)
-    std = torch.tensor(config['std']).view(1, 3, 1, 1)
+    mean, std = (torch.tensor(config[k]).view(1, 3, 1, 1) for k in ('mean', 'std'))
     device = next(model.parameters()).device
-
-    def to_input(a: np.ndarray) -> torch.Tensor:
-        return ((torch.from_numpy(a.copy()).permute(2, 0, 1)[None].float() / 255 - mean) / std).to(device)
-
-    divisor = 32 * int(getattr(model, 'size_divisibility', 1) or 1)
-    return _draw_model(model, images, out_dir, size, divisor, to_input, model.forward_features,
-                       lambda x: model.forward_intermediates(x, intermediates_only=True), None, erf)
+    return _draw_model(model, images, out_dir, size, 32, lambda x: ((x / 255 - mean) / std).to(device),
+                       model.forward_features, lambda x: model.forward_intermediates(x, intermediates_only=True),
+                       None, erf)
 
 
 def draw_detectron2_model(model: nn.Module, images: Sequence[np.ndarray], out_dir: str,
                           input_format: str = 'RGB', size: int = 512, erf: bool = True) -> List[str]:
-    """Draw every figure the model allows into ``out_dir``; returns the PNG paths.
-
-    Args:
-        model: a detectron2 meta-architecture (``GeneralizedRCNN``, ``SemanticSegmentor``, ...)
-            with ``backbone``, ``pixel_mean`` and ``pixel_std``.
-        images: ``(H, W, 3)`` uint8 RGB images; the maps are drawn over the first, the effective
-            receptive field is averaged over all.
-        out_dir: output directory.
-        input_format: the model's ``INPUT.FORMAT`` ('RGB' or 'BGR').
-        size: shorter side the first image is resized to (rounded to the backbone's
-            ``size_divisibility``); the others are resized to the same size.
-        erf: also draw the ERF of every bottom-up stage (``backbone.bottom_up`` when there is
-            one, else the backbone's outputs).
-    """
+    """Every figure for a detectron2 meta-architecture (``input_format``: its ``INPUT.FORMAT``): neck and
+    backbone maps over ``images[0]`` (uint8 RGB), the ERF of every bottom-up stage over all; the PNG paths."""
     backbone = model.backbone
     stages = getattr(backbone, 'bottom_up', backbone)
     names = list(stages.output_shape())
 
-    def to_input(a: np.ndarray) -> torch.Tensor:
-        a = a[:, :, ::-1] if input_format == 'BGR' else a
-        x = torch.from_numpy(a.copy()).permute(2, 0, 1)[None].float().to(model.pixel_mean.device)
+    def normalize(x: torch.Tensor) -> torch.Tensor:
+        x = (x.flip(1) if input_format == 'BGR' else x).to(model.pixel_mean.device)
         return (x - model.pixel_mean) / model.pixel_std
 
-    divisor = max(32, int(getattr(backbone, 'size_divisibility', 0) or 0))
-    return _draw_model(model, images, out_dir, size, divisor, to_input, backbone,
-                       lambda x: [stages(x)[n] for n in names], names, erf)
+    return _draw_model(model, images, out_dir, size, max(32, backbone.size_divisibility or 0), normalize,
+                       backbone, lambda x: [stages(x)[n] for n in names], names, erf)

@@ -10,17 +10,24 @@ and architectures: docs/detectron2.md#deploying-detectors-scriptsexport_detector
         [KEY VALUE ...]
 """
 import argparse
+import os
 import sys
+from typing import Sequence
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+
+from detectron2.data import detection_utils
+from detectron2.data import transforms as T
+from detectron2.modeling import build_model
 
 import maformer_zoo  # noqa: F401  (registers our timm models)
 import detectron2_ext  # noqa: F401  (registers our backbones and heads)
-from detectron2_ext.export import (
-    FORMATS, METHODS, OutputFolderError, build_detector, check_exportable, check_output_dir,
-    export_detector,
-    load_sample, max_difference, resize_sample, second_size,
-)
+from detectron2_ext.checkpoint import SafeDetectionCheckpointer
+from detectron2_ext.config_file import load_config
+from detectron2_ext.export import FORMATS, METHODS, check_exportable, check_output_dir, export_detector, \
+    max_difference
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,6 +48,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def build_detector(config_file: str, weights: str = '', opts: Sequence[str] = ()):
+    """``(cfg, model)``: the config read as safe YAML with ``opts``, ``build_model`` in eval mode, and
+    ``weights`` (else ``MODEL.WEIGHTS``; none: as built) read by ``SafeDetectionCheckpointer``."""
+    cfg = load_config(config_file, opts)
+    cfg.DATALOADER.NUM_WORKERS = 0
+    cfg.freeze()
+    weights = weights or cfg.MODEL.WEIGHTS
+    # detectron2's checkpointer would start from scratch on a missing file, with a log line only
+    if weights and '://' not in weights and not os.path.isfile(weights):
+        raise FileNotFoundError(f"Weights '{weights}' are not a file; give a checkpoint path.")
+    model = build_model(cfg).eval()
+    if weights:
+        SafeDetectionCheckpointer(model).load(weights)
+    return cfg, model
+
+
+def load_sample(cfg, image_path: str) -> torch.Tensor:
+    """The sample as the model's ``(3, H, W)`` float input, resized as ``DefaultPredictor`` does."""
+    if not os.path.isfile(image_path):
+        raise FileNotFoundError(f"--sample-image '{image_path}' is not a file; give an image path.")
+    image = detection_utils.read_image(image_path, format=cfg.INPUT.FORMAT)
+    aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+    image = aug.get_transform(image).apply_image(image)
+    return torch.as_tensor(np.ascontiguousarray(image.astype('float32').transpose(2, 0, 1)))
+
+
+def resize_sample(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The sample at another size (bilinear), to check an export at."""
+    return F.interpolate(image[None], size=(height, width), mode='bilinear', align_corners=False)[0]
+
+
 def main(argv=None) -> int:
     with torch.no_grad():  # scoped: main() is also called in-process (tests)
         return _export(parse_args(argv))
@@ -52,14 +90,16 @@ def _export(args: argparse.Namespace) -> int:
         cfg, model = build_detector(args.config_file, args.weights, args.opts)
         image = load_sample(cfg, args.sample_image)
         check_exportable(model, args.format, args.export_method)
-    except (OutputFolderError, FileNotFoundError, KeyError, ValueError) as e:
+    except (FileExistsError, FileNotFoundError, KeyError, ValueError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     exported = export_detector(model, image, args.output, fmt=args.format,
                                method=args.export_method, opset=args.opset)
     print(f'exported {type(model).__name__} to {exported.path}')
     worst = 0.0
-    for x in (image, resize_sample(image, *second_size(image))):
+    # the second size: another aspect ratio and, after detectron2's padding, another padded size
+    h, w = image.shape[-2:]
+    for x in (image, resize_sample(image, max(32, h * 3 // 4), max(32, w * 5 // 6))):
         diff = max_difference(exported, x)
         worst = max(worst, diff)
         print(f'max |exported - eager| at {x.shape[-2]}x{x.shape[-1]}: {diff:.3g}')

@@ -22,6 +22,7 @@ from PIL import Image
 # deprecation notice for that is not this command's output
 warnings.filterwarnings('ignore', category=FutureWarning, module=r'torch\.jit\._script')
 
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

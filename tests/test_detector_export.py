@@ -228,8 +228,8 @@ def demo_weights(tmp_path_factory):
 def _export_and_check(tmp_path, demo_weights, fmt, method, neck, *opts):
     """scripts/export_detector.py, then the saved program against eager on the sample and the 5
     other sizes; returns the largest difference."""
-    from detectron2_ext.export import build_detector, load_exported, load_sample
-    from detectron2_ext.export import max_difference, resize_sample
+    from detectron2_ext.export import load_exported, max_difference
+    cli = _cli()
     out = tmp_path / f'{fmt}-{method}-{neck}'
     # every detection kept: the comparison then covers 50 boxes, scores and masks per image
     overrides = ['MODEL.FPN.FUSION', neck, 'MODEL.ROI_HEADS.SCORE_THRESH_TEST', '0.0', *opts]
@@ -245,12 +245,12 @@ def _export_and_check(tmp_path, demo_weights, fmt, method, neck, *opts):
                               *argv], capture_output=True, text=True, env=env)
         assert run.returncode == 0, run.stderr[-2000:]
     else:
-        assert _quiet(_cli().main, argv) == 0
-    cfg, model = build_detector(DEMO, weights, overrides)
-    image = load_sample(cfg, sample)
+        assert _quiet(cli.main, argv) == 0
+    cfg, model = cli.build_detector(DEMO, weights, overrides)
+    image = cli.load_sample(cfg, sample)
     exported = load_exported(model, image, str(out), fmt, method)
     diffs = [max_difference(exported, x)
-             for x in [image] + [resize_sample(image, h, w) for h, w in OTHER_SIZES]]
+             for x in [image] + [cli.resize_sample(image, h, w) for h, w in OTHER_SIZES]]
     assert max(diffs) <= 1e-3, diffs
     return diffs
 
@@ -352,7 +352,7 @@ def test_retinanet_scripting_on_our_backbone():
     from detectron2.utils.testing import convert_scripted_instances
     from detectron2_ext.config_file import load_config
     from detectron2_ext.export import SCRIPTED_FIELDS
-    cfg = load_config(os.path.join(REPO, 'configs', _ARCHITECTURES['retinanet']), [
+    cfg = load_config(os.path.join(ROOT, 'configs', _ARCHITECTURES['retinanet']), [
         'MODEL.BACKBONE.NAME', 'build_retinanet_timm_fpn_backbone', 'MODEL.TIMM.NAME',
         'resnet18_mscsa', 'MODEL.TIMM.PRETRAINED', 'False', 'MODEL.WEIGHTS', '',
         'MODEL.FPN.OUT_CHANNELS', '64', 'MODEL.RETINANET.SCORE_THRESH_TEST', '0.0', 'MODEL.DEVICE', 'cpu'])
@@ -406,14 +406,14 @@ def test_architectures_export(tmp_path, arch, fmt):
     half the size it checks) within 1e-3 (detectron2's own R-50 Cascade
     differs by up to 2e-2 at random init; ours by less). UPerNet's pyramid pooling exports through
     ``pool_to`` (mutation: ``F.adaptive_avg_pool2d`` there fails the ONNX case)."""
-    from detectron2_ext.export import build_detector, export_detector, max_difference
-    from detectron2_ext.export import resize_sample
+    from detectron2_ext.export import export_detector, max_difference
+    cli = _cli()
     torch.manual_seed(0)
     opts = ['MODEL.DEVICE', 'cpu', 'MODEL.WEIGHTS', '']
     if arch != 'retinanet':
         opts += ['MODEL.TIMM.PRETRAINED', 'False', 'MODEL.TIMM.PRETRAINED_BASE', 'False']
-    _, model = build_detector(os.path.join(ROOT, 'configs', _ARCHITECTURES[arch]), '', opts)
+    _, model = cli.build_detector(os.path.join(ROOT, 'configs', _ARCHITECTURES[arch]), '', opts)
     image = torch.rand(3, 128, 160) * 255
     exported = _quiet(export_detector, model, image, str(tmp_path / 'out'), fmt, 'tracing', 17)
-    for x in (image, resize_sample(image, 96, 200), resize_sample(image, 224, 288)):
+    for x in (image, cli.resize_sample(image, 96, 200), cli.resize_sample(image, 224, 288)):
         assert max_difference(exported, x) <= 1e-3
