@@ -123,66 +123,35 @@ class MscsaNet(nn.Module):
     def __init__(
             self,
             base_model: str,
-            squeeze_ratio: Optional[float] = None,
-            depth: int = 1,
-            num_heads: int = 8,
-            key_dim: int = 32,
-            mlp_ratio: float = 2.,
-            attn_ratio: float = 2.,
-            pool_stride: int = 32,
-            num_classes: int = 1000,
-            in_chans: int = 3,
-            global_pool: str = 'avg',
-            drop_rate: float = 0.,
-            proj_drop_rate: float = 0.,
-            attn_drop_rate: float = 0.,
-            drop_path_rate: float = 0.,
+            squeeze_ratio: Optional[float] = None, depth: int = 1, num_heads: int = 8, key_dim: int = 32,
+            mlp_ratio: float = 2., attn_ratio: float = 2., pool_stride: int = 32,
+            num_classes: int = 1000, in_chans: int = 3, global_pool: str = 'avg',
+            drop_rate: float = 0., proj_drop_rate: float = 0., attn_drop_rate: float = 0., drop_path_rate: float = 0.,
             base_drop_path_rate: Optional[float] = None,
             dense_fusion: bool = False,
-            pretrained_base: bool = False,
-            base_pretrained_cfg_overlay: Optional[Dict[str, Any]] = None,
+            pretrained_base: bool = False, base_pretrained_cfg_overlay: Optional[Dict[str, Any]] = None,
             base_kwargs: Optional[Dict[str, Any]] = None,
-            input_multiple: int = 1,
-            min_input_size: int = 32,
-            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
-            attn_act_layer: Type[nn.Module] = nn.Hardswish,
+            input_multiple: int = 1, min_input_size: int = 32,
+            norm_layer: Type[nn.Module] = nn.BatchNorm2d, attn_act_layer: Type[nn.Module] = nn.Hardswish,
             mlp_act_layer: Type[nn.Module] = nn.GELU,
             model_name: Optional[str] = None,
-            device: Optional[Union[str, torch.device]] = None,
-            dtype: Optional[torch.dtype] = None,
+            device: Optional[Union[str, torch.device]] = None, dtype: Optional[torch.dtype] = None,
     ):
         """
         Args:
             base_model: timm name of the base (``'resnet50'``, or with a weight tag ``'resnet50.tv_in1k'``).
-            squeeze_ratio: Table 7 "Squeeze Ratio" (None for "-").
-            depth: Table 7 "Depth" (MSCSA blocks).
-            num_heads: Table 7 "#Heads".
-            key_dim: Table 7 "Head Dimension" (queries/keys; values are ``attn_ratio`` times wider).
-            mlp_ratio: Table 7 "MLP Ratio".
-            attn_ratio: value/key head-width ratio (2, after LeViT).
+            squeeze_ratio, depth, num_heads, key_dim, mlp_ratio: Table 7 (``squeeze_ratio`` None for "-",
+                ``key_dim`` its "Head Dimension" of queries/keys; values are ``attn_ratio`` times wider).
             pool_stride: Table 7 "Pooling Size" as a stride (32 for 1/32).
-            num_classes: classifier outputs (0 for none).
-            in_chans: input channels.
-            global_pool: timm pooling type of the classifier.
-            drop_rate: dropout before the classifier.
-            proj_drop_rate: dropout in the MSCSA FFNs.
-            attn_drop_rate: dropout of the CSA attention weights.
-            drop_path_rate: stochastic depth of the MSCSA blocks (and of the base, see next).
-            base_drop_path_rate: stochastic depth of the base; ``drop_path_rate`` when None.
-            dense_fusion: build the fusion layers of the dense-prediction variant (Fig. 5); set
-                automatically by ``features_only=True``.
-            pretrained_base: load timm's pretrained weights into the base (only).
-            base_pretrained_cfg_overlay: ``pretrained_cfg_overlay`` for the base, e.g.
-                ``dict(file='resnet50.safetensors')`` or ``dict(state_dict=sd)`` to load local weights.
+            drop_path_rate: stochastic depth of the MSCSA blocks, and of the base unless
+                ``base_drop_path_rate`` is given.
+            dense_fusion: build the fusion layers of the dense-prediction variant (Fig. 5); set by
+                ``features_only=True``.
+            pretrained_base: load timm's pretrained weights into the base (only); from a local source with
+                ``base_pretrained_cfg_overlay``, e.g. ``dict(file='resnet50.safetensors')``.
             base_kwargs: further keyword arguments of the base's ``timm.create_model``.
             input_multiple: inputs are zero-padded (bottom/right) to a multiple of this.
-            min_input_size: smallest input side accepted.
-            norm_layer: MSCSA normalisation layer.
-            attn_act_layer: CSA activation.
-            mlp_act_layer: FFN activation.
             model_name: name used in error messages.
-            device: device to create the parameters on.
-            dtype: parameter dtype.
         """
         super().__init__()
         self.model_name = model_name or f'{base_model}+MSCSA'
@@ -194,9 +163,12 @@ class MscsaNet(nn.Module):
         self.grad_checkpointing = False
         self.num_stages = len(_STAGE_STRIDES)  # an attribute: TorchScript reads no module globals
 
-        self.base = self._create_base(
-            base_model, in_chans, pretrained_base, base_pretrained_cfg_overlay,
-            drop_path_rate if base_drop_path_rate is None else base_drop_path_rate, base_kwargs or {})
+        base_kwargs = dict(base_kwargs or {})
+        if base_pretrained_cfg_overlay:
+            base_kwargs['pretrained_cfg_overlay'] = base_pretrained_cfg_overlay
+        self.base = create_base(
+            base_model, pretrained_base, in_chans=in_chans,
+            drop_path_rate=drop_path_rate if base_drop_path_rate is None else base_drop_path_rate, **base_kwargs)
         self._base_indices, base_info = _stage_indices(self.base, base_model)
         # the MSCSA branch replaces the base's classifier and final norm
         self.base.prune_intermediate_layers(self._base_indices, prune_norm=True, prune_head=True)
@@ -211,38 +183,15 @@ class MscsaNet(nn.Module):
         self.fusion = DenseFusion(self.mscsa.stage_chs, base_chs, norm_layer=norm_layer) if dense_fusion else None
         self.norm = norm_layer(self.num_features)
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        self.feature_info = [
+            dict(num_chs=c, reduction=s, module=f'fusion.layers.{i}' if dense_fusion else f"base.{info['module']}")
+            for i, (c, s, info) in enumerate(zip(base_chs, _STAGE_STRIDES, base_info))]
 
-        if dense_fusion:
-            self.feature_info = [
-                dict(num_chs=c, reduction=s, module=f'fusion.layers.{i}')
-                for i, (c, s) in enumerate(zip(base_chs, _STAGE_STRIDES))]
-        else:
-            self.feature_info = [
-                dict(num_chs=c, reduction=s, module=f"base.{info['module']}")
-                for c, s, info in zip(base_chs, _STAGE_STRIDES, base_info)]
-
-        self._init_mscsa_weights()
-        if device is not None or dtype is not None:
-            self.to(device=device, dtype=dtype)
-
-    @staticmethod
-    def _create_base(
-            base_model: str,
-            in_chans: int,
-            pretrained: bool,
-            pretrained_cfg_overlay: Optional[Dict[str, Any]],
-            drop_path_rate: float,
-            base_kwargs: Dict[str, Any],
-    ) -> nn.Module:
-        kwargs = dict(in_chans=in_chans, drop_path_rate=drop_path_rate, **base_kwargs)
-        if pretrained_cfg_overlay:
-            kwargs['pretrained_cfg_overlay'] = pretrained_cfg_overlay
-        return create_base(base_model, pretrained, **kwargs)
-
-    def _init_mscsa_weights(self) -> None:
         if isinstance(self.head.fc, nn.Linear):
             trunc_normal_(self.head.fc.weight, std=.02)
             nn.init.zeros_(self.head.fc.bias)
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
@@ -338,29 +287,14 @@ class MscsaNet(nn.Module):
         return out
 
     def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
+            self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None, norm: bool = False,
+            stop_early: bool = False, output_fmt: str = 'NCHW', intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Forward features that returns intermediates (docs/mscsa.md#choices-the-paper-leaves-open).
-
-        Args:
-            x: input images.
-            indices: take the last n stages if int, all if None, these stages if a sequence.
-            norm: must be False: the stage features have no final norm (MSCSA replaces the base's).
-            stop_early: without fusion layers, run the base only up to the deepest stage taken and
-                skip MSCSA (the returned final features are then that stage's output). With them it
-                changes nothing: every fused stage needs MSCSA, which reads every base stage.
-            output_fmt: ``'NCHW'`` or ``'NHWC'``.
-            intermediates_only: return only the intermediates.
-
-        Returns:
-            The intermediates (fused features with ``dense_fusion``, else the base's stage
-            features), or a tuple of the final features (``forward_features``) and them.
+        """timm's API; the intermediates are the fused features with ``dense_fusion``, else the base's
+        stage features (docs/mscsa.md#choices-the-paper-leaves-open). ``norm`` must be False (MSCSA
+        replaces the base's final norm). ``stop_early`` without fusion layers runs the base only up to
+        the deepest stage taken and skips MSCSA (the final features are then that stage's output); with
+        them it changes nothing (every fused stage needs MSCSA, which reads every base stage).
         """
         if output_fmt not in ('NCHW', 'NHWC'):
             # concatenation, not an f-string: TorchScript compiles this method (features_only)
@@ -389,15 +323,9 @@ class MscsaNet(nn.Module):
         return x, intermediates
 
     def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
+            self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True,
     ) -> List[int]:
-        """Remove what the requested intermediates do not need (head, final norm, unused fusion layers).
-
-        The base's stages all stay: MSCSA reads every one of them.
-        """
+        """Remove the head, final norm and unused fusion layers; the base's stages all stay (MSCSA reads them)."""
         take_indices, _ = feature_take_indices(self.num_stages, indices)
         if prune_head:
             self.reset_classifier(0, '')
@@ -425,13 +353,9 @@ class MscsaNet(nn.Module):
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: MscsaNet) -> Dict[str, torch.Tensor]:
-    """Prepare a checkpoint for ``model``.
-
-    * refuses a checkpoint of the bare base model with a pointer to ``pretrained_base``;
-    * keeps the model's own initialisation of fusion layers the checkpoint lacks (a classification
-      checkpoint loaded into the dense variant, Fig. 5: those layers are trained on the dense task),
-      and drops the fusion layers of a dense checkpoint loaded into the classification variant.
-    """
+    """Refuse a bare base model's checkpoint; keep the model's own fusion layers where the checkpoint
+    has none (a classification checkpoint in the dense variant: they train on the dense task, Fig. 5),
+    and drop a dense checkpoint's fusion layers in the classification variant."""
     if state_dict and not any(k.startswith(('base.', 'mscsa.')) for k in state_dict):
         raise ValueError(
             f"This checkpoint has no 'base.' or 'mscsa.' keys (first keys: {list(state_dict)[:3]}): it looks "
@@ -455,13 +379,10 @@ def _create_mscsa(variant: str, pretrained: bool = False, **kwargs: Any) -> Mscs
 
 def _cfg(variant: str, **kwargs: Any) -> Dict[str, Any]:
     return {
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.9, 'interpolation': 'bicubic', 'fixed_input_size': False,
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'classifier': 'head.fc', 'license': 'apache-2.0',
-        'paper_ids': 'arXiv:2308.05872',
-        'paper_name': 'Vision Backbone Enhancement via Multi-Stage Cross-Scale Attention',
-        **kwargs,
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7), 'crop_pct': 0.9,
+        'interpolation': 'bicubic', 'fixed_input_size': False, 'mean': IMAGENET_DEFAULT_MEAN,
+        'std': IMAGENET_DEFAULT_STD, 'classifier': 'head.fc', 'license': 'apache-2.0', 'paper_ids': 'arXiv:2308.05872',
+        'paper_name': 'Vision Backbone Enhancement via Multi-Stage Cross-Scale Attention', **kwargs,
     }
 
 
