@@ -1,11 +1,8 @@
 """ASFF: Adaptively Spatial Feature Fusion of a feature pyramid.
 
-Paper: Liu, Huang and Wang, "Learning Spatial Fusion for Single-Shot Object Detection" (ASFF).
-For every output level each source level is resized to it (a coarser one by a 1x1 convolution and
-interpolation, a finer one by max pooling and a 3x3 stride-2 convolution), a 1x1 convolution gives a
-weight logit, a softmax across the sources gives per-pixel weights, and the output is the weighted
-sum. Any number of levels and sizes, the initialisation and the export rules, with the reasons:
-docs/necks.md#design-choices-where-the-papers-leave-room.
+Paper: Liu, Huang and Wang, "Learning Spatial Fusion for Single-Shot Object Detection" (ASFF), Sec. 3.2:
+every level is the per-pixel softmax-weighted sum of all levels resized to it. Any number of levels
+and sizes, the initialisation and the export rules: docs/necks.md#design-choices-where-the-papers-leave-room.
 """
 from typing import Callable, List, Optional, Sequence
 
@@ -17,10 +14,8 @@ NormFactory = Optional[Callable[[int], nn.Module]]
 ActFactory = Optional[Callable[[], nn.Module]]
 
 
-def _conv_block(
-        in_channels: int, out_channels: int, kernel_size: int, stride: int, norm_layer: NormFactory,
-        act_layer: ActFactory,
-) -> nn.Sequential:
+def _conv_block(in_channels: int, out_channels: int, kernel_size: int, stride: int, norm_layer: NormFactory,
+                act_layer: ActFactory) -> nn.Sequential:
     layers: List[nn.Module] = [nn.Conv2d(
         in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=norm_layer is None)]
     if norm_layer is not None:
@@ -52,13 +47,11 @@ class _Upsample(nn.Module):
                  act_layer: ActFactory):
         super().__init__()
         self.mode = mode
+        self.align_corners: Optional[bool] = None if mode == 'nearest' else False
         self.conv = _conv_block(in_channels, out_channels, 1, 1, norm_layer, act_layer)
 
     def forward(self, x: torch.Tensor, size: List[int]) -> torch.Tensor:
-        x = self.conv(x)
-        if self.mode == 'nearest':
-            return F.interpolate(x, size=size, mode='nearest')
-        return F.interpolate(x, size=size, mode=self.mode, align_corners=False)
+        return F.interpolate(self.conv(x), size=size, mode=self.mode, align_corners=self.align_corners)
 
 
 class _Same(nn.Module):
@@ -82,10 +75,8 @@ def _match_size(x: torch.Tensor, size: List[int]) -> torch.Tensor:
 class ASFFLevel(nn.Module):
     """ASFF for one target level: resize every source, weigh per pixel, sum."""
 
-    def __init__(
-            self, level: int, in_channels: Sequence[int], upsample_mode: str = 'nearest',
-            norm_layer: NormFactory = None, act_layer: ActFactory = None,
-    ):
+    def __init__(self, level: int, in_channels: Sequence[int], upsample_mode: str = 'nearest',
+                 norm_layer: NormFactory = None, act_layer: ActFactory = None):
         super().__init__()
         self.level = level
         channels = in_channels[level]
@@ -128,17 +119,12 @@ class ASFFLevel(nn.Module):
 
 
 class ASFF(nn.Module):
-    """ASFF on a whole pyramid: ``forward([x_0, ..., x_{n-1}])`` (finest first, each level half the
-    size of the previous) returns the ``n`` fused levels, each the size and channels of its input.
+    """ASFF on a pyramid (finest first, each level half the previous): every level fused, at its own size
+    and channels. ``upsample_mode``: ``'nearest'`` or ``'bilinear'``; ``norm_layer`` (``channels -> module``)
+    and ``act_layer`` (``() -> module``) follow each resize convolution."""
 
-    ``upsample_mode`` (``'nearest'`` or ``'bilinear'``) resizes coarser sources; ``norm_layer``
-    (``channels -> module``) and ``act_layer`` (``() -> module``) follow each resize convolution.
-    """
-
-    def __init__(
-            self, in_channels: Sequence[int], upsample_mode: str = 'nearest', norm_layer: NormFactory = None,
-            act_layer: ActFactory = None,
-    ):
+    def __init__(self, in_channels: Sequence[int], upsample_mode: str = 'nearest', norm_layer: NormFactory = None,
+                 act_layer: ActFactory = None):
         super().__init__()
         if len(in_channels) < 2:
             raise ValueError(f'ASFF needs at least two pyramid levels, got {len(in_channels)}')

@@ -1,12 +1,9 @@
 """FINE: Feature Interaction Network, a semantic alignment module applied before FPN fusion.
 
-Paper: Lee, Lee and Kang, "Context-Guided Semantic Alignment for Feature Fusion Networks" (FINE).
-``FINE(F_low, F_high)`` returns ``F_low^aligned``, which replaces ``F_low`` in the top-down fusion
-(Eq. 3): Alignment-Aware Token Sampling pools ``F_high`` by ``k`` and ``F_low`` by ``r * k`` (Sec.
-4.2, Eq. 4), bottleneck cross-level attention gives the modulation ``M_hat`` (Sec. 4.3, Eq. 5-7, head
-dim 16 after Table 4), and ``F_low^aligned = F_low * Up(M_hat) + F_low`` (Sec. 4.4, Eq. 8-9). The
-choices the paper leaves open, with the reasons: docs/necks.md#design-choices-where-the-papers-leave-room;
-the detectron2 neck is ``detectron2_ext/modeling/fpn_variants.py``.
+Paper: Lee, Lee and Kang, "Context-Guided Semantic Alignment for Feature Fusion Networks" (FINE),
+Sec. 4, Eq. 3-9: token sampling (Eq. 4), cross-level attention (Eq. 5-7), modulation (Eq. 8-9). The
+choices the paper leaves open: docs/necks.md#design-choices-where-the-papers-leave-room; the
+detectron2 neck is ``detectron2_ext/modeling/fpn_variants.py``.
 """
 from typing import Optional
 
@@ -42,16 +39,10 @@ class FINE(nn.Module):
     """Aligns ``low (B, C_low, H, W)`` to its higher-level neighbour ``high (B, C_high, H', W')``
     (typically ``H' = ceil(H / 2)``; any size works) before fusion (Eq. 3-9); returns ``low``'s shape.
 
-    Args:
-        low_channels: channels ``C`` of ``F_low`` (and of the attention, Eq. 5).
-        high_channels: channels of ``F_high`` if different (a 1x1 conv projects it, Appendix C, Eq. 10).
-        kernel_size: AATS base kernel ``k`` for ``F_high`` (Eq. 4); the paper uses 1 at the stride-16
-            fusion and 2 at the stride-8 fusion (Sec. 5.3).
-        ratio: sampling ratio ``r``; ``F_low`` is pooled with ``r * k`` (paper: 2, Fig. 5, Appendix F).
-        head_dim: per-head dimension ``d`` (Table 4: 16); ``low_channels / head_dim`` heads.
-        qkv_bias: biases on ``W_Q, W_K, W_V, W_O``.
-        pool_type: ``'avg'`` (paper default) or ``'max'`` (Table 6: same AP).
-        zero_init_out: zero-initialise ``W_O`` so FINE starts as the identity.
+    ``high_channels`` other than ``low_channels`` are projected by a 1x1 conv (Appendix C, Eq. 10).
+    ``kernel_size`` is the AATS kernel ``k`` of ``F_high`` (Eq. 4; the paper: 1 at stride 16, 2 at stride 8),
+    ``ratio`` the ``r`` of ``F_low``'s ``r * k`` (paper: 2), ``head_dim`` the ``d`` of Table 4 (16),
+    ``pool_type`` ``'avg'`` or ``'max'`` (Table 6: same AP); ``zero_init_out`` makes FINE start as the identity.
     """
 
     def __init__(

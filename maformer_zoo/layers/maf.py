@@ -1,11 +1,8 @@
 """Attention pieces of the MAFormer Multi-scale Attention Fusion (MAF) block, on ``(B, H, W, C)`` maps.
 
-Paper: MAFormer (arXiv:2209.01620), Sec. 3.2, Fig. 1-2, Eq. 1-4; the model is
-:mod:`maformer_zoo.models.maformer`. :func:`window_self_attention` (windows of any size, padded,
-shifted and masked) serves :class:`CrossShapedWindowAttention` (CSWin stripes with LePE, Eq. 1) and
-:class:`WindowSelfAttention` (stages 3-4); :class:`GlobalLearningDownsample` is GLD (Eq. 2) and
-:class:`MultiScaleAttentionFusion` the local-to-global attention (Eq. 3-4). The reason for every
-choice: docs/maformer.md#design-decisions-what-the-paper-leaves-open-and-why.
+Paper: MAFormer (arXiv:2209.01620), Sec. 3.2, Eq. 1-4: cross-shaped window attention (Eq. 1), GLD
+(Eq. 2) and the local-to-global fusion (Eq. 3-4); the model is :mod:`maformer_zoo.models.maformer`.
+The reason for every choice: docs/maformer.md#design-decisions-what-the-paper-leaves-open-and-why.
 """
 from typing import List, Optional, Tuple
 
@@ -25,24 +22,17 @@ def balanced_split(size: int, max_len: Optional[int]) -> Tuple[int, int]:
     only, so torch.export keeps it symbolic."""
     if max_len is None or max_len >= size:
         return 1, size
-    if _divides(max_len, size):  # the general formula gives the same; this keeps export's sizes simple
+    divisible = size % max_len == 0
+    if not torch.jit.is_scripting():
+        if isinstance(divisible, torch.SymBool):  # True only where it holds for every size: no guard
+            divisible = statically_known_true(divisible)
+    if divisible:  # the general formula gives the same; this keeps export's symbolic sizes simple
         return size // max_len, max_len
     count = (size + max_len - 1) // max_len
     return count, (size + count - 1) // count
 
 
-def _divides(divisor: int, size: int) -> bool:
-    """``size % divisor == 0``; for symbolic sizes True only where it holds for every size (no guard)."""
-    divisible = size % divisor == 0
-    if torch.jit.is_scripting():
-        return divisible
-    else:
-        if isinstance(divisible, torch.SymBool):
-            return statically_known_true(divisible)
-        return bool(divisible)
-
-
-def _window_labels(
+def window_labels(
         size: Tuple[int, int], padded: Tuple[int, int], window: Tuple[int, int], shift: Tuple[int, int],
         device: torch.device,
 ) -> torch.Tensor:
@@ -63,21 +53,13 @@ def _window_labels(
 
 @register_notrace_function
 def window_self_attention(
-        qkv: torch.Tensor,
-        window: Tuple[Optional[int], Optional[int]],
-        shift: bool = False,
-        pe_weight: Optional[torch.Tensor] = None,
-        pe_bias: Optional[torch.Tensor] = None,
-        attn_drop: float = 0.,
+        qkv: torch.Tensor, window: Tuple[Optional[int], Optional[int]], shift: bool = False,
+        pe_weight: Optional[torch.Tensor] = None, pe_bias: Optional[torch.Tensor] = None, attn_drop: float = 0.,
 ) -> torch.Tensor:
-    """Multi-head self-attention within windows: ``qkv (B, H, W, 3, heads, head_dim)`` ->
-    ``(B, H, W, heads * head_dim)``.
-
-    Each axis is cut into :func:`balanced_split` windows of at most ``window`` (None: the whole axis),
-    zero-padded bottom/right with padding keys masked; ``shift`` rolls by half a window (Swin) on axes
-    with more than one window. ``pe_weight, pe_bias``: an optional depthwise 3x3 convolution of each
-    window's values added to the output (CSWin's LePE).
-    """
+    """Self-attention of ``qkv (B, H, W, 3, heads, head_dim)`` in :func:`balanced_split` windows of at most
+    ``window`` (None: the whole axis; padded bottom/right and masked), rolled by half a window (Swin) on
+    axes of several windows when ``shift``, plus CSWin's LePE when ``pe_weight`` (a depthwise 3x3 conv of
+    the values); returns ``(B, H, W, heads * head_dim)``."""
     B, H, W, _, num_heads, head_dim = qkv.shape
     n_h, win_h = balanced_split(H, window[0])
     n_w, win_w = balanced_split(W, window[1])
@@ -98,7 +80,7 @@ def window_self_attention(
 
     mask: Optional[torch.Tensor] = None
     if padded or shifted:
-        labels = _window_labels(
+        labels = window_labels(
             (H, W), (n_h * win_h, n_w * win_w), (win_h, win_w), (shift_h, shift_w), qkv.device)
         labels = labels.reshape(n_h, win_h, n_w, win_w).permute(0, 2, 1, 3).reshape(n_h * n_w, win_len)
         mask = labels[:, :, None] == labels[:, None, :]
@@ -191,20 +173,16 @@ class WindowSelfAttention(nn.Module):
 
 def _bilinear_resize(x: torch.Tensor, size: List[int]) -> torch.Tensor:
     """Anti-aliased bilinear resize, in float32 for half precision (not implemented on every device)."""
-    if x.dtype == torch.float16 or x.dtype == torch.bfloat16:
-        return F.interpolate(
-            x.float(), size=size, mode='bilinear', align_corners=False, antialias=True).to(x.dtype)
-    return F.interpolate(x, size=size, mode='bilinear', align_corners=False, antialias=True)
+    half = x.dtype == torch.float16 or x.dtype == torch.bfloat16
+    out = F.interpolate(x.float() if half else x, size=size, mode='bilinear', align_corners=False, antialias=True)
+    return out.to(x.dtype)
 
 
 @register_notrace_module  # size-dependent weights: an FX leaf
 class GlobalLearningDownsample(nn.Module):
-    """GLD (Eq. 2): ``X_G = Pos(X) + FC(X)``, ``(B, H, W, C)`` -> ``(B, g*g, C)``.
-
-    ``FC`` is one dense layer along the token axis (weight ``(g*g, h_ref*w_ref)`` on the stage's map at
-    224x224, no bias) shared by all channels, resampled to other map sizes; ``Pos`` an anti-aliased
-    bilinear down-sampling to the ``g x g`` grid (docs/maformer.md#design-decisions-what-the-paper-leaves-open-and-why).
-    """
+    """GLD (Eq. 2): ``X_G = Pos(X) + FC(X)``, ``(B, H, W, C)`` -> ``(B, g*g, C)``: ``FC`` a dense layer along
+    the tokens of the ``ref_size`` map, resampled to other sizes; ``Pos`` an anti-aliased bilinear
+    down-sampling (docs/maformer.md#design-decisions-what-the-paper-leaves-open-and-why)."""
 
     def __init__(self, ref_size: Tuple[int, int], grid_size: Tuple[int, int]):
         super().__init__()
@@ -244,9 +222,7 @@ class GlobalLearningDownsample(nn.Module):
 class MultiScaleAttentionFusion(nn.Module):
     """Eq. 3-4: local tokens ``(B, N, C)`` attend to global ones ``(B, M, C)``, ``softmax(Q_L K_G^T / sqrt(d)) V_G``."""
 
-    def __init__(
-            self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0., proj_drop: float = 0.,
-    ):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0., proj_drop: float = 0.):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads

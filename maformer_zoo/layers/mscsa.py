@@ -1,10 +1,8 @@
 """Multi-Stage Cross-Scale Attention (MSCSA), the backbone add-on module, in plain PyTorch (BCHW).
 
 Paper: L. Shang et al., "Vision Backbone Enhancement via Multi-Stage Cross-Scale Attention",
-arXiv:2308.05872 (2023): gathering (Sec. 3.4, Fig. 4), Cross-Scale Attention (Sec. 3.2, Eq. 1-9,
-App. D), Intra-FFN and FFN (Sec. 3.3), the dense variant's fusion (Fig. 5), settings (Table 7).
-The timm models built on it are in :mod:`maformer_zoo.models.mscsa`. What the paper fixes, and
-each choice it leaves open with the reason: docs/mscsa.md#choices-the-paper-leaves-open.
+arXiv:2308.05872 (2023), Sec. 3, Fig. 4-5, Table 7; the timm models are :mod:`maformer_zoo.models.mscsa`.
+Each choice the paper leaves open, with the reason: docs/mscsa.md#choices-the-paper-leaves-open.
 """
 from typing import Dict, List, Optional, Sequence, Tuple, Type
 
@@ -105,10 +103,8 @@ class MultiStageGather(nn.Module):
     """Pool every stage (shallowest first, at ``in_strides``) to the size at ``pool_stride``, squeeze
     (1x1 conv + norm, optional), concatenate (Sec. 3.4, Fig. 4)."""
 
-    def __init__(
-            self, in_chs: Sequence[int], in_strides: Sequence[int], pool_stride: int = 32,
-            squeeze_ratio: Optional[float] = None, norm_layer: Type[nn.Module] = nn.BatchNorm2d,
-    ):
+    def __init__(self, in_chs: Sequence[int], in_strides: Sequence[int], pool_stride: int = 32,
+                 squeeze_ratio: Optional[float] = None, norm_layer: Type[nn.Module] = nn.BatchNorm2d):
         super().__init__()
         if len(in_chs) != len(in_strides):
             raise ValueError(f'{len(in_chs)} stage widths but {len(in_strides)} strides.')
@@ -128,12 +124,9 @@ class MultiStageGather(nn.Module):
 
 
 class CrossScaleAttention(nn.Module):
-    """Cross-Scale Attention with multi-scale K/V projections and a parallel conv path (Sec. 3.2).
-
-    ``key_dim`` is ``d`` of Eq. 1 (Table 7 "Head Dimension"); values are ``attn_ratio`` times wider
-    (LeViT); ``kv_strides`` are the depthwise down-samplings of Eq. 2; ``act_layer`` acts on the PCP and
-    the attention output (App. D.2); at most ``attn_chunk_elems`` attention elements per image at once.
-    """
+    """Cross-Scale Attention with multi-scale K/V projections and a parallel conv path (Sec. 3.2):
+    ``key_dim`` is ``d`` of Eq. 1, values ``attn_ratio`` times wider (LeViT), ``kv_strides`` Eq. 2's
+    down-samplings; at most ``attn_chunk_elems`` attention elements per image at once."""
 
     def __init__(
             self, dim: int, num_heads: int = 8, key_dim: int = 32, attn_ratio: float = 2.,
@@ -165,8 +158,7 @@ class CrossScaleAttention(nn.Module):
         self.proj = nn.Sequential(act_layer(), nn.Conv2d(v_chs, dim, 1))
 
     def _heads(self, x: torch.Tensor, head_dim: int) -> torch.Tensor:
-        b = x.shape[0]
-        return x.reshape(b, self.num_heads, head_dim, -1)
+        return x.reshape(x.shape[0], self.num_heads, head_dim, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
@@ -191,8 +183,7 @@ class CrossScaleAttention(nn.Module):
 
 
 class ConvFFN(nn.Module):
-    """1x1 conv -> 3x3 depthwise conv -> activation -> 1x1 conv (Fig. 3c), dropout after the
-    activation and after the last projection."""
+    """1x1 conv -> 3x3 depthwise conv -> activation -> 1x1 conv (Fig. 3c), with dropout."""
 
     def __init__(self, dim: int, hidden_dim: int, act_layer: Type[nn.Module] = nn.GELU, drop: float = 0.):
         super().__init__()
@@ -211,10 +202,8 @@ class ConvFFN(nn.Module):
 class IntraFFN(nn.Module):
     """One :class:`ConvFFN` per stage's channel slice of the multi-stage map (Sec. 3.3, Fig. 3b)."""
 
-    def __init__(
-            self, stage_chs: Sequence[int], mlp_ratio: float = 2., act_layer: Type[nn.Module] = nn.GELU,
-            drop: float = 0.,
-    ):
+    def __init__(self, stage_chs: Sequence[int], mlp_ratio: float = 2., act_layer: Type[nn.Module] = nn.GELU,
+                 drop: float = 0.):
         super().__init__()
         self.stage_chs = list(stage_chs)
         self.ffns = nn.ModuleList([
@@ -240,18 +229,13 @@ class MscsaBlock(nn.Module):
     ):
         super().__init__()
         dim = sum(stage_chs)
-
-        def csa():
-            return CrossScaleAttention(
-                dim, num_heads=num_heads, key_dim=key_dim, attn_ratio=attn_ratio,
-                attn_drop=attn_drop, act_layer=attn_act_layer)
-
+        csa_args = dict(num_heads=num_heads, key_dim=key_dim, attn_ratio=attn_ratio, attn_drop=attn_drop)
         self.norm1 = norm_layer(dim)
-        self.attn1 = csa()
+        self.attn1 = CrossScaleAttention(dim, act_layer=attn_act_layer, **csa_args)
         self.norm2 = norm_layer(dim)
         self.intra_ffn = IntraFFN(stage_chs, mlp_ratio, act_layer=mlp_act_layer, drop=proj_drop)
         self.norm3 = norm_layer(dim)
-        self.attn2 = csa()
+        self.attn2 = CrossScaleAttention(dim, act_layer=attn_act_layer, **csa_args)
         self.norm4 = norm_layer(dim)
         self.ffn = ConvFFN(dim, int(dim * mlp_ratio), act_layer=mlp_act_layer, drop=proj_drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
@@ -265,12 +249,8 @@ class MscsaBlock(nn.Module):
 
 
 class MultiStageCrossScaleAttention(nn.Module):
-    """The MSCSA trunk (Fig. 4): multi-stage gathering, then ``depth`` MSCSA blocks; the backbone's
-    stage features (shallowest first) -> the multi-stage map of width ``sum(stage_chs)``.
-
-    Arguments are Table 7's (``pool_stride`` is "Pooling Size" as a stride, ``squeeze_ratio`` None for
-    "-"); ``drop_path_rate`` is the last block's, earlier blocks scale linearly.
-    """
+    """The MSCSA trunk (Fig. 4): gathering, then ``depth`` blocks; stage features (shallowest first) ->
+    the multi-stage map. Arguments as Table 7; ``drop_path_rate`` is the last block's (linear from 0)."""
 
     def __init__(
             self, in_chs: Sequence[int], in_strides: Sequence[int] = (4, 8, 16, 32), pool_stride: int = 32,
@@ -336,9 +316,8 @@ class DenseFusion(nn.Module):
     """The dense-prediction variant's output stage (Fig. 5a): split the MSCSA map into its stages'
     slices (``mscsa_chs``), upsample each and fuse it into its backbone feature (``backbone_chs``)."""
 
-    def __init__(
-            self, mscsa_chs: Sequence[int], backbone_chs: Sequence[int], norm_layer: Type[nn.Module] = nn.BatchNorm2d,
-    ):
+    def __init__(self, mscsa_chs: Sequence[int], backbone_chs: Sequence[int],
+                 norm_layer: Type[nn.Module] = nn.BatchNorm2d):
         super().__init__()
         self.mscsa_chs = list(mscsa_chs)
         self.layers = nn.ModuleList([
@@ -350,10 +329,8 @@ class DenseFusion(nn.Module):
             if i not in keep:
                 self.layers[i] = PrunedFusion()
 
-    def forward(
-            self, features: List[torch.Tensor], mscsa_out: torch.Tensor, indices: Optional[List[int]] = None,
-            inplace: bool = False,
-    ) -> List[torch.Tensor]:
+    def forward(self, features: List[torch.Tensor], mscsa_out: torch.Tensor, indices: Optional[List[int]] = None,
+                inplace: bool = False) -> List[torch.Tensor]:
         """Fused features of the stages in ``indices`` (all when None), in that order."""
         parts = mscsa_out.split(self.mscsa_chs, dim=1)
         take = list(range(len(self.layers))) if indices is None else indices

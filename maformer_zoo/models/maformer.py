@@ -3,11 +3,8 @@
 Paper: `MAFormer: A Transformer Network with Multi-scale Attention Fusion for Visual Recognition`
 (Y. Wang et al., 2022) - https://arxiv.org/abs/2209.01620. No official code exists.
 
-Layout (Sec. 3.1, Table 1): convolutional stem to H/4, four stages joined by stride-2 merging,
-MAF blocks (Sec. 3.2; attention in :mod:`maformer_zoo.layers.maf`) in stages 1-2, ViT blocks in 3-4.
-Every choice the paper leaves open, with the reason:
-docs/maformer.md#design-decisions-what-the-paper-leaves-open-and-why; parameters and FLOPs against
-Table 1: docs/maformer.md#measured-against-the-paper.
+Sec. 3.1, Table 1: a convolutional stem, four stages of MAF blocks (1-2) and ViT blocks (3-4). The
+choices the paper leaves open: docs/maformer.md#design-decisions-what-the-paper-leaves-open-and-why.
 """
 from typing import List, Optional, Sequence, Tuple, Type, Union
 
@@ -130,8 +127,7 @@ class ToChannelsLastMap(nn.Module):
 
 
 class MAFormerStage(nn.Module):
-    """Patch merging and ``depth`` blocks on ``(B, H, W, C)`` maps; NCHW in and out (views of
-    channels-last memory, so ``features_only`` and the next merging convolution read them without a copy)."""
+    """Patch merging and blocks on ``(B, H, W, C)`` maps; NCHW in and out (views of channels-last memory)."""
 
     def __init__(self, downsample: Optional[nn.Module], blocks: Sequence[nn.Module]):
         super().__init__()
@@ -167,16 +163,11 @@ class MAFormer(nn.Module):
     ):
         """
         Args:
-            global_pool: ``'avg'`` or ``''`` (no pooling in ``forward_head``).
             embed_dims, depths: channels and blocks of the four stages (Table 1 "Dim", "Blocks").
-            head_dim: channels per attention head.
-            stripe_widths: cross-shaped stripe widths of the MAF stages 1-2.
-            global_grids: side of the GLD global token grid in stages 1-2.
-            window_sizes: stage 3-4 attention window side (``None``: global attention); the default 24
-                is the stage-3 map at ``attn_img_size``.
+            stripe_widths, global_grids: cross-shaped stripe widths and GLD grid sides of the MAF stages 1-2.
+            window_sizes: stage 3-4 attention window sides (``None``: global); 24 is stage 3 at ``attn_img_size``.
             ref_img_size: input size at which the GLD weights are used as stored (ImageNet training size).
             attn_img_size: largest input side at which stage 1-2 stripes are full-length.
-            drop_path_rate: stochastic depth rate of the last block (linear from 0).
         """
         super().__init__()
         if len(embed_dims) != 4 or len(depths) != 4:
@@ -198,10 +189,9 @@ class MAFormer(nn.Module):
         stages = []
         for i in range(4):
             if i < 2:
-                ref = ref_sizes[i]
                 blocks = [MafBlock(
                     embed_dims[i], num_heads[i], stripe_width=stripe_widths[i], stripe_len=stripe_lens[i],
-                    gld_ref_size=(ref, ref), global_grid=(global_grids[i], global_grids[i]),
+                    gld_ref_size=(ref_sizes[i], ref_sizes[i]), global_grid=(global_grids[i], global_grids[i]),
                     drop_path=dpr[i][j], **common) for j in range(depths[i])]
             else:
                 blocks = [TransformerBlock(
@@ -233,14 +223,9 @@ class MAFormer(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(
-            stem=r'^stem',
-            blocks=r'^stages\.(\d+)' if coarse else [
-                (r'^stages\.(\d+)\.downsample', (0,)),
-                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
-                (r'^norm', (99999,)),
-            ],
-        )
+        blocks = r'^stages\.(\d+)' if coarse else [
+            (r'^stages\.(\d+)\.downsample', (0,)), (r'^stages\.(\d+)\.blocks\.(\d+)', None), (r'^norm', (99999,))]
+        return dict(stem=r'^stem', blocks=blocks)
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -3,11 +3,8 @@
 Paper: `Vision Backbone Enhancement via Multi-Stage Cross-Scale Attention` (Shang et al., 2023)
     - https://arxiv.org/abs/2308.05872
 
-The base is timm's own model (``timm.create_model``, read through ``forward_intermediates``), so
-timm's weights of it load (``pretrained_base=True``). The classification variant feeds the MSCSA
-map (:mod:`maformer_zoo.layers.mscsa`) to the classifier (Fig. 4); ``features_only=True`` or
-``dense_fusion=True`` fuses it into every stage (Fig. 5). Settings: Table 7. Usage, the choices the
-paper leaves open and measurements: docs/mscsa.md#choices-the-paper-leaves-open.
+The base is timm's own model; the MSCSA map feeds the classifier (Fig. 4) or, ``features_only``, is fused
+into every stage (Fig. 5); settings of Table 7. Usage and choices: docs/mscsa.md#choices-the-paper-leaves-open.
 """
 import re
 from typing import Any, Dict, List, Optional, Set, Tuple, Type, Union
@@ -24,6 +21,7 @@ from timm.models._features import feature_take_indices
 from timm.models.swin_transformer import window_partition, window_reverse
 
 from ..layers._compile import is_compiling
+from ..layers.maf import window_labels
 from ..layers.mscsa import DenseFusion, MultiStageCrossScaleAttention
 from ._builder import build_zoo_model, check_input, create_base
 
@@ -40,10 +38,8 @@ def _stage_indices(base: nn.Module, base_name: str) -> Tuple[List[int], List[Dic
     for stride in _STAGE_STRIDES:
         matches = [i for i, info in enumerate(infos) if info.get('reduction') == stride]
         if not matches:
-            raise ValueError(
-                f"Base model '{base_name}' has no feature at stride {stride} (its feature_info has "
-                f"strides {[info.get('reduction') for info in infos]}); MSCSA needs four stages at "
-                f"strides {_STAGE_STRIDES}.")
+            raise ValueError(f"Base model '{base_name}' has no feature at stride {stride} (its feature_info has "
+                             f"strides {[info.get('reduction') for info in infos]}); MSCSA needs {_STAGE_STRIDES}.")
         indices.append(matches[-1])
     return indices, [infos[i] for i in indices]
 
@@ -76,21 +72,11 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
 @register_notrace_function  # sizes are Proxies under FX: a leaf
 def swin_shift_mask(x: torch.Tensor, window: Tuple[int, int], shift: Tuple[int, int]) -> torch.Tensor:
     """Additive mask ``(num_windows, N, N)`` of timm's shifted Swin windows on the padded, shifted map
-    ``x (B, Hp, Wp, C)``: 0 between tokens of one region, -100 across regions.
-
-    The values of timm's ``SwinTransformerBlock.get_attn_mask(x)``; built from comparisons of
-    ``arange`` instead of item assignment, so FX keeps it as a leaf and export keeps sizes symbolic.
-    """
-    labels: List[torch.Tensor] = []
-    for axis in range(2):
-        size = x.shape[axis + 1]
-        pos = torch.arange(size, device=x.device)
-        if shift[axis] > 0:
-            # regions [0, P - w), [P - w, P - s), [P - s, P)
-            labels.append((pos >= size - window[axis]).long() + (pos >= size - shift[axis]).long())
-        else:
-            labels.append(torch.zeros_like(pos))  # timm's last region then covers the whole axis
-    label = labels[0][:, None] * 3 + labels[1][None, :]
+    ``x (B, Hp, Wp, C)``: the values of timm's ``SwinTransformerBlock.get_attn_mask(x)`` (0 within a
+    region, -100 across), from :func:`window_labels` instead of item assignment, so that export keeps
+    sizes symbolic."""
+    size = (x.shape[1], x.shape[2])
+    label = window_labels(size, size, window, shift, x.device)
     rows, cols = label.shape[0] // window[0], label.shape[1] // window[1]
     label = label.reshape(rows, window[0], cols, window[1]).permute(0, 2, 1, 3).reshape(rows * cols, -1)
     across = label[:, None, :] != label[:, :, None]
@@ -127,37 +113,27 @@ class MscsaNet(nn.Module):
             mlp_ratio: float = 2., attn_ratio: float = 2., pool_stride: int = 32,
             num_classes: int = 1000, in_chans: int = 3, global_pool: str = 'avg',
             drop_rate: float = 0., proj_drop_rate: float = 0., attn_drop_rate: float = 0., drop_path_rate: float = 0.,
-            base_drop_path_rate: Optional[float] = None,
-            dense_fusion: bool = False,
+            base_drop_path_rate: Optional[float] = None, dense_fusion: bool = False,
             pretrained_base: bool = False, base_pretrained_cfg_overlay: Optional[Dict[str, Any]] = None,
-            base_kwargs: Optional[Dict[str, Any]] = None,
-            input_multiple: int = 1, min_input_size: int = 32,
+            base_kwargs: Optional[Dict[str, Any]] = None, input_multiple: int = 1, min_input_size: int = 32,
             norm_layer: Type[nn.Module] = nn.BatchNorm2d, attn_act_layer: Type[nn.Module] = nn.Hardswish,
-            mlp_act_layer: Type[nn.Module] = nn.GELU,
-            model_name: Optional[str] = None,
+            mlp_act_layer: Type[nn.Module] = nn.GELU, model_name: Optional[str] = None,
             device: Optional[Union[str, torch.device]] = None, dtype: Optional[torch.dtype] = None,
     ):
         """
         Args:
             base_model: timm name of the base (``'resnet50'``, or with a weight tag ``'resnet50.tv_in1k'``).
-            squeeze_ratio, depth, num_heads, key_dim, mlp_ratio: Table 7 (``squeeze_ratio`` None for "-",
-                ``key_dim`` its "Head Dimension" of queries/keys; values are ``attn_ratio`` times wider).
-            pool_stride: Table 7 "Pooling Size" as a stride (32 for 1/32).
-            drop_path_rate: stochastic depth of the MSCSA blocks, and of the base unless
-                ``base_drop_path_rate`` is given.
-            dense_fusion: build the fusion layers of the dense-prediction variant (Fig. 5); set by
-                ``features_only=True``.
-            pretrained_base: load timm's pretrained weights into the base (only); from a local source with
-                ``base_pretrained_cfg_overlay``, e.g. ``dict(file='resnet50.safetensors')``.
-            base_kwargs: further keyword arguments of the base's ``timm.create_model``.
+            squeeze_ratio ... pool_stride: Table 7 (``key_dim`` of queries/keys; values ``attn_ratio`` times wider).
+            drop_path_rate: of the MSCSA blocks, and of the base unless ``base_drop_path_rate`` is given.
+            dense_fusion: build the dense-prediction variant's fusion layers (Fig. 5; ``features_only``).
+            pretrained_base: load timm's weights into the base only, from ``base_pretrained_cfg_overlay``
+                (e.g. ``dict(file='resnet50.safetensors')``) if given; ``base_kwargs`` go to its ``create_model``.
             input_multiple: inputs are zero-padded (bottom/right) to a multiple of this.
-            model_name: name used in error messages.
         """
         super().__init__()
         self.model_name = model_name or f'{base_model}+MSCSA'
         self.num_classes = num_classes
         self.in_chans = in_chans
-        self.drop_rate = drop_rate
         self.input_multiple = input_multiple
         self.min_input_size = min_input_size
         self.grad_checkpointing = False
@@ -220,9 +196,8 @@ class MscsaNet(nn.Module):
         self.num_classes = num_classes
         self.head.reset(num_classes, pool_type=global_pool)
 
-    def _base_features(
-            self, x: torch.Tensor, indices: Optional[List[int]] = None, stop_early: bool = False,
-    ) -> List[torch.Tensor]:
+    def _base_features(self, x: torch.Tensor, indices: Optional[List[int]] = None,
+                       stop_early: bool = False) -> List[torch.Tensor]:
         """The base's stage features (all four, or the stages in ``indices``)."""
         if not torch.jit.is_scripting():
             check_input(x, self.in_chans, self.min_input_size, self.model_name, next(self.parameters()).dtype)
@@ -270,20 +245,13 @@ class MscsaNet(nn.Module):
     def _scripted_resnet_stages(self, x: torch.Tensor, base_indices: List[int]) -> List[torch.Tensor]:
         """timm ResNet's feature indices 1-4 (``layer1``-``layer4``), for TorchScript only."""
         base = self.base
-        x = base.maxpool(base.act1(base.bn1(base.conv1(x))))
+        x1 = base.layer1(base.maxpool(base.act1(base.bn1(base.conv1(x)))))
+        x2 = base.layer2(x1)
+        x3 = base.layer3(x2)
         out: List[torch.Tensor] = []
-        x = base.layer1(x)
-        if 1 in base_indices:
-            out.append(x)
-        x = base.layer2(x)
-        if 2 in base_indices:
-            out.append(x)
-        x = base.layer3(x)
-        if 3 in base_indices:
-            out.append(x)
-        x = base.layer4(x)
-        if 4 in base_indices:
-            out.append(x)
+        for i, feat in enumerate([x1, x2, x3, base.layer4(x3)]):
+            if i + 1 in base_indices:
+                out.append(feat)
         return out
 
     def forward_intermediates(
@@ -300,9 +268,8 @@ class MscsaNet(nn.Module):
             # concatenation, not an f-string: TorchScript compiles this method (features_only)
             raise ValueError("output_fmt must be 'NCHW' or 'NHWC'; got '" + output_fmt + "'.")
         if norm:
-            raise ValueError(
-                self.model_name + " has no final norm for its stage features (MSCSA replaces the base's "
-                'norm; forward_features is normalised already): call forward_intermediates with norm=False.')
+            raise ValueError(self.model_name + " has no final norm for its stage features (MSCSA replaces the base's "
+                             'norm; forward_features is normalised): call forward_intermediates with norm=False.')
         take_indices, _ = feature_take_indices(self.num_stages, indices)
         if self.fusion is None and stop_early:
             intermediates = self._base_features(x, take_indices, stop_early=True)
@@ -377,7 +344,7 @@ def _create_mscsa(variant: str, pretrained: bool = False, **kwargs: Any) -> Mscs
     return build_zoo_model(MscsaNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
-def _cfg(variant: str, **kwargs: Any) -> Dict[str, Any]:
+def _cfg(**kwargs: Any) -> Dict[str, Any]:
     return {
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7), 'crop_pct': 0.9,
         'interpolation': 'bicubic', 'fixed_input_size': False, 'mean': IMAGENET_DEFAULT_MEAN,
@@ -387,14 +354,13 @@ def _cfg(variant: str, **kwargs: Any) -> Dict[str, Any]:
 
 
 default_cfgs = generate_default_cfgs({
-    'resnet18_mscsa.in1k': _cfg('resnet18_mscsa', first_conv='base.conv1', crop_pct=0.875),
-    'resnet50_mscsa.in1k': _cfg('resnet50_mscsa', first_conv='base.conv1', crop_pct=0.875),
-    'pvt_v2_b0_mscsa.in1k': _cfg('pvt_v2_b0_mscsa', first_conv='base.patch_embed.proj'),
-    'pvt_v2_b1_mscsa.in1k': _cfg('pvt_v2_b1_mscsa', first_conv='base.patch_embed.proj'),
-    'pvt_v2_b2_mscsa.in1k': _cfg('pvt_v2_b2_mscsa', first_conv='base.patch_embed.proj'),
-    'swin_tiny_patch4_window7_224_mscsa.in1k': _cfg(
-        'swin_tiny_patch4_window7_224_mscsa', first_conv='base.patch_embed.proj'),
-    'convnext_tiny_mscsa.in1k': _cfg('convnext_tiny_mscsa', first_conv='base.stem.0', crop_pct=0.875),
+    'resnet18_mscsa.in1k': _cfg(first_conv='base.conv1', crop_pct=0.875),
+    'resnet50_mscsa.in1k': _cfg(first_conv='base.conv1', crop_pct=0.875),
+    'pvt_v2_b0_mscsa.in1k': _cfg(first_conv='base.patch_embed.proj'),
+    'pvt_v2_b1_mscsa.in1k': _cfg(first_conv='base.patch_embed.proj'),
+    'pvt_v2_b2_mscsa.in1k': _cfg(first_conv='base.patch_embed.proj'),
+    'swin_tiny_patch4_window7_224_mscsa.in1k': _cfg(first_conv='base.patch_embed.proj'),
+    'convnext_tiny_mscsa.in1k': _cfg(first_conv='base.stem.0', crop_pct=0.875),
 })
 
 
