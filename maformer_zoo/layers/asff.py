@@ -1,12 +1,8 @@
 """ASFF: Adaptively Spatial Feature Fusion of a feature pyramid.
 
-Paper: Liu, Huang and Wang, "Learning Spatial Fusion for Single-Shot Object Detection" (ASFF).
-For every output level ``l`` each source level ``n`` is resized to level ``l`` (a coarser one by a
-1x1 convolution and interpolation, a finer one by max pooling and a 3x3 stride-2 convolution), a
-1x1 convolution turns it into a weight logit, a softmax across the sources gives per-pixel weights
-that sum to 1, and the output is the weighted sum. How it generalises to any number of levels and
-sizes, the initialisation and the export rules, with the reasons:
-docs/necks.md#design-choices-where-the-papers-leave-room.
+Paper: Liu, Huang and Wang, "Learning Spatial Fusion for Single-Shot Object Detection" (ASFF), Sec. 3.2:
+every level is the per-pixel softmax-weighted sum of all levels resized to it. Any number of levels
+and sizes, the initialisation and the export rules: docs/necks.md#design-choices-where-the-papers-leave-room.
 """
 from typing import Callable, List, Optional, Sequence
 
@@ -14,22 +10,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['ASFF']
-
 NormFactory = Optional[Callable[[int], nn.Module]]
+ActFactory = Optional[Callable[[], nn.Module]]
 
 
-def _conv_block(
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int,
-        stride: int,
-        norm_layer: NormFactory,
-        act_layer: Optional[Callable[[], nn.Module]],
-) -> nn.Sequential:
+def _conv_block(in_channels: int, out_channels: int, kernel_size: int, stride: int, norm_layer: NormFactory,
+                act_layer: ActFactory) -> nn.Sequential:
     layers: List[nn.Module] = [nn.Conv2d(
-        in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2,
-        bias=norm_layer is None)]
+        in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=norm_layer is None)]
     if norm_layer is not None:
         layers.append(norm_layer(out_channels))
     if act_layer is not None:
@@ -41,7 +29,7 @@ class _Downsample(nn.Module):
     """``2^(s-1)`` max pooling then a 3x3 stride-2 convolution: a ``1 / 2^s`` resize."""
 
     def __init__(self, in_channels: int, out_channels: int, steps: int, norm_layer: NormFactory,
-                 act_layer: Optional[Callable[[], nn.Module]]):
+                 act_layer: ActFactory):
         super().__init__()
         self.pool_kernel = 2 ** (steps - 1)
         self.conv = _conv_block(in_channels, out_channels, 3, 2, norm_layer, act_layer)
@@ -56,16 +44,14 @@ class _Upsample(nn.Module):
     """1x1 convolution to the target's channels, then interpolation to the target's size."""
 
     def __init__(self, in_channels: int, out_channels: int, mode: str, norm_layer: NormFactory,
-                 act_layer: Optional[Callable[[], nn.Module]]):
+                 act_layer: ActFactory):
         super().__init__()
         self.mode = mode
+        self.align_corners: Optional[bool] = None if mode == 'nearest' else False
         self.conv = _conv_block(in_channels, out_channels, 1, 1, norm_layer, act_layer)
 
     def forward(self, x: torch.Tensor, size: List[int]) -> torch.Tensor:
-        x = self.conv(x)
-        if self.mode == 'nearest':
-            return F.interpolate(x, size=size, mode='nearest')
-        return F.interpolate(x, size=size, mode=self.mode, align_corners=False)
+        return F.interpolate(self.conv(x), size=size, mode=self.mode, align_corners=self.align_corners)
 
 
 class _Same(nn.Module):
@@ -89,30 +75,21 @@ def _match_size(x: torch.Tensor, size: List[int]) -> torch.Tensor:
 class ASFFLevel(nn.Module):
     """ASFF for one target level: resize every source, weigh per pixel, sum."""
 
-    def __init__(
-            self,
-            level: int,
-            in_channels: Sequence[int],
-            upsample_mode: str = 'nearest',
-            norm_layer: NormFactory = None,
-            act_layer: Optional[Callable[[], nn.Module]] = None,
-    ):
+    def __init__(self, level: int, in_channels: Sequence[int], upsample_mode: str = 'nearest',
+                 norm_layer: NormFactory = None, act_layer: ActFactory = None):
         super().__init__()
         self.level = level
         channels = in_channels[level]
         resizers = []
         for source, source_channels in enumerate(in_channels):
             if source < level:
-                resizers.append(_Downsample(
-                    source_channels, channels, level - source, norm_layer, act_layer))
+                resizers.append(_Downsample(source_channels, channels, level - source, norm_layer, act_layer))
             elif source > level:
-                resizers.append(_Upsample(
-                    source_channels, channels, upsample_mode, norm_layer, act_layer))
+                resizers.append(_Upsample(source_channels, channels, upsample_mode, norm_layer, act_layer))
             else:
                 resizers.append(_Same())
         self.resizers = nn.ModuleList(resizers)
-        self.weight_convs = nn.ModuleList(
-            [nn.Conv2d(channels, 1, kernel_size=1) for _ in in_channels])
+        self.weight_convs = nn.ModuleList([nn.Conv2d(channels, 1, kernel_size=1) for _ in in_channels])
         for conv in self.weight_convs:
             nn.init.zeros_(conv.weight)
             nn.init.zeros_(conv.bias)
@@ -142,24 +119,12 @@ class ASFFLevel(nn.Module):
 
 
 class ASFF(nn.Module):
-    """ASFF on a whole pyramid: ``forward([x_0, ..., x_{n-1}])`` (finest first, each level half the
-    size of the previous) returns the ``n`` fused levels, each the size and channels of its input.
-    """
+    """ASFF on a pyramid (finest first, each level half the previous): every level fused, at its own size
+    and channels. ``upsample_mode``: ``'nearest'`` or ``'bilinear'``; ``norm_layer`` (``channels -> module``)
+    and ``act_layer`` (``() -> module``) follow each resize convolution."""
 
-    def __init__(
-            self,
-            in_channels: Sequence[int],
-            upsample_mode: str = 'nearest',
-            norm_layer: NormFactory = None,
-            act_layer: Optional[Callable[[], nn.Module]] = None,
-    ):
-        """
-        Args:
-            in_channels: channels of each level, finest first; at least two levels.
-            upsample_mode: interpolation of coarser sources, ``'nearest'`` or ``'bilinear'``.
-            norm_layer: factory ``channels -> nn.Module`` for a norm after each resize conv.
-            act_layer: factory ``() -> nn.Module`` for an activation after each resize conv.
-        """
+    def __init__(self, in_channels: Sequence[int], upsample_mode: str = 'nearest', norm_layer: NormFactory = None,
+                 act_layer: ActFactory = None):
         super().__init__()
         if len(in_channels) < 2:
             raise ValueError(f'ASFF needs at least two pyramid levels, got {len(in_channels)}')
@@ -167,8 +132,7 @@ class ASFF(nn.Module):
             raise ValueError(f"ASFF: upsample_mode must be 'nearest' or 'bilinear', got {upsample_mode!r}")
         self.in_channels: List[int] = [int(c) for c in in_channels]
         self.levels = nn.ModuleList([
-            ASFFLevel(level, in_channels, upsample_mode, norm_layer, act_layer)
-            for level in range(len(in_channels))])
+            ASFFLevel(level, in_channels, upsample_mode, norm_layer, act_layer) for level in range(len(in_channels))])
 
     def forward(self, features: List[torch.Tensor]) -> List[torch.Tensor]:
         if len(features) != len(self.in_channels):
@@ -176,8 +140,7 @@ class ASFF(nn.Module):
         for i, x in enumerate(features):
             if x.dim() != 4 or x.shape[1] != self.in_channels[i]:
                 raise ValueError(
-                    f'ASFF expects levels with channels {self.in_channels}, got level {i} of '
-                    f'shape {x.shape}')
+                    f'ASFF expects levels with channels {self.in_channels}, got level {i} of shape {x.shape}')
         fused: List[torch.Tensor] = []
         for level in self.levels:
             fused.append(level(features))

@@ -1,13 +1,9 @@
 """FINE: Feature Interaction Network, a semantic alignment module applied before FPN fusion.
 
-Paper: Lee, Lee and Kang, "Context-Guided Semantic Alignment for Feature Fusion Networks" (FINE).
-``FINE(F_low, F_high)`` returns ``F_low^aligned``, which replaces ``F_low`` in the top-down fusion
-(Eq. 3): Alignment-Aware Token Sampling pools ``F_high`` by ``k`` and ``F_low`` by ``r * k`` (Sec.
-4.2, Eq. 4), bottleneck cross-level attention gives the modulation ``M_hat`` (Sec. 4.3, Eq. 5-7, head
-dim 16 after Table 4), and ``F_low^aligned = F_low * Up(M_hat) + F_low`` (Sec. 4.4, Eq. 8-9). The
-choices the paper leaves open (any size, biases, init, channel projection), with the reasons:
-docs/necks.md#design-choices-where-the-papers-leave-room; the detectron2 neck is
-``detectron2_ext/modeling/fpn_variants.py``.
+Paper: Lee, Lee and Kang, "Context-Guided Semantic Alignment for Feature Fusion Networks" (FINE),
+Sec. 4, Eq. 3-9: token sampling (Eq. 4), cross-level attention (Eq. 5-7), modulation (Eq. 8-9). The
+choices the paper leaves open: docs/necks.md#design-choices-where-the-papers-leave-room; the
+detectron2 neck is ``detectron2_ext/modeling/fpn_variants.py``.
 """
 from typing import Optional
 
@@ -15,16 +11,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['FINE']
-
 
 def _pool_tokens(x: torch.Tensor, kernel: int, pool_type: str) -> torch.Tensor:
     """Non-overlapping pooling with the partial border window kept (AATS, Eq. 4)."""
     if kernel == 1:
         return x
     if pool_type == 'avg':
-        # count_include_pad only concerns explicit padding (none here): partial ceil-mode windows
-        # are averaged over their in-bounds pixels.
+        # partial ceil-mode windows are averaged over their in-bounds pixels (there is no explicit padding)
         return F.avg_pool2d(x, kernel, stride=kernel, ceil_mode=True)
     return F.max_pool2d(x, kernel, stride=kernel, ceil_mode=True)
 
@@ -43,38 +36,19 @@ def _modulate_blocks(low: torch.Tensor, scale: torch.Tensor, block: int) -> torc
 
 
 class FINE(nn.Module):
-    """Aligns a low-level feature map to its higher-level neighbour before fusion (Eq. 3-9).
+    """Aligns ``low (B, C_low, H, W)`` to its higher-level neighbour ``high (B, C_high, H', W')``
+    (typically ``H' = ceil(H / 2)``; any size works) before fusion (Eq. 3-9); returns ``low``'s shape.
 
-    ``forward(low, high)`` takes ``low`` of shape ``(B, C_low, H, W)`` and ``high`` of shape
-    ``(B, C_high, H', W')`` (typically ``H' = ceil(H / 2)``; any size works) and returns a tensor of
-    ``low``'s shape.
+    ``high_channels`` other than ``low_channels`` are projected by a 1x1 conv (Appendix C, Eq. 10).
+    ``kernel_size`` is the AATS kernel ``k`` of ``F_high`` (Eq. 4; the paper: 1 at stride 16, 2 at stride 8),
+    ``ratio`` the ``r`` of ``F_low``'s ``r * k`` (paper: 2), ``head_dim`` the ``d`` of Table 4 (16),
+    ``pool_type`` ``'avg'`` or ``'max'`` (Table 6: same AP); ``zero_init_out`` makes FINE start as the identity.
     """
 
     def __init__(
-            self,
-            low_channels: int,
-            high_channels: Optional[int] = None,
-            kernel_size: int = 1,
-            ratio: int = 2,
-            head_dim: int = 16,
-            qkv_bias: bool = True,
-            pool_type: str = 'avg',
-            zero_init_out: bool = False,
+            self, low_channels: int, high_channels: Optional[int] = None, kernel_size: int = 1, ratio: int = 2,
+            head_dim: int = 16, qkv_bias: bool = True, pool_type: str = 'avg', zero_init_out: bool = False,
     ):
-        """
-        Args:
-            low_channels: channels ``C`` of ``F_low`` (and of the attention, Eq. 5).
-            high_channels: channels of ``F_high``; if different from ``low_channels`` a 1x1 conv
-                projects ``F_high`` to ``low_channels`` (Appendix C, Eq. 10). ``None``: same.
-            kernel_size: AATS base kernel ``k`` for ``F_high`` (Eq. 4). The paper uses ``k = 1`` at
-                the stride-16 fusion and ``k = 2`` at the stride-8 fusion (Sec. 5.3).
-            ratio: alignment-aware sampling ratio ``r``; ``F_low`` is pooled with ``r * k``
-                (paper: 2, the stride ratio of adjacent levels, Fig. 5 and Appendix F).
-            head_dim: per-head dimension ``d``; heads ``h = low_channels / head_dim`` (Table 4: 16).
-            qkv_bias: add biases to ``W_Q, W_K, W_V, W_O``.
-            pool_type: ``'avg'`` (paper default) or ``'max'`` (Table 6: same AP).
-            zero_init_out: zero-initialise ``W_O`` so FINE starts as the identity.
-        """
         super().__init__()
         if kernel_size < 1 or ratio < 1:
             raise ValueError(f'FINE needs kernel_size >= 1 and ratio >= 1, got {kernel_size}, {ratio}')
@@ -87,14 +61,13 @@ class FINE(nn.Module):
         high_channels = high_channels or low_channels
         self.kernel_size = kernel_size
         self.ratio = ratio
+        self.low_kernel = ratio * kernel_size
         self.pool_type = pool_type
         self.num_heads = low_channels // head_dim
         self.head_dim = head_dim
 
         self.high_proj = (
-            nn.Conv2d(high_channels, low_channels, kernel_size=1)
-            if high_channels != low_channels else nn.Identity()
-        )
+            nn.Conv2d(high_channels, low_channels, kernel_size=1) if high_channels != low_channels else nn.Identity())
         self.q = nn.Linear(low_channels, low_channels, bias=qkv_bias)
         self.kv = nn.Linear(low_channels, 2 * low_channels, bias=qkv_bias)
         self.proj = nn.Linear(low_channels, low_channels, bias=qkv_bias)
@@ -110,10 +83,6 @@ class FINE(nn.Module):
             if self.proj.bias is not None:
                 nn.init.zeros_(self.proj.bias)
 
-    @property
-    def low_kernel(self) -> int:
-        return self.ratio * self.kernel_size
-
     def coarse_modulation(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
         """The modulation map ``M_hat`` of Eq. 7 on the token grid, ``(B, C, h, w)``."""
         B, C = low.shape[0], low.shape[1]
@@ -125,8 +94,7 @@ class FINE(nn.Module):
         q = self.q(low_tokens.flatten(2).transpose(1, 2))
         q = q.reshape(B, h * w, self.num_heads, self.head_dim).transpose(1, 2)
         kv = self.kv(high_tokens.flatten(2).transpose(1, 2))
-        kv = kv.reshape(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        k, v = kv.unbind(0)
+        k, v = kv.reshape(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         heads = F.scaled_dot_product_attention(q, k, v)  # softmax(QK^T / sqrt(d)) V, Eq. 6
 
         m = self.proj(heads.transpose(1, 2).reshape(B, h * w, C))  # Eq. 7
@@ -147,8 +115,7 @@ class FINE(nn.Module):
             raise ValueError(f'FINE expects low and high as (B, C, H, W) with the same batch size, '
                              f'got {low.shape} and {high.shape}')
         if low.shape[1] != self.q.in_features:
-            raise ValueError(f'FINE was built for {self.q.in_features} low-level channels, got '
-                             f'{low.shape[1]}')
+            raise ValueError(f'FINE was built for {self.q.in_features} low-level channels, got {low.shape[1]}')
         scale = 1 + self.coarse_modulation(low, high)
         return _modulate_blocks(low, scale, self.low_kernel)
 

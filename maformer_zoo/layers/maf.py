@@ -1,11 +1,8 @@
 """Attention pieces of the MAFormer Multi-scale Attention Fusion (MAF) block, on ``(B, H, W, C)`` maps.
 
-Paper: MAFormer (arXiv:2209.01620), Sec. 3.2, Fig. 1-2, Eq. 1-4; the model is
-:mod:`maformer_zoo.models.maformer`. :func:`window_self_attention` (windows of any size, padded,
-shifted and masked) serves :class:`CrossShapedWindowAttention` (CSWin stripes with LePE, Eq. 1) and
-:class:`WindowSelfAttention` (stages 3-4); :class:`GlobalLearningDownsample` is GLD (Eq. 2) and
-:class:`MultiScaleAttentionFusion` the local-to-global attention (Eq. 3-4). The reason for every
-choice: docs/maformer.md#design-decisions-what-the-paper-leaves-open-and-why.
+Paper: MAFormer (arXiv:2209.01620), Sec. 3.2, Eq. 1-4: cross-shaped window attention (Eq. 1), GLD
+(Eq. 2) and the local-to-global fusion (Eq. 3-4); the model is :mod:`maformer_zoo.models.maformer`.
+The reason for every choice: docs/maformer.md#design-decisions-what-the-paper-leaves-open-and-why.
 """
 from typing import List, Optional, Tuple
 
@@ -18,63 +15,35 @@ from timm.layers import register_notrace_function, register_notrace_module
 
 from ._compile import is_compiling
 
-__all__ = [
-    'balanced_split', 'window_self_attention', 'LocallyEnhancedPositionalEncoding',
-    'CrossShapedWindowAttention', 'WindowSelfAttention', 'GlobalLearningDownsample',
-    'MultiScaleAttentionFusion',
-]
-
 
 def balanced_split(size: int, max_len: Optional[int]) -> Tuple[int, int]:
-    """``(count, length)`` of the fewest equal windows of length ``<= max_len`` that cover ``size``.
-
-    ``max_len=None`` means one window over the whole axis. ``count * length - size`` (the padding)
-    is smaller than ``count``. Integer arithmetic only, so torch.export keeps it symbolic.
-    """
-    if max_len is None:
+    """``(count, length)`` of the fewest equal windows of length ``<= max_len`` (None: the whole axis)
+    that cover ``size``; the padding ``count * length - size`` is below ``count``. Integer arithmetic
+    only, so torch.export keeps it symbolic."""
+    if max_len is None or max_len >= size:
         return 1, size
-    if max_len >= size:
-        return 1, size
-    if _divides(max_len, size):
-        # the general formula gives the same; this form keeps export's symbolic sizes simple
+    divisible = size % max_len == 0
+    if not torch.jit.is_scripting():
+        if isinstance(divisible, torch.SymBool):  # True only where it holds for every size: no guard
+            divisible = statically_known_true(divisible)
+    if divisible:  # the general formula gives the same; this keeps export's symbolic sizes simple
         return size // max_len, max_len
     count = (size + max_len - 1) // max_len
     return count, (size + count - 1) // count
 
 
-def _divides(divisor: int, size: int) -> bool:
-    """``size % divisor == 0`` for ints; for symbolic sizes, True only where it holds for every size
-    (no guard is added, so one exported program serves all sizes)."""
-    divisible = size % divisor == 0
-    if torch.jit.is_scripting():
-        return divisible
-    else:
-        if isinstance(divisible, torch.SymBool):
-            return statically_known_true(divisible)
-        return bool(divisible)
-
-
-def _window_labels(
-        size: Tuple[int, int],
-        padded: Tuple[int, int],
-        window: Tuple[int, int],
-        shift: Tuple[int, int],
+def window_labels(
+        size: Tuple[int, int], padded: Tuple[int, int], window: Tuple[int, int], shift: Tuple[int, int],
         device: torch.device,
 ) -> torch.Tensor:
-    """Per-token region label of the padded, shifted map (Swin's masking, plus padding as -1).
-
-    Two tokens of one window may attend to each other only if their labels are equal: after a
-    cyclic shift, tokens that were not neighbours before it get different labels, and padding
-    tokens get -1 so no real token ever attends to them (padding tokens attend among themselves,
-    which keeps every softmax row finite; their outputs are cropped away). Built from comparisons
-    of ``arange`` (no size-dependent Python branches), so it traces with symbolic sizes.
-    """
+    """Per-token region label of the padded, shifted map: tokens of one window attend to each other
+    only if their labels are equal (Swin's shift regions; padding is -1 and attends only to padding,
+    which keeps every softmax row finite). Comparisons of ``arange``, so it traces with symbolic sizes."""
     labels: List[torch.Tensor] = []
     pads: List[torch.Tensor] = []
     for axis in range(2):
         pos = torch.arange(padded[axis], device=device)
-        # regions in shifted coordinates: [0, P - w), [P - w, P - s), [P - s, P); without a shift the
-        # last "region" is exactly the last window, so labels stay equal inside every window
+        # regions [0, P - w), [P - w, P - s), [P - s, P); unshifted, the last region is the last window
         lab = (pos >= padded[axis] - window[axis]).long() + (pos >= padded[axis] - shift[axis]).long()
         labels.append(lab)
         pads.append(torch.roll(pos >= size[axis], -shift[axis]))
@@ -84,29 +53,13 @@ def _window_labels(
 
 @register_notrace_function
 def window_self_attention(
-        qkv: torch.Tensor,
-        window: Tuple[Optional[int], Optional[int]],
-        shift: bool = False,
-        pe_weight: Optional[torch.Tensor] = None,
-        pe_bias: Optional[torch.Tensor] = None,
-        attn_drop: float = 0.,
+        qkv: torch.Tensor, window: Tuple[Optional[int], Optional[int]], shift: bool = False,
+        pe_weight: Optional[torch.Tensor] = None, pe_bias: Optional[torch.Tensor] = None, attn_drop: float = 0.,
 ) -> torch.Tensor:
-    """Multi-head self-attention within rectangular windows.
-
-    Args:
-        qkv: packed projections, ``(B, H, W, 3, heads, head_dim)``.
-        window: largest window ``(height, width)``; ``None`` = the whole axis. Each axis is cut into
-            :func:`balanced_split` windows; the map is zero-padded at the bottom/right to fit them
-            and padding keys are masked.
-        shift: cyclically shift the map by half a window (Swin) on every axis that has more than
-            one window, so consecutive blocks exchange information across window borders.
-        pe_weight, pe_bias: optional depthwise 3x3 convolution ``(heads * head_dim, 1, 3, 3)``
-            applied to the values of each window and added to the attention output (CSWin's LePE).
-        attn_drop: attention dropout probability (used only in training).
-
-    Returns:
-        ``(B, H, W, heads * head_dim)``.
-    """
+    """Self-attention of ``qkv (B, H, W, 3, heads, head_dim)`` in :func:`balanced_split` windows of at most
+    ``window`` (None: the whole axis; padded bottom/right and masked), rolled by half a window (Swin) on
+    axes of several windows when ``shift``, plus CSWin's LePE when ``pe_weight`` (a depthwise 3x3 conv of
+    the values); returns ``(B, H, W, heads * head_dim)``."""
     B, H, W, _, num_heads, head_dim = qkv.shape
     n_h, win_h = balanced_split(H, window[0])
     n_w, win_w = balanced_split(W, window[1])
@@ -114,8 +67,7 @@ def window_self_attention(
     shift_h = win_h // 2 if shift and n_h > 1 else 0
     shift_w = win_w // 2 if shift and n_w > 1 else 0
     # with symbolic sizes (export) whether padding occurs is unknown: always pad and mask
-    general = is_compiling()
-    padded = general or pad_h > 0 or pad_w > 0
+    padded = is_compiling() or pad_h > 0 or pad_w > 0
     shifted = shift_h > 0 or shift_w > 0
     if padded:
         qkv = F.pad(qkv, (0, 0, 0, 0, 0, 0, 0, pad_w, 0, pad_h))
@@ -128,7 +80,7 @@ def window_self_attention(
 
     mask: Optional[torch.Tensor] = None
     if padded or shifted:
-        labels = _window_labels(
+        labels = window_labels(
             (H, W), (n_h * win_h, n_w * win_w), (win_h, win_w), (shift_h, shift_w), qkv.device)
         labels = labels.reshape(n_h, win_h, n_w, win_w).permute(0, 2, 1, 3).reshape(n_h * n_w, win_len)
         mask = labels[:, :, None] == labels[:, None, :]
@@ -152,38 +104,15 @@ def window_self_attention(
     return out
 
 
-class LocallyEnhancedPositionalEncoding(nn.Conv2d):
-    """CSWin's LePE: a 3x3 depthwise convolution of the values, computed inside each window."""
-
-    def __init__(self, dim: int):
-        super().__init__(dim, dim, kernel_size=3, padding=1, groups=dim)
-
-
 class CrossShapedWindowAttention(nn.Module):
-    """Local aggregation by cross-shaped window self-attention (Eq. 1, Table 2 default): half of the
-    heads in horizontal stripes (``stripe_width`` rows, at most ``stripe_len`` columns), half in
-    vertical ones; the halves are concatenated and projected."""
+    """Cross-shaped window self-attention (Eq. 1, Table 2 default): half of the heads in horizontal
+    stripes (``stripe_width`` rows, at most ``stripe_len`` columns, None: whole rows), half in vertical
+    ones, each with CSWin's LePE (a depthwise 3x3 conv of the values); concatenated and projected."""
 
     def __init__(
-            self,
-            dim: int,
-            num_heads: int,
-            stripe_width: int = 1,
-            stripe_len: Optional[int] = None,
-            qkv_bias: bool = True,
-            attn_drop: float = 0.,
-            proj_drop: float = 0.,
+            self, dim: int, num_heads: int, stripe_width: int = 1, stripe_len: Optional[int] = None,
+            qkv_bias: bool = True, attn_drop: float = 0., proj_drop: float = 0.,
     ):
-        """
-        Args:
-            dim: channels of the input and output.
-            num_heads: attention heads; must be even (one half per stripe direction).
-            stripe_width: stripe width ``sw`` in tokens.
-            stripe_len: longest stripe in tokens; ``None`` = whole rows/columns (CSWin exactly).
-            qkv_bias: add a bias to the query/key/value projection.
-            attn_drop: attention dropout.
-            proj_drop: dropout after the output projection.
-        """
         super().__init__()
         if num_heads % 2 or dim % num_heads:
             raise ValueError(
@@ -195,8 +124,8 @@ class CrossShapedWindowAttention(nn.Module):
         self.stripe_len = stripe_len
         self.attn_drop = attn_drop
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.lepe_h = LocallyEnhancedPositionalEncoding(dim // 2)
-        self.lepe_v = LocallyEnhancedPositionalEncoding(dim // 2)
+        self.lepe_h = nn.Conv2d(dim // 2, dim // 2, kernel_size=3, padding=1, groups=dim // 2)
+        self.lepe_v = nn.Conv2d(dim // 2, dim // 2, kernel_size=3, padding=1, groups=dim // 2)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
@@ -215,28 +144,12 @@ class CrossShapedWindowAttention(nn.Module):
 
 
 class WindowSelfAttention(nn.Module):
-    """Plain multi-head self-attention over the whole map or inside (shifted) square windows."""
+    """Multi-head self-attention over the whole map (``window_size=None``) or in (shifted) square windows."""
 
     def __init__(
-            self,
-            dim: int,
-            num_heads: int,
-            window_size: Optional[int] = None,
-            shift: bool = False,
-            qkv_bias: bool = True,
-            attn_drop: float = 0.,
-            proj_drop: float = 0.,
+            self, dim: int, num_heads: int, window_size: Optional[int] = None, shift: bool = False,
+            qkv_bias: bool = True, attn_drop: float = 0., proj_drop: float = 0.,
     ):
-        """
-        Args:
-            dim: channels of the input and output.
-            num_heads: attention heads (must divide ``dim``).
-            window_size: largest window side in tokens; ``None`` = global attention.
-            shift: shift windows by half a window (only on axes with more than one window).
-            qkv_bias: add a bias to the query/key/value projection.
-            attn_drop: attention dropout.
-            proj_drop: dropout after the output projection.
-        """
         super().__init__()
         if dim % num_heads:
             raise ValueError(f'num_heads={num_heads} must divide dim={dim}.')
@@ -259,30 +172,19 @@ class WindowSelfAttention(nn.Module):
 
 
 def _bilinear_resize(x: torch.Tensor, size: List[int]) -> torch.Tensor:
-    """Anti-aliased bilinear resize of ``(B, C, H, W)``; computed in float32 when the input is half
-    precision, which PyTorch's anti-aliased kernels do not implement on every device."""
-    if x.dtype == torch.float16 or x.dtype == torch.bfloat16:
-        return F.interpolate(
-            x.float(), size=size, mode='bilinear', align_corners=False, antialias=True).to(x.dtype)
-    return F.interpolate(x, size=size, mode='bilinear', align_corners=False, antialias=True)
+    """Anti-aliased bilinear resize, in float32 for half precision (not implemented on every device)."""
+    half = x.dtype == torch.float16 or x.dtype == torch.bfloat16
+    out = F.interpolate(x.float() if half else x, size=size, mode='bilinear', align_corners=False, antialias=True)
+    return out.to(x.dtype)
 
 
 @register_notrace_module  # size-dependent weights: an FX leaf
 class GlobalLearningDownsample(nn.Module):
-    """GLD (Eq. 2): ``X_G = Pos(X) + FC(X)`` with a fixed grid of global tokens.
-
-    ``FC`` is one dense layer along the token axis (weight ``(g*g, h_ref*w_ref)``, no bias) shared by
-    all channels, resampled to other map sizes; ``Pos`` an anti-aliased bilinear down-sampling to the
-    ``g x g`` grid (docs/maformer.md#design-decisions-what-the-paper-leaves-open-and-why).
-    """
+    """GLD (Eq. 2): ``X_G = Pos(X) + FC(X)``, ``(B, H, W, C)`` -> ``(B, g*g, C)``: ``FC`` a dense layer along
+    the tokens of the ``ref_size`` map, resampled to other sizes; ``Pos`` an anti-aliased bilinear
+    down-sampling (docs/maformer.md#design-decisions-what-the-paper-leaves-open-and-why)."""
 
     def __init__(self, ref_size: Tuple[int, int], grid_size: Tuple[int, int]):
-        """
-        Args:
-            ref_size: ``(h_ref, w_ref)``, the map size the FC weights are defined on (the stage's map
-                at a 224x224 input).
-            grid_size: ``(g_h, g_w)``, the grid of global tokens produced at every input size.
-        """
         super().__init__()
         self.ref_size: Tuple[int, int] = (int(ref_size[0]), int(ref_size[1]))
         self.grid_size: Tuple[int, int] = (int(grid_size[0]), int(grid_size[1]))
@@ -300,12 +202,8 @@ class GlobalLearningDownsample(nn.Module):
         return resized.reshape(num_global, size[0] * size[1]) * area_ratio
 
     def pos_matrix(self, size: Tuple[int, int]) -> torch.Tensor:
-        """*Pos* as a ``(g*g, H*W)`` matrix: anti-aliased bilinear down-sampling to the grid.
-
-        Bilinear resizing is linear and separable, so it is the Kronecker product of one
-        ``(g, n)`` resize matrix per axis (obtained by resizing an identity). Folded into the FC
-        weight it costs no extra pass over the map.
-        """
+        """*Pos* as a ``(g*g, H*W)`` matrix: the Kronecker product of one resize matrix per axis
+        (bilinear resizing is linear and separable), folded into the FC weight at no extra pass."""
         device = self.token_mix.weight.device
         rows = _bilinear_resize(torch.eye(size[0], device=device)[None, None], [self.grid_size[0], size[0]])[0, 0]
         cols = _bilinear_resize(torch.eye(size[1], device=device)[None, None], [self.grid_size[1], size[1]])[0, 0]
@@ -313,7 +211,6 @@ class GlobalLearningDownsample(nn.Module):
         return (rows[:, None, :, None] * cols[None, :, None, :]).reshape(rows.shape[0] * cols.shape[0], -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, H, W, C)`` -> ``(B, g*g, C)``."""
         B, H, W, C = x.shape
         weight = (self.mixing_weight((H, W)) + self.pos_matrix((H, W))).to(x.dtype)
         return torch.matmul(weight, x.reshape(B, H * W, C))
@@ -323,27 +220,10 @@ class GlobalLearningDownsample(nn.Module):
 
 
 class MultiScaleAttentionFusion(nn.Module):
-    """Eq. 3-4: ``softmax(Q_L K_G^T / sqrt(d)) V_G`` with multi-head projections and an output projection."""
+    """Eq. 3-4: local tokens ``(B, N, C)`` attend to global ones ``(B, M, C)``, ``softmax(Q_L K_G^T / sqrt(d)) V_G``."""
 
-    def __init__(
-            self,
-            dim: int,
-            num_heads: int,
-            qkv_bias: bool = True,
-            attn_drop: float = 0.,
-            proj_drop: float = 0.,
-    ):
-        """
-        Args:
-            dim: channels of local and global tokens.
-            num_heads: attention heads (must divide ``dim``).
-            qkv_bias: add biases to the query and key/value projections.
-            attn_drop: attention dropout.
-            proj_drop: dropout after the output projection.
-        """
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0., proj_drop: float = 0.):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f'num_heads={num_heads} must divide dim={dim}.')
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.attn_drop = attn_drop
@@ -353,7 +233,6 @@ class MultiScaleAttentionFusion(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x_local: torch.Tensor, x_global: torch.Tensor) -> torch.Tensor:
-        """``x_local (B, N, C)`` queries ``x_global (B, M, C)``; returns ``(B, N, C)``."""
         B, N, C = x_local.shape
         q = self.q(x_local).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
         k, v = self.kv(x_global).reshape(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)

@@ -1,10 +1,8 @@
 """Multi-Stage Cross-Scale Attention (MSCSA), the backbone add-on module, in plain PyTorch (BCHW).
 
 Paper: L. Shang et al., "Vision Backbone Enhancement via Multi-Stage Cross-Scale Attention",
-arXiv:2308.05872 (2023): gathering (Sec. 3.4, Fig. 4), Cross-Scale Attention (Sec. 3.2, Eq. 1-9,
-App. D), Intra-FFN and FFN (Sec. 3.3), the dense variant's fusion (Fig. 5), settings (Table 7).
-The timm models built on it are in :mod:`maformer_zoo.models.mscsa`. What the paper fixes, and
-each choice it leaves open with the reason: docs/mscsa.md#choices-the-paper-leaves-open.
+arXiv:2308.05872 (2023), Sec. 3, Fig. 4-5, Table 7; the timm models are :mod:`maformer_zoo.models.mscsa`.
+Each choice the paper leaves open, with the reason: docs/mscsa.md#choices-the-paper-leaves-open.
 """
 from typing import Dict, List, Optional, Sequence, Tuple, Type
 
@@ -16,12 +14,6 @@ from torch import nn
 from timm.layers import DropPath, register_notrace_function
 
 from ._compile import is_compiling
-
-__all__ = [
-    'MultiStageGather', 'CrossScaleAttention', 'ConvFFN', 'IntraFFN', 'MscsaBlock',
-    'MultiStageCrossScaleAttention', 'InjectionFusion', 'DenseFusion', 'PrunedFusion', 'squeezed_channels',
-    'pooled_size', 'pool_to', 'resize_like', 'chunked_attention', 'inject',
-]
 
 
 def squeezed_channels(in_chs: Sequence[int], squeeze_ratio: Optional[float]) -> List[int]:
@@ -46,8 +38,7 @@ def pooled_size(deepest: torch.Tensor, deepest_stride: int, pool_stride: int) ->
 
 
 def _adaptive_pool_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
-    """``(n_out, n_in)`` matrix whose row ``i`` averages adaptive pooling's window ``i``:
-    ``[floor(i * n_in / n_out), ceil((i + 1) * n_in / n_out))``, as ``adaptive_avg_pool2d``."""
+    """``(n_out, n_in)`` matrix whose row ``i`` averages ``adaptive_avg_pool2d``'s window ``i``."""
     i = torch.arange(n_out, device=like.device)
     start = torch.div(i * n_in, n_out, rounding_mode='floor')
     end = torch.div((i + 1) * n_in + n_out - 1, n_out, rounding_mode='floor')
@@ -58,12 +49,9 @@ def _adaptive_pool_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Te
 
 @register_notrace_function  # branches on sizes: an FX leaf
 def pool_to(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """``adaptive_avg_pool2d`` of ``x`` to ``size`` (a no-op when it already has it).
-
-    Under the ONNX exporter only, two products with window-averaging matrices: ONNX has no adaptive
-    pooling with a computed output size, and one export must serve every size
-    (docs/detectron2.md#deploying-detectors-scriptsexport_detectorpy-detectron2_extexportpy).
-    """
+    """``adaptive_avg_pool2d`` of ``x`` to ``size`` (a no-op when it already has it). Under the ONNX
+    exporter, two products with window-averaging matrices: ONNX has no adaptive pooling to a computed
+    size (docs/detectron2.md#deploying-detectors-scriptsexport_detectorpy-detectron2_extexportpy)."""
     if not torch.jit.is_scripting():  # the ONNX check does not script; scripted code never exports
         if torch.jit.is_tracing() and torch.onnx.is_in_onnx_export():
             rows = _adaptive_pool_matrix(x.shape[-2], size[0], x)
@@ -112,37 +100,19 @@ def inject(feat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, inplace
 
 
 class MultiStageGather(nn.Module):
-    """Pool every stage to one size, squeeze (optional), concatenate (Sec. 3.4, Fig. 4)."""
+    """Pool every stage (shallowest first, at ``in_strides``) to the size at ``pool_stride``, squeeze
+    (1x1 conv + norm, optional), concatenate (Sec. 3.4, Fig. 4)."""
 
-    def __init__(
-            self,
-            in_chs: Sequence[int],
-            in_strides: Sequence[int],
-            pool_stride: int = 32,
-            squeeze_ratio: Optional[float] = None,
-            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
-    ):
-        """
-        Args:
-            in_chs: channels of the backbone stages, shallowest first.
-            in_strides: their strides w.r.t. the input (e.g. 4, 8, 16, 32).
-            pool_stride: stride of the target size, 32 for Table 7's "1/32".
-            squeeze_ratio: channel reduction of the 1x1 squeeze convolutions, None for none.
-            norm_layer: normalisation after each squeeze convolution.
-        """
+    def __init__(self, in_chs: Sequence[int], in_strides: Sequence[int], pool_stride: int = 32,
+                 squeeze_ratio: Optional[float] = None, norm_layer: Type[nn.Module] = nn.BatchNorm2d):
         super().__init__()
         if len(in_chs) != len(in_strides):
             raise ValueError(f'{len(in_chs)} stage widths but {len(in_strides)} strides.')
         self.in_strides = tuple(in_strides)
         self.pool_stride = pool_stride
         self.out_chs = squeezed_channels(in_chs, squeeze_ratio)
-        if squeeze_ratio is None:
-            self.squeeze = None
-        else:
-            self.squeeze = nn.ModuleList([
-                nn.Sequential(nn.Conv2d(c, o, 1, bias=False), norm_layer(o))
-                for c, o in zip(in_chs, self.out_chs)
-            ])
+        self.squeeze = None if squeeze_ratio is None else nn.ModuleList([
+            nn.Sequential(nn.Conv2d(c, o, 1, bias=False), norm_layer(o)) for c, o in zip(in_chs, self.out_chs)])
 
     def forward(self, features: List[torch.Tensor]) -> torch.Tensor:
         size = pooled_size(features[-1], self.in_strides[-1], self.pool_stride)
@@ -154,30 +124,15 @@ class MultiStageGather(nn.Module):
 
 
 class CrossScaleAttention(nn.Module):
-    """Cross-Scale Attention with multi-scale K/V projections and a parallel conv path (Sec. 3.2)."""
+    """Cross-Scale Attention with multi-scale K/V projections and a parallel conv path (Sec. 3.2):
+    ``key_dim`` is ``d`` of Eq. 1, values ``attn_ratio`` times wider (LeViT), ``kv_strides`` Eq. 2's
+    down-samplings; at most ``attn_chunk_elems`` attention elements per image at once."""
 
     def __init__(
-            self,
-            dim: int,
-            num_heads: int = 8,
-            key_dim: int = 32,
-            attn_ratio: float = 2.,
-            kv_strides: Sequence[int] = (2, 3),
-            attn_drop: float = 0.,
-            act_layer: Type[nn.Module] = nn.Hardswish,
+            self, dim: int, num_heads: int = 8, key_dim: int = 32, attn_ratio: float = 2.,
+            kv_strides: Sequence[int] = (2, 3), attn_drop: float = 0., act_layer: Type[nn.Module] = nn.Hardswish,
             attn_chunk_elems: int = 1 << 24,
     ):
-        """
-        Args:
-            dim: channels of the multi-stage map.
-            num_heads: attention heads (Table 7 "#Heads").
-            key_dim: query/key width per head, ``d`` of Eq. 1 (Table 7 "Head Dimension").
-            attn_ratio: value width / key width per head, 2 after LeViT (Sec. 3.2).
-            kv_strides: strides of the depthwise down-sampling convs of Eq. 2 (2x and 3x).
-            attn_drop: dropout on the attention weights (training only).
-            act_layer: activation of the PCP and of the attention output (Hardswish, App. D.2).
-            attn_chunk_elems: most attention-matrix elements per image computed at once.
-        """
         super().__init__()
         self.num_heads = num_heads
         self.key_dim = key_dim
@@ -203,8 +158,7 @@ class CrossScaleAttention(nn.Module):
         self.proj = nn.Sequential(act_layer(), nn.Conv2d(v_chs, dim, 1))
 
     def _heads(self, x: torch.Tensor, head_dim: int) -> torch.Tensor:
-        b = x.shape[0]
-        return x.reshape(b, self.num_heads, head_dim, -1)
+        return x.reshape(x.shape[0], self.num_heads, head_dim, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
@@ -229,22 +183,9 @@ class CrossScaleAttention(nn.Module):
 
 
 class ConvFFN(nn.Module):
-    """1x1 conv -> 3x3 depthwise conv -> activation -> 1x1 conv (Fig. 3c)."""
+    """1x1 conv -> 3x3 depthwise conv -> activation -> 1x1 conv (Fig. 3c), with dropout."""
 
-    def __init__(
-            self,
-            dim: int,
-            hidden_dim: int,
-            act_layer: Type[nn.Module] = nn.GELU,
-            drop: float = 0.,
-    ):
-        """
-        Args:
-            dim: input and output channels.
-            hidden_dim: expanded width (``mlp_ratio * dim``).
-            act_layer: activation after the depthwise convolution.
-            drop: dropout after the activation and after the last projection.
-        """
+    def __init__(self, dim: int, hidden_dim: int, act_layer: Type[nn.Module] = nn.GELU, drop: float = 0.):
         super().__init__()
         self.fc1 = nn.Conv2d(dim, hidden_dim, 1)
         self.dwconv = nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1, groups=hidden_dim)
@@ -261,20 +202,8 @@ class ConvFFN(nn.Module):
 class IntraFFN(nn.Module):
     """One :class:`ConvFFN` per stage's channel slice of the multi-stage map (Sec. 3.3, Fig. 3b)."""
 
-    def __init__(
-            self,
-            stage_chs: Sequence[int],
-            mlp_ratio: float = 2.,
-            act_layer: Type[nn.Module] = nn.GELU,
-            drop: float = 0.,
-    ):
-        """
-        Args:
-            stage_chs: width of every stage's slice; they sum to the multi-stage width.
-            mlp_ratio: expansion of each per-stage FFN.
-            act_layer: FFN activation.
-            drop: FFN dropout.
-        """
+    def __init__(self, stage_chs: Sequence[int], mlp_ratio: float = 2., act_layer: Type[nn.Module] = nn.GELU,
+                 drop: float = 0.):
         super().__init__()
         self.stage_chs = list(stage_chs)
         self.ffns = nn.ModuleList([
@@ -289,50 +218,24 @@ class IntraFFN(nn.Module):
 
 
 class MscsaBlock(nn.Module):
-    """CSA -> Intra-FFN -> CSA -> FFN, each a pre-norm residual sub-layer (Sec. 3.4, App. D.1)."""
+    """CSA -> Intra-FFN -> CSA -> FFN, each a pre-norm residual sub-layer (Sec. 3.4, App. D.1), on a
+    multi-stage map of width ``sum(stage_chs)``; ``proj_drop`` is the FFNs' dropout."""
 
     def __init__(
-            self,
-            stage_chs: Sequence[int],
-            num_heads: int = 8,
-            key_dim: int = 32,
-            mlp_ratio: float = 2.,
-            attn_ratio: float = 2.,
-            proj_drop: float = 0.,
-            attn_drop: float = 0.,
-            drop_path: float = 0.,
-            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
-            attn_act_layer: Type[nn.Module] = nn.Hardswish,
+            self, stage_chs: Sequence[int], num_heads: int = 8, key_dim: int = 32, mlp_ratio: float = 2.,
+            attn_ratio: float = 2., proj_drop: float = 0., attn_drop: float = 0., drop_path: float = 0.,
+            norm_layer: Type[nn.Module] = nn.BatchNorm2d, attn_act_layer: Type[nn.Module] = nn.Hardswish,
             mlp_act_layer: Type[nn.Module] = nn.GELU,
     ):
-        """
-        Args:
-            stage_chs: per-stage widths of the multi-stage map (its width is their sum).
-            num_heads: CSA heads.
-            key_dim: CSA query/key width per head.
-            mlp_ratio: FFN and Intra-FFN expansion (Table 7 "MLP Ratio").
-            attn_ratio: CSA value/key width ratio.
-            proj_drop: FFN dropout.
-            attn_drop: attention-weight dropout.
-            drop_path: stochastic depth rate of all four sub-layers.
-            norm_layer: pre-norm layer (BatchNorm, App. D.1).
-            attn_act_layer: CSA activation (Hardswish).
-            mlp_act_layer: FFN activation.
-        """
         super().__init__()
         dim = sum(stage_chs)
-
-        def csa():
-            return CrossScaleAttention(
-                dim, num_heads=num_heads, key_dim=key_dim, attn_ratio=attn_ratio,
-                attn_drop=attn_drop, act_layer=attn_act_layer)
-
+        csa_args = dict(num_heads=num_heads, key_dim=key_dim, attn_ratio=attn_ratio, attn_drop=attn_drop)
         self.norm1 = norm_layer(dim)
-        self.attn1 = csa()
+        self.attn1 = CrossScaleAttention(dim, act_layer=attn_act_layer, **csa_args)
         self.norm2 = norm_layer(dim)
         self.intra_ffn = IntraFFN(stage_chs, mlp_ratio, act_layer=mlp_act_layer, drop=proj_drop)
         self.norm3 = norm_layer(dim)
-        self.attn2 = csa()
+        self.attn2 = CrossScaleAttention(dim, act_layer=attn_act_layer, **csa_args)
         self.norm4 = norm_layer(dim)
         self.ffn = ConvFFN(dim, int(dim * mlp_ratio), act_layer=mlp_act_layer, drop=proj_drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
@@ -346,48 +249,16 @@ class MscsaBlock(nn.Module):
 
 
 class MultiStageCrossScaleAttention(nn.Module):
-    """The MSCSA trunk: multi-stage gathering followed by ``depth`` MSCSA blocks (Fig. 4).
-
-    Takes the backbone's stage features (shallowest first) and returns the multi-stage map of
-    width ``sum(stage_chs)`` at the pooled resolution.
-    """
+    """The MSCSA trunk (Fig. 4): gathering, then ``depth`` blocks; stage features (shallowest first) ->
+    the multi-stage map. Arguments as Table 7; ``drop_path_rate`` is the last block's (linear from 0)."""
 
     def __init__(
-            self,
-            in_chs: Sequence[int],
-            in_strides: Sequence[int] = (4, 8, 16, 32),
-            pool_stride: int = 32,
-            squeeze_ratio: Optional[float] = None,
-            depth: int = 1,
-            num_heads: int = 8,
-            key_dim: int = 32,
-            mlp_ratio: float = 2.,
-            attn_ratio: float = 2.,
-            proj_drop: float = 0.,
-            attn_drop: float = 0.,
-            drop_path_rate: float = 0.,
-            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
-            attn_act_layer: Type[nn.Module] = nn.Hardswish,
-            mlp_act_layer: Type[nn.Module] = nn.GELU,
+            self, in_chs: Sequence[int], in_strides: Sequence[int] = (4, 8, 16, 32), pool_stride: int = 32,
+            squeeze_ratio: Optional[float] = None, depth: int = 1, num_heads: int = 8, key_dim: int = 32,
+            mlp_ratio: float = 2., attn_ratio: float = 2., proj_drop: float = 0., attn_drop: float = 0.,
+            drop_path_rate: float = 0., norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            attn_act_layer: Type[nn.Module] = nn.Hardswish, mlp_act_layer: Type[nn.Module] = nn.GELU,
     ):
-        """
-        Args:
-            in_chs: backbone stage widths.
-            in_strides: backbone stage strides.
-            pool_stride: Table 7 "Pooling Size" as a stride (32 for 1/32).
-            squeeze_ratio: Table 7 "Squeeze Ratio", None for "-".
-            depth: number of MSCSA blocks (Table 7 "Depth").
-            num_heads: Table 7 "#Heads".
-            key_dim: Table 7 "Head Dimension" (of queries and keys; values are ``attn_ratio`` times wider).
-            mlp_ratio: Table 7 "MLP Ratio".
-            attn_ratio: value/key width ratio (2, LeViT).
-            proj_drop: FFN dropout.
-            attn_drop: attention-weight dropout.
-            drop_path_rate: stochastic depth of the last block; earlier blocks scale linearly.
-            norm_layer: normalisation layer (BatchNorm).
-            attn_act_layer: CSA activation.
-            mlp_act_layer: FFN activation.
-        """
         super().__init__()
         self.gather = MultiStageGather(
             in_chs, in_strides, pool_stride=pool_stride, squeeze_ratio=squeeze_ratio, norm_layer=norm_layer)
@@ -412,33 +283,17 @@ class MultiStageCrossScaleAttention(nn.Module):
 
 
 class InjectionFusion(nn.Module):
-    """Fuse one stage's MSCSA slice into the backbone feature: ``feat * sigmoid(w) + b`` (Fig. 5b)."""
+    """Fuse one stage's MSCSA slice (``in_chs`` wide) into the backbone feature (``out_chs``):
+    ``feat * sigmoid(w) + b`` (Fig. 5b)."""
 
-    def __init__(
-            self,
-            in_chs: int,
-            out_chs: int,
-            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
-    ):
-        """
-        Args:
-            in_chs: width of the stage's slice of the MSCSA output.
-            out_chs: width of the backbone feature it is fused into.
-            norm_layer: normalisation after the 1x1 convolution.
-        """
+    def __init__(self, in_chs: int, out_chs: int, norm_layer: Type[nn.Module] = nn.BatchNorm2d):
         super().__init__()
         self.out_chs = out_chs
         self.embed = nn.Sequential(nn.Conv2d(in_chs, 2 * out_chs, 1, bias=False), norm_layer(2 * out_chs))
 
     def forward(self, feat: torch.Tensor, mscsa_part: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-        """Fused feature.
-
-        Args:
-            feat: the backbone feature (B, out_chs, H, W).
-            mscsa_part: this stage's slice of the MSCSA output, at its pooled resolution.
-            inplace: without autograd, write the result into ``feat`` (the caller no longer needs
-                it); saves a full-resolution tensor at stride 4 of detection-size inputs.
-        """
+        """``inplace``: without autograd, write the result into ``feat`` (the caller no longer needs it);
+        saves a full-resolution tensor at stride 4 of detection-size inputs."""
         if self.training:
             # Fig. 5b's order: BatchNorm statistics are those of the upsampled map
             weight, bias = self.embed(resize_like(mscsa_part, feat)).split(self.out_chs, dim=1)
@@ -458,42 +313,25 @@ class PrunedFusion(nn.Module):
 
 
 class DenseFusion(nn.Module):
-    """The dense-prediction variant's output stage (Fig. 5a): split, upsample, fuse per stage."""
+    """The dense-prediction variant's output stage (Fig. 5a): split the MSCSA map into its stages'
+    slices (``mscsa_chs``), upsample each and fuse it into its backbone feature (``backbone_chs``)."""
 
-    def __init__(
-            self,
-            mscsa_chs: Sequence[int],
-            backbone_chs: Sequence[int],
-            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
-    ):
-        """
-        Args:
-            mscsa_chs: per-stage widths of the MSCSA output (``stage_chs`` of the trunk).
-            backbone_chs: widths of the backbone features being fused.
-            norm_layer: normalisation of the fusion layers.
-        """
+    def __init__(self, mscsa_chs: Sequence[int], backbone_chs: Sequence[int],
+                 norm_layer: Type[nn.Module] = nn.BatchNorm2d):
         super().__init__()
         self.mscsa_chs = list(mscsa_chs)
         self.layers = nn.ModuleList([
             InjectionFusion(i, o, norm_layer=norm_layer) for i, o in zip(mscsa_chs, backbone_chs)])
 
     def prune(self, keep: Sequence[int]) -> None:
-        """Drop the fusion layers of stages not in ``keep`` (their output is not needed)."""
+        """Drop the fusion layers of stages not in ``keep``."""
         for i in range(len(self.layers)):
             if i not in keep:
                 self.layers[i] = PrunedFusion()
 
-    def forward(
-            self,
-            features: List[torch.Tensor],
-            mscsa_out: torch.Tensor,
-            indices: Optional[List[int]] = None,
-            inplace: bool = False,
-    ) -> List[torch.Tensor]:
-        """Fused features of the stages in ``indices`` (all when None), in that order.
-
-        ``inplace``: see :meth:`InjectionFusion.forward`.
-        """
+    def forward(self, features: List[torch.Tensor], mscsa_out: torch.Tensor, indices: Optional[List[int]] = None,
+                inplace: bool = False) -> List[torch.Tensor]:
+        """Fused features of the stages in ``indices`` (all when None), in that order."""
         parts = mscsa_out.split(self.mscsa_chs, dim=1)
         take = list(range(len(self.layers))) if indices is None else indices
         fused: Dict[int, torch.Tensor] = {}

@@ -1,8 +1,5 @@
-"""timm model families of maformer-zoo, one file per family (timm's layout).
-
-Each module registers its entrypoints with timm on import. ``ZOO_MODULES`` names them so
-``maformer_zoo.list_models()`` can tell our models from timm's own.
-"""
+"""timm model families, one file each (registered on import); ``ZOO_MODULES`` names them for
+``maformer_zoo.list_models()``."""
 from .mscsa import *
 from .maformer import *
 

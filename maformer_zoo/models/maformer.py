@@ -3,11 +3,8 @@
 Paper: `MAFormer: A Transformer Network with Multi-scale Attention Fusion for Visual Recognition`
 (Y. Wang et al., 2022) - https://arxiv.org/abs/2209.01620. No official code exists.
 
-Layout (Sec. 3.1, Table 1): convolutional stem to H/4, four stages joined by stride-2 merging,
-MAF blocks (Sec. 3.2; attention in :mod:`maformer_zoo.layers.maf`) in stages 1-2, ViT blocks in 3-4.
-Every choice the paper leaves open, with the reason:
-docs/maformer.md#design-decisions-what-the-paper-leaves-open-and-why; parameters and FLOPs against
-Table 1: docs/maformer.md#measured-against-the-paper.
+Sec. 3.1, Table 1: a convolutional stem, four stages of MAF blocks (1-2) and ViT blocks (3-4). The
+choices the paper leaves open: docs/maformer.md#design-decisions-what-the-paper-leaves-open-and-why.
 """
 from typing import List, Optional, Sequence, Tuple, Type, Union
 
@@ -15,9 +12,7 @@ import torch
 from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import (
-    DropPath, LayerNorm, LayerNorm2d, Mlp, calculate_drop_path_rates, trunc_normal_,
-)
+from timm.layers import DropPath, LayerNorm, LayerNorm2d, Mlp, calculate_drop_path_rates, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
@@ -29,49 +24,21 @@ from ._builder import build_zoo_model, check_input
 
 __all__ = ['MAFormer', 'MafBlock', 'TransformerBlock']
 
-# Smallest input side: one token at stride 32.
-_MIN_INPUT_SIZE = 32
-# Stage map sizes at the 224x224 input fix GLD's reference grid.
-_REF_IMG_SIZE = 224
 # Largest input side with full-length stripes and global stage-3 attention (docs/maformer.md#window-policy-issue-11)
 _FULL_ATTN_IMG_SIZE = 384
 
 
 class MafBlock(nn.Module):
-    """Multi-scale Attention Fusion block (Sec. 3.2, Fig. 1b / 2c, Eq. 1-4) on ``(B, H, W, C)`` maps."""
+    """Multi-scale Attention Fusion block (Sec. 3.2, Fig. 1b / 2c, Eq. 1-4) on ``(B, H, W, C)`` maps:
+    cross-shaped window attention and MLP (local), GLD to a ``global_grid`` of tokens whose FC weights
+    are defined on ``gld_ref_size`` (global), and the local-to-global fusion attention."""
 
     def __init__(
-            self,
-            dim: int,
-            num_heads: int,
-            stripe_width: int,
-            stripe_len: Optional[int],
-            gld_ref_size: Tuple[int, int],
-            global_grid: Tuple[int, int],
-            mlp_ratio: float = 4.,
-            qkv_bias: bool = True,
-            proj_drop: float = 0.,
-            attn_drop: float = 0.,
-            drop_path: float = 0.,
-            act_layer: Type[nn.Module] = nn.GELU,
-            norm_layer: Type[nn.Module] = LayerNorm,
+            self, dim: int, num_heads: int, stripe_width: int, stripe_len: Optional[int],
+            gld_ref_size: Tuple[int, int], global_grid: Tuple[int, int], mlp_ratio: float = 4.,
+            qkv_bias: bool = True, proj_drop: float = 0., attn_drop: float = 0., drop_path: float = 0.,
+            act_layer: Type[nn.Module] = nn.GELU, norm_layer: Type[nn.Module] = LayerNorm,
     ):
-        """
-        Args:
-            dim: channels.
-            num_heads: heads of the local attention and of the fusion attention.
-            stripe_width: cross-shaped window stripe width (tokens).
-            stripe_len: longest stripe (tokens), ``None`` for whole rows/columns.
-            gld_ref_size: map size on which the GLD FC weights are defined.
-            global_grid: grid of global tokens produced by GLD.
-            mlp_ratio: hidden/in channels of the MLP.
-            qkv_bias: biases on the attention projections.
-            proj_drop: dropout after projections and in the MLP.
-            attn_drop: attention dropout.
-            drop_path: stochastic depth rate of the three residual branches.
-            act_layer: MLP activation.
-            norm_layer: normalization of the pre-norms.
-        """
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.local_attn = CrossShapedWindowAttention(
@@ -99,36 +66,14 @@ class MafBlock(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm ViT block (stages 3-4) on ``(B, H, W, C)`` maps; attention global or windowed."""
+    """Pre-norm ViT block (stages 3-4) on ``(B, H, W, C)`` maps; attention global (``window_size=None``)
+    or in windows, shifted by half a window when ``shift``."""
 
     def __init__(
-            self,
-            dim: int,
-            num_heads: int,
-            window_size: Optional[int] = None,
-            shift: bool = False,
-            mlp_ratio: float = 4.,
-            qkv_bias: bool = True,
-            proj_drop: float = 0.,
-            attn_drop: float = 0.,
-            drop_path: float = 0.,
-            act_layer: Type[nn.Module] = nn.GELU,
-            norm_layer: Type[nn.Module] = LayerNorm,
+            self, dim: int, num_heads: int, window_size: Optional[int] = None, shift: bool = False,
+            mlp_ratio: float = 4., qkv_bias: bool = True, proj_drop: float = 0., attn_drop: float = 0.,
+            drop_path: float = 0., act_layer: Type[nn.Module] = nn.GELU, norm_layer: Type[nn.Module] = LayerNorm,
     ):
-        """
-        Args:
-            dim: channels.
-            num_heads: attention heads.
-            window_size: largest attention window side (tokens), ``None`` for global attention.
-            shift: shift the windows by half a window (odd blocks).
-            mlp_ratio: hidden/in channels of the MLP.
-            qkv_bias: bias on the qkv projection.
-            proj_drop: dropout after projections and in the MLP.
-            attn_drop: attention dropout.
-            drop_path: stochastic depth rate.
-            act_layer: MLP activation.
-            norm_layer: normalization of the pre-norms.
-        """
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = WindowSelfAttention(
@@ -182,11 +127,7 @@ class ToChannelsLastMap(nn.Module):
 
 
 class MAFormerStage(nn.Module):
-    """Patch merging followed by ``depth`` blocks on ``(B, H, W, C)`` maps; NCHW in and out.
-
-    Stage outputs are NCHW views of channels-last memory, so ``features_only`` (getter or FX) and
-    the next merging convolution read them without a copy.
-    """
+    """Patch merging and blocks on ``(B, H, W, C)`` maps; NCHW in and out (views of channels-last memory)."""
 
     def __init__(self, downsample: Optional[nn.Module], blocks: Sequence[nn.Module]):
         super().__init__()
@@ -209,60 +150,30 @@ class MAFormer(nn.Module):
 
     def __init__(
             self,
-            in_chans: int = 3,
-            num_classes: int = 1000,
-            global_pool: str = 'avg',
+            in_chans: int = 3, num_classes: int = 1000, global_pool: str = 'avg',
             embed_dims: Tuple[int, int, int, int] = (64, 128, 320, 512),
             depths: Tuple[int, int, int, int] = (3, 5, 8, 3),
-            head_dim: int = 32,
-            mlp_ratio: float = 4.,
-            stripe_widths: Tuple[int, int] = (1, 2),
-            global_grids: Tuple[int, int] = (7, 7),
+            head_dim: int = 32, mlp_ratio: float = 4.,
+            stripe_widths: Tuple[int, int] = (1, 2), global_grids: Tuple[int, int] = (7, 7),
             window_sizes: Tuple[Optional[int], Optional[int]] = (_FULL_ATTN_IMG_SIZE // 16, None),
-            ref_img_size: int = _REF_IMG_SIZE,
-            attn_img_size: int = _FULL_ATTN_IMG_SIZE,
+            ref_img_size: int = 224, attn_img_size: int = _FULL_ATTN_IMG_SIZE,
             qkv_bias: bool = True,
-            drop_rate: float = 0.,
-            proj_drop_rate: float = 0.,
-            attn_drop_rate: float = 0.,
-            drop_path_rate: float = 0.,
-            act_layer: Type[nn.Module] = nn.GELU,
-            norm_layer: Type[nn.Module] = LayerNorm,
+            drop_rate: float = 0., proj_drop_rate: float = 0., attn_drop_rate: float = 0., drop_path_rate: float = 0.,
+            act_layer: Type[nn.Module] = nn.GELU, norm_layer: Type[nn.Module] = LayerNorm,
     ):
         """
         Args:
-            in_chans: image channels.
-            num_classes: classifier outputs (0 for no classifier).
-            global_pool: ``'avg'`` or ``''`` (no pooling in ``forward_head``).
-            embed_dims: channels of the four stages (Table 1 "Dim").
-            depths: blocks of the four stages (Table 1 "Blocks").
-            head_dim: channels per attention head.
-            mlp_ratio: MLP expansion (4 in all Table 1 models).
-            stripe_widths: cross-shaped stripe widths of the MAF stages 1-2.
-            global_grids: side of the GLD global token grid in stages 1-2.
-            window_sizes: stage 3-4 attention window side (``None`` = global attention); the
-                default 24 is the stage-3 map at ``attn_img_size``.
-            ref_img_size: input size at which the GLD weights are used as stored (the ImageNet
-                training size).
-            attn_img_size: largest input side at which stage 1-2 stripes are full-length (stripes
-                of at most ``attn_img_size / 4`` and ``/ 8`` tokens).
-            qkv_bias: biases on the attention projections.
-            drop_rate: dropout before the classifier.
-            proj_drop_rate: dropout after projections and in the MLPs.
-            attn_drop_rate: attention dropout.
-            drop_path_rate: stochastic depth rate of the last block (linear from 0).
-            act_layer: MLP activation.
-            norm_layer: normalization layer of the blocks, merging and final norm.
+            embed_dims, depths: channels and blocks of the four stages (Table 1 "Dim", "Blocks").
+            stripe_widths, global_grids: cross-shaped stripe widths and GLD grid sides of the MAF stages 1-2.
+            window_sizes: stage 3-4 attention window sides (``None``: global); 24 is stage 3 at ``attn_img_size``.
+            ref_img_size: input size at which the GLD weights are used as stored (ImageNet training size).
+            attn_img_size: largest input side at which stage 1-2 stripes are full-length.
         """
         super().__init__()
         if len(embed_dims) != 4 or len(depths) != 4:
             raise ValueError(f'MAFormer has four stages; got embed_dims={embed_dims}, depths={depths}.')
-        if global_pool not in ('avg', ''):
-            raise ValueError(f"global_pool must be 'avg' or ''; got {global_pool!r}.")
-        self.num_classes = num_classes
         self.in_chans = in_chans
-        self.global_pool = global_pool
-        self.min_input_size = _MIN_INPUT_SIZE
+        self.min_input_size = 32  # one token at stride 32
         self.grad_checkpointing = False
         num_heads = [d // head_dim for d in embed_dims]
         ref_sizes = [ref_img_size // (4 * 2 ** i) for i in range(4)]
@@ -270,7 +181,7 @@ class MAFormer(nn.Module):
         window_sizes = [None, None] + list(window_sizes)
 
         self.stem = ConvStem(in_chans, embed_dims[0], act_layer=act_layer)
-        dpr = _per_block_rates(drop_path_rate, depths)
+        dpr = calculate_drop_path_rates(drop_path_rate, depths, stagewise=True)
         common = dict(
             mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
             act_layer=act_layer, norm_layer=norm_layer)
@@ -278,10 +189,9 @@ class MAFormer(nn.Module):
         stages = []
         for i in range(4):
             if i < 2:
-                ref = ref_sizes[i]
                 blocks = [MafBlock(
                     embed_dims[i], num_heads[i], stripe_width=stripe_widths[i], stripe_len=stripe_lens[i],
-                    gld_ref_size=(ref, ref), global_grid=(global_grids[i], global_grids[i]),
+                    gld_ref_size=(ref_sizes[i], ref_sizes[i]), global_grid=(global_grids[i], global_grids[i]),
                     drop_path=dpr[i][j], **common) for j in range(depths[i])]
             else:
                 blocks = [TransformerBlock(
@@ -296,7 +206,7 @@ class MAFormer(nn.Module):
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.norm = norm_layer(self.num_features)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.reset_classifier(num_classes, global_pool)
         self.apply(self._init_weights)
 
     def _init_weights(self, m: nn.Module) -> None:
@@ -313,14 +223,9 @@ class MAFormer(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(
-            stem=r'^stem',
-            blocks=r'^stages\.(\d+)' if coarse else [
-                (r'^stages\.(\d+)\.downsample', (0,)),
-                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
-                (r'^norm', (99999,)),
-            ],
-        )
+        blocks = r'^stages\.(\d+)' if coarse else [
+            (r'^stages\.(\d+)\.downsample', (0,)), (r'^stages\.(\d+)\.blocks\.(\d+)', None), (r'^norm', (99999,))]
+        return dict(stem=r'^stem', blocks=blocks)
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -346,24 +251,11 @@ class MAFormer(nn.Module):
             check_input(x, self.in_chans, self.min_input_size, 'MAFormer', self.stem.conv1.weight.dtype)
 
     def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
+            self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None, norm: bool = False,
+            stop_early: bool = False, output_fmt: str = 'NCHW', intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs (strides 4, 8, 16, 32) and optionally the final features.
-
-        Args:
-            x: images ``(B, in_chans, H, W)``, any ``H, W >= 32``.
-            indices: take the last ``n`` stages if an int, all if ``None``, else these stage indices.
-            norm: apply the final norm to the last stage's output when it is taken.
-            stop_early: stop after the last stage taken.
-            output_fmt: ``'NCHW'`` or ``'NHWC'``.
-            intermediates_only: return only the list of intermediates.
-        """
+        """Stage outputs (strides 4, 8, 16, 32) and optionally the final features (timm's API);
+        ``norm`` applies the final norm to the last stage's output when it is taken."""
         if output_fmt not in ('NCHW', 'NHWC'):
             # concatenation, not an f-string: TorchScript compiles this method (features_only)
             raise ValueError("output_fmt must be 'NCHW' or 'NHWC'; got '" + output_fmt + "'.")
@@ -388,12 +280,8 @@ class MAFormer(nn.Module):
         return x, intermediates
 
     def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
+            self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True,
     ) -> List[int]:
-        """Drop the stages (and norm / head) not needed to produce the given intermediates."""
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         self.stages = self.stages[:max_index + 1]
         if max_index < len(self.feature_info) - 1:
@@ -406,7 +294,6 @@ class MAFormer(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images ``(B, in_chans, H, W)`` -> normalized stride-32 features ``(B, C, H/32, W/32)``."""
         self._check_input(x)
         return self._norm_nchw(self.stages(self.stem(x)))
 
@@ -423,34 +310,16 @@ class MAFormer(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _per_block_rates(drop_path_rate: float, depths: Sequence[int]) -> List[List[float]]:
-    """Stochastic depth rates growing linearly over all blocks, grouped per stage."""
-    rates = calculate_drop_path_rates(drop_path_rate, sum(depths))
-    out, start = [], 0
-    for d in depths:
-        out.append(rates[start:start + d])
-        start += d
-    return out
-
-
 def _create_maformer(variant: str, pretrained: bool = False, **kwargs) -> MAFormer:
     return build_zoo_model(MAFormer, variant, pretrained, **kwargs)  # our checkpoints need no key conversion
 
 
 def _cfg(**kwargs) -> dict:
     return {
-        'url': '',
-        'num_classes': 1000,
-        'input_size': (3, 224, 224),
-        'pool_size': (7, 7),
-        'crop_pct': 0.9,
-        'interpolation': 'bicubic',
-        'fixed_input_size': False,
-        'mean': IMAGENET_DEFAULT_MEAN,
-        'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'stem.conv1',
-        'classifier': 'head',
-        'license': 'apache-2.0',
+        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': 0.9, 'interpolation': 'bicubic', 'fixed_input_size': False,
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'stem.conv1', 'classifier': 'head', 'license': 'apache-2.0',
         'paper_ids': 'arXiv:2209.01620',
         'paper_name': 'MAFormer: A Transformer Network with Multi-scale Attention Fusion for Visual Recognition',
         **kwargs,

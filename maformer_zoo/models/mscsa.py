@@ -3,11 +3,8 @@
 Paper: `Vision Backbone Enhancement via Multi-Stage Cross-Scale Attention` (Shang et al., 2023)
     - https://arxiv.org/abs/2308.05872
 
-The base is timm's own model (``timm.create_model``, read through ``forward_intermediates``), so
-timm's weights of it load (``pretrained_base=True``). The classification variant feeds the MSCSA
-map (:mod:`maformer_zoo.layers.mscsa`) to the classifier (Fig. 4); ``features_only=True`` or
-``dense_fusion=True`` fuses it into every stage (Fig. 5). Settings: Table 7. Usage, the choices the
-paper leaves open and measurements: docs/mscsa.md#choices-the-paper-leaves-open.
+The base is timm's own model; the MSCSA map feeds the classifier (Fig. 4) or, ``features_only``, is fused
+into every stage (Fig. 5); settings of Table 7. Usage and choices: docs/mscsa.md#choices-the-paper-leaves-open.
 """
 import re
 from typing import Any, Dict, List, Optional, Set, Tuple, Type, Union
@@ -24,6 +21,7 @@ from timm.models._features import feature_take_indices
 from timm.models.swin_transformer import window_partition, window_reverse
 
 from ..layers._compile import is_compiling
+from ..layers.maf import window_labels
 from ..layers.mscsa import DenseFusion, MultiStageCrossScaleAttention
 from ._builder import build_zoo_model, check_input, create_base
 
@@ -40,10 +38,8 @@ def _stage_indices(base: nn.Module, base_name: str) -> Tuple[List[int], List[Dic
     for stride in _STAGE_STRIDES:
         matches = [i for i, info in enumerate(infos) if info.get('reduction') == stride]
         if not matches:
-            raise ValueError(
-                f"Base model '{base_name}' has no feature at stride {stride} (its feature_info has "
-                f"strides {[info.get('reduction') for info in infos]}); MSCSA needs four stages at "
-                f"strides {_STAGE_STRIDES}.")
+            raise ValueError(f"Base model '{base_name}' has no feature at stride {stride} (its feature_info has "
+                             f"strides {[info.get('reduction') for info in infos]}); MSCSA needs {_STAGE_STRIDES}.")
         indices.append(matches[-1])
     return indices, [infos[i] for i in indices]
 
@@ -76,21 +72,11 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
 @register_notrace_function  # sizes are Proxies under FX: a leaf
 def swin_shift_mask(x: torch.Tensor, window: Tuple[int, int], shift: Tuple[int, int]) -> torch.Tensor:
     """Additive mask ``(num_windows, N, N)`` of timm's shifted Swin windows on the padded, shifted map
-    ``x (B, Hp, Wp, C)``: 0 between tokens of one region, -100 across regions.
-
-    The values of timm's ``SwinTransformerBlock.get_attn_mask(x)``; built from comparisons of
-    ``arange`` instead of item assignment, so FX keeps it as a leaf and export keeps sizes symbolic.
-    """
-    labels: List[torch.Tensor] = []
-    for axis in range(2):
-        size = x.shape[axis + 1]
-        pos = torch.arange(size, device=x.device)
-        if shift[axis] > 0:
-            # regions [0, P - w), [P - w, P - s), [P - s, P)
-            labels.append((pos >= size - window[axis]).long() + (pos >= size - shift[axis]).long())
-        else:
-            labels.append(torch.zeros_like(pos))  # timm's last region then covers the whole axis
-    label = labels[0][:, None] * 3 + labels[1][None, :]
+    ``x (B, Hp, Wp, C)``: the values of timm's ``SwinTransformerBlock.get_attn_mask(x)`` (0 within a
+    region, -100 across), from :func:`window_labels` instead of item assignment, so that export keeps
+    sizes symbolic."""
+    size = (x.shape[1], x.shape[2])
+    label = window_labels(size, size, window, shift, x.device)
     rows, cols = label.shape[0] // window[0], label.shape[1] // window[1]
     label = label.reshape(rows, window[0], cols, window[1]).permute(0, 2, 1, 3).reshape(rows * cols, -1)
     across = label[:, None, :] != label[:, :, None]
@@ -123,80 +109,42 @@ class MscsaNet(nn.Module):
     def __init__(
             self,
             base_model: str,
-            squeeze_ratio: Optional[float] = None,
-            depth: int = 1,
-            num_heads: int = 8,
-            key_dim: int = 32,
-            mlp_ratio: float = 2.,
-            attn_ratio: float = 2.,
-            pool_stride: int = 32,
-            num_classes: int = 1000,
-            in_chans: int = 3,
-            global_pool: str = 'avg',
-            drop_rate: float = 0.,
-            proj_drop_rate: float = 0.,
-            attn_drop_rate: float = 0.,
-            drop_path_rate: float = 0.,
-            base_drop_path_rate: Optional[float] = None,
-            dense_fusion: bool = False,
-            pretrained_base: bool = False,
-            base_pretrained_cfg_overlay: Optional[Dict[str, Any]] = None,
-            base_kwargs: Optional[Dict[str, Any]] = None,
-            input_multiple: int = 1,
-            min_input_size: int = 32,
-            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
-            attn_act_layer: Type[nn.Module] = nn.Hardswish,
-            mlp_act_layer: Type[nn.Module] = nn.GELU,
-            model_name: Optional[str] = None,
-            device: Optional[Union[str, torch.device]] = None,
-            dtype: Optional[torch.dtype] = None,
+            squeeze_ratio: Optional[float] = None, depth: int = 1, num_heads: int = 8, key_dim: int = 32,
+            mlp_ratio: float = 2., attn_ratio: float = 2., pool_stride: int = 32,
+            num_classes: int = 1000, in_chans: int = 3, global_pool: str = 'avg',
+            drop_rate: float = 0., proj_drop_rate: float = 0., attn_drop_rate: float = 0., drop_path_rate: float = 0.,
+            base_drop_path_rate: Optional[float] = None, dense_fusion: bool = False,
+            pretrained_base: bool = False, base_pretrained_cfg_overlay: Optional[Dict[str, Any]] = None,
+            base_kwargs: Optional[Dict[str, Any]] = None, input_multiple: int = 1, min_input_size: int = 32,
+            norm_layer: Type[nn.Module] = nn.BatchNorm2d, attn_act_layer: Type[nn.Module] = nn.Hardswish,
+            mlp_act_layer: Type[nn.Module] = nn.GELU, model_name: Optional[str] = None,
+            device: Optional[Union[str, torch.device]] = None, dtype: Optional[torch.dtype] = None,
     ):
         """
         Args:
             base_model: timm name of the base (``'resnet50'``, or with a weight tag ``'resnet50.tv_in1k'``).
-            squeeze_ratio: Table 7 "Squeeze Ratio" (None for "-").
-            depth: Table 7 "Depth" (MSCSA blocks).
-            num_heads: Table 7 "#Heads".
-            key_dim: Table 7 "Head Dimension" (queries/keys; values are ``attn_ratio`` times wider).
-            mlp_ratio: Table 7 "MLP Ratio".
-            attn_ratio: value/key head-width ratio (2, after LeViT).
-            pool_stride: Table 7 "Pooling Size" as a stride (32 for 1/32).
-            num_classes: classifier outputs (0 for none).
-            in_chans: input channels.
-            global_pool: timm pooling type of the classifier.
-            drop_rate: dropout before the classifier.
-            proj_drop_rate: dropout in the MSCSA FFNs.
-            attn_drop_rate: dropout of the CSA attention weights.
-            drop_path_rate: stochastic depth of the MSCSA blocks (and of the base, see next).
-            base_drop_path_rate: stochastic depth of the base; ``drop_path_rate`` when None.
-            dense_fusion: build the fusion layers of the dense-prediction variant (Fig. 5); set
-                automatically by ``features_only=True``.
-            pretrained_base: load timm's pretrained weights into the base (only).
-            base_pretrained_cfg_overlay: ``pretrained_cfg_overlay`` for the base, e.g.
-                ``dict(file='resnet50.safetensors')`` or ``dict(state_dict=sd)`` to load local weights.
-            base_kwargs: further keyword arguments of the base's ``timm.create_model``.
+            squeeze_ratio ... pool_stride: Table 7 (``key_dim`` of queries/keys; values ``attn_ratio`` times wider).
+            drop_path_rate: of the MSCSA blocks, and of the base unless ``base_drop_path_rate`` is given.
+            dense_fusion: build the dense-prediction variant's fusion layers (Fig. 5; ``features_only``).
+            pretrained_base: load timm's weights into the base only, from ``base_pretrained_cfg_overlay``
+                (e.g. ``dict(file='resnet50.safetensors')``) if given; ``base_kwargs`` go to its ``create_model``.
             input_multiple: inputs are zero-padded (bottom/right) to a multiple of this.
-            min_input_size: smallest input side accepted.
-            norm_layer: MSCSA normalisation layer.
-            attn_act_layer: CSA activation.
-            mlp_act_layer: FFN activation.
-            model_name: name used in error messages.
-            device: device to create the parameters on.
-            dtype: parameter dtype.
         """
         super().__init__()
         self.model_name = model_name or f'{base_model}+MSCSA'
         self.num_classes = num_classes
         self.in_chans = in_chans
-        self.drop_rate = drop_rate
         self.input_multiple = input_multiple
         self.min_input_size = min_input_size
         self.grad_checkpointing = False
         self.num_stages = len(_STAGE_STRIDES)  # an attribute: TorchScript reads no module globals
 
-        self.base = self._create_base(
-            base_model, in_chans, pretrained_base, base_pretrained_cfg_overlay,
-            drop_path_rate if base_drop_path_rate is None else base_drop_path_rate, base_kwargs or {})
+        base_kwargs = dict(base_kwargs or {})
+        if base_pretrained_cfg_overlay:
+            base_kwargs['pretrained_cfg_overlay'] = base_pretrained_cfg_overlay
+        self.base = create_base(
+            base_model, pretrained_base, in_chans=in_chans,
+            drop_path_rate=drop_path_rate if base_drop_path_rate is None else base_drop_path_rate, **base_kwargs)
         self._base_indices, base_info = _stage_indices(self.base, base_model)
         # the MSCSA branch replaces the base's classifier and final norm
         self.base.prune_intermediate_layers(self._base_indices, prune_norm=True, prune_head=True)
@@ -211,38 +159,15 @@ class MscsaNet(nn.Module):
         self.fusion = DenseFusion(self.mscsa.stage_chs, base_chs, norm_layer=norm_layer) if dense_fusion else None
         self.norm = norm_layer(self.num_features)
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        self.feature_info = [
+            dict(num_chs=c, reduction=s, module=f'fusion.layers.{i}' if dense_fusion else f"base.{info['module']}")
+            for i, (c, s, info) in enumerate(zip(base_chs, _STAGE_STRIDES, base_info))]
 
-        if dense_fusion:
-            self.feature_info = [
-                dict(num_chs=c, reduction=s, module=f'fusion.layers.{i}')
-                for i, (c, s) in enumerate(zip(base_chs, _STAGE_STRIDES))]
-        else:
-            self.feature_info = [
-                dict(num_chs=c, reduction=s, module=f"base.{info['module']}")
-                for c, s, info in zip(base_chs, _STAGE_STRIDES, base_info)]
-
-        self._init_mscsa_weights()
-        if device is not None or dtype is not None:
-            self.to(device=device, dtype=dtype)
-
-    @staticmethod
-    def _create_base(
-            base_model: str,
-            in_chans: int,
-            pretrained: bool,
-            pretrained_cfg_overlay: Optional[Dict[str, Any]],
-            drop_path_rate: float,
-            base_kwargs: Dict[str, Any],
-    ) -> nn.Module:
-        kwargs = dict(in_chans=in_chans, drop_path_rate=drop_path_rate, **base_kwargs)
-        if pretrained_cfg_overlay:
-            kwargs['pretrained_cfg_overlay'] = pretrained_cfg_overlay
-        return create_base(base_model, pretrained, **kwargs)
-
-    def _init_mscsa_weights(self) -> None:
         if isinstance(self.head.fc, nn.Linear):
             trunc_normal_(self.head.fc.weight, std=.02)
             nn.init.zeros_(self.head.fc.bias)
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
@@ -271,9 +196,8 @@ class MscsaNet(nn.Module):
         self.num_classes = num_classes
         self.head.reset(num_classes, pool_type=global_pool)
 
-    def _base_features(
-            self, x: torch.Tensor, indices: Optional[List[int]] = None, stop_early: bool = False,
-    ) -> List[torch.Tensor]:
+    def _base_features(self, x: torch.Tensor, indices: Optional[List[int]] = None,
+                       stop_early: bool = False) -> List[torch.Tensor]:
         """The base's stage features (all four, or the stages in ``indices``)."""
         if not torch.jit.is_scripting():
             check_input(x, self.in_chans, self.min_input_size, self.model_name, next(self.parameters()).dtype)
@@ -321,54 +245,31 @@ class MscsaNet(nn.Module):
     def _scripted_resnet_stages(self, x: torch.Tensor, base_indices: List[int]) -> List[torch.Tensor]:
         """timm ResNet's feature indices 1-4 (``layer1``-``layer4``), for TorchScript only."""
         base = self.base
-        x = base.maxpool(base.act1(base.bn1(base.conv1(x))))
+        x1 = base.layer1(base.maxpool(base.act1(base.bn1(base.conv1(x)))))
+        x2 = base.layer2(x1)
+        x3 = base.layer3(x2)
         out: List[torch.Tensor] = []
-        x = base.layer1(x)
-        if 1 in base_indices:
-            out.append(x)
-        x = base.layer2(x)
-        if 2 in base_indices:
-            out.append(x)
-        x = base.layer3(x)
-        if 3 in base_indices:
-            out.append(x)
-        x = base.layer4(x)
-        if 4 in base_indices:
-            out.append(x)
+        for i, feat in enumerate([x1, x2, x3, base.layer4(x3)]):
+            if i + 1 in base_indices:
+                out.append(feat)
         return out
 
     def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
+            self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None, norm: bool = False,
+            stop_early: bool = False, output_fmt: str = 'NCHW', intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Forward features that returns intermediates (docs/mscsa.md#choices-the-paper-leaves-open).
-
-        Args:
-            x: input images.
-            indices: take the last n stages if int, all if None, these stages if a sequence.
-            norm: must be False: the stage features have no final norm (MSCSA replaces the base's).
-            stop_early: without fusion layers, run the base only up to the deepest stage taken and
-                skip MSCSA (the returned final features are then that stage's output). With them it
-                changes nothing: every fused stage needs MSCSA, which reads every base stage.
-            output_fmt: ``'NCHW'`` or ``'NHWC'``.
-            intermediates_only: return only the intermediates.
-
-        Returns:
-            The intermediates (fused features with ``dense_fusion``, else the base's stage
-            features), or a tuple of the final features (``forward_features``) and them.
+        """timm's API; the intermediates are the fused features with ``dense_fusion``, else the base's
+        stage features (docs/mscsa.md#choices-the-paper-leaves-open). ``norm`` must be False (MSCSA
+        replaces the base's final norm). ``stop_early`` without fusion layers runs the base only up to
+        the deepest stage taken and skips MSCSA (the final features are then that stage's output); with
+        them it changes nothing (every fused stage needs MSCSA, which reads every base stage).
         """
         if output_fmt not in ('NCHW', 'NHWC'):
             # concatenation, not an f-string: TorchScript compiles this method (features_only)
             raise ValueError("output_fmt must be 'NCHW' or 'NHWC'; got '" + output_fmt + "'.")
         if norm:
-            raise ValueError(
-                self.model_name + " has no final norm for its stage features (MSCSA replaces the base's "
-                'norm; forward_features is normalised already): call forward_intermediates with norm=False.')
+            raise ValueError(self.model_name + " has no final norm for its stage features (MSCSA replaces the base's "
+                             'norm; forward_features is normalised): call forward_intermediates with norm=False.')
         take_indices, _ = feature_take_indices(self.num_stages, indices)
         if self.fusion is None and stop_early:
             intermediates = self._base_features(x, take_indices, stop_early=True)
@@ -389,15 +290,9 @@ class MscsaNet(nn.Module):
         return x, intermediates
 
     def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
+            self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True,
     ) -> List[int]:
-        """Remove what the requested intermediates do not need (head, final norm, unused fusion layers).
-
-        The base's stages all stay: MSCSA reads every one of them.
-        """
+        """Remove the head, final norm and unused fusion layers; the base's stages all stay (MSCSA reads them)."""
         take_indices, _ = feature_take_indices(self.num_stages, indices)
         if prune_head:
             self.reset_classifier(0, '')
@@ -425,13 +320,9 @@ class MscsaNet(nn.Module):
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: MscsaNet) -> Dict[str, torch.Tensor]:
-    """Prepare a checkpoint for ``model``.
-
-    * refuses a checkpoint of the bare base model with a pointer to ``pretrained_base``;
-    * keeps the model's own initialisation of fusion layers the checkpoint lacks (a classification
-      checkpoint loaded into the dense variant, Fig. 5: those layers are trained on the dense task),
-      and drops the fusion layers of a dense checkpoint loaded into the classification variant.
-    """
+    """Refuse a bare base model's checkpoint; keep the model's own fusion layers where the checkpoint
+    has none (a classification checkpoint in the dense variant: they train on the dense task, Fig. 5),
+    and drop a dense checkpoint's fusion layers in the classification variant."""
     if state_dict and not any(k.startswith(('base.', 'mscsa.')) for k in state_dict):
         raise ValueError(
             f"This checkpoint has no 'base.' or 'mscsa.' keys (first keys: {list(state_dict)[:3]}): it looks "
@@ -453,27 +344,23 @@ def _create_mscsa(variant: str, pretrained: bool = False, **kwargs: Any) -> Mscs
     return build_zoo_model(MscsaNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
-def _cfg(variant: str, **kwargs: Any) -> Dict[str, Any]:
+def _cfg(**kwargs: Any) -> Dict[str, Any]:
     return {
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.9, 'interpolation': 'bicubic', 'fixed_input_size': False,
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'classifier': 'head.fc', 'license': 'apache-2.0',
-        'paper_ids': 'arXiv:2308.05872',
-        'paper_name': 'Vision Backbone Enhancement via Multi-Stage Cross-Scale Attention',
-        **kwargs,
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7), 'crop_pct': 0.9,
+        'interpolation': 'bicubic', 'fixed_input_size': False, 'mean': IMAGENET_DEFAULT_MEAN,
+        'std': IMAGENET_DEFAULT_STD, 'classifier': 'head.fc', 'license': 'apache-2.0', 'paper_ids': 'arXiv:2308.05872',
+        'paper_name': 'Vision Backbone Enhancement via Multi-Stage Cross-Scale Attention', **kwargs,
     }
 
 
 default_cfgs = generate_default_cfgs({
-    'resnet18_mscsa.in1k': _cfg('resnet18_mscsa', first_conv='base.conv1', crop_pct=0.875),
-    'resnet50_mscsa.in1k': _cfg('resnet50_mscsa', first_conv='base.conv1', crop_pct=0.875),
-    'pvt_v2_b0_mscsa.in1k': _cfg('pvt_v2_b0_mscsa', first_conv='base.patch_embed.proj'),
-    'pvt_v2_b1_mscsa.in1k': _cfg('pvt_v2_b1_mscsa', first_conv='base.patch_embed.proj'),
-    'pvt_v2_b2_mscsa.in1k': _cfg('pvt_v2_b2_mscsa', first_conv='base.patch_embed.proj'),
-    'swin_tiny_patch4_window7_224_mscsa.in1k': _cfg(
-        'swin_tiny_patch4_window7_224_mscsa', first_conv='base.patch_embed.proj'),
-    'convnext_tiny_mscsa.in1k': _cfg('convnext_tiny_mscsa', first_conv='base.stem.0', crop_pct=0.875),
+    'resnet18_mscsa.in1k': _cfg(first_conv='base.conv1', crop_pct=0.875),
+    'resnet50_mscsa.in1k': _cfg(first_conv='base.conv1', crop_pct=0.875),
+    'pvt_v2_b0_mscsa.in1k': _cfg(first_conv='base.patch_embed.proj'),
+    'pvt_v2_b1_mscsa.in1k': _cfg(first_conv='base.patch_embed.proj'),
+    'pvt_v2_b2_mscsa.in1k': _cfg(first_conv='base.patch_embed.proj'),
+    'swin_tiny_patch4_window7_224_mscsa.in1k': _cfg(first_conv='base.patch_embed.proj'),
+    'convnext_tiny_mscsa.in1k': _cfg(first_conv='base.stem.0', crop_pct=0.875),
 })
 
 
