@@ -28,12 +28,13 @@ def add_fusion_fpn_config(cfg: CN) -> None:
 
 def add_timm_backbone_config(cfg: CN) -> None:
     """The timm backbone adapter's keys (``MODEL.TIMM.*``) and the optimizer's (``SOLVER.OPTIMIZER``,
-    ``SOLVER.BETAS``, ``SOLVER.NO_WEIGHT_DECAY_KEYWORDS``)."""
+    ``SOLVER.BETAS``, ``SOLVER.FUSED``, ``SOLVER.NO_WEIGHT_DECAY_KEYWORDS``)."""
     _set_defaults(cfg.MODEL, TIMM=CN())
     _set_defaults(cfg.MODEL.TIMM, NAME='', PRETRAINED=False, CHECKPOINT='', PRETRAINED_BASE=False, OUT_INDICES=[],
                   FREEZE_AT=0, NORM='FrozenBN', DROP_PATH_RATE=0.0, GRAD_CKPT=False, SIZE_DIVISIBILITY=0,
                   IMG_SIZE=0, KWARGS=CN(new_allowed=True))
-    _set_defaults(cfg.SOLVER, OPTIMIZER='SGD', BETAS=[0.9, 0.999], NO_WEIGHT_DECAY_KEYWORDS=[
+    # FUSED: torch's one-pass optimizer kernel (3x faster steps on a CPU; other round-off than the default's)
+    _set_defaults(cfg.SOLVER, OPTIMIZER='SGD', BETAS=[0.9, 0.999], FUSED=False, NO_WEIGHT_DECAY_KEYWORDS=[
         'pos_embed', 'absolute_pos_embed', 'relative_position_bias_table', 'cls_token', 'rel_pos_h', 'rel_pos_w'])
 
 
