@@ -1,13 +1,15 @@
 #!/usr/bin/env python
-"""Seconds per training iteration of `make demo`'s model under OpenMP wait settings.
+"""Seconds per training iteration of `make demo`'s model: OpenMP wait settings, and an older tree.
 
-Each setting runs in its own process (OpenMP reads its environment when torch loads), the
-settings interleaved round by round; the table gives the median wall-clock seconds per iteration
-and the ratio to ``passive`` (the demo's setting until 2026-12-02). ``--neighbour`` runs a 2-thread
-torch matmul loop beside every run: how a busy machine treats each setting. docs/demo.md records
-the numbers and the choice.
+Each run is its own process (OpenMP reads its environment when torch loads), the runs interleaved
+round by round; the table gives the median wall-clock seconds per iteration and the ratio to the
+first row. ``--baseline REV`` adds a first row that trains REV's demo (its code and its demo config,
+extracted with ``git archive``) under ``--baseline-setting``: the tree of issue 23 is c9f6e0c, whose
+demo waited passively. ``--neighbour`` runs a 2-thread torch matmul loop beside every run: how a
+busy machine treats each setting. docs/demo.md records the numbers and the choices.
 
     python benchmarks/demo_iteration.py                          # ~6 min on 2 idle cores
+    python benchmarks/demo_iteration.py --baseline c9f6e0c --settings spin-1k
     python benchmarks/demo_iteration.py --neighbour --rounds 1
     python benchmarks/demo_iteration.py --tiny                   # a 1-round smoke run
 """
@@ -43,8 +45,11 @@ def _child(args) -> None:
     from detectron2_ext.data import register_synthetic_dataset, write_synthetic_coco
     from detectron2_ext.engine import Trainer
 
+    import detectron2_ext
+    if not os.path.abspath(detectron2_ext.__file__).startswith(os.path.join(os.path.abspath(args.tree), '')):
+        raise SystemExit(f'detectron2_ext came from {detectron2_ext.__file__}, not from {args.tree}')
     torch.set_num_threads(args.threads)
-    config = os.path.join(REPO, 'configs', 'demo', 'mask_rcnn_resnet18_mscsa_fine_fpn_demo.yaml')
+    config = os.path.join(args.tree, 'configs', 'demo', 'mask_rcnn_resnet18_mscsa_fine_fpn_demo.yaml')
     with tempfile.TemporaryDirectory() as tmp:
         total = args.warmup + args.iters
         cfg = load_config(config, ['OUTPUT_DIR', os.path.join(tmp, 'model'), 'SOLVER.MAX_ITER', total,
@@ -74,9 +79,58 @@ def _neighbour() -> subprocess.Popen:
     return subprocess.Popen([sys.executable, '-c', code])
 
 
+def _extract(rev: str, tmp: str) -> str:
+    """REV's tracked files in a new folder under ``tmp`` (its Python and configs run from there)."""
+    tree = os.path.join(tmp, 'baseline')
+    os.makedirs(tree)
+    archive = subprocess.run(['git', '-C', REPO, 'archive', '--format=tar', rev], check=True,
+                             capture_output=True).stdout
+    subprocess.run(['tar', '-x', '-C', tree], input=archive, check=True)
+    with open(os.path.join(tree, 'COMMIT'), 'w') as f:
+        f.write(subprocess.run(['git', '-C', REPO, 'rev-parse', rev], check=True, capture_output=True,
+                               text=True).stdout.strip())
+    return tree
+
+
+def _commit(tree: str) -> str:
+    if tree != REPO:
+        with open(os.path.join(tree, 'COMMIT')) as f:
+            return f.read()
+    head = subprocess.run(['git', '-C', REPO, 'rev-parse', 'HEAD'], capture_output=True, text=True)
+    return head.stdout.strip() if head.returncode == 0 else 'this tree (not a git checkout)'
+
+
+def _measure(runs, args) -> dict:
+    """Per-iteration seconds of every run, the runs' order reversed every other round."""
+    per_run = {row: [] for row, _, _ in runs}
+    for r in range(args.rounds):
+        for row, tree, setting in (runs if r % 2 == 0 else runs[::-1]):
+            env = {k: v for k, v in os.environ.items() if k not in ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT')}
+            env.update(SETTINGS[setting])
+            # the tree's own packages first (an editable install of this tree comes after PYTHONPATH)
+            env['PYTHONPATH'] = os.pathsep.join([tree] + [p for p in [env.get('PYTHONPATH')] if p])
+            neighbour = _neighbour() if args.neighbour else None
+            try:
+                out = subprocess.run([sys.executable, __file__, '--child', '--tree', tree, '--warmup',
+                                      str(args.warmup), '--iters', str(args.iters), '--threads',
+                                      str(args.threads)], env=env, check=True, capture_output=True,
+                                     text=True).stdout
+            finally:
+                if neighbour is not None:
+                    neighbour.kill()
+                    neighbour.wait()
+            per_run[row] += json.loads(out.strip().splitlines()[-1])
+            print(f'round {r + 1} {row}: {statistics.median(per_run[row]):.3f} s/iteration', flush=True)
+    return per_run
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--settings', nargs='+', default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument('--baseline', default=None, metavar='REV',
+                        help="also time REV's demo (a git revision of this repository), as the first row")
+    parser.add_argument('--baseline-setting', default='passive', choices=list(SETTINGS),
+                        help="the baseline's OpenMP setting (default: passive, the demo's until 2026-12-02)")
     parser.add_argument('--rounds', type=int, default=2)
     parser.add_argument('--warmup', type=int, default=5)
     parser.add_argument('--iters', type=int, default=20)
@@ -85,37 +139,29 @@ def main(argv=None) -> int:
     parser.add_argument('--tiny', action='store_true', help='1 round, 2 settings, 1 + 2 iterations')
     parser.add_argument('--json', default=None, help='write the rows here')
     parser.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
+    parser.add_argument('--tree', default=REPO, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         _child(args)
         return 0
     if args.tiny:
-        args.rounds, args.warmup, args.iters, args.settings = 1, 1, 2, ['passive', 'spin-1k']
-    per_setting = {name: [] for name in args.settings}
-    for r in range(args.rounds):
-        order = args.settings if r % 2 == 0 else args.settings[::-1]
-        for name in order:
-            env = {k: v for k, v in os.environ.items() if k not in ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT')}
-            env.update(SETTINGS[name])
-            neighbour = _neighbour() if args.neighbour else None
-            try:
-                out = subprocess.run([sys.executable, __file__, '--child', '--warmup', str(args.warmup),
-                                      '--iters', str(args.iters), '--threads', str(args.threads)],
-                                     env=env, check=True, capture_output=True, text=True).stdout
-            finally:
-                if neighbour is not None:
-                    neighbour.kill()
-                    neighbour.wait()
-            per_setting[name] += json.loads(out.strip().splitlines()[-1])
-            print(f'round {r + 1} {name}: {statistics.median(per_setting[name]):.3f} s/iteration', flush=True)
-    base = statistics.median(per_setting[args.settings[0]])
+        args.rounds, args.warmup, args.iters = 1, 1, 2
+        args.settings = ['spin-1k'] if args.baseline else ['passive', 'spin-1k']
+    runs = [(name, REPO, name) for name in args.settings]  # (row, tree, setting)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.baseline:
+            runs.insert(0, (f'{args.baseline} {args.baseline_setting}', _extract(args.baseline, tmp),
+                            args.baseline_setting))
+        per_run = _measure(runs, args)
+        commits = {tree: _commit(tree) for _, tree, _ in runs}
+    base = statistics.median(per_run[runs[0][0]])
     rows = []
-    for name, times in per_setting.items():
-        median = statistics.median(times)
-        rows.append(dict(setting=name, environment=SETTINGS[name], neighbour=args.neighbour,
-                         seconds_per_iteration=round(median, 4),
+    for row, tree, setting in runs:
+        median = statistics.median(per_run[row])
+        rows.append(dict(setting=row, environment=SETTINGS[setting], neighbour=args.neighbour,
+                         tree=commits[tree], seconds_per_iteration=round(median, 4),
                          speedup_vs_first=round(base / median, 3)))
-    print(f'| setting | s/iteration | speed-up vs {args.settings[0]} |')
+    print(f'| run | s/iteration | speed-up vs {runs[0][0]} |')
     print('| --- | ---: | ---: |')
     for row in rows:
         print(f"| {row['setting']} | {row['seconds_per_iteration']:.3f} | {row['speedup_vs_first']:.2f}x |")

@@ -27,7 +27,8 @@ def add_maformer_zoo_config(cfg: CN) -> CN:
     _set_defaults(cfg.MODEL.TIMM, NAME='', PRETRAINED=False, CHECKPOINT='', PRETRAINED_BASE=False, OUT_INDICES=[],
                   FREEZE_AT=0, NORM='FrozenBN', DROP_PATH_RATE=0.0, GRAD_CKPT=False, SIZE_DIVISIBILITY=0,
                   IMG_SIZE=0, KWARGS=CN(new_allowed=True))
-    _set_defaults(cfg.SOLVER, OPTIMIZER='SGD', BETAS=[0.9, 0.999], NO_WEIGHT_DECAY_KEYWORDS=[
+    # FUSED: torch's one-pass optimizer kernel (a 3x faster step on a CPU; other round-off than the loop's)
+    _set_defaults(cfg.SOLVER, OPTIMIZER='SGD', BETAS=[0.9, 0.999], FUSED=False, NO_WEIGHT_DECAY_KEYWORDS=[
         'pos_embed', 'absolute_pos_embed', 'relative_position_bias_table', 'cls_token', 'rel_pos_h', 'rel_pos_w'])
     # semantic segmentation: DeepLab's poly schedule and crop keys (its names and defaults), the heads, mmseg's pipeline
     _set_defaults(cfg.SOLVER, POLY_LR_POWER=0.9, POLY_LR_CONSTANT_ENDING=0.0)

@@ -157,17 +157,30 @@ def test_demo_sets_the_measured_spin_count_unless_the_user_chose():
     assert _demo_environment({'GOMP_SPINCOUNT': '5'}) == ['None', '5']
 
 
-def test_demo_iteration_benchmark_tiny(tmp_path):
-    """benchmarks/demo_iteration.py --tiny: both settings run the demo's trainer in their own
-    process and the ratio column is the rows' own (median of the first over median of each)."""
+def _benchmark_rows(tmp_path, *args):
     out = str(tmp_path / 'rows.json')
     subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'demo_iteration.py'), '--tiny',
-                    '--json', out], check=True, capture_output=True, text=True, env=script_env())
+                    '--json', out, *args], check=True, capture_output=True, text=True, env=script_env())
     with open(out) as f:
         rows = json.load(f)
-    assert [r['setting'] for r in rows] == ['passive', 'spin-1k']
-    assert [r['environment'] for r in rows] == [{'OMP_WAIT_POLICY': 'PASSIVE'}, {'GOMP_SPINCOUNT': '1000'}]
     base = rows[0]['seconds_per_iteration']
     for r in rows:
         # the rows keep 4 decimals of the seconds: the ratio of the kept values is within 2e-3
         assert abs(r['speedup_vs_first'] - base / r['seconds_per_iteration']) < 2e-3
+    return rows
+
+
+def test_demo_iteration_benchmark_against_an_older_tree(tmp_path):
+    """benchmarks/demo_iteration.py --tiny --baseline REV: REV's tree (extracted from git) trains
+    its own demo under the baseline setting in the first row, this tree under the demo's setting
+    in the second, and the ratio column is the rows' own (median of the first over median of each).
+    REV is c9f6e0c, the tree of issue 23 that docs/demo.md compares with, named by its row."""
+    if not os.path.isdir(os.path.join(ROOT, '.git')):
+        pytest.skip('needs the git history of this checkout')
+    baseline = subprocess.run(['git', '-C', ROOT, 'rev-parse', 'c9f6e0c^{commit}'], capture_output=True, text=True)
+    if baseline.returncode != 0:
+        pytest.skip('a shallow checkout: c9f6e0c is not in it')
+    rows = _benchmark_rows(tmp_path, '--baseline', 'c9f6e0c')
+    assert [r['setting'] for r in rows] == ['c9f6e0c passive', 'spin-1k']
+    assert [r['environment'] for r in rows] == [{'OMP_WAIT_POLICY': 'PASSIVE'}, {'GOMP_SPINCOUNT': '1000'}]
+    assert rows[0]['tree'] == baseline.stdout.strip() != rows[1]['tree']

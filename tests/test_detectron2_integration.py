@@ -494,6 +494,17 @@ def test_weight_decay_groups_and_clipping():
     total = torch.norm(torch.stack([p.grad.norm() for p in model.parameters()
                                     if p.grad is not None]))
     assert total <= 1.0 + 1e-4  # clipped in place before the step
+    stepped = {}
+    for fused in (False, True):  # SOLVER.FUSED: torch's one-pass kernel, the same step up to round-off
+        cfg.SOLVER.FUSED = fused
+        torch.manual_seed(0)
+        model = Wrapper()
+        optimizer = build_optimizer(cfg, model)
+        assert optimizer.defaults['fused'] is fused
+        (model.head(torch.randn(1, 8, 3, 3)) * 1e4).sum().backward()
+        optimizer.step()
+        stepped[fused] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert torch.allclose(stepped[False], stepped[True], atol=1e-6)
     cfg.SOLVER.OPTIMIZER = 'Lion'
     with pytest.raises(ValueError, match='AdamW'):
         build_optimizer(cfg, model)

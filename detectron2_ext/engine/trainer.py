@@ -85,8 +85,9 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     else:  # detectron2's per-parameter 'value' / 'norm'; given a class, it returns a class
         optimizer_class = maybe_add_gradient_clipping(cfg, optimizer_class)
     if name.lower() == 'adamw':
-        return optimizer_class(groups, lr=cfg.SOLVER.BASE_LR, betas=tuple(cfg.SOLVER.BETAS))
-    return optimizer_class(groups, lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM, nesterov=cfg.SOLVER.NESTEROV)
+        return optimizer_class(groups, lr=cfg.SOLVER.BASE_LR, betas=tuple(cfg.SOLVER.BETAS), fused=cfg.SOLVER.FUSED)
+    return optimizer_class(groups, lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM, nesterov=cfg.SOLVER.NESTEROV,
+                           fused=cfg.SOLVER.FUSED)
 
 
 def build_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None) -> DatasetEvaluators:
