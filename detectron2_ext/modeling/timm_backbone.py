@@ -109,6 +109,8 @@ class TimmBackbone(Backbone):
                 kwargs[key], sources[key] = value, f'MODEL.TIMM.{source}'
         self._frozen: List[nn.Module] = []
         self.model = self._convert_norms(_create(model_name, kwargs, sources), norm)
+        for module in self.model.modules():  # the checkpoint read for timm's load_pretrained: no second copy kept
+            (getattr(module, 'pretrained_cfg', None) or {}).pop('state_dict', None)
         fmt = getattr(self.model, 'output_fmt', 'NCHW')  # the layout timm's wrapper declares
         self._channels_last = str(getattr(fmt, 'value', fmt)) == 'NHWC'
         if grad_ckpt:  # timm's sequential wrappers have the method; the getter wrapper keeps it in .model
