@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """`make demo`: train Mask R-CNN with an MSCSA backbone and FINE-FPN on generated scenes, on the CPU.
 
-    python scripts/demo.py                       # the demo: about 4.5 minutes on 2 idle cores
+    python scripts/demo.py                       # the demo: about 6 minutes on 2 idle cores
     python scripts/demo.py --max-iter 50 SOLVER.BASE_LR 0.002   # shorter, or any KEY VALUE
 
 With nothing downloaded, it

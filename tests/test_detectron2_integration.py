@@ -143,6 +143,9 @@ RECORDED = {
         'panoptic_seg/SQ': 0.0, 'panoptic_seg/RQ': 0.0, 'detections': 100, 'score_sum': 25.116831213235855},
 }
 METRIC_TOLERANCE = 1e-4  # absolute, in percent points
+# mIoU and pACC after 2 iterations move by a few pixels with CPU round-off: panoptic_fpn's mIoU was
+# 9.020744 on the CI machine of 2026-12-02 and 9.021285 on the same day's session VM, its score sum equal
+SEM_SEG_TOLERANCE = 1e-3
 SCORE_SUM_TOLERANCE = 1e-5  # relative
 
 
@@ -168,7 +171,8 @@ def _check_recorded(arch, neck, summary):
         elif isinstance(value, float) and math.isnan(value):
             assert math.isnan(now), message
         else:
-            assert now == pytest.approx(value, abs=METRIC_TOLERANCE), message
+            tolerance = SEM_SEG_TOLERANCE if key.startswith('sem_seg/') else METRIC_TOLERANCE
+            assert now == pytest.approx(value, abs=tolerance), message
 
 
 @pytest.mark.parametrize('arch,neck', COMBINATIONS)
