@@ -45,9 +45,9 @@ def _child(args) -> None:
     from detectron2_ext.data import register_synthetic_dataset, write_synthetic_coco
     from detectron2_ext.engine import Trainer
 
-    import detectron2_ext
-    if not os.path.abspath(detectron2_ext.__file__).startswith(os.path.join(os.path.abspath(args.tree), '')):
-        raise SystemExit(f'detectron2_ext came from {detectron2_ext.__file__}, not from {args.tree}')
+    package = os.path.abspath(sys.modules['detectron2_ext'].__file__)
+    if not package.startswith(os.path.join(os.path.abspath(args.tree), '')):  # the tree asked for is the one timed
+        raise SystemExit(f'detectron2_ext came from {package}, not from {args.tree}')
     torch.set_num_threads(args.threads)
     config = os.path.join(args.tree, 'configs', 'demo', 'mask_rcnn_resnet18_mscsa_fine_fpn_demo.yaml')
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,6 +79,11 @@ def _neighbour() -> subprocess.Popen:
     return subprocess.Popen([sys.executable, '-c', code])
 
 
+def _rev_parse(rev: str) -> str:
+    out = subprocess.run(['git', '-C', REPO, 'rev-parse', rev], capture_output=True, text=True)
+    return out.stdout.strip() if out.returncode == 0 else f'{rev} (not in a git checkout)'
+
+
 def _extract(rev: str, tmp: str) -> str:
     """REV's tracked files in a new folder under ``tmp`` (its Python and configs run from there)."""
     tree = os.path.join(tmp, 'baseline')
@@ -86,18 +91,7 @@ def _extract(rev: str, tmp: str) -> str:
     archive = subprocess.run(['git', '-C', REPO, 'archive', '--format=tar', rev], check=True,
                              capture_output=True).stdout
     subprocess.run(['tar', '-x', '-C', tree], input=archive, check=True)
-    with open(os.path.join(tree, 'COMMIT'), 'w') as f:
-        f.write(subprocess.run(['git', '-C', REPO, 'rev-parse', rev], check=True, capture_output=True,
-                               text=True).stdout.strip())
     return tree
-
-
-def _commit(tree: str) -> str:
-    if tree != REPO:
-        with open(os.path.join(tree, 'COMMIT')) as f:
-            return f.read()
-    head = subprocess.run(['git', '-C', REPO, 'rev-parse', 'HEAD'], capture_output=True, text=True)
-    return head.stdout.strip() if head.returncode == 0 else 'this tree (not a git checkout)'
 
 
 def _measure(runs, args) -> dict:
@@ -136,7 +130,8 @@ def main(argv=None) -> int:
     parser.add_argument('--iters', type=int, default=20)
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--neighbour', action='store_true', help='a 2-thread matmul loop beside each run')
-    parser.add_argument('--tiny', action='store_true', help='1 round, 2 settings, 1 + 2 iterations')
+    parser.add_argument('--tiny', action='store_true',
+                        help='1 round, 2 runs (passive or the baseline; spin-1k), 1 + 2 iterations')
     parser.add_argument('--json', default=None, help='write the rows here')
     parser.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
     parser.add_argument('--tree', default=REPO, help=argparse.SUPPRESS)
@@ -148,12 +143,13 @@ def main(argv=None) -> int:
         args.rounds, args.warmup, args.iters = 1, 1, 2
         args.settings = ['spin-1k'] if args.baseline else ['passive', 'spin-1k']
     runs = [(name, REPO, name) for name in args.settings]  # (row, tree, setting)
+    commits = {REPO: _rev_parse('HEAD')}
     with tempfile.TemporaryDirectory() as tmp:
         if args.baseline:
-            runs.insert(0, (f'{args.baseline} {args.baseline_setting}', _extract(args.baseline, tmp),
-                            args.baseline_setting))
+            tree = _extract(args.baseline, tmp)
+            commits[tree] = _rev_parse(args.baseline)
+            runs.insert(0, (f'{args.baseline} {args.baseline_setting}', tree, args.baseline_setting))
         per_run = _measure(runs, args)
-        commits = {tree: _commit(tree) for _, tree, _ in runs}
     base = statistics.median(per_run[runs[0][0]])
     rows = []
     for row, tree, setting in runs:
