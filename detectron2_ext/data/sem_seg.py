@@ -182,13 +182,9 @@ def label_format_of(name: str) -> LabelFormat:
 
 def write_synthetic_sem_seg(root: str, num_images: int = 8, image_size: Tuple[int, int] = (128, 160),
                             seed: int = 0, split: str = 'train') -> Dict:
-    """The scenes of :func:`~detectron2_ext.data.synthetic.write_synthetic_coco` (same seed and split:
-    same images) under ``root/<split>/images``, each pixel labelled in ``root/<split>/labels`` with its
-    category's index in ``CATEGORIES`` (6 classes, none ignored).
-
-    Returns:
-        dict with ``image_dir``, ``label_dir`` and ``class_names``.
-    """
+    """The scenes of :func:`~detectron2_ext.data.synthetic.write_synthetic_coco` (same seed and split: same
+    images) in ``root/<split>/images``, each pixel's category index in ``CATEGORIES`` (6 classes, none ignored)
+    in ``root/<split>/labels``; returns ``image_dir``, ``label_dir`` and ``class_names``."""
     if num_images < 1:
         raise ValueError(f'num_images must be >= 1, got {num_images}')
     image_dir, label_dir = os.path.join(root, split, 'images'), os.path.join(root, split, 'labels')
