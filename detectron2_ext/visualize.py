@@ -196,7 +196,8 @@ def draw_mscsa(records: list, image: np.ndarray, out_dir: str) -> List[str]:
     paths = []
     for name, csa, x in records:
         attention, sizes = csa_attention(csa, x)
-        n, strides, rows = attention.shape[-1], [1] + [down.stride[0] for down in csa.down], []
+        n, strides = attention.shape[-1], [1] + [down.stride[0] for down in csa.down]
+        rows = []
         for row, point in enumerate(QUERY_POINTS):
             per_scale = attention[_query_token(point, sizes[0])].split([h * w for h, w in sizes])
             heats = [weights.reshape(size).cpu().numpy() for weights, size in zip(per_scale, sizes)]
