@@ -196,16 +196,13 @@ def draw_mscsa(records: list, image: np.ndarray, out_dir: str) -> List[str]:
     paths = []
     for name, csa, x in records:
         attention, sizes = csa_attention(csa, x)
-        n = attention.shape[-1]
+        n, strides = attention.shape[-1], [1] + [down.stride[0] for down in csa.down]
         rows = []
         for row, point in enumerate(QUERY_POINTS):
             per_scale = attention[_query_token(point, sizes[0])].split([h * w for h, w in sizes])
-            rows.append([])
-            for col, (weights, size) in enumerate(zip(per_scale, sizes)):
-                heat = weights.reshape(size).cpu().numpy()
-                scale = csa.down[col - 1].stride[0] if col else 1
-                rows[-1].append((relative_attention(heat, n), f'q{row + 1}, keys 1/{scale}: sum {heat.sum():.2f}',
-                                 point))
+            heats = [weights.reshape(size).cpu().numpy() for weights, size in zip(per_scale, sizes)]
+            rows.append([(relative_attention(heat, n), f'q{row + 1}, keys 1/{stride}: sum {heat.sum():.2f}', point)
+                         for heat, stride in zip(heats, strides)])
         paths.append(_attention_figure(os.path.join(out_dir, f"mscsa_{name.replace('.', '_') or 'model'}.png"),
                                        f'MSCSA {name}: attention of query x per key scale', image, rows,
                                        f'log2(attention x N), N = {n}; 0 = uniform'))

@@ -18,6 +18,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from maformer_zoo.errors import (  # importing maformer_zoo registers our timm models
+    CheckpointMismatchError, CorruptCheckpointError, PretrainedWeightsNotFoundError, UnsafeCheckpointError,
+)
+
 # detectron2 scripts a few helpers when it is imported (the figures live in detectron2_ext); torch's
 # deprecation notice for that is not this command's output
 warnings.filterwarnings('ignore', category=FutureWarning, module=r'torch\.jit\._script')
@@ -47,19 +51,14 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-def _load_state_dict(path: str) -> dict:
-    """The weights of a detectron2 checkpoint, a timm / our checkpoint or a state dict, read by the one
-    weight reader (safetensors, torch.load(weights_only=True), numpy-only pickles; any file name)."""
-    from maformer_zoo.errors import CorruptCheckpointError, PretrainedWeightsNotFoundError, UnsafeCheckpointError
+def _load_weights(model: torch.nn.Module, path: str) -> None:
+    """Load a detectron2 checkpoint, a timm / our checkpoint or a state dict, read by the one weight
+    reader (safetensors, torch.load(weights_only=True), numpy-only pickles; any file name)."""
     from maformer_zoo.weights import read_state_dict
     try:
-        return read_state_dict(path)[0]
+        state = read_state_dict(path)[0]
     except (CorruptCheckpointError, PretrainedWeightsNotFoundError, UnsafeCheckpointError) as err:
         _fail(f'--weights: {err}')
-
-
-def _load_weights(model: torch.nn.Module, path: str) -> None:
-    state = _load_state_dict(path)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         _fail(f"--weights '{path}' does not fit the model: {len(result.missing_keys)} missing keys "
@@ -82,8 +81,6 @@ def _detectron2_model(args):
     if cfg.MODEL.DEVICE.startswith('cuda') and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = 'cpu'
     cfg.freeze()
-    from maformer_zoo.errors import CheckpointMismatchError, CorruptCheckpointError, PretrainedWeightsNotFoundError, \
-        UnsafeCheckpointError
     try:  # MODEL.TIMM.CHECKPOINT is read while building
         model = build_model(cfg)
     except (CheckpointMismatchError, CorruptCheckpointError, PretrainedWeightsNotFoundError,
@@ -109,7 +106,6 @@ def main(argv=None) -> int:
     images = [np.asarray(Image.open(p).convert('RGB')) for p in args.input]
     if args.model:
         import timm
-        import maformer_zoo  # noqa: F401  (registers our models)
         from detectron2_ext.visualize import draw_timm_model
         if not timm.is_model(args.model):
             _fail(f"--model {args.model!r} is not a timm model name (see maformer_zoo.list_models()).")

@@ -697,7 +697,7 @@ SEM_SEG_CASES = {
 @pytest.mark.parametrize('case', list(SEM_SEG_CASES))
 def test_sem_seg_registration_checks_at_start_up(tmp_path, case):
     """What semantic training would trip over mid-run (or silently train on) is one line at start-up,
-    naming the file and the fix. Mutation: _check_pair without the EXIF branch -> "is 30x40 but its label"
+    naming the file and the fix. Mutation: _check_labels without the EXIF branch -> "is 30x40 but its label"
     (no word of EXIF); read_raw_label without its except -> a PIL traceback type, not a ValueError."""
     pytest.importorskip('detectron2')
     from detectron2_ext.data import register_sem_seg_dataset, set_sem_seg_num_classes

@@ -186,13 +186,10 @@ def _check_panoptic(pan: Dict, path: str) -> None:
 
 def register_coco_panoptic_dataset(name: str, image_dir: str, panoptic_dir: str, panoptic_json: str,
                                    instances_json: str, sem_seg_dir: Optional[str] = None) -> None:
-    """Register COCO panoptic data for Panoptic FPN as ``name`` (detectron2's "separated" form).
-
-    Each dataset dict holds the instance annotations of ``instances_json`` (same images and thing
-    categories) and a ``sem_seg_file_name`` in ``sem_seg_dir`` (default ``<panoptic_dir>_semseg``;
-    stuff ``1..S``, things ``0``), written there once from the panoptic PNGs (segment id =
-    R + 256 G + 256^2 B) where missing. Evaluation: PQ on the panoptic PNGs, mIoU on the semantic.
-    """
+    """Register COCO panoptic data for Panoptic FPN as ``name`` (detectron2's "separated" form): the
+    annotations of ``instances_json`` (same images and thing categories) and a ``sem_seg_file_name`` in
+    ``sem_seg_dir`` (default ``<panoptic_dir>_semseg``; stuff ``1..S``, things ``0``), written from the
+    panoptic PNGs where missing. Evaluation: PQ on the panoptic PNGs, mIoU on the semantic."""
     image_dir, panoptic_dir, panoptic_json, instances_json = _existing(
         '--coco-panoptic-dataset NAME IMAGE_DIR PANOPTIC_DIR PANOPTIC_JSON INSTANCES_JSON',
         ('Image directory', image_dir), ('Panoptic PNG directory', panoptic_dir),

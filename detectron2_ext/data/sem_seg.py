@@ -56,20 +56,15 @@ def _advice(values: Sequence[int], bad: Sequence[int], fmt: LabelFormat, num_cla
             f"(labels must be 0..{k - 1} or the ignore value {fmt.ignore_label}).")
 
 
-def _check_pair(name: str, image_file: str, label_file: str) -> np.ndarray:
-    """The label's file values, after checking that the image decodes (header) and has its size."""
-    raw = read_raw_label(label_file)
-    _check_image(image_file, raw.shape[::-1], f"its label '{label_file}' is {raw.shape[1]}x{raw.shape[0]} "
-                 f"(width x height)", prefix=f"Dataset '{name}': ")
-    return raw
-
-
 def _check_labels(name: str, pairs: Sequence[Tuple[str, str]], num_classes: int, fmt: LabelFormat) -> None:
-    """Every pair reads (:func:`_check_pair`), its values are classes or ignored after ``fmt``, and
-    some pixel is labelled; one line naming the file and the fix otherwise."""
+    """Every label reads, its image decodes (header) and has its size, the values are classes or ignored
+    after ``fmt``, and some pixel is labelled; one line naming the file and the fix otherwise."""
     first_file: Dict[int, str] = {}
     for image_file, label_file in pairs:
-        for value in np.unique(_check_pair(name, image_file, label_file)).tolist():
+        raw = read_raw_label(label_file)
+        _check_image(image_file, raw.shape[::-1], f"its label '{label_file}' is {raw.shape[1]}x{raw.shape[0]} "
+                     f"(width x height)", prefix=f"Dataset '{name}': ")
+        for value in np.unique(raw).tolist():
             first_file.setdefault(int(value), label_file)
     values = sorted(first_file)
     labels = fmt.apply(np.asarray(values, dtype=np.int64)).tolist()
@@ -187,13 +182,9 @@ def label_format_of(name: str) -> LabelFormat:
 
 def write_synthetic_sem_seg(root: str, num_images: int = 8, image_size: Tuple[int, int] = (128, 160),
                             seed: int = 0, split: str = 'train') -> Dict:
-    """The scenes of :func:`~detectron2_ext.data.synthetic.write_synthetic_coco` (same seed and split:
-    same images) under ``root/<split>/images``, each pixel labelled in ``root/<split>/labels`` with its
-    category's index in ``CATEGORIES`` (6 classes, none ignored).
-
-    Returns:
-        dict with ``image_dir``, ``label_dir`` and ``class_names``.
-    """
+    """The scenes of :func:`~detectron2_ext.data.synthetic.write_synthetic_coco` (same seed and split: same
+    images) in ``root/<split>/images``, each pixel's category index in ``CATEGORIES`` (6 classes, none ignored)
+    in ``root/<split>/labels``; returns ``image_dir``, ``label_dir`` and ``class_names``."""
     if num_images < 1:
         raise ValueError(f'num_images must be >= 1, got {num_images}')
     image_dir, label_dir = os.path.join(root, split, 'images'), os.path.join(root, split, 'labels')

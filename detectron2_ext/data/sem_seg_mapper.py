@@ -15,12 +15,11 @@ from detectron2.data import transforms as T
 from .mapper import read_image_rgb8
 from .sem_seg_labels import LabelFormat, read_label
 
-__all__ = ['RatioRangeResize', 'PhotometricDistortion', 'SemSegDatasetMapper', 'uses_mmseg_pipeline', 'MMSEG_PIPELINE']
-MMSEG_PIPELINE = 'mmseg'
+__all__ = ['RatioRangeResize', 'PhotometricDistortion', 'SemSegDatasetMapper', 'uses_mmseg_pipeline']
 
 
 def uses_mmseg_pipeline(cfg) -> bool:
-    return cfg.INPUT.SEM_SEG_PIPELINE == MMSEG_PIPELINE
+    return cfg.INPUT.SEM_SEG_PIPELINE == 'mmseg'
 
 
 class CVResizeTransform(T.ResizeTransform):

@@ -130,11 +130,6 @@ def render_scene(rng: np.random.Generator, image_size: Tuple[int, int] = (128, 1
     return np.clip(image, 0, 255).astype(np.uint8), index, [t[0] for t in things], stuff
 
 
-def _bbox_xywh(mask: np.ndarray) -> List[float]:
-    ys, xs = np.nonzero(mask)
-    return [float(xs.min()), float(ys.min()), float(xs.max() + 1 - xs.min()), float(ys.max() + 1 - ys.min())]
-
-
 def _split_rng(seed: int, split: str) -> np.random.SeedSequence:
     # crc32, unlike hash(), is the same in every process, so splits stay reproducible.
     return np.random.SeedSequence([int(seed), zlib.crc32(split.encode('utf-8'))])
@@ -171,9 +166,9 @@ def write_synthetic_coco(root: str, num_images: int = 8, image_size: Tuple[int, 
         for category_id, mask, is_thing in masks:
             if not mask.any():  # a stuff class absent from the image (every thing is visible)
                 continue
-            area, bbox = int(mask.sum()), _bbox_xywh(mask)
+            rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+            area, bbox = int(mask.sum()), mask_util.toBbox(rle).tolist()
             if is_thing:
-                rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
                 rle['counts'] = rle['counts'].decode('ascii')
                 instances.append(dict(id=next_segment_id, image_id=image_id, category_id=category_id,
                                       segmentation=rle, area=area, bbox=bbox, iscrowd=0))
