@@ -61,18 +61,16 @@ def hub_id(model_name: str, tag: str = 'in1k') -> str:
 
 def describe_checkpoint(source: str, checkpoint: Any, key: str) -> str:
     """One sentence on where exported weights come from, from what the checkpoint records."""
-    parts = [f'exported from `{source}`'] + ([f"entry `{key}`" + (' (EMA weights)' if 'ema' in key else '')]
-                                              if key else [])
-    record = checkpoint if isinstance(checkpoint, dict) else {}
+    ema, record = 'ema' in key, checkpoint if isinstance(checkpoint, dict) else {}
+    parts = [f'exported from `{source}`'] + ([f"entry `{key}`" + (' (EMA weights)' if ema else '')] if key else [])
     if isinstance(record.get('epoch'), int):
         parts.append(f"saved after epoch {record['epoch']}")
-    metrics = record.get('metrics')  # maformer_zoo.training: {'eval': {...}, 'ema': {...}}
-    chosen = metrics.get('ema' if 'ema' in key else 'eval') if isinstance(metrics, dict) else None
-    numbers = [f'{n} {chosen[n]:.2f}' for n in ('top1', 'top5') if isinstance((chosen or {}).get(n), (int, float))]
-    if numbers:
-        parts.append("the training run's validation of these weights: " + ', '.join(numbers))
-    elif isinstance(record.get('metric'), (int, float)):  # timm train.py
-        parts.append(f"training script's eval metric {record['metric']:.4g}")
+    metrics = record['metrics'] if isinstance(record.get('metrics'), dict) else {}  # maformer_zoo.training's
+    chosen = metrics.get('ema' if ema else 'eval') or {}
+    numbers = [f'{n} {chosen[n]:.2f}' for n in ('top1', 'top5') if isinstance(chosen.get(n), (int, float))]
+    if numbers or isinstance(record.get('metric'), (int, float)):  # else timm train.py's
+        parts.append("the training run's validation of these weights: " + ', '.join(numbers) if numbers else
+                     f"training script's eval metric {record['metric']:.4g}")
     return '; '.join(parts) + '.'
 
 

@@ -19,7 +19,7 @@ from timm.models._hub import _EXT_PRIORITY, _PREFERRED_FILES, download_from_hf
 
 from .cards import HUB_ORG, hub_id
 from .errors import CheckpointMismatchError, CorruptCheckpointError, PretrainedWeightsNotFoundError, \
-    UnsafeCheckpointError
+    UnsafeCheckpointError, download_errors
 
 # What a Detectron-format .pkl may reference: numpy arrays, dtypes and scalars (numpy 1 and 2 paths),
 # OrderedDict, and the bytes codec of Python 2 pickles.
@@ -28,14 +28,10 @@ _PICKLE_ALLOWED |= {('numpy', 'ndarray'), ('numpy', 'dtype'), ('collections', 'O
 _TORCH_MAGIC = (b'PK\x03\x04', b'\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19')  # torch.save's zip, its legacy format
 
 
-class _Refused(pickle.UnpicklingError):
-    pass
-
-
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) not in _PICKLE_ALLOWED:
-            raise _Refused(f'{module}.{name}')
+            raise UnsafeCheckpointError(f'{module}.{name}')  # the message load_checkpoint_file gives
         return super().find_class(module, name)
 
 
@@ -66,7 +62,8 @@ def load_checkpoint_file(path) -> Any:
                 return _torch_load(f, map_location='cpu', weights_only=True)
             return _NumpyOnlyUnpickler(f, encoding='latin1').load()  # Detectron pickles come from Python 2
     except Exception as err:  # noqa: BLE001 - each format raises its own types for damaged files
-        if isinstance(err, _Refused) or kind == 'torch' and isinstance(err.__cause__ or err, pickle.UnpicklingError):
+        refused = kind == 'torch' and isinstance(err.__cause__, pickle.UnpicklingError)  # as timm's _torch_load raises
+        if refused or isinstance(err, UnsafeCheckpointError):
             needs = _checkpoint_unsafe_globals(str(path)) if kind == 'torch' else f' Unsupported globals: {err}.'
             raise UnsafeCheckpointError(
                 f"Refused '{path}': it is a pickle that needs code to load.{needs} Weights are read only "
@@ -97,6 +94,11 @@ def unwrap_state_dict(checkpoint: Any, weights: str = 'auto') -> Tuple[Dict[str,
 
 def read_state_dict(path, weights: str = 'auto') -> Tuple[Dict[str, torch.Tensor], str]:
     return unwrap_state_dict(load_checkpoint_file(path), weights)
+
+
+def layer_names(value: Any) -> Tuple[str, ...]:
+    """A pretrained cfg's ``classifier`` or ``first_conv``, one name or several, as a tuple."""
+    return (value,) if isinstance(value, str) else tuple(value or ())
 
 
 def mismatch_error(model: torch.nn.Module, what: str, total: int, missing: Sequence[str], unused: Sequence[str],
@@ -170,14 +172,10 @@ def resolve_weight_file(source, model_name: Optional[str] = None, cache_dir=None
         repo = location.split('@')[0]
         if repo.startswith(HUB_ORG + '/') and repo.split('/')[1] not in list_pretrained():  # no hf_hub_id, no weights
             raise missing_weights_error(model_name or repo.split('/')[1].split('.')[0])
-        try:
+        with download_errors(f"model.safetensors and config.json of Hugging Face repo '{repo}'", f"check the id, or "
+                             f"download it where there is internet (hf download {repo}) and copy the cache."):
             path = Path(download_from_hf(location, 'model.safetensors', cache_dir))
             download_from_hf(location, 'config.json', cache_dir)
-        except OSError as err:  # huggingface_hub's errors, offline or online
-            raise PretrainedWeightsNotFoundError(
-                f"Could not get model.safetensors and config.json of Hugging Face repo '{repo}' "
-                f"({type(err).__name__}): check the id, or download it where there is internet "
-                f"(hf download {repo}) and copy the cache.") from err
     elif path.is_dir():
         found = [path / f for f in _PREFERRED_FILES if (path / f).is_file()] + [  # timm's local-dir choice
             f for ext in _EXT_PRIORITY for f in sorted(path.glob(f'*{ext}'))]
@@ -203,9 +201,8 @@ def pretrained_overlay(source, model_name: Optional[str] = None, cache_dir=None)
     model has as many, else drops it) and their names."""
     file = resolve_weight_file(source, model_name, cache_dir)
     state_dict = read_state_dict(file)[0]
-    classifier = getattr(get_pretrained_cfg(model_name or ''), 'classifier', None) or ()
-    heads = [state_dict[f'{c}.weight'] for c in ((classifier,) if isinstance(classifier, str) else classifier)
-             if f'{c}.weight' in state_dict]
+    classifier = layer_names(getattr(get_pretrained_cfg(model_name or ''), 'classifier', None))
+    heads = [state_dict[f'{c}.weight'] for c in classifier if f'{c}.weight' in state_dict]
     overlay = dict(state_dict=state_dict, num_classes=int(heads[0].shape[0]) if heads else None,
                    label_names=read_label_names(file))
     return dict({k: v for k, v in overlay.items() if v is not None}, source=None)  # not timm's local-dir route

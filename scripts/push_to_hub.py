@@ -33,12 +33,19 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    """Before anything is written: one of our models (the card and Hub id are ours), known --model-args keys."""
+def main(argv: Optional[List[str]] = None) -> Path:
+    args = parse_args(argv)
     import timm
+    from timm.models import push_to_hf_hub, save_for_hf
+    from timm.models._hub import generate_readme
     import maformer_zoo
+    from maformer_zoo.cards import describe_checkpoint, hub_id, model_card
+    from maformer_zoo.errors import CheckpointMismatchError
+    from maformer_zoo.utils.atomic import write_atomic
+    from maformer_zoo.utils.flops import count_params, measure_model_stats
     from maformer_zoo.utils.names import close_names_hint
-    ours = maformer_zoo.list_models()
+    from maformer_zoo.weights import check_fit, label_names_of, load_checkpoint_file, unwrap_state_dict
+    ours = maformer_zoo.list_models()  # before anything is written: one of ours (the card and Hub id are ours)
     if args.model not in ours:
         raise SystemExit(f"error: '{args.model}' is a timm model, not one of maformer-zoo's: publish it with "
                          f"timm.models.push_to_hf_hub. Nothing was written." if timm.is_model(args.model) else
@@ -50,19 +57,6 @@ def _check_args(args: argparse.Namespace) -> None:
         for key in set(args.model_args) - set(params):
             raise SystemExit(f"error: --model-args key '{key}' is not an argument of {args.model}"
                              f"{close_names_hint(key, set(params) - {'self'})}.")
-
-
-def main(argv: Optional[List[str]] = None) -> Path:
-    args = parse_args(argv)
-    _check_args(args)
-    import timm
-    from timm.models import push_to_hf_hub, save_for_hf
-    from timm.models._hub import generate_readme
-    from maformer_zoo.cards import describe_checkpoint, hub_id, model_card
-    from maformer_zoo.errors import CheckpointMismatchError
-    from maformer_zoo.utils.atomic import write_atomic
-    from maformer_zoo.utils.flops import count_params, measure_model_stats
-    from maformer_zoo.weights import check_fit, label_names_of, load_checkpoint_file, unwrap_state_dict
     loaded = load_checkpoint_file(args.checkpoint)
     arch = loaded.get('arch') if isinstance(loaded, dict) else None
     if isinstance(arch, str) and arch.split('.')[0] != args.model:

@@ -12,19 +12,15 @@ from torch import nn
 from timm.layers import register_notrace_function
 from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 
-from ..errors import PretrainedWeightsNotFoundError
-from ..weights import check_fit, missing_weights_error, pretrained_overlay
-
-
-def _names(value: Any) -> tuple:
-    return (value,) if isinstance(value, str) else tuple(value or ())
+from ..errors import download_errors
+from ..weights import check_fit, layer_names, missing_weights_error, pretrained_overlay
 
 
 def _filter_and_check(filter_fn: Optional[Callable], cfg: Dict[str, Any], variant: str,
                       state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, Any]:
     state_dict = filter_fn(state_dict, model) if filter_fn else state_dict
     # timm itself adapts the input conv to in_chans and drops a classifier of another size
-    skip = _names(cfg.get('classifier')) + tuple(f'{c}.weight' for c in _names(cfg.get('first_conv')))
+    skip = layer_names(cfg.get('classifier')) + tuple(f'{c}.weight' for c in layer_names(cfg.get('first_conv')))
     check_fit(model, state_dict, f"'{cfg.get('file') or cfg.get('hf_hub_id') or variant}'", skip)
     return state_dict
 
@@ -46,8 +42,7 @@ def build_zoo_model(
                                      pretrained_cfg_overlay=overlay).to_dict()
         if cfg.get('file') and cfg.get('state_dict') is None and cfg.get('source') != 'hf-hub':
             # read by content, with our errors: timm's file route picks its reader by the file name
-            overlay.update(pretrained_overlay(('local-dir:' if cfg.get('source') == 'local-dir' else '') + cfg['file'],
-                                              variant))
+            overlay.update(pretrained_overlay(cfg['file'], variant))  # a local-dir: source's file is its folder
         elif not any(cfg.get(k) for k in ('state_dict', 'hf_hub_id', 'url')):
             raise missing_weights_error(variant)
         kwargs['pretrained_cfg_overlay'] = overlay
@@ -60,15 +55,10 @@ def build_zoo_model(
 
 def create_base(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
     """``timm.create_model`` for a family's base network, with one line where its weights cannot be had."""
-    try:
+    with download_errors(f"timm's weights for the base '{name}'", f"give a file, base_pretrained_cfg_overlay=dict("
+                         f"file='/path/{name}.safetensors'), fill the Hugging Face cache where there is internet, or "
+                         f"use pretrained_base=False.", active=pretrained):
         return timm.create_model(name, pretrained=pretrained, **kwargs)
-    except OSError as err:  # a missing file, or the Hub unreachable (huggingface_hub's errors are OSErrors)
-        if not pretrained:
-            raise
-        raise PretrainedWeightsNotFoundError(
-            f"pretrained_base=True could not load timm's weights for the base '{name}' ({type(err).__name__}): give a "
-            f"file, base_pretrained_cfg_overlay=dict(file='/path/{name}.safetensors'), fill the Hugging Face cache "
-            f"where there is internet, or use pretrained_base=False.") from err
 
 
 @register_notrace_function  # Python control flow on sizes: an FX leaf, still run by the traced graph

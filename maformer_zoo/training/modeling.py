@@ -9,8 +9,8 @@ from typing import Any, Optional
 import timm
 from torch import nn
 
-from ..errors import PretrainedWeightsNotFoundError
-from ..weights import check_fit, read_state_dict
+from ..errors import download_errors
+from ..weights import check_fit, layer_names, read_state_dict
 
 __all__ = ['UnknownModelError', 'check_model_name', 'create_model_for_run']
 
@@ -23,12 +23,7 @@ class UnknownModelError(ValueError):
 
 def check_model_name(name: str) -> None:
     """Raise :class:`UnknownModelError` with the closest registered names for an unknown ``name``."""
-    if ':' in name:  # hf-hub:<repo> / local-dir:<path>: resolved by timm itself
-        return
-    if timm.is_model(name):
-        return
-    import maformer_zoo  # noqa: F401  (our models register on import)
-    if timm.is_model(name):
+    if ':' in name or timm.is_model(name):  # hf-hub:<repo> / local-dir:<path>: resolved by timm itself
         return
     close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
     hint = f" Did you mean: {', '.join(close)}?" if close else ''
@@ -51,19 +46,13 @@ def create_model_for_run(
     if pretrained and weights_file:
         raise ValueError('Give either pretrained=True (Hub / timm weights) or a weights file, not both.')
     kwargs = {k: v for k, v in dict(kwargs, num_classes=num_classes, in_chans=in_chans).items() if v is not None}
-    try:
+    with download_errors(f"the pretrained weights of '{name}'", "offline? Download them on a machine with internet "
+                         "into the Hugging Face cache, or pass the file with --pretrained-file.",
+                         active=pretrained and not name.startswith('local-dir:')):  # ours are RuntimeErrors
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
-    except OSError as err:  # huggingface_hub's download errors; ours (e.g. a refused local file) are RuntimeErrors
-        if not pretrained or name.startswith('local-dir:'):
-            raise
-        raise PretrainedWeightsNotFoundError(
-            f"Could not download the pretrained weights of '{name}' ({type(err).__name__}): offline? Download them "
-            f"on a machine with internet into the Hugging Face cache, or pass the file with --pretrained-file."
-        ) from err
     if weights_file:
         state_dict, own = read_state_dict(weights_file)[0], model.state_dict()
-        classifier = model.pretrained_cfg.get('classifier') or ()
-        classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+        classifier = layer_names(model.pretrained_cfg.get('classifier'))
         fresh = [k for k, v in state_dict.items() if k.rsplit('.', 1)[0] in classifier and k in own
                  and own[k].shape != v.shape]  # fine-tuning to another num_classes: a new head
         state_dict = {k: v for k, v in state_dict.items() if k not in fresh}
