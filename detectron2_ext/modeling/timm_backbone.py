@@ -15,6 +15,7 @@ from torch import nn
 
 from timm.layers import convert_sync_batchnorm, freeze_batch_norm_2d
 from timm.models import group_parameters, is_model_in_modules
+from timm.utils import freeze as freeze_modules
 
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
@@ -212,24 +213,19 @@ class TimmBackbone(Backbone):
             raise ValueError(f'MODEL.TIMM.FREEZE_AT must be >= 0, got {freeze_at}.')
         if freeze_at == 0:
             return self
-        frozen_ids = set()
-        for group in self._parameter_groups()[:freeze_at]:
-            frozen_ids |= group
+        frozen_ids = set().union(*self._parameter_groups()[:freeze_at])
         frozen_modules = []  # whole top-most frozen modules: parameter-free leaves follow them
         for name, module in self.model.named_modules():
             params = [id(p) for p in module.parameters()]
             if params and all(i in frozen_ids for i in params) and not any(
-                    name.startswith(parent + '.') for parent, _ in frozen_modules):
-                frozen_modules.append((name, module))
+                    name.startswith(parent + '.') for parent in frozen_modules):
+                frozen_modules.append(name)
         for p in self.model.parameters():
             if id(p) in frozen_ids:
                 p.requires_grad_(False)
-        for name, module in frozen_modules:
-            converted = freeze_batch_norm_2d(module)
-            if converted is not module:  # the frozen module itself was a BatchNorm
-                parent_name, _, child = name.rpartition('.')
-                setattr(self.model.get_submodule(parent_name), child, converted)
-            self._frozen.append(converted)
+        if frozen_modules:  # timm's freeze (BatchNorms frozen in place); given no module it freezes all
+            freeze_modules(self.model, frozen_modules)
+        self._frozen += [self.model.get_submodule(name) for name in frozen_modules]
         self.train(self.training)
         return self
 
