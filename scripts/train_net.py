@@ -237,9 +237,7 @@ def build_config(args: argparse.Namespace) -> CfgNode:
     # Every weight comes from the detector checkpoint when evaluating or resuming: do not also
     # fetch the backbone's pretrained weights (which may need the network).
     if args.eval_only or resuming:
-        cfg.MODEL.TIMM.PRETRAINED = False
-        cfg.MODEL.TIMM.PRETRAINED_BASE = False
-        cfg.MODEL.TIMM.CHECKPOINT = ''
+        cfg.MODEL.TIMM.update(PRETRAINED=False, PRETRAINED_BASE=False, CHECKPOINT='')
     cfg.freeze()
     return cfg
 

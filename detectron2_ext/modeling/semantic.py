@@ -123,9 +123,8 @@ class UPerNetHead(nn.Module):
         self.asff = made.output[0][1] if made.output else None
         self.aux_in_feature = aux_in_feature
         self.aux_loss_weight = aux_loss_weight
-        self.aux_head = None
-        if aux_in_feature:
-            self.aux_head = FCNAuxHead(aux_input_shape.channels, aux_channels, num_classes, norm, dropout)
+        self.aux_head = (FCNAuxHead(aux_input_shape.channels, aux_channels, num_classes, norm, dropout)
+                         if aux_in_feature else None)
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]) -> Dict:

@@ -103,11 +103,10 @@ class TimmBackbone(Backbone):
             from maformer_zoo.weights import pretrained_overlay
             kwargs['pretrained_cfg_overlay'] = pretrained_overlay(checkpoint, model_name)
         kwargs.update(extra)  # the config has the last word
-        for key, value, source in [('out_indices', tuple(out_indices), 'OUT_INDICES'),
-                                   ('drop_path_rate', drop_path_rate, 'DROP_PATH_RATE'),
-                                   ('pretrained_base', pretrained_base, 'PRETRAINED_BASE')]:
+        for key, value in [('out_indices', tuple(out_indices)), ('drop_path_rate', drop_path_rate),
+                           ('pretrained_base', pretrained_base)]:
             if value:
-                kwargs[key], sources[key] = value, f'MODEL.TIMM.{source}'
+                kwargs[key], sources[key] = value, f'MODEL.TIMM.{_OWN_KWARGS[key]}'
         self._frozen: List[nn.Module] = []
         self.model = self._convert_norms(_create(model_name, kwargs, sources), norm)
         for module in self.model.modules():  # the checkpoint read for timm's load_pretrained: no second copy kept
