@@ -84,9 +84,10 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
                 torch.nn.utils.clip_grad_norm_, max_norm=clip.CLIP_VALUE, norm_type=clip.NORM_TYPE))
     else:  # detectron2's per-parameter 'value' / 'norm'; given a class, it returns a class
         optimizer_class = maybe_add_gradient_clipping(cfg, optimizer_class)
-    kwargs = ({'betas': tuple(cfg.SOLVER.BETAS)} if name.lower() == 'adamw' else
-              {'momentum': cfg.SOLVER.MOMENTUM, 'nesterov': cfg.SOLVER.NESTEROV})
-    return optimizer_class(groups, lr=cfg.SOLVER.BASE_LR, fused=cfg.SOLVER.FUSED, **kwargs)
+    if name.lower() == 'adamw':  # the two calls are dev/mutations.py's targets
+        return optimizer_class(groups, lr=cfg.SOLVER.BASE_LR, betas=tuple(cfg.SOLVER.BETAS), fused=cfg.SOLVER.FUSED)
+    return optimizer_class(groups, lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM, nesterov=cfg.SOLVER.NESTEROV,
+                           fused=cfg.SOLVER.FUSED)
 
 
 def build_evaluator(cfg, dataset_name: str, output_folder: Optional[str] = None) -> DatasetEvaluators:

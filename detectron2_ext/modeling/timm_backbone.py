@@ -212,7 +212,9 @@ class TimmBackbone(Backbone):
             raise ValueError(f'MODEL.TIMM.FREEZE_AT must be >= 0, got {freeze_at}.')
         if freeze_at == 0:
             return self
-        frozen_ids = set().union(*self._parameter_groups()[:freeze_at])
+        frozen_ids = set()
+        for group in self._parameter_groups()[:freeze_at]:
+            frozen_ids |= group
         frozen_modules = []  # whole top-most frozen modules: parameter-free leaves follow them
         for name, module in self.model.named_modules():
             params = [id(p) for p in module.parameters()]
