@@ -10,8 +10,7 @@ __all__ = ['add_maformer_zoo_config']
 def _set_defaults(node: CN, **values) -> None:
     """Add each key with its value unless it exists, so that a second call keeps what was merged."""
     for key, value in values.items():
-        if key not in node:
-            node[key] = value
+        node.setdefault(key, value)
 
 
 def add_maformer_zoo_config(cfg: CN) -> CN:

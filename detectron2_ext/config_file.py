@@ -14,7 +14,7 @@ from maformer_zoo.utils.safe_yaml import UnsafeYAMLError, YAMLFileError, read_ya
 
 from .config import add_maformer_zoo_config
 
-__all__ = ['load_config', 'UnsafeConfigError', 'UnknownConfigKeyError']
+__all__ = ['load_config', 'flatten_keys', 'UnsafeConfigError', 'UnknownConfigKeyError']
 YACS_ERRORS = (ValueError, AssertionError, KeyError, TypeError)  # what yacs raises for a value it refuses
 
 
@@ -29,12 +29,12 @@ class UnknownConfigKeyError(KeyError):
         return str(self.args[0])
 
 
-def _flatten(data: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:
+def flatten_keys(data: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:
     """``{dotted key: value}`` of the leaves of nested mappings (an empty mapping is a leaf)."""
     flat = {}
     for key, value in data.items():
         if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f'{prefix}{key}.'))
+            flat.update(flatten_keys(value, f'{prefix}{key}.'))
         else:
             flat[prefix + str(key)] = value
     return flat
@@ -66,7 +66,7 @@ def _read_chain(path: str, chain: Tuple[str, ...] = ()) -> Dict[str, Tuple[Any, 
             raise FileNotFoundError(f"{where}: _BASE_ file '{base_path}' does not exist; fix the path (it is "
                                     f"relative to the file's folder).")
         entries = _read_chain(base_path, chain)
-    for key, value in _flatten(data).items():
+    for key, value in flatten_keys(data).items():
         parts = tuple(key.split('.'))
         entries[key] = (value, path, lines.get(parts, lines.get(parts[:1], 0)))
     return entries
@@ -80,7 +80,7 @@ def _check_key(cfg: CfgNode, key: str, source: str) -> None:
             if isinstance(node, CfgNode) and node.is_new_allowed():
                 return
             raise UnknownConfigKeyError(
-                f"Unknown config key '{key}' in {source}{close_names_hint(key, _flatten(cfg), 0.7)}.")
+                f"Unknown config key '{key}' in {source}{close_names_hint(key, flatten_keys(cfg), 0.7)}.")
         node = node[part]
 
 

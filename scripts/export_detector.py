@@ -1,9 +1,8 @@
 #!/usr/bin/env python
 """Export a detector (Mask / Cascade Mask R-CNN, Panoptic FPN, Semantic FPN / UPerNet, RetinaNet)
-with any of our backbones and necks to TorchScript or ONNX, the command line of detectron2's
-``tools/deploy/export_model.py``; then check the exported model against eager on the sample and
-on a second size and print the largest difference. Logic: :mod:`detectron2_ext.export`; formats
-and architectures: docs/detectron2.md#deploying-detectors-scriptsexport_detectorpy-detectron2_extexportpy.
+to TorchScript or ONNX as detectron2's ``tools/deploy/export_model.py``, then print its largest
+difference to eager on the sample and a second size. Logic: :mod:`detectron2_ext.export`; details:
+docs/detectron2.md#deploying-detectors-scriptsexport_detectorpy-detectron2_extexportpy.
 
     python scripts/export_detector.py --config-file CFG --weights model_final.pth \\
         --format torchscript --export-method tracing --sample-image img.jpg --output out/ts \\
@@ -22,8 +21,7 @@ from detectron2.data import detection_utils
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 
-import maformer_zoo  # noqa: F401  (registers our timm models)
-import detectron2_ext  # noqa: F401  (registers our backbones and heads)
+import detectron2_ext  # noqa: F401  (registers our timm models, backbones and heads)
 from detectron2_ext.checkpoint import SafeDetectionCheckpointer
 from detectron2_ext.config_file import load_config
 from detectron2_ext.export import FORMATS, METHODS, check_exportable, check_output_dir, export_detector, \
@@ -79,12 +77,9 @@ def resize_sample(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return F.interpolate(image[None], size=(height, width), mode='bilinear', align_corners=False)[0]
 
 
+@torch.no_grad()  # scoped: main() is also called in-process (tests)
 def main(argv=None) -> int:
-    with torch.no_grad():  # scoped: main() is also called in-process (tests)
-        return _export(parse_args(argv))
-
-
-def _export(args: argparse.Namespace) -> int:
+    args = parse_args(argv)
     try:  # bad input: one line that says what to do
         check_output_dir(args.output)
         cfg, model = build_detector(args.config_file, args.weights, args.opts)

@@ -4,12 +4,9 @@
     python scripts/finetune_coco.py --train-json train.json --train-images images/ \\
         --val-json val.json --val-images images/ [--boxes-only] [--max-iter 1000] [train_net.py's flags] [KEY VALUE ...]
 
-scripts/train_net.py with the two datasets registered, the class count read from the training json,
-Faster R-CNN for ``--boxes-only`` or a json without masks (RLE masks: ``INPUT.MASK_FORMAT bitmask``),
-and CPU-sized defaults (the demo's config: random initialisation, trainable BatchNorm). train_net's
-flags (``--resume``, ``--num-gpus``, ...) and trailing ``KEY VALUE`` pairs work as there, e.g.
-``MODEL.TIMM.CHECKPOINT weights.safetensors MODEL.TIMM.NORM FrozenBN``. The final AP is printed and
-written to ``<output-dir>/results.json`` with the settings that produced it.
+scripts/train_net.py (same flags and ``KEY VALUE`` pairs) with both datasets registered, the class count
+from the training json, Faster R-CNN for ``--boxes-only`` or a json without masks, and CPU-sized defaults
+(the demo's config). The final AP is printed and written to ``<output-dir>/results.json`` with its settings.
 """
 import json
 import os

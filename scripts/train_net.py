@@ -4,12 +4,10 @@
     scripts/train_net.py --config-file configs/COCO-InstanceSegmentation/mask_rcnn_maformer_s_fine_fpn_1x.yaml \\
         --num-gpus 8 [--resume] [--eval-only] [KEY VALUE ...]
 
-Own data without code: the dataset flags of ``DATASET_FLAGS`` (``--coco-dataset NAME JSON IMAGE_DIR``,
-...) register datasets in every launched process; then ``DATASETS.TRAIN '("NAME",)'``.
-Configs are read with safe YAML and weights without running code (``detectron2_ext.config_file``,
-``detectron2_ext.checkpoint``). A run never overwrites another: an ``OUTPUT_DIR`` that holds a
-run is continued with ``--resume`` (same settings, or ``--allow-changes``) or refused; ``--eval-only``
-writes into a new ``OUTPUT_DIR/eval-N``. See docs/training.md.
+Own data: the ``DATASET_FLAGS`` (``--coco-dataset NAME JSON IMAGE_DIR``, ...), then ``DATASETS.TRAIN '("NAME",)'``.
+Configs and weights are read without running code. A run never overwrites another: an ``OUTPUT_DIR`` holding
+a run is continued with ``--resume`` (same settings, or ``--allow-changes``) or refused; ``--eval-only`` writes
+into a new ``OUTPUT_DIR/eval-N``. See docs/training.md.
 """
 import argparse
 import os
@@ -28,7 +26,7 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
 from detectron2_ext.checkpoint import SafeDetectionCheckpointer
-from detectron2_ext.config_file import load_config
+from detectron2_ext.config_file import flatten_keys, load_config
 from detectron2_ext.data import register_coco_instances_dataset, register_coco_panoptic_dataset
 from detectron2_ext.data import register_sem_seg_dataset, set_sem_seg_num_classes
 from detectron2_ext.engine.trainer import Trainer
@@ -178,16 +176,6 @@ def _last_checkpoint(output_dir: str) -> Optional[str]:
     return path
 
 
-def _flat(node, prefix: str = '') -> Dict[str, object]:
-    out = {}
-    for key, value in node.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f'{prefix}{key}.'))
-        else:
-            out[f'{prefix}{key}'] = value
-    return out
-
-
 def _check_resume(cfg: CfgNode, args: argparse.Namespace, record: bool) -> None:
     """``--resume`` continues the run in OUTPUT_DIR under its own settings (run_folder's rules); the
     trainer cuts its metrics back to the checkpoint (a run killed before its first one starts again)."""
@@ -202,9 +190,9 @@ def _check_resume(cfg: CfgNode, args: argparse.Namespace, record: bool) -> None:
         saved = yaml.safe_load(f)
     if not isinstance(saved, dict):
         raise ValueError(f"'{saved_file}' is not the run's config: restore it, or start a new `OUTPUT_DIR <folder>`.")
-    check_resume_changes(_flat(saved), _flat(yaml.safe_load(cfg.dump())), RESUME_MAY_CHANGE, args.allow_changes,
-                         cfg.OUTPUT_DIR, f"checkpoint {os.path.basename(checkpoint) if checkpoint else '(none)'}",
-                         record=record)
+    check_resume_changes(flatten_keys(saved), flatten_keys(yaml.safe_load(cfg.dump())), RESUME_MAY_CHANGE,
+                         args.allow_changes, cfg.OUTPUT_DIR,
+                         f"checkpoint {os.path.basename(checkpoint) if checkpoint else '(none)'}", record=record)
 
 
 def _fresh_subfolder(folder: str, prefix: str) -> str:
@@ -249,9 +237,7 @@ def build_config(args: argparse.Namespace) -> CfgNode:
     # Every weight comes from the detector checkpoint when evaluating or resuming: do not also
     # fetch the backbone's pretrained weights (which may need the network).
     if args.eval_only or resuming:
-        cfg.MODEL.TIMM.PRETRAINED = False
-        cfg.MODEL.TIMM.PRETRAINED_BASE = False
-        cfg.MODEL.TIMM.CHECKPOINT = ''
+        cfg.MODEL.TIMM.update(PRETRAINED=False, PRETRAINED_BASE=False, CHECKPOINT='')
     cfg.freeze()
     return cfg
 

@@ -84,7 +84,7 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
                 torch.nn.utils.clip_grad_norm_, max_norm=clip.CLIP_VALUE, norm_type=clip.NORM_TYPE))
     else:  # detectron2's per-parameter 'value' / 'norm'; given a class, it returns a class
         optimizer_class = maybe_add_gradient_clipping(cfg, optimizer_class)
-    if name.lower() == 'adamw':
+    if name.lower() == 'adamw':  # the two calls are dev/mutations.py's targets
         return optimizer_class(groups, lr=cfg.SOLVER.BASE_LR, betas=tuple(cfg.SOLVER.BETAS), fused=cfg.SOLVER.FUSED)
     return optimizer_class(groups, lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM, nesterov=cfg.SOLVER.NESTEROV,
                            fused=cfg.SOLVER.FUSED)
@@ -159,17 +159,9 @@ class Trainer(DefaultTrainer):
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
 
-    @classmethod
-    def build_optimizer(cls, cfg, model):
-        return build_optimizer(cfg, model)
-
-    @classmethod
-    def build_lr_scheduler(cls, cfg, optimizer):
-        return build_lr_scheduler(cfg, optimizer)
-
-    @classmethod
-    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        return build_evaluator(cfg, dataset_name, output_folder)
+    build_optimizer = staticmethod(build_optimizer)
+    build_lr_scheduler = staticmethod(build_lr_scheduler)  # DeepLab's: detectron2's and WarmupPolyLR
+    build_evaluator = staticmethod(build_evaluator)
 
     @classmethod
     def build_train_loader(cls, cfg):

@@ -43,8 +43,7 @@ class FPNFusions(NamedTuple):
 
 
 class _BottomUpPadding:
-    """Both pyramids' padding, which meets their own and the bottom-up network's needs (windows, a square
-    size) that detectron2's pyramids drop, as two ints fixed at construction (for TorchScript)."""
+    """Both pyramids' padding: their own and the bottom-up network's (which detectron2's drop), fixed ints."""
 
     def _register(self, below: Backbone, fusions: Optional[Callable[[], FPNFusions]]) -> FPNFusions:
         """Record the padding; make the fusions and register them under their names."""
@@ -96,8 +95,7 @@ class FusionFPN(_BottomUpPadding, FPN):
         self.top_fusions = [module for _, module in made.top]
 
     def __prepare_scriptable__(self) -> 'FusionFPN':
-        """The copy ``torch.jit.script`` compiles, made as detectron2.export makes its FPN's: module
-        lists become ``nn.ModuleList``s and the ``fpn_*`` aliases of their modules go."""
+        """The copy ``torch.jit.script`` compiles, as detectron2.export's FPN: ModuleLists, no ``fpn_*`` aliases."""
         ret = copy.deepcopy(self)
         for name in ('lateral_convs', 'output_convs', 'lateral_fusions', 'output_fusions', 'top_fusions'):
             setattr(ret, name, nn.ModuleList(getattr(ret, name)))
@@ -146,8 +144,7 @@ class FusionSimpleFeaturePyramid(_BottomUpPadding, SimpleFeaturePyramid):
     def __init__(self, net: Backbone, in_feature: str, out_channels: int,
                  scale_factors: Sequence[float] = (4.0, 2.0, 1.0, 0.5), top_block: Optional[nn.Module] = None,
                  norm: str = 'LN', square_pad: int = 0, fusions: Optional[Callable[[], FPNFusions]] = None):
-        """Arguments as detectron2's ``SimpleFeaturePyramid``; ``fusions`` as :class:`FusionFPN`'s,
-        output fusions only (a simple pyramid has no top-down sums)."""
+        """Arguments as detectron2's ``SimpleFeaturePyramid``; ``fusions`` as :class:`FusionFPN`'s, output ones only."""
         super().__init__(net, in_feature, out_channels, list(scale_factors), top_block=top_block,
                          norm=norm, square_pad=square_pad)
         made = self._register(net, fusions)

@@ -50,8 +50,7 @@ def _seg_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_value: int) ->
 
 
 class PyramidPoolingModule(nn.Module):
-    """PSPNet's PPM: the map pooled to ``s x s`` for each scale ``s``, 1x1 conv, upsampled back, concatenated
-    after the map and reduced by a 3x3 conv."""
+    """PSPNet's PPM: the map pooled to ``s x s`` per scale, 1x1 conv, upsampled, concatenated, 3x3 conv."""
 
     def __init__(self, in_channels: int, channels: int, pool_scales: Sequence[int], norm: str):
         super().__init__()
@@ -67,8 +66,7 @@ class PyramidPoolingModule(nn.Module):
 
 
 class FCNAuxHead(nn.Module):
-    """mmseg's auxiliary ``FCNHead`` (one 3x3 conv-norm-ReLU, no input concat), dropout and a classifier on one
-    backbone stage; its loss regularises training and it is not run at test."""
+    """mmseg's auxiliary ``FCNHead`` (one 3x3 conv-norm-ReLU, no input concat) on one stage; training only."""
 
     def __init__(self, in_channels: int, channels: int, num_classes: int, norm: str, dropout: float = 0.1):
         super().__init__()
@@ -125,9 +123,8 @@ class UPerNetHead(nn.Module):
         self.asff = made.output[0][1] if made.output else None
         self.aux_in_feature = aux_in_feature
         self.aux_loss_weight = aux_loss_weight
-        self.aux_head = None
-        if aux_in_feature:
-            self.aux_head = FCNAuxHead(aux_input_shape.channels, aux_channels, num_classes, norm, dropout)
+        self.aux_head = (FCNAuxHead(aux_input_shape.channels, aux_channels, num_classes, norm, dropout)
+                         if aux_in_feature else None)
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]) -> Dict:
@@ -184,8 +181,7 @@ class UPerNetHead(nn.Module):
 
 @SEM_SEG_HEADS_REGISTRY.register()
 class SemanticFPNHead(SemSegFPNHead):
-    """detectron2's ``SemSegFPNHead`` with ``Dropout2d`` (``MODEL.SEMANTIC_FPN.DROPOUT``) before the classifier,
-    initialised N(0, 0.01), as mmseg's ``FPNHead``."""
+    """detectron2's ``SemSegFPNHead`` with mmseg's ``FPNHead`` dropout (``MODEL.SEMANTIC_FPN.DROPOUT``) and init."""
 
     @configurable
     def __init__(self, input_shape: Dict[str, ShapeSpec], *, dropout: float = 0.1, **kwargs):

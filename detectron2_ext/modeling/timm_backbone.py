@@ -15,6 +15,7 @@ from torch import nn
 
 from timm.layers import convert_sync_batchnorm, freeze_batch_norm_2d
 from timm.models import group_parameters, is_model_in_modules
+from timm.utils import freeze as freeze_modules
 
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
@@ -102,11 +103,10 @@ class TimmBackbone(Backbone):
             from maformer_zoo.weights import pretrained_overlay
             kwargs['pretrained_cfg_overlay'] = pretrained_overlay(checkpoint, model_name)
         kwargs.update(extra)  # the config has the last word
-        for key, value, source in [('out_indices', tuple(out_indices), 'OUT_INDICES'),
-                                   ('drop_path_rate', drop_path_rate, 'DROP_PATH_RATE'),
-                                   ('pretrained_base', pretrained_base, 'PRETRAINED_BASE')]:
+        for key, value in [('out_indices', tuple(out_indices)), ('drop_path_rate', drop_path_rate),
+                           ('pretrained_base', pretrained_base)]:
             if value:
-                kwargs[key], sources[key] = value, f'MODEL.TIMM.{source}'
+                kwargs[key], sources[key] = value, f'MODEL.TIMM.{_OWN_KWARGS[key]}'
         self._frozen: List[nn.Module] = []
         self.model = self._convert_norms(_create(model_name, kwargs, sources), norm)
         for module in self.model.modules():  # the checkpoint read for timm's load_pretrained: no second copy kept
@@ -219,17 +219,14 @@ class TimmBackbone(Backbone):
         for name, module in self.model.named_modules():
             params = [id(p) for p in module.parameters()]
             if params and all(i in frozen_ids for i in params) and not any(
-                    name.startswith(parent + '.') for parent, _ in frozen_modules):
-                frozen_modules.append((name, module))
+                    name.startswith(parent + '.') for parent in frozen_modules):
+                frozen_modules.append(name)
         for p in self.model.parameters():
             if id(p) in frozen_ids:
                 p.requires_grad_(False)
-        for name, module in frozen_modules:
-            converted = freeze_batch_norm_2d(module)
-            if converted is not module:  # the frozen module itself was a BatchNorm
-                parent_name, _, child = name.rpartition('.')
-                setattr(self.model.get_submodule(parent_name), child, converted)
-            self._frozen.append(converted)
+        if frozen_modules:  # timm's freeze (BatchNorms frozen in place); given no module it freezes all
+            freeze_modules(self.model, frozen_modules)
+        self._frozen += [self.model.get_submodule(name) for name in frozen_modules]
         self.train(self.training)
         return self
 
