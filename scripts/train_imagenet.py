@@ -21,12 +21,7 @@ import sys
 from timm.utils import setup_default_logging
 
 import maformer_zoo  # noqa: F401  (registers our models with timm)
-from maformer_zoo.errors import CheckpointMismatchError, CorruptCheckpointError, PretrainedWeightsNotFoundError, \
-    UnsafeCheckpointError
-from maformer_zoo.training import TrainConfig, parse_config, train
-from maformer_zoo.training.config import ConfigError
-from maformer_zoo.training.data import DatasetError
-from maformer_zoo.training.modeling import UnknownModelError
+from maformer_zoo.training import USER_ERRORS, ConfigError, TrainConfig, parse_config, train
 
 
 def check_output(cfg: TrainConfig) -> None:
@@ -46,8 +41,7 @@ def main(argv=None) -> int:
         cfg = parse_config(TrainConfig, argv, description=__doc__.split('\n\n')[0])
         check_output(cfg)
         train(cfg)
-    except (ConfigError, DatasetError, UnknownModelError, CheckpointMismatchError, PretrainedWeightsNotFoundError,
-            CorruptCheckpointError, UnsafeCheckpointError, FileNotFoundError, FileExistsError) as err:
+    except USER_ERRORS as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
     return 0

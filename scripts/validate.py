@@ -18,12 +18,7 @@ import sys
 from timm.utils import setup_default_logging
 
 import maformer_zoo  # noqa: F401  (registers our models with timm)
-from maformer_zoo.errors import CheckpointMismatchError, CorruptCheckpointError, PretrainedWeightsNotFoundError, \
-    UnsafeCheckpointError
-from maformer_zoo.training import EvalConfig, parse_config, validate
-from maformer_zoo.training.config import ConfigError
-from maformer_zoo.training.data import DatasetError
-from maformer_zoo.training.modeling import UnknownModelError
+from maformer_zoo.training import USER_ERRORS, EvalConfig, parse_config, validate
 
 
 def main(argv=None) -> int:
@@ -31,8 +26,7 @@ def main(argv=None) -> int:
     try:
         cfg = parse_config(EvalConfig, argv, description=__doc__.split('\n\n')[0])
         results = validate(cfg)
-    except (ConfigError, DatasetError, UnknownModelError, CheckpointMismatchError, PretrainedWeightsNotFoundError,
-            CorruptCheckpointError, UnsafeCheckpointError, FileNotFoundError, FileExistsError) as err:
+    except USER_ERRORS as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
     print(json.dumps(results, indent=2))

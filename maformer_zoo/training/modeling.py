@@ -23,9 +23,7 @@ class UnknownModelError(ValueError):
 
 def check_model_name(name: str) -> None:
     """Raise :class:`UnknownModelError` with the closest registered names for an unknown ``name``."""
-    if ':' in name:  # hf-hub:<repo> / local-dir:<path>: resolved by timm itself
-        return
-    if timm.is_model(name):
+    if ':' in name or timm.is_model(name):  # hf-hub:<repo> / local-dir:<path>: resolved by timm itself
         return
     import maformer_zoo  # noqa: F401  (our models register on import)
     if timm.is_model(name):
@@ -38,14 +36,8 @@ def check_model_name(name: str) -> None:
         "or timm.list_models('*pattern*') (all).")
 
 
-def create_model_for_run(
-        name: str,
-        num_classes: Optional[int] = None,
-        pretrained: bool = False,
-        weights_file: str = '',
-        in_chans: Optional[int] = None,
-        **kwargs: Any,
-) -> nn.Module:
+def create_model_for_run(name: str, num_classes: Optional[int] = None, pretrained: bool = False, weights_file: str = '',
+                         in_chans: Optional[int] = None, **kwargs: Any) -> nn.Module:
     """``timm.create_model`` with a checked name and one of the weight sources above."""
     check_model_name(name)
     if pretrained and weights_file:
