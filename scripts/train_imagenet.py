@@ -18,15 +18,8 @@ recipe given with ``-c`` sets the starting values. Multi-node: ``torchrun --nnod
 import os
 import sys
 
-from timm.utils import setup_default_logging
-
 import maformer_zoo  # noqa: F401  (registers our models with timm)
-from maformer_zoo.errors import CheckpointMismatchError, CorruptCheckpointError, PretrainedWeightsNotFoundError, \
-    UnsafeCheckpointError
-from maformer_zoo.training import TrainConfig, parse_config, train
-from maformer_zoo.training.config import ConfigError
-from maformer_zoo.training.data import DatasetError
-from maformer_zoo.training.modeling import UnknownModelError
+from maformer_zoo.training import ConfigError, TrainConfig, run_script, train
 
 
 def check_output(cfg: TrainConfig) -> None:
@@ -41,16 +34,7 @@ def check_output(cfg: TrainConfig) -> None:
 
 
 def main(argv=None) -> int:
-    setup_default_logging()
-    try:
-        cfg = parse_config(TrainConfig, argv, description=__doc__.split('\n\n')[0])
-        check_output(cfg)
-        train(cfg)
-    except (ConfigError, DatasetError, UnknownModelError, CheckpointMismatchError, PretrainedWeightsNotFoundError,
-            CorruptCheckpointError, UnsafeCheckpointError, FileNotFoundError, FileExistsError) as err:
-        print(f'error: {err}', file=sys.stderr)
-        return 2
-    return 0
+    return run_script(TrainConfig, lambda cfg: check_output(cfg) or train(cfg), argv, __doc__)
 
 
 if __name__ == '__main__':

@@ -15,28 +15,12 @@ Prints the metrics as JSON (and writes them to --results-file when given).
 import json
 import sys
 
-from timm.utils import setup_default_logging
-
 import maformer_zoo  # noqa: F401  (registers our models with timm)
-from maformer_zoo.errors import CheckpointMismatchError, CorruptCheckpointError, PretrainedWeightsNotFoundError, \
-    UnsafeCheckpointError
-from maformer_zoo.training import EvalConfig, parse_config, validate
-from maformer_zoo.training.config import ConfigError
-from maformer_zoo.training.data import DatasetError
-from maformer_zoo.training.modeling import UnknownModelError
+from maformer_zoo.training import EvalConfig, run_script, validate
 
 
 def main(argv=None) -> int:
-    setup_default_logging()
-    try:
-        cfg = parse_config(EvalConfig, argv, description=__doc__.split('\n\n')[0])
-        results = validate(cfg)
-    except (ConfigError, DatasetError, UnknownModelError, CheckpointMismatchError, PretrainedWeightsNotFoundError,
-            CorruptCheckpointError, UnsafeCheckpointError, FileNotFoundError, FileExistsError) as err:
-        print(f'error: {err}', file=sys.stderr)
-        return 2
-    print(json.dumps(results, indent=2))
-    return 0
+    return run_script(EvalConfig, lambda cfg: print(json.dumps(validate(cfg), indent=2)), argv, __doc__)
 
 
 if __name__ == '__main__':

@@ -73,12 +73,12 @@ def _export_safetensors(path: str, state: Dict[str, Any]) -> None:
 
 def best_weights_epoch(run_dir: str) -> Dict[str, Optional[int]]:
     """The epoch each ``model_best`` file holds (None: missing)."""
-    epochs: Dict[str, Optional[int]] = {'model_best.pth': None, 'model_best.safetensors': None}
-    if os.path.isfile(os.path.join(run_dir, 'model_best.pth')):
-        epochs['model_best.pth'] = load_checkpoint_file(os.path.join(run_dir, 'model_best.pth')).get('epoch')
-    if os.path.isfile(os.path.join(run_dir, 'model_best.safetensors')):
+    pth, safetensors = (os.path.join(run_dir, 'model_best' + ext) for ext in ('.pth', '.safetensors'))
+    epochs = {'model_best.pth': load_checkpoint_file(pth).get('epoch') if os.path.isfile(pth) else None,
+              'model_best.safetensors': None}
+    if os.path.isfile(safetensors):
         from safetensors import safe_open
-        with safe_open(os.path.join(run_dir, 'model_best.safetensors'), framework='pt') as f:
+        with safe_open(safetensors, framework='pt') as f:
             epoch = (f.metadata() or {}).get('epoch')
         epochs['model_best.safetensors'] = int(epoch) if epoch is not None else None
     return epochs
@@ -109,8 +109,8 @@ class RunSaver(CheckpointSaver):
             return
         os.replace(tmp, dst)
 
-    def _path(self, name: str) -> str:
-        return os.path.join(self.checkpoint_dir, name + self.extension)
+    def _path(self, name: str, extension: str = '.pth') -> str:
+        return os.path.join(self.checkpoint_dir, name + extension)
 
     def save_epoch(self, state: Dict[str, Any], metric: Optional[float]) -> None:
         """``last.pth`` and its copies (timm), then ``model_best.safetensors`` of the best (else newest) epoch."""
@@ -119,7 +119,7 @@ class RunSaver(CheckpointSaver):
         if metric is None:
             self._duplicate(self._path('last'), self._path('model_best'))
         if metric is None or self.best_epoch == state['epoch']:
-            _export_safetensors(os.path.join(self.checkpoint_dir, 'model_best.safetensors'), state)
+            _export_safetensors(self._path('model_best', '.safetensors'), state)
 
     def resume(self, path: str, checkpoint: Dict[str, Any]) -> None:
         """The saver's history, repairing the copies of ``last.pth`` that a kill left behind it."""
@@ -136,5 +136,4 @@ class RunSaver(CheckpointSaver):
                        if os.path.isfile(p) and load_checkpoint_file(p).get('epoch') == best), None)
         if source is not None:
             self._duplicate(source, self._path('model_best'))
-            _export_safetensors(os.path.join(self.checkpoint_dir, 'model_best.safetensors'),
-                                load_checkpoint_file(source))
+            _export_safetensors(self._path('model_best', '.safetensors'), load_checkpoint_file(source))

@@ -10,7 +10,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 from ..utils.safe_yaml import YAMLFileError, read_yaml_file, read_yaml_text, short_repr
 
-__all__ = ['ConfigError', 'build_parser', 'config_values', 'parse_config']
+__all__ = ['ConfigError', 'Settings', 'build_parser', 'parse_config']
 
 Actions = Dict[str, argparse.Action]
 
@@ -79,10 +79,14 @@ def _convert(actions: Actions, key: str, value: Any, what: str) -> Any:
     return converted
 
 
-def config_values(actions: Actions, values: Dict[str, Any], what: str) -> Dict[str, Any]:
-    """The options' defaults updated with ``values``, converted and checked."""
-    return {**copy.deepcopy({k: a.default for k, a in actions.items()}),
-            **{k: _convert(actions, k, v, what) for k, v in values.items()}}
+class Settings(argparse.Namespace):
+    """Settings of ``OPTIONS`` rows: ``Settings(**values)`` is their defaults updated with ``values``, checked."""
+    OPTIONS: list = []
+
+    def __init__(self, **values):
+        actions = build_parser(self.OPTIONS)[1]
+        super().__init__(**{**copy.deepcopy({k: a.default for k, a in actions.items()}),
+                            **{k: _convert(actions, k, v, type(self).__name__) for k, v in values.items()}})
 
 
 def _load_recipe(path: str, chain: Sequence[str] = ()) -> Tuple[Dict[str, Any], Dict[str, str]]:

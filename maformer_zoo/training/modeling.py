@@ -33,14 +33,8 @@ def check_model_name(name: str) -> None:
         "or timm.list_models('*pattern*') (all).")
 
 
-def create_model_for_run(
-        name: str,
-        num_classes: Optional[int] = None,
-        pretrained: bool = False,
-        weights_file: str = '',
-        in_chans: Optional[int] = None,
-        **kwargs: Any,
-) -> nn.Module:
+def create_model_for_run(name: str, num_classes: Optional[int] = None, pretrained: bool = False, weights_file: str = '',
+                         in_chans: Optional[int] = None, **kwargs: Any) -> nn.Module:
     """``timm.create_model`` with a checked name and one of the weight sources above."""
     check_model_name(name)
     if pretrained and weights_file:

@@ -3,9 +3,7 @@
 A row is ``(name, default, help[, type or choices])``: ``--name-with-dashes`` on the command line, ``name:`` in a
 recipe, ``cfg.name`` in code; ``TrainConfig(**values)`` is the defaults updated with ``values``.
 """
-import argparse
-
-from .config import build_parser, config_values
+from .config import Settings
 
 __all__ = ['TrainConfig', 'EvalConfig', 'RESUME_MAY_CHANGE']
 
@@ -120,18 +118,11 @@ EVAL = [
 ]
 
 
-class _Config(argparse.Namespace):
-    OPTIONS: list = []
-
-    def __init__(self, **values):
-        super().__init__(**config_values(build_parser(self.OPTIONS)[1], values, type(self).__name__))
-
-
-class TrainConfig(_Config):
+class TrainConfig(Settings):
     """The settings of a training run (``scripts/train_imagenet.py``)."""
     OPTIONS = COMMON + TRAIN
 
 
-class EvalConfig(_Config):
+class EvalConfig(Settings):
     """The settings of a validation run (``scripts/validate.py``)."""
     OPTIONS = [row if row[0] != 'batch_size' else ('batch_size', 256, 'images per batch') for row in COMMON] + EVAL
