@@ -78,10 +78,8 @@ class FINE(nn.Module):
             nn.init.trunc_normal_(linear.weight, std=.02)
             if linear.bias is not None:
                 nn.init.zeros_(linear.bias)
-        if zero_init_out:
+        if zero_init_out:  # the bias is zero already
             nn.init.zeros_(self.proj.weight)
-            if self.proj.bias is not None:
-                nn.init.zeros_(self.proj.bias)
 
     def coarse_modulation(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
         """The modulation map ``M_hat`` of Eq. 7 on the token grid, ``(B, C, h, w)``."""
