@@ -53,8 +53,7 @@ def count_flops(model: nn.Module, img_size: Union[int, Tuple[int, int]] = (224, 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> float:
     """Parameters of ``model`` in millions (all of them, or only those with ``requires_grad``)."""
-    return sum(
-        p.numel() for p in model.parameters() if p.requires_grad or not trainable_only) / 1e6
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only) / 1e6
 
 
 def _sdpa_activation_jit(inputs: List[Any], outputs: List[Any]) -> int:
