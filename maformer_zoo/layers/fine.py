@@ -53,9 +53,8 @@ class FINE(nn.Module):
         if kernel_size < 1 or ratio < 1:
             raise ValueError(f'FINE needs kernel_size >= 1 and ratio >= 1, got {kernel_size}, {ratio}')
         if low_channels % head_dim != 0:
-            raise ValueError(
-                f'FINE: low_channels={low_channels} is not a multiple of head_dim={head_dim}; '
-                f'choose a head_dim that divides the channel count (paper: 16).')
+            raise ValueError(f'FINE: low_channels={low_channels} is not a multiple of head_dim={head_dim}; '
+                             f'choose a head_dim that divides the channel count (paper: 16).')
         if pool_type not in ('avg', 'max'):
             raise ValueError(f"FINE: pool_type must be 'avg' or 'max', got {pool_type!r}")
         high_channels = high_channels or low_channels
