@@ -16,7 +16,4 @@ def list_models(pattern: str = '') -> list:
     """Names of the models this package registers with timm (optionally filtered by a wildcard)."""
     from .models import ZOO_MODULES
     import timm
-    names = []
-    for module in ZOO_MODULES:
-        names += timm.list_models(pattern or '*', module=module)
-    return sorted(set(names))
+    return sorted(timm.list_models(pattern, module=ZOO_MODULES))

@@ -9,20 +9,10 @@ from typing import Callable, List, Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.ops import Conv2dNormActivation
 
 NormFactory = Optional[Callable[[int], nn.Module]]
 ActFactory = Optional[Callable[[], nn.Module]]
-
-
-def _conv_block(in_channels: int, out_channels: int, kernel_size: int, stride: int, norm_layer: NormFactory,
-                act_layer: ActFactory) -> nn.Sequential:
-    layers: List[nn.Module] = [nn.Conv2d(
-        in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=norm_layer is None)]
-    if norm_layer is not None:
-        layers.append(norm_layer(out_channels))
-    if act_layer is not None:
-        layers.append(act_layer())
-    return nn.Sequential(*layers)
 
 
 class _Downsample(nn.Module):
@@ -32,7 +22,8 @@ class _Downsample(nn.Module):
                  act_layer: ActFactory):
         super().__init__()
         self.pool_kernel = 2 ** (steps - 1)
-        self.conv = _conv_block(in_channels, out_channels, 3, 2, norm_layer, act_layer)
+        self.conv = Conv2dNormActivation(in_channels, out_channels, 3, 2, norm_layer=norm_layer,
+                                         activation_layer=act_layer, inplace=None)
 
     def forward(self, x: torch.Tensor, size: List[int]) -> torch.Tensor:
         if self.pool_kernel > 1:
@@ -48,7 +39,8 @@ class _Upsample(nn.Module):
         super().__init__()
         self.mode = mode
         self.align_corners: Optional[bool] = None if mode == 'nearest' else False
-        self.conv = _conv_block(in_channels, out_channels, 1, 1, norm_layer, act_layer)
+        self.conv = Conv2dNormActivation(in_channels, out_channels, 1, 1, norm_layer=norm_layer,
+                                         activation_layer=act_layer, inplace=None)
 
     def forward(self, x: torch.Tensor, size: List[int]) -> torch.Tensor:
         return F.interpolate(self.conv(x), size=size, mode=self.mode, align_corners=self.align_corners)

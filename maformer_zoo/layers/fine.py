@@ -53,9 +53,8 @@ class FINE(nn.Module):
         if kernel_size < 1 or ratio < 1:
             raise ValueError(f'FINE needs kernel_size >= 1 and ratio >= 1, got {kernel_size}, {ratio}')
         if low_channels % head_dim != 0:
-            raise ValueError(
-                f'FINE: low_channels={low_channels} is not a multiple of head_dim={head_dim}; '
-                f'choose a head_dim that divides the channel count (paper: 16).')
+            raise ValueError(f'FINE: low_channels={low_channels} is not a multiple of head_dim={head_dim}; '
+                             f'choose a head_dim that divides the channel count (paper: 16).')
         if pool_type not in ('avg', 'max'):
             raise ValueError(f"FINE: pool_type must be 'avg' or 'max', got {pool_type!r}")
         high_channels = high_channels or low_channels
@@ -78,10 +77,8 @@ class FINE(nn.Module):
             nn.init.trunc_normal_(linear.weight, std=.02)
             if linear.bias is not None:
                 nn.init.zeros_(linear.bias)
-        if zero_init_out:
+        if zero_init_out:  # the bias is zero already
             nn.init.zeros_(self.proj.weight)
-            if self.proj.bias is not None:
-                nn.init.zeros_(self.proj.bias)
 
     def coarse_modulation(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
         """The modulation map ``M_hat`` of Eq. 7 on the token grid, ``(B, C, h, w)``."""

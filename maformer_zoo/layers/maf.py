@@ -115,9 +115,8 @@ class CrossShapedWindowAttention(nn.Module):
     ):
         super().__init__()
         if num_heads % 2 or dim % num_heads:
-            raise ValueError(
-                f'CrossShapedWindowAttention needs an even number of heads that divides dim; got '
-                f'dim={dim}, num_heads={num_heads}.')
+            raise ValueError(f'CrossShapedWindowAttention needs an even number of heads that divides dim; got '
+                             f'dim={dim}, num_heads={num_heads}.')
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.stripe_width = stripe_width

@@ -292,8 +292,6 @@ class InjectionFusion(nn.Module):
         self.embed = nn.Sequential(nn.Conv2d(in_chs, 2 * out_chs, 1, bias=False), norm_layer(2 * out_chs))
 
     def forward(self, feat: torch.Tensor, mscsa_part: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-        """``inplace``: without autograd, write the result into ``feat`` (the caller no longer needs it);
-        saves a full-resolution tensor at stride 4 of detection-size inputs."""
         if self.training:
             # Fig. 5b's order: BatchNorm statistics are those of the upsampled map
             weight, bias = self.embed(resize_like(mscsa_part, feat)).split(self.out_chs, dim=1)

@@ -90,7 +90,7 @@ class TransformerBlock(nn.Module):
 
 
 class ConvStem(nn.Module):
-    """Two 3x3 stride-2 convolutions to ``H/4 x W/4``; NCHW in and out (channels-last memory)."""
+    """Two 3x3 stride-2 convolutions to ``H/4 x W/4``; ``(B, C, H, W)`` in, ``(B, H/4, W/4, C')`` out."""
 
     def __init__(self, in_chans: int, out_chans: int, act_layer: Type[nn.Module] = nn.GELU):
         super().__init__()
@@ -104,7 +104,7 @@ class ConvStem(nn.Module):
         # channels-last convolutions: faster on CPU, and the NHWC output below needs no copy
         x = x.contiguous(memory_format=torch.channels_last)
         x = self.conv2(self.act(self.norm1(self.conv1(x))))
-        return self.norm2(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.norm2(x.permute(0, 2, 3, 1))
 
 
 class PatchMerging(nn.Module):
@@ -119,20 +119,14 @@ class PatchMerging(nn.Module):
         return self.norm(self.conv(x).permute(0, 2, 3, 1))
 
 
-class ToChannelsLastMap(nn.Module):
-    """``(B, C, H, W)`` -> ``(B, H, W, C)`` (a view of channels-last memory): stage 1's "downsample"."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.permute(0, 2, 3, 1)
-
-
 class MAFormerStage(nn.Module):
-    """Patch merging and blocks on ``(B, H, W, C)`` maps; NCHW in and out (views of channels-last memory)."""
+    """Patch merging (stage 1: none, the stem's output is NHWC) and blocks on ``(B, H, W, C)`` maps; NCHW out
+    (a view of channels-last memory)."""
 
-    def __init__(self, downsample: Optional[nn.Module], blocks: Sequence[nn.Module]):
+    def __init__(self, downsample: nn.Module, blocks: Sequence[nn.Module]):
         super().__init__()
         self.grad_checkpointing = False
-        self.downsample = downsample if downsample is not None else ToChannelsLastMap()
+        self.downsample = downsample
         self.blocks = nn.Sequential(*blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -198,7 +192,7 @@ class MAFormer(nn.Module):
                     embed_dims[i], num_heads[i], window_size=window_sizes[i],
                     shift=window_sizes[i] is not None and j % 2 == 1, drop_path=dpr[i][j], **common)
                     for j in range(depths[i])]
-            downsample = PatchMerging(embed_dims[i - 1], embed_dims[i]) if i > 0 else None
+            downsample = PatchMerging(embed_dims[i - 1], embed_dims[i]) if i > 0 else nn.Identity()
             stages.append(MAFormerStage(downsample, blocks))
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
@@ -316,10 +310,9 @@ def _create_maformer(variant: str, pretrained: bool = False, **kwargs) -> MAForm
 
 def _cfg(**kwargs) -> dict:
     return {
-        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.9, 'interpolation': 'bicubic', 'fixed_input_size': False,
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'stem.conv1', 'classifier': 'head', 'license': 'apache-2.0',
+        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7), 'crop_pct': 0.9,
+        'interpolation': 'bicubic', 'fixed_input_size': False, 'mean': IMAGENET_DEFAULT_MEAN,
+        'std': IMAGENET_DEFAULT_STD, 'first_conv': 'stem.conv1', 'classifier': 'head', 'license': 'apache-2.0',
         'paper_ids': 'arXiv:2209.01620',
         'paper_name': 'MAFormer: A Transformer Network with Multi-scale Attention Fusion for Visual Recognition',
         **kwargs,

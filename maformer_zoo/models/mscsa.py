@@ -71,10 +71,8 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
 
 @register_notrace_function  # sizes are Proxies under FX: a leaf
 def swin_shift_mask(x: torch.Tensor, window: Tuple[int, int], shift: Tuple[int, int]) -> torch.Tensor:
-    """Additive mask ``(num_windows, N, N)`` of timm's shifted Swin windows on the padded, shifted map
-    ``x (B, Hp, Wp, C)``: the values of timm's ``SwinTransformerBlock.get_attn_mask(x)`` (0 within a
-    region, -100 across), from :func:`window_labels` instead of item assignment, so that export keeps
-    sizes symbolic."""
+    """timm's ``SwinTransformerBlock.get_attn_mask(x)`` (``(num_windows, N, N)``, 0 within a region, -100 across)
+    for the padded, shifted ``x (B, Hp, Wp, C)``, from :func:`window_labels`: export keeps sizes symbolic."""
     size = (x.shape[1], x.shape[2])
     label = window_labels(size, size, window, shift, x.device)
     rows, cols = label.shape[0] // window[0], label.shape[1] // window[1]
@@ -219,11 +217,8 @@ class MscsaNet(nn.Module):
                 x, indices=base_indices, stop_early=stop_early, intermediates_only=True)
 
     def _swin_features(self, x: torch.Tensor, base_indices: List[int], stop_early: bool) -> List[torch.Tensor]:
-        """timm Swin's ``forward_intermediates`` with its blocks' own modules, for FX and compile/export:
-        the mask comes from :func:`swin_shift_mask` (timm's item assignment does not trace) and the
-        window padding is cropped by a copy (timm's crop makes torch.export specialise on it).
-        Eager and TorchScript run timm's code (docs/maformer.md#deploy-paths-per-model-issue-11).
-        """
+        """timm Swin's ``forward_intermediates`` with its blocks' own modules and traceable window code, for FX
+        and compile/export; eager and TorchScript run timm's (docs/maformer.md#deploy-paths-per-model-issue-11)."""
         base = self.base
         last = max(base_indices) if stop_early else len(base.layers) - 1
         x = base.patch_embed(x)
@@ -258,12 +253,9 @@ class MscsaNet(nn.Module):
             self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None, norm: bool = False,
             stop_early: bool = False, output_fmt: str = 'NCHW', intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """timm's API; the intermediates are the fused features with ``dense_fusion``, else the base's
-        stage features (docs/mscsa.md#choices-the-paper-leaves-open). ``norm`` must be False (MSCSA
-        replaces the base's final norm). ``stop_early`` without fusion layers runs the base only up to
-        the deepest stage taken and skips MSCSA (the final features are then that stage's output); with
-        them it changes nothing (every fused stage needs MSCSA, which reads every base stage).
-        """
+        """timm's API: the fused features with ``dense_fusion``, else the base's stages; ``norm`` must be False.
+        ``stop_early`` without fusion layers skips MSCSA and the base's later stages (the final features are then
+        the deepest stage taken); with them it changes nothing (docs/mscsa.md#choices-the-paper-leaves-open)."""
         if output_fmt not in ('NCHW', 'NHWC'):
             # concatenation, not an f-string: TorchScript compiles this method (features_only)
             raise ValueError("output_fmt must be 'NCHW' or 'NHWC'; got '" + output_fmt + "'.")
@@ -337,10 +329,11 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: MscsaNet) -
     return state_dict
 
 
-def _create_mscsa(variant: str, pretrained: bool = False, **kwargs: Any) -> MscsaNet:
+def _create_mscsa(variant: str, pretrained: bool, kwargs: Dict[str, Any], **model_args: Any) -> MscsaNet:
+    """A Table 7 model: the base is ``variant`` without ``_mscsa``; ``kwargs`` override ``model_args``."""
+    kwargs = {**model_args, 'base_model': variant[:-len('_mscsa')], 'model_name': variant, **kwargs}
     if kwargs.get('features_only', False):
         kwargs.setdefault('dense_fusion', True)
-    kwargs.setdefault('model_name', variant)
     return build_zoo_model(MscsaNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
@@ -364,53 +357,46 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-# Table 7 (App. B) configurations
+# Table 7 (App. B) configurations; depth 1 and MLP ratio 2 (MscsaNet's defaults) in all of them
 @register_model
 def resnet18_mscsa(pretrained: bool = False, **kwargs: Any) -> MscsaNet:
     """ResNet-18 + MSCSA (Table 7)."""
-    model_args = dict(base_model='resnet18', squeeze_ratio=5 / 8, depth=1, num_heads=8, key_dim=24, mlp_ratio=2.)
-    return _create_mscsa('resnet18_mscsa', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_mscsa('resnet18_mscsa', pretrained, kwargs, squeeze_ratio=5 / 8, num_heads=8, key_dim=24)
 
 
 @register_model
 def resnet50_mscsa(pretrained: bool = False, **kwargs: Any) -> MscsaNet:
     """ResNet-50 + MSCSA (Table 7)."""
-    model_args = dict(base_model='resnet50', squeeze_ratio=1 / 4, depth=1, num_heads=8, key_dim=32, mlp_ratio=2.)
-    return _create_mscsa('resnet50_mscsa', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_mscsa('resnet50_mscsa', pretrained, kwargs, squeeze_ratio=1 / 4, num_heads=8, key_dim=32)
 
 
 @register_model
 def pvt_v2_b0_mscsa(pretrained: bool = False, **kwargs: Any) -> MscsaNet:
     """PVTv2-B0 + MSCSA (Table 7)."""
-    model_args = dict(base_model='pvt_v2_b0', squeeze_ratio=3 / 4, depth=1, num_heads=8, key_dim=15, mlp_ratio=2.)
-    return _create_mscsa('pvt_v2_b0_mscsa', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_mscsa('pvt_v2_b0_mscsa', pretrained, kwargs, squeeze_ratio=3 / 4, num_heads=8, key_dim=15)
 
 
 @register_model
 def pvt_v2_b1_mscsa(pretrained: bool = False, **kwargs: Any) -> MscsaNet:
     """PVTv2-B1 + MSCSA (Table 7)."""
-    model_args = dict(base_model='pvt_v2_b1', squeeze_ratio=5 / 8, depth=1, num_heads=8, key_dim=24, mlp_ratio=2.)
-    return _create_mscsa('pvt_v2_b1_mscsa', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_mscsa('pvt_v2_b1_mscsa', pretrained, kwargs, squeeze_ratio=5 / 8, num_heads=8, key_dim=24)
 
 
 @register_model
 def pvt_v2_b2_mscsa(pretrained: bool = False, **kwargs: Any) -> MscsaNet:
     """PVTv2-B2 + MSCSA (Table 7)."""
-    model_args = dict(base_model='pvt_v2_b2', squeeze_ratio=None, depth=1, num_heads=8, key_dim=35, mlp_ratio=2.)
-    return _create_mscsa('pvt_v2_b2_mscsa', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_mscsa('pvt_v2_b2_mscsa', pretrained, kwargs, squeeze_ratio=None, num_heads=8, key_dim=35)
 
 
 @register_model
 def swin_tiny_patch4_window7_224_mscsa(pretrained: bool = False, **kwargs: Any) -> MscsaNet:
     """Swin-T + MSCSA (Table 7); any input size."""
-    model_args = dict(
-        base_model='swin_tiny_patch4_window7_224', squeeze_ratio=3 / 4, depth=1, num_heads=12, key_dim=28,
-        mlp_ratio=2., input_multiple=4, base_kwargs=dict(strict_img_size=False, **kwargs.pop('base_kwargs', {})))
-    return _create_mscsa('swin_tiny_patch4_window7_224_mscsa', pretrained=pretrained, **dict(model_args, **kwargs))
+    base_kwargs = dict(strict_img_size=False, **kwargs.pop('base_kwargs', {}))
+    return _create_mscsa('swin_tiny_patch4_window7_224_mscsa', pretrained, kwargs, squeeze_ratio=3 / 4, num_heads=12,
+                         key_dim=28, input_multiple=4, base_kwargs=base_kwargs)
 
 
 @register_model
 def convnext_tiny_mscsa(pretrained: bool = False, **kwargs: Any) -> MscsaNet:
     """ConvNeXt-T + MSCSA (Table 7)."""
-    model_args = dict(base_model='convnext_tiny', squeeze_ratio=3 / 4, depth=1, num_heads=12, key_dim=28, mlp_ratio=2.)
-    return _create_mscsa('convnext_tiny_mscsa', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_mscsa('convnext_tiny_mscsa', pretrained, kwargs, squeeze_ratio=3 / 4, num_heads=12, key_dim=28)

@@ -16,10 +16,8 @@ __all__ = ['count_flops', 'count_params', 'sdpa_flop_jit', 'measure_model_stats'
 
 
 def sdpa_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
-    """fvcore handle for ``aten::scaled_dot_product_attention`` (multiply-adds of QK^T and AV).
-
-    ``inputs[0:3]`` are query ``(..., L, E)``, key ``(..., S, E)`` and value ``(..., S, Ev)``.
-    """
+    """fvcore handle for ``aten::scaled_dot_product_attention``: the multiply-adds of QK^T and AV of query
+    ``(..., L, E)``, key ``(..., S, E)`` and value ``(..., S, Ev)`` (``inputs[0:3]``)."""
     from fvcore.nn.jit_handles import get_shape
 
     q_shape, k_shape, v_shape = (get_shape(v) for v in inputs[:3])
@@ -40,12 +38,8 @@ def _analyse(model: nn.Module, x: torch.Tensor, analysis_cls: Any, sdpa_handle: 
     return analysis
 
 
-def count_flops(
-        model: nn.Module,
-        img_size: Union[int, Tuple[int, int]] = (224, 224),
-        in_chans: int = 3,
-        batch_size: int = 1,
-) -> float:
+def count_flops(model: nn.Module, img_size: Union[int, Tuple[int, int]] = (224, 224), in_chans: int = 3,
+                batch_size: int = 1) -> float:
     """GFLOPs (multiply-adds, fvcore convention) of one forward pass of ``model`` on a batch of
     ``batch_size`` images of ``img_size`` (``(height, width)`` or one int)."""
     from fvcore.nn import FlopCountAnalysis
@@ -59,8 +53,7 @@ def count_flops(
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> float:
     """Parameters of ``model`` in millions (all of them, or only those with ``requires_grad``)."""
-    return sum(
-        p.numel() for p in model.parameters() if p.requires_grad or not trainable_only) / 1e6
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only) / 1e6
 
 
 def _sdpa_activation_jit(inputs: List[Any], outputs: List[Any]) -> int:
