@@ -68,9 +68,10 @@ def describe_checkpoint(source: str, checkpoint: Any, key: str) -> str:
     metrics = record['metrics'] if isinstance(record.get('metrics'), dict) else {}  # maformer_zoo.training's
     chosen = metrics.get('ema' if ema else 'eval') or {}
     numbers = [f'{n} {chosen[n]:.2f}' for n in ('top1', 'top5') if isinstance(chosen.get(n), (int, float))]
-    if numbers or isinstance(record.get('metric'), (int, float)):  # else timm train.py's
-        parts.append("the training run's validation of these weights: " + ', '.join(numbers) if numbers else
-                     f"training script's eval metric {record['metric']:.4g}")
+    if numbers:
+        parts.append("the training run's validation of these weights: " + ', '.join(numbers))
+    elif isinstance(record.get('metric'), (int, float)):  # timm train.py
+        parts.append(f"training script's eval metric {record['metric']:.4g}")
     return '; '.join(parts) + '.'
 
 

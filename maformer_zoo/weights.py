@@ -62,7 +62,7 @@ def load_checkpoint_file(path) -> Any:
                 return _torch_load(f, map_location='cpu', weights_only=True)
             return _NumpyOnlyUnpickler(f, encoding='latin1').load()  # Detectron pickles come from Python 2
     except Exception as err:  # noqa: BLE001 - each format raises its own types for damaged files
-        refused = kind == 'torch' and isinstance(err.__cause__, pickle.UnpicklingError)  # as timm's _torch_load raises
+        refused = kind == 'torch' and isinstance(err.__cause__ or err, pickle.UnpicklingError)  # torch's refusal
         if refused or isinstance(err, UnsafeCheckpointError):
             needs = _checkpoint_unsafe_globals(str(path)) if kind == 'torch' else f' Unsupported globals: {err}.'
             raise UnsafeCheckpointError(

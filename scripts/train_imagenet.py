@@ -18,8 +18,10 @@ recipe given with ``-c`` sets the starting values. Multi-node: ``torchrun --nnod
 import os
 import sys
 
+from timm.utils import setup_default_logging
+
 import maformer_zoo  # noqa: F401  (registers our models with timm)
-from maformer_zoo.training import ConfigError, TrainConfig, run_script, train
+from maformer_zoo.training import USER_ERRORS, ConfigError, TrainConfig, parse_config, train
 
 
 def check_output(cfg: TrainConfig) -> None:
@@ -34,7 +36,15 @@ def check_output(cfg: TrainConfig) -> None:
 
 
 def main(argv=None) -> int:
-    return run_script(TrainConfig, lambda cfg: check_output(cfg) or train(cfg), argv, __doc__)
+    setup_default_logging()
+    try:
+        cfg = parse_config(TrainConfig, argv, description=__doc__.split('\n\n')[0])
+        check_output(cfg)
+        train(cfg)
+    except USER_ERRORS as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == '__main__':

@@ -15,12 +15,21 @@ Prints the metrics as JSON (and writes them to --results-file when given).
 import json
 import sys
 
+from timm.utils import setup_default_logging
+
 import maformer_zoo  # noqa: F401  (registers our models with timm)
-from maformer_zoo.training import EvalConfig, run_script, validate
+from maformer_zoo.training import USER_ERRORS, EvalConfig, parse_config, validate
 
 
 def main(argv=None) -> int:
-    return run_script(EvalConfig, lambda cfg: print(json.dumps(validate(cfg), indent=2)), argv, __doc__)
+    setup_default_logging()
+    try:
+        results = validate(parse_config(EvalConfig, argv, description=__doc__.split('\n\n')[0]))
+    except USER_ERRORS as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
+    print(json.dumps(results, indent=2))
+    return 0
 
 
 if __name__ == '__main__':

@@ -504,6 +504,14 @@ def test_export_card_describes_checkpoint(exported):
     assert 'no trained weights are published' in card  # a dry run publishes nothing
 
 
+def test_card_provenance_of_a_timm_train_py_checkpoint():
+    """timm's train.py records one ``metric`` and no per-model metrics: the card names that number."""
+    record = {'epoch': 3, 'metric': 71.23456, 'state_dict': {}, 'state_dict_ema': {}}
+    assert cards.describe_checkpoint('run/model_best.pth.tar', record, 'state_dict_ema') == (
+        "exported from `run/model_best.pth.tar`; entry `state_dict_ema` (EMA weights); saved after epoch 3; "
+        "training script's eval metric 71.23.")
+
+
 def test_export_from_our_training_checkpoint(tmp_path):
     """maformer_zoo.training's checkpoint: no EMA (None), metrics, rng, config, class map."""
     from maformer_zoo.training.checkpoint import capture_rng_state, save_checkpoint

@@ -109,8 +109,8 @@ class RunSaver(CheckpointSaver):
             return
         os.replace(tmp, dst)
 
-    def _path(self, name: str, extension: str = '.pth') -> str:
-        return os.path.join(self.checkpoint_dir, name + extension)
+    def _path(self, name: str, extension: str = '') -> str:
+        return os.path.join(self.checkpoint_dir, name + (extension or self.extension))
 
     def save_epoch(self, state: Dict[str, Any], metric: Optional[float]) -> None:
         """``last.pth`` and its copies (timm), then ``model_best.safetensors`` of the best (else newest) epoch."""
