@@ -41,12 +41,13 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         data = load_checkpoint_file(filename)
         if not isinstance(data, dict):
             raise CorruptCheckpointError(f"'{filename}' holds a {type(data).__name__}, not a checkpoint dict.")
-        pycls = 'model_state' in data
-        if pycls or weight_file_format(filename) == 'pickle' and not ('model' in data and '__author__' in data):
-            weights = data['model_state'] if pycls else data.get('blobs', data)  # Caffe2 detection models: 'blobs'
-            drop = 'num_batches_tracked' if pycls else '_momentum'
-            return {'model': {k: v for k, v in weights.items() if not k.endswith(drop)},
-                    '__author__': 'pycls' if pycls else 'Caffe2', 'matching_heuristics': True}
+        if 'model_state' in data:  # pycls
+            return {'model': {k: v for k, v in data['model_state'].items() if not k.endswith('num_batches_tracked')},
+                    '__author__': 'pycls', 'matching_heuristics': True}
+        if weight_file_format(filename) == 'pickle' and not ('model' in data and '__author__' in data):
+            data = data.get('blobs', data)  # Caffe2 / Detectron1: detection models keep their weights in 'blobs'
+            return {'model': {k: v for k, v in data.items() if not k.endswith('_momentum')},
+                    '__author__': 'Caffe2', 'matching_heuristics': True}
         loaded = data if 'model' in data else {'model': data}
         if parse_qs(self._parsed_url_during_load.query).get('matching_heuristics') == ['True']:  # `path?...=True`
             loaded['matching_heuristics'] = True

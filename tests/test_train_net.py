@@ -129,6 +129,20 @@ def test_caffe2_numpy_pkl_goes_through_matching_heuristics(tmp_path):
     assert torch.equal(model[0].weight, torch.ones(3, 2))
 
 
+
+def test_pycls_checkpoint_loads_without_its_batch_counters(tmp_path):
+    from detectron2_ext.checkpoint import SafeDetectionCheckpointer
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3))
+    weights = {'0.weight': torch.full((3, 2), 2.0), '0.bias': torch.ones(3)}
+    torch.save({'model_state': {**weights, 'bn.num_batches_tracked': torch.tensor(5)}, 'epoch': 9},
+               tmp_path / 'pycls.pyth')
+    checkpointer = SafeDetectionCheckpointer(model)
+    loaded = checkpointer._load_file(str(tmp_path / 'pycls.pyth'))
+    assert {k: v for k, v in loaded.items() if k != 'model'} == {'__author__': 'pycls', 'matching_heuristics': True}
+    assert loaded['model'].keys() == weights.keys()
+    checkpointer.load(str(tmp_path / 'pycls.pyth'))
+    assert torch.equal(model[0].weight, weights['0.weight']) and torch.equal(model[0].bias, weights['0.bias'])
+
 # ------------------------------------------------------------------------------- config errors
 
 

@@ -43,7 +43,8 @@ class FPNFusions(NamedTuple):
 
 
 class _BottomUpPadding:
-    """Both pyramids' padding: their own and the bottom-up network's (which detectron2's drop), fixed ints."""
+    """Both pyramids' padding, which meets their own and the bottom-up network's needs (windows, a square
+    size) that detectron2's pyramids drop, as two ints fixed at construction (for TorchScript)."""
 
     def _register(self, below: Backbone, fusions: Optional[Callable[[], FPNFusions]]) -> FPNFusions:
         """Record the padding; make the fusions and register them under their names."""
