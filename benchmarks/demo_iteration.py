@@ -91,7 +91,6 @@ def _measure_variants(args):
     mid-training ones), then training steps on --iters fixed batches per model are timed in this
     one process, the models' order reversed every other round. Returns the per-step seconds and
     the parameter count of each variant."""
-    import detectron2_ext  # noqa: F401 (registers the backbones before the configs are read)
     import torch
     from detectron2.utils.events import EventStorage
 
