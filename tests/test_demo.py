@@ -188,8 +188,10 @@ def test_demo_iteration_benchmark_against_an_older_tree(tmp_path):
 def test_demo_iteration_benchmark_times_config_variants(tmp_path):
     """benchmarks/demo_iteration.py --tiny --variants: one row per set of config overrides, in the
     order given, each timing the model its overrides build ('' is the config itself): 2 fewer
-    mask-head convolutions are 2 x (64 x 64 x 9 + 64) fewer parameters. Mutation: the overrides not
-    passed to the variant's config (``variant.split()`` -> ``()``) gives equal counts."""
+    mask-head convolutions are 2 x (64 x 64 x 9 + 64) fewer parameters.
+
+    Mutation caught (dev/mutations.py): ``benchmark-variants-ignore-overrides`` (equal counts).
+    """
     rows = _benchmark_rows(tmp_path, '--variants', '', 'MODEL.ROI_MASK_HEAD.NUM_CONV 2')
     assert [r['setting'] for r in rows] == ['the config', 'MODEL.ROI_MASK_HEAD.NUM_CONV 2']
     assert rows[1]['opts'] == ['MODEL.ROI_MASK_HEAD.NUM_CONV', '2']
