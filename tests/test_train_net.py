@@ -129,8 +129,9 @@ def test_caffe2_numpy_pkl_goes_through_matching_heuristics(tmp_path):
     assert torch.equal(model[0].weight, torch.ones(3, 2))
 
 
-
 def test_pycls_checkpoint_loads_without_its_batch_counters(tmp_path):
+    """A pycls ``.pyth`` (``model_state``) loads with matching heuristics and without BatchNorm's
+    ``num_batches_tracked`` counters, as detectron2's checkpointer reads it (FrozenBN has none)."""
     from detectron2_ext.checkpoint import SafeDetectionCheckpointer
     model = torch.nn.Sequential(torch.nn.Linear(2, 3))
     weights = {'0.weight': torch.full((3, 2), 2.0), '0.bias': torch.ones(3)}
@@ -142,6 +143,7 @@ def test_pycls_checkpoint_loads_without_its_batch_counters(tmp_path):
     assert loaded['model'].keys() == weights.keys()
     checkpointer.load(str(tmp_path / 'pycls.pyth'))
     assert torch.equal(model[0].weight, weights['0.weight']) and torch.equal(model[0].bias, weights['0.bias'])
+
 
 # ------------------------------------------------------------------------------- config errors
 
